@@ -1,0 +1,146 @@
+"""Settings: one frozen dataclass per section of configs/config.yaml.
+
+The file keeps the original LocalMoE shape: a `model:` section describing the built-in MoE and a
+`vllm:` section (alias `engine:`) keyed by vLLM's engine argument names. Command-line flags override
+the file, one flag per key; an unknown key is an error that names it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "config.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used, with a message naming the offending key."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the built-in MoE (the `model:` section)."""
+
+    num_experts: int = 8
+    top_k_experts: int = 2
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    max_sequence_length: int = 2048
+    quantization_type: str = "none"
+    enable_compilation: bool = False
+    num_layers: int = 2
+    num_attention_heads: int = 12
+    num_key_value_heads: int = 4
+    rope_theta: float = 10000.0
+    routing: str = "topk_softmax"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine settings with vLLM's engine-argument names (the `vllm:` / `engine:` section)."""
+
+    model_name: str = ""  # checkpoint directory; empty: the built-in model
+    served_model_name: str | None = None
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory: int = 2 * 1024**3  # bytes for the KV pool when the device is the CPU
+    max_model_len: int | None = None
+    block_size: int = 16
+    swap_space: float = 0.0
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 64
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    max_chunked_prefill_tokens: int | None = None
+    quantization: str | None = None
+    trust_remote_code: bool = False
+    load_format: str = "auto"
+    use_v2_block_manager: bool = True  # accepted for old configs; has no effect
+
+    def validate(self) -> None:
+        refusals = [
+            (self.tensor_parallel_size != 1, "tensor_parallel_size",
+             "tensor parallelism is not available yet; use tensor_parallel_size: 1"),
+            (self.quantization not in (None, "", "none"), "quantization",
+             f"quantization {self.quantization!r} is not supported yet"),
+            (self.swap_space != 0, "swap_space", "swapping to host memory is not available yet; use swap_space: 0"),
+            (self.load_format not in ("auto", "safetensors"), "load_format",
+             f"load_format {self.load_format!r} is not supported (auto, safetensors)"),
+            (self.dtype not in ("auto", "float32", "bfloat16", "float16", "half", "float", "bf16", "fp16", "fp32"),
+             "dtype", f"dtype {self.dtype!r} is not one of auto, float32, bfloat16, float16"),
+            (self.block_size < 1, "block_size", "block_size must be positive"),
+            (self.max_num_seqs < 1, "max_num_seqs", "max_num_seqs must be positive"),
+            (self.max_num_batched_tokens < 1, "max_num_batched_tokens", "max_num_batched_tokens must be positive"),
+            (self.max_model_len is not None and self.max_model_len < 1, "max_model_len",
+             "max_model_len must be positive"),
+        ]
+        for bad, key, message in refusals:
+            if bad:
+                raise ConfigError(f"{key}: {message}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+
+SECTION_ALIASES = {"model": "model", "vllm": "engine", "engine": "engine", "server": "server"}
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown key {where}.{unknown[0]} (known keys: {', '.join(sorted(known))})")
+    return cls(**values)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
+    """Read a YAML file (default: configs/config.yaml if present) and apply per-section overrides.
+
+    `overrides` maps a section name (model, engine, server) to keys whose value is not None.
+    """
+    raw: dict[str, Any] = {}
+    if path is None and DEFAULT_CONFIG_PATH.exists():
+        path = DEFAULT_CONFIG_PATH
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError as e:
+            raise ConfigError(f"config file not found: {path}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (model, vllm, server)")
+    sections: dict[str, dict[str, Any]] = {"model": {}, "engine": {}, "server": {}}
+    for name, body in raw.items():
+        if name not in SECTION_ALIASES:
+            raise ConfigError(f"unknown section {name!r} (known: {', '.join(SECTION_ALIASES)})")
+        if body is not None and not isinstance(body, dict):
+            raise ConfigError(f"section {name!r} must be a mapping")
+        sections[SECTION_ALIASES[name]].update(body or {})
+    for name, body in (overrides or {}).items():
+        sections[name].update({k: v for k, v in body.items() if v is not None})
+    config = Config(
+        model=_build(ModelConfig, sections["model"], "model"),
+        engine=_build(EngineConfig, sections["engine"], "vllm"),
+        server=_build(ServerConfig, sections["server"], "server"),
+    )
+    config.engine.validate()
+    return config

@@ -1,0 +1,127 @@
+"""The built-in checkpoint: a Mixtral-architecture MoE written as a real Hugging Face directory.
+
+It is made once per shape, deterministically (seeded weights, a byte-level tokenizer that needs no
+training text), in a cache folder, and then loaded through the same loader as any checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+from localmoe.config import ModelConfig
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+BUILTIN_NAME = "localmoe-builtin"
+
+
+def write_byte_tokenizer(directory: Path) -> int:
+    """Write a byte-level tokenizer (every byte is a token, no merges) and return its size."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for ch in sorted(alphabet):
+        vocab[ch] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(SPECIAL_TOKENS)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>",
+        "add_bos_token": False, "model_max_length": 1 << 20, "chat_template": CHAT_TEMPLATE,
+    }, indent=2))
+    return len(vocab)
+
+
+def builtin_hf_config(cfg: ModelConfig, vocab_size: int) -> dict:
+    return {
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "vocab_size": vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.hidden_size // cfg.num_attention_heads,
+        "num_local_experts": cfg.num_experts,
+        "num_experts_per_tok": cfg.top_k_experts,
+        "max_position_embeddings": cfg.max_sequence_length,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": cfg.rope_theta,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": "bfloat16",
+        "router_jitter_noise": 0.0,
+        "sliding_window": None,
+    }
+
+
+def _random_weights(hf: dict, seed: int) -> dict[str, torch.Tensor]:
+    """Seeded N(0, 0.02) weights with hub tensor names; norms near 1 so activations stay sane."""
+    g = torch.Generator().manual_seed(seed)
+    d, i, v = hf["hidden_size"], hf["intermediate_size"], hf["vocab_size"]
+    hd = hf["head_dim"]
+    q, kv = hf["num_attention_heads"] * hd, hf["num_key_value_heads"] * hd
+
+    def normal(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
+
+    def norm() -> torch.Tensor:
+        return (1 + 0.1 * torch.randn(d, generator=g)).to(torch.bfloat16)
+
+    w = {"model.embed_tokens.weight": normal(v, d)}
+    for layer in range(hf["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        w[p + "input_layernorm.weight"] = norm()
+        w[p + "self_attn.q_proj.weight"] = normal(q, d)
+        w[p + "self_attn.k_proj.weight"] = normal(kv, d)
+        w[p + "self_attn.v_proj.weight"] = normal(kv, d)
+        w[p + "self_attn.o_proj.weight"] = normal(d, q)
+        w[p + "post_attention_layernorm.weight"] = norm()
+        w[p + "block_sparse_moe.gate.weight"] = normal(hf["num_local_experts"], d)
+        for e in range(hf["num_local_experts"]):
+            w[p + f"block_sparse_moe.experts.{e}.w1.weight"] = normal(i, d)
+            w[p + f"block_sparse_moe.experts.{e}.w2.weight"] = normal(d, i)
+            w[p + f"block_sparse_moe.experts.{e}.w3.weight"] = normal(i, d)
+    w["model.norm.weight"] = norm()
+    w["lm_head.weight"] = normal(v, d)
+    return w
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LOCALMOE_CACHE", Path.home() / ".cache" / "localmoe"))
+
+
+def ensure_builtin_checkpoint(cfg: ModelConfig) -> Path:
+    """Return the directory of the built-in checkpoint for this shape, creating it on first use."""
+    key = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:12]
+    directory = cache_root() / f"{BUILTIN_NAME}-{key}"
+    if (directory / "model.safetensors").exists():
+        return directory
+    tmp = directory.with_name(directory.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    vocab_size = write_byte_tokenizer(tmp)
+    hf = builtin_hf_config(cfg, vocab_size)
+    (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+    (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    save_file(_random_weights(hf, cfg.seed), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    try:
+        tmp.rename(directory)
+    except OSError:  # another process won the race; its copy is identical
+        pass
+    return directory
