@@ -114,13 +114,12 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
-    """Read a YAML file (default: configs/config.yaml if present) and apply per-section overrides.
+    """Read a YAML file and apply per-section overrides.
 
-    `overrides` maps a section name (model, engine, server) to keys whose value is not None.
+    `path` None means no file (all defaults). `overrides` maps a section name (model, engine,
+    server) to keys whose value is not None.
     """
     raw: dict[str, Any] = {}
-    if path is None and DEFAULT_CONFIG_PATH.exists():
-        path = DEFAULT_CONFIG_PATH
     if path is not None:
         try:
             raw = yaml.safe_load(Path(path).read_text()) or {}

@@ -1,0 +1,108 @@
+"""Runs the engine loop in its own thread so HTTP handling never waits on a forward pass.
+
+The event loop hands requests and aborts to the engine thread through an inbox; each step's
+outputs go back to the waiting coroutine through its asyncio queue. A coroutine that goes away
+(client disconnected, task cancelled) aborts its request, which frees its KV blocks at the top of
+the engine's next loop iteration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+
+from localmoe.engine.llm_engine import LLMEngine, RequestError
+from localmoe.outputs import RequestOutput
+from localmoe.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="localmoe-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wakeup.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    async def generate(self, request_id: str, prompt: str | None, prompt_token_ids: list[int] | None,
+                       params: SamplingParams, priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """Yield the request's cumulative output after every step it takes part in."""
+        if request_id in self._streams:
+            raise RequestError(f"request id {request_id!r} is already in use", "request_id")
+        request = self.engine.make_request(request_id, prompt, prompt_token_ids, params, priority)
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        self._send(("add", request))
+        finished = False
+        try:
+            while not finished:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._send(("abort", request_id))
+
+    def _send(self, message: tuple) -> None:
+        self._inbox.put(message)
+        self._wakeup.set()
+
+    def _run(self) -> None:
+        while not self._stopped:
+            self._drain_inbox()
+            if not self.engine.has_unfinished_requests():
+                self._wakeup.wait(timeout=1.0)
+                self._wakeup.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as error:  # a failed step fails its requests, not the server
+                log.exception("engine step failed")
+                self._fail_all(error)
+                continue
+            for output in outputs:
+                self._deliver(output.request_id, output)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                if payload.request_id in self._streams:
+                    self.engine.add(payload)
+            else:
+                self.engine.abort_request(payload)
+
+    def _fail_all(self, error: Exception) -> None:
+        for request_id in list(self.engine.requests):
+            self.engine.abort_request(request_id)
+            self._deliver(request_id, RuntimeError(f"engine step failed: {error}"))
+
+    def _deliver(self, request_id: str, item: object) -> None:
+        target = self._streams.get(request_id)
+        if target is not None:
+            loop, stream = target
+            loop.call_soon_threadsafe(stream.put_nowait, item)

@@ -1,0 +1,263 @@
+"""The synchronous engine: requests in, one scheduled forward pass per step(), outputs out."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from localmoe.config import Config, ConfigError, EngineConfig
+from localmoe.engine.block_manager import BlockManager
+from localmoe.engine.detokenizer import IncrementalDetokenizer
+from localmoe.engine.model_runner import ModelRunner, kv_block_bytes
+from localmoe.engine.sampler import Sampler
+from localmoe.engine.scheduler import Scheduler
+from localmoe.engine.sequence import Request, Sequence
+from localmoe.models.builtin import BUILTIN_NAME, ensure_builtin_checkpoint
+from localmoe.models.loader import load_model, resolve_dtype
+from localmoe.outputs import CompletionOutput, Logprob, RequestOutput
+from localmoe.sampling_params import SamplingParams
+
+
+class RequestError(ValueError):
+    """A request the engine refuses; `param` names the offending field (for OpenAI error JSON)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_blocks_total: int
+    num_free_blocks: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions_total: int
+    num_prefill_chunks_total: int
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, model_dir: str | Path, served_model_name: str) -> None:
+        self.config = config
+        self.model_name = served_model_name
+        self.device = resolve_device(config.device)
+        self.model, self.hf_config = load_model(model_dir, config.dtype, self.device)
+        self.dtype = resolve_dtype(config.dtype, self.hf_config, self.device)
+        self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(config.tokenizer or model_dir)
+        limit = self.hf_config["max_position_embeddings"]
+        self.max_model_len = config.max_model_len or limit
+        if self.max_model_len > limit:
+            raise ConfigError(f"max_model_len {self.max_model_len} exceeds the model's "
+                              f"max_position_embeddings {limit}")
+
+        block_bytes = kv_block_bytes(self.model, config.block_size, self.dtype)
+        num_blocks = self._kv_budget() // block_bytes
+        if num_blocks * config.block_size < self.max_model_len:
+            raise ConfigError(f"the KV cache budget holds {num_blocks * config.block_size} tokens, fewer than "
+                              f"max_model_len {self.max_model_len}; raise kv_cache_memory / "
+                              f"gpu_memory_utilization or lower max_model_len")
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.block_manager)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.device, self.dtype)
+        self.sampler = Sampler(self._eos_token_ids(Path(model_dir)))
+        self.requests: dict[str, Request] = {}
+        self.detokenizers: dict[int, IncrementalDetokenizer] = {}
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        torch.manual_seed(config.seed)
+
+    @classmethod
+    def from_config(cls, config: Config) -> "LLMEngine":
+        model_dir = config.engine.model_name or ensure_builtin_checkpoint(config.model)
+        name = config.engine.served_model_name or (config.engine.model_name or BUILTIN_NAME)
+        return cls(config.engine, model_dir, name)
+
+    def _kv_budget(self) -> int:
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            return int(total * self.config.gpu_memory_utilization) - (total - free)
+        return self.config.kv_cache_memory
+
+    def _eos_token_ids(self, model_dir: Path) -> set[int]:
+        ids: set[int] = set()
+        sources = [self.hf_config.get("eos_token_id"), self.tokenizer.eos_token_id]
+        gen_path = model_dir / "generation_config.json"
+        if gen_path.exists():
+            sources.append(json.loads(gen_path.read_text()).get("eos_token_id"))
+        for src in sources:
+            ids.update(src if isinstance(src, list) else [src] if src is not None else [])
+        return ids
+
+    # ---- requests -------------------------------------------------------------------------------
+
+    def make_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int] | None,
+                     params: SamplingParams, priority: int = 0) -> Request:
+        """Validate and tokenize; raises RequestError. Safe to call from any thread."""
+        if prompt_token_ids is None:
+            if prompt is None:
+                raise RequestError("either prompt or prompt_token_ids is required", "prompt")
+            prompt_token_ids = self.tokenizer.encode(prompt)
+        if not prompt_token_ids:
+            raise RequestError("the prompt is empty", "prompt")
+        vocab = self.hf_config["vocab_size"]
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise RequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
+        if len(prompt_token_ids) > self.max_model_len:
+            raise RequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt "
+                f"has {len(prompt_token_ids)} tokens. Please reduce the length of the prompt.", "prompt")
+        if not self.config.enable_chunked_prefill and len(prompt_token_ids) > self.config.max_num_batched_tokens:
+            raise RequestError(f"the prompt has {len(prompt_token_ids)} tokens, more than max_num_batched_tokens "
+                               f"{self.config.max_num_batched_tokens} (enable chunked prefill)", "prompt")
+        request = Request(request_id, prompt, list(prompt_token_ids), params, priority)
+        if params.seed is not None:
+            request.generator = torch.Generator(self.device).manual_seed(params.seed)
+        request.seqs = [Sequence(request, i, list(prompt_token_ids), len(prompt_token_ids)) for i in range(params.n)]
+        return request
+
+    def add(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise RequestError(f"request id {request.request_id!r} is already in use", "request_id")
+        self.requests[request.request_id] = request
+        self.prompt_tokens_total += len(request.prompt_token_ids)
+        for seq in request.seqs:
+            self.detokenizers[seq.seq_id] = IncrementalDetokenizer(
+                self.tokenizer, request.prompt_token_ids, request.params.skip_special_tokens)
+            self.scheduler.add(seq)
+
+    def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int] | None,
+                    params: SamplingParams, priority: int = 0) -> None:
+        self.add(self.make_request(request_id, prompt, prompt_token_ids, params, priority))
+
+    def abort_request(self, request_id: str) -> None:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        for seq in request.seqs:
+            if seq.finish_reason is None:
+                seq.finish_reason = "abort"
+            self._release(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the step -------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        logits, sampling = self.runner.execute(batch)
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            seq.num_computed_tokens += n
+            self.block_manager.cache_full_blocks(seq)
+        sample_seqs = [batch.seqs[i] for i in sampling]
+        result = self.sampler(logits, sample_seqs)
+        now = time.monotonic()
+        touched: dict[str, Request] = {}
+        for i, seq in enumerate(sample_seqs):
+            request = seq.request
+            if request.first_token_time is None:
+                request.first_token_time = now
+            self._append_token(seq, result.token_ids[i], result.logprobs[i], result.top_logprobs[i])
+            touched[request.request_id] = request
+        outputs = []
+        for request in touched.values():
+            if request.finished:
+                request.finished_time = now
+                del self.requests[request.request_id]
+            outputs.append(self._output(request))
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int, logprob: float | None,
+                      top: list[tuple[int, float]] | None) -> None:
+        seq.token_ids.append(token)
+        self.generation_tokens_total += 1
+        params = seq.params
+        if logprob is not None:
+            seq.cumulative_logprob += logprob
+            entry = {token: Logprob(logprob, self.tokenizer.decode([token]))}
+            for alt, value in top or []:
+                entry.setdefault(alt, Logprob(value, self.tokenizer.decode([alt])))
+            seq.logprobs = (seq.logprobs or []) + [entry]
+        previous = len(seq.text)
+        seq.text += self.detokenizers[seq.seq_id].step(token)
+        if not params.ignore_eos and token in self.sampler.eos_token_ids:
+            seq.finish_reason = "stop"
+        elif token in params.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", token
+        elif params.stop and self._find_stop_string(seq, previous):
+            seq.finish_reason = "stop"
+        elif params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
+            seq.finish_reason = "length"
+        elif seq.num_tokens >= self.max_model_len:
+            seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            self._release(seq)
+
+    def _find_stop_string(self, seq: Sequence, previous: int) -> bool:
+        """Look for a stop string overlapping the new text; cut the text there."""
+        params = seq.params
+        for stop in params.stop:
+            at = seq.text.find(stop, max(0, previous - len(stop) + 1))
+            if at != -1:
+                seq.text = seq.text[:at + (len(stop) if params.include_stop_str_in_output else 0)]
+                seq.stop_reason = stop
+                return True
+        return False
+
+    def _release(self, seq: Sequence) -> None:
+        self.scheduler.remove(seq)
+        self.detokenizers.pop(seq.seq_id, None)
+
+    def _output(self, request: Request) -> RequestOutput:
+        outputs = [
+            CompletionOutput(
+                index=s.index, text=s.text, token_ids=list(s.output_token_ids),
+                cumulative_logprob=s.cumulative_logprob if s.params.logprobs is not None else None,
+                logprobs=list(s.logprobs) if s.logprobs is not None else None,
+                finish_reason=s.finish_reason, stop_reason=s.stop_reason)
+            for s in request.seqs
+        ]
+        metrics = {"arrival_time": request.arrival_time}
+        if request.first_token_time is not None:
+            metrics["first_token_time"] = request.first_token_time
+        if request.finished_time is not None:
+            metrics["finished_time"] = request.finished_time
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outputs,
+                             request.finished, max(s.num_cached_tokens for s in request.seqs), metrics)
+
+    @property
+    def stats(self) -> EngineStats:
+        requests = list(self.requests.values())
+        running = sum(1 for r in requests if any(s in self.scheduler.running for s in r.seqs))
+        bm = self.block_manager
+        return EngineStats(
+            num_running=running,
+            num_waiting=len(requests) - running,
+            kv_cache_usage=bm.usage,
+            num_blocks_total=bm.num_blocks,
+            num_free_blocks=bm.num_free_blocks,
+            prompt_tokens_total=self.prompt_tokens_total,
+            generation_tokens_total=self.generation_tokens_total,
+            prefix_cache_queries=bm.prefix_cache_queries,
+            prefix_cache_hits=bm.prefix_cache_hits,
+            num_preemptions_total=self.scheduler.num_preemptions,
+            num_prefill_chunks_total=self.scheduler.num_prefill_chunks,
+        )

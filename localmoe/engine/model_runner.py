@@ -1,0 +1,58 @@
+"""Turns a scheduled batch into one flat forward pass over the paged KV cache.
+
+The step's tokens from every sequence are concatenated ([T]); attention metadata says where each
+token's K/V goes and which blocks each sequence reads. Logits are computed only for sequences
+whose last token is in this step (those are the ones that sample).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from localmoe.engine.scheduler import ScheduledBatch
+from localmoe.layers.attention import AttentionMetadata
+
+
+def kv_block_bytes(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
+    attn = model.layers[0].self_attn
+    per_layer = 2 * block_size * attn.num_kv_heads * attn.head_dim * dtype.itemsize
+    return per_layer * len(model.layers)
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.device = device
+        attn = model.layers[0].self_attn
+        self.kv_caches = [
+            torch.zeros(2, num_blocks, block_size, attn.num_kv_heads, attn.head_dim, dtype=dtype, device=device)
+            for _ in model.layers
+        ]
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
+        """Run the step; return float32 logits [S, V] and the batch indices of the S sampling sequences."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        context_lens: list[int] = []
+        sample_rows: list[int] = []  # row in the flat batch of each sampling sequence's last token
+        sampling: list[int] = []
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens)):
+            start = seq.num_computed_tokens
+            input_ids += seq.token_ids[start:start + n]
+            positions += range(start, start + n)
+            context_lens.append(start + n)
+            if start + n == seq.num_tokens:
+                sampling.append(i)
+                sample_rows.append(len(input_ids) - 1)
+        meta = AttentionMetadata.build(
+            batch.num_tokens, context_lens, [s.block_table for s in batch.seqs], self.block_size,
+            self.model.sliding_window, self.device)
+        hidden = self.model(
+            torch.tensor(input_ids, device=self.device), torch.tensor(positions, device=self.device),
+            self.kv_caches, meta)
+        rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+        return self.model.compute_logits(hidden[rows]).float(), sampling

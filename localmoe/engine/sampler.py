@@ -1,0 +1,107 @@
+"""Batched sampling over requests with different settings.
+
+Per row: penalties (repetition, presence, frequency) and min_tokens masking, then greedy argmax or
+temperature / top-k / top-p / min-p filtering and a draw. Rows with a `seed` draw from their
+request's own torch.Generator so their output does not depend on what else is batched.
+Logprobs are those of the model's raw distribution, as vLLM reports them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from localmoe.engine.sequence import Sequence
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[float | None]  # logprob of the sampled token, where requested
+    top_logprobs: list[list[tuple[int, float]] | None]  # the top-N alternatives, where requested
+
+
+class Sampler:
+    def __init__(self, eos_token_ids: set[int]) -> None:
+        self.eos_token_ids = eos_token_ids
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
+        """logits: float32 [S, V], one row per sequence."""
+        params = [s.params for s in seqs]
+        want_logprobs = [p.logprobs is not None for p in params]
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
+        logits = self._apply_penalties(logits.clone(), seqs)
+
+        greedy = torch.tensor([p.greedy for p in params], device=logits.device)
+        temps = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=logits.device)
+        tokens = logits.argmax(dim=-1)
+        if not bool(greedy.all()):
+            probs = self._filtered_probs(logits / temps[:, None], params)
+            drawn = self._draw(probs, seqs)
+            tokens = torch.where(greedy, tokens, drawn)
+        token_list = tokens.tolist()
+
+        chosen: list[float | None] = [None] * len(seqs)
+        top: list[list[tuple[int, float]] | None] = [None] * len(seqs)
+        for i, p in enumerate(params):
+            if raw_logprobs is None or p.logprobs is None:
+                continue
+            chosen[i] = float(raw_logprobs[i, token_list[i]])
+            if p.logprobs > 0:
+                values, ids = raw_logprobs[i].topk(p.logprobs)
+                top[i] = list(zip(ids.tolist(), values.tolist()))
+        return SampleResult(token_list, chosen, top)
+
+    def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        rows, vocab = logits.shape
+        for i, seq in enumerate(seqs):  # min_tokens: end-of-sequence tokens are not yet allowed
+            p = seq.params
+            if seq.num_output_tokens < p.min_tokens:
+                banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_token_ids))
+                logits[i, [t for t in banned if t < vocab]] = float("-inf")
+        if not any(s.params.repetition_penalty != 1 or s.params.presence_penalty or s.params.frequency_penalty
+                   for s in seqs):
+            return logits
+        counts = torch.zeros(rows, vocab, device=logits.device)
+        seen = torch.zeros(rows, vocab, dtype=torch.bool, device=logits.device)
+        for i, seq in enumerate(seqs):
+            out = torch.tensor(seq.output_token_ids, dtype=torch.long, device=logits.device)
+            counts[i].index_add_(0, out, torch.ones(len(out), device=logits.device))
+            seen[i, torch.tensor(seq.token_ids, dtype=torch.long, device=logits.device)] = True
+        rep = torch.tensor([s.params.repetition_penalty for s in seqs], device=logits.device)[:, None]
+        penalised = torch.where(logits > 0, logits / rep, logits * rep)
+        logits = torch.where(seen, penalised, logits)
+        freq = torch.tensor([s.params.frequency_penalty for s in seqs], device=logits.device)[:, None]
+        pres = torch.tensor([s.params.presence_penalty for s in seqs], device=logits.device)[:, None]
+        return logits - freq * counts - pres * (counts > 0).float()
+
+    @staticmethod
+    def _filtered_probs(logits: torch.Tensor, params: list) -> torch.Tensor:
+        """Apply top-k, top-p and min-p over one descending sort, return renormalised probs."""
+        top_k = [p.top_k for p in params]
+        top_p = [p.top_p for p in params]
+        min_p = [p.min_p for p in params]
+        if all(k == 0 for k in top_k) and all(x == 1 for x in top_p) and all(x == 0 for x in min_p):
+            return torch.softmax(logits, dim=-1)
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        vocab = logits.shape[-1]
+        ks = torch.tensor([k if k > 0 else vocab for k in top_k], device=logits.device)[:, None]
+        ranks = torch.arange(vocab, device=logits.device)[None, :]
+        remove = ranks >= ks
+        sorted_probs = torch.softmax(sorted_logits.masked_fill(remove, float("-inf")), dim=-1)
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability mass ahead of each token
+        remove |= before > torch.tensor(top_p, device=logits.device)[:, None]
+        remove |= sorted_probs < torch.tensor(min_p, device=logits.device)[:, None] * sorted_probs[:, :1]
+        remove[:, 0] = False
+        filtered = sorted_logits.masked_fill(remove, float("-inf"))
+        return torch.softmax(torch.empty_like(filtered).scatter_(1, order, filtered), dim=-1)
+
+    @staticmethod
+    def _draw(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        # exponential race: argmax(p / E) with E ~ Exp(1) is a draw from p
+        noise = torch.empty_like(probs).exponential_()
+        for i, seq in enumerate(seqs):
+            if seq.request.generator is not None:
+                noise[i] = torch.empty_like(probs[i]).exponential_(generator=seq.request.generator)
+        return (probs / noise).argmax(dim=-1)

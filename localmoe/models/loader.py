@@ -1,0 +1,113 @@
+"""Load a Hugging Face checkpoint directory into our own model classes.
+
+Weights come from safetensors (one file or a sharded index), memory-mapped, tensor by tensor,
+cast to the serving dtype. Any missing, unexpected or misshapen tensor stops the load with a
+message naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from rich.progress import Progress
+from safetensors import safe_open
+from torch import nn
+
+from localmoe.models.registry import model_class
+
+DTYPES = {
+    "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
+}
+
+
+def read_hf_config(model_dir: Path) -> dict:
+    path = model_dir / "config.json"
+    if not path.exists():
+        raise ValueError(f"{model_dir} is not a checkpoint directory: config.json is missing")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+
+
+def resolve_dtype(dtype: str, hf_config: dict, device: torch.device) -> torch.dtype:
+    """`auto` takes the checkpoint's dtype; float16 becomes bfloat16 on CPU, where it is slow."""
+    if dtype == "auto":
+        dtype = hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32"
+        if dtype == "float16" and device.type == "cpu":
+            dtype = "bfloat16"
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of auto, float32, bfloat16, float16")
+    return DTYPES[dtype]
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (model_dir / s).exists()]
+        if missing:
+            raise ValueError(f"{index} names shard {missing[0]}, which is missing")
+        return [model_dir / s for s in shards]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{model_dir} holds no *.safetensors weights")
+    return files
+
+
+def load_model(model_dir: str | Path, dtype: str = "auto", device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Build the architecture named by config.json and fill it from the checkpoint's tensors."""
+    model_dir = Path(model_dir)
+    device = torch.device(device)
+    hf_config = read_hf_config(model_dir)
+    cls = model_class(hf_config)
+    torch_dtype = resolve_dtype(dtype, hf_config, device)
+    try:
+        with torch.device("meta"):
+            model = cls(hf_config)
+    except KeyError as e:
+        raise ValueError(f"{model_dir}/config.json lacks the field {e.args[0]!r}") from e
+    model = model.to_empty(device=device).to(torch_dtype)
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    files = safetensors_files(model_dir)
+    with Progress(transient=True, disable=not sys.stderr.isatty()) as progress:
+        for path in files:
+            with safe_open(str(path), framework="pt") as f:
+                names = list(f.keys())
+                task = progress.add_task(f"Loading {path.name}", total=len(names))
+                for name in names:
+                    _load_tensor(model, params, loaded, name, f.get_tensor(name), path)
+                    progress.advance(task)
+    _mark_complete_experts(params, loaded)
+    missing = [n for n in params if n not in loaded]
+    if missing:
+        raise ValueError(f"checkpoint {model_dir} is missing weight {missing[0]} ({len(missing)} missing in all)")
+    return model.eval(), hf_config
+
+
+def _load_tensor(model: nn.Module, params: dict[str, nn.Parameter], loaded: set[str], name: str,
+                 tensor: torch.Tensor, path: Path) -> None:
+    if model.ignored_weight(name):
+        return
+    for target, value, expert in model.map_weight(name, tensor):
+        if target not in params:
+            raise ValueError(f"{path.name}: unexpected tensor {name!r} for {type(model).__name__}")
+        dest = params[target].data if expert is None else params[target].data[expert]
+        if dest.shape != value.shape:
+            raise ValueError(f"{path.name}: tensor {name!r} has shape {tuple(value.shape)}, "
+                             f"expected {tuple(dest.shape)}")
+        dest.copy_(value)
+        loaded.add(target if expert is None else f"{target}#{expert}")
+
+
+def _mark_complete_experts(params: dict[str, nn.Parameter], loaded: set[str]) -> None:
+    """A stacked expert parameter counts as loaded once every expert slice has arrived."""
+    for target in {k.split("#")[0] for k in loaded if "#" in k}:
+        if target not in loaded and all(f"{target}#{e}" in loaded for e in range(params[target].shape[0])):
+            loaded.add(target)

@@ -1,0 +1,33 @@
+"""Errors the server answers with OpenAI's error JSON and vLLM's status codes."""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+from fastapi.responses import JSONResponse
+
+from localmoe.server.protocol import ErrorInfo, ErrorResponse
+
+ERROR_TYPES = {
+    HTTPStatus.BAD_REQUEST: "BadRequestError",
+    HTTPStatus.UNAUTHORIZED: "AuthenticationError",
+    HTTPStatus.NOT_FOUND: "NotFoundError",
+    HTTPStatus.INTERNAL_SERVER_ERROR: "InternalServerError",
+}
+
+
+class APIError(Exception):
+    """A request the server refuses; raised anywhere in a handler, answered by one exception handler."""
+
+    def __init__(self, message: str, status: HTTPStatus = HTTPStatus.BAD_REQUEST, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.param = param
+
+    def body(self) -> ErrorResponse:
+        kind = ERROR_TYPES.get(self.status, self.status.phrase.replace(" ", "") + "Error")
+        return ErrorResponse(error=ErrorInfo(message=self.message, type=kind, param=self.param, code=self.status))
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body().model_dump(), status_code=self.status)

@@ -1,0 +1,106 @@
+"""The engine requests behind one HTTP request (one per prompt), merged into one stream.
+
+Whatever ends the HTTP request early (client gone, an error in a sibling prompt, server shutdown)
+aborts every engine request still running, so their KV blocks are freed at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from fastapi import Request
+
+from localmoe.engine.async_engine import AsyncEngine
+from localmoe.engine.llm_engine import RequestError
+from localmoe.outputs import RequestOutput
+from localmoe.sampling_params import SamplingParams
+from localmoe.server.errors import APIError
+from localmoe.server.metrics import ServerMetrics
+
+T = TypeVar("T")
+
+
+@dataclass
+class Prompt:
+    text: str
+    token_ids: list[int]
+
+
+class Generation:
+    def __init__(self, aengine: AsyncEngine, metrics: ServerMetrics, base_id: str,
+                 prompts: list[Prompt], params: list[SamplingParams]) -> None:
+        self.aengine = aengine
+        self.metrics = metrics
+        self.prompts = prompts
+        self.params = params
+        self.request_ids = [f"{base_id}-{i}" for i in range(len(prompts))]
+        self.unfinished = set(self.request_ids)
+
+    async def stream(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Yield (prompt index, cumulative output) as any of the prompts progresses."""
+        queue: asyncio.Queue[tuple[int, RequestOutput | Exception | None]] = asyncio.Queue()
+        tasks = [asyncio.create_task(self._pump(i, queue)) for i in range(len(self.prompts))]
+        remaining = len(tasks)
+        try:
+            while remaining:
+                i, item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield i, item
+        finally:
+            for task in tasks:
+                task.cancel()
+            self.abort_unfinished()
+
+    async def final_outputs(self) -> list[RequestOutput]:
+        """The last output of every prompt, in prompt order."""
+        last: dict[int, RequestOutput] = {}
+        async for i, output in self.stream():
+            last[i] = output
+        return [last[i] for i in range(len(self.prompts))]
+
+    def abort_unfinished(self) -> None:
+        """Abort what is still running; safe to call more than once, and from any cleanup path."""
+        for request_id in sorted(self.unfinished):
+            self.aengine.abort(request_id)
+        self.unfinished.clear()
+
+    async def _pump(self, i: int, queue: asyncio.Queue[tuple[int, RequestOutput | Exception | None]]) -> None:
+        request_id, prompt = self.request_ids[i], self.prompts[i]
+        try:
+            async for output in self.aengine.generate(request_id, prompt.text, prompt.token_ids, self.params[i]):
+                if output.finished:
+                    self.unfinished.discard(request_id)
+                    self.metrics.observe_finished(output)
+                queue.put_nowait((i, output))
+        except RequestError as e:
+            queue.put_nowait((i, APIError(str(e), param=e.param)))
+        except Exception as e:  # noqa: BLE001 -- handed to the consumer, which raises it
+            queue.put_nowait((i, e))
+        else:
+            queue.put_nowait((i, None))
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """Run `work`, cancelling it if the client hangs up first (then return None)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    return task.result() if task in done else None
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    # The body has been read already, so the next ASGI message can only be the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

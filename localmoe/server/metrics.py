@@ -1,0 +1,113 @@
+"""Prometheus metrics under vLLM's names, so existing vLLM dashboards and alerts work unchanged.
+
+Gauges and counters kept by the engine (EngineStats) are read when Prometheus scrapes, so they
+never drift from the engine; per-request histograms are observed by the server as requests finish.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from localmoe.outputs import RequestOutput
+
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                   20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+TOKEN_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                         20.0, 40.0, 80.0)
+
+# (metric name, EngineStats field, help) for values the engine owns.
+ENGINE_GAUGES = (
+    ("vllm:num_requests_running", "num_running", "Number of requests in model execution batches."),
+    ("vllm:num_requests_waiting", "num_waiting", "Number of requests waiting to be processed."),
+    ("vllm:kv_cache_usage_perc", "kv_cache_usage", "KV-cache usage. 1 means 100 percent usage."),
+)
+ENGINE_COUNTERS = (
+    ("vllm:prompt_tokens", "prompt_tokens_total", "Number of prefill tokens processed."),
+    ("vllm:generation_tokens", "generation_tokens_total", "Number of generation tokens processed."),
+    ("vllm:prefix_cache_queries", "prefix_cache_queries", "Prefix cache queries, in tokens."),
+    ("vllm:prefix_cache_hits", "prefix_cache_hits", "Prefix cache hits, in tokens."),
+    ("vllm:num_preemptions", "num_preemptions_total", "Cumulative number of preemptions."),
+)
+
+
+def token_buckets(max_model_len: int) -> list[float]:
+    """1-2-5 buckets up to max_model_len, as vLLM builds them for token-count histograms."""
+    buckets: list[float] = []
+    scale = 1
+    while True:
+        for mantissa in (1, 2, 5):
+            value = mantissa * scale
+            if value > max_model_len:
+                return buckets
+            buckets.append(value)
+        scale *= 10
+
+
+class EngineStatsCollector(Collector):
+    """Turns the engine's stats snapshot into gauge and counter families at scrape time."""
+
+    def __init__(self, read_stats: Callable[[], Any], model_name: str) -> None:
+        self.read_stats = read_stats
+        self.model_name = model_name
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.read_stats()
+        for name, attr, doc in ENGINE_GAUGES:
+            family = GaugeMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric([self.model_name], float(getattr(stats, attr)))
+            yield family
+        for name, attr, doc in ENGINE_COUNTERS:
+            family = CounterMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric([self.model_name], float(getattr(stats, attr)))
+            yield family
+
+
+class ServerMetrics:
+    """One registry per app, so several apps (or tests) never share or clash over metrics."""
+
+    def __init__(self, read_stats: Callable[[], Any], model_name: str, max_model_len: int) -> None:
+        self.registry = CollectorRegistry()
+        self.model_name = model_name
+        self.registry.register(EngineStatsCollector(read_stats, model_name))
+        labels = ["model_name"]
+        self.request_success = Counter(
+            "vllm:request_success", "Count of successfully processed requests.",
+            labels + ["finished_reason"], registry=self.registry)
+        self.time_to_first_token = Histogram(
+            "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
+            labels, buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.time_per_output_token = Histogram(
+            "vllm:time_per_output_token_seconds", "Histogram of time per output token in seconds.",
+            labels, buckets=TOKEN_LATENCY_BUCKETS, registry=self.registry)
+        self.e2e_request_latency = Histogram(
+            "vllm:e2e_request_latency_seconds", "Histogram of end to end request latency in seconds.",
+            labels, buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.request_prompt_tokens = Histogram(
+            "vllm:request_prompt_tokens", "Number of prefill tokens processed.",
+            labels, buckets=token_buckets(max_model_len), registry=self.registry)
+        self.request_generation_tokens = Histogram(
+            "vllm:request_generation_tokens", "Number of generation tokens processed.",
+            labels, buckets=token_buckets(max_model_len), registry=self.registry)
+
+    def observe_finished(self, output: RequestOutput) -> None:
+        """Record one finished request (all of its n completions) from its last RequestOutput."""
+        name = self.model_name
+        generated = sum(len(c.token_ids) for c in output.outputs)
+        for completion in output.outputs:
+            self.request_success.labels(name, completion.finish_reason or "abort").inc()
+        self.request_prompt_tokens.labels(name).observe(len(output.prompt_token_ids))
+        self.request_generation_tokens.labels(name).observe(generated)
+        times = output.metrics
+        arrival, first, finished = (times.get(k) for k in ("arrival_time", "first_token_time", "finished_time"))
+        if arrival is not None and finished is not None:
+            self.e2e_request_latency.labels(name).observe(finished - arrival)
+        if arrival is not None and first is not None:
+            self.time_to_first_token.labels(name).observe(first - arrival)
+        steps = max(len(c.token_ids) for c in output.outputs)  # n completions decode side by side
+        if first is not None and finished is not None and steps > 1:
+            self.time_per_output_token.labels(name).observe((finished - first) / (steps - 1))
