@@ -80,6 +80,10 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6))
         self.tie_word_embeddings = bool(cfg.get("tie_word_embeddings", False))
         self.lm_head = nn.Linear(cfg["hidden_size"], cfg["vocab_size"], bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the output head where the checkpoint says so (again after to_empty)."""
         if self.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 

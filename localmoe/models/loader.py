@@ -73,6 +73,7 @@ def load_model(model_dir: str | Path, dtype: str = "auto", device: str | torch.d
     except KeyError as e:
         raise ValueError(f"{model_dir}/config.json lacks the field {e.args[0]!r}") from e
     model = model.to_empty(device=device).to(torch_dtype)
+    model.tie_weights()
     params = dict(model.named_parameters())
     loaded: set[str] = set()
     files = safetensors_files(model_dir)

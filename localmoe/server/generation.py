@@ -36,6 +36,7 @@ class Generation:
         self.metrics = metrics
         self.prompts = prompts
         self.params = params
+        self.base_id = base_id
         self.request_ids = [f"{base_id}-{i}" for i in range(len(prompts))]
         self.unfinished = set(self.request_ids)
 

@@ -1,0 +1,149 @@
+"""The `localmoe` command: `serve` (OpenAI-compatible server) and `generate` (one prompt, offline).
+
+Engine flags are made from EngineConfig's fields, one per key in vLLM's spelling
+(`max_num_seqs` -> `--max-num-seqs`, `model_name` -> `--model`), so every key in the `vllm:`
+section of the config file is reachable from the command line and the two never drift apart.
+A flag left out leaves the file's value alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import typing
+from collections.abc import Callable
+from dataclasses import fields
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+import uvicorn
+
+from localmoe.config import Config, ConfigError, EngineConfig, load_config
+from localmoe.engine.async_engine import AsyncEngine
+from localmoe.engine.llm_engine import LLMEngine
+from localmoe.llm import LLM
+from localmoe.sampling_params import SamplingParams, SamplingParamsError
+from localmoe.server.app import build_app
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="LocalMoE: serve Mixture-of-Experts models with an OpenAI-compatible API.")
+
+# Exit codes: 2 for a configuration that cannot be used (as for bad usage), 1 for a model that cannot be loaded.
+EXIT_CONFIG, EXIT_LOAD = 2, 1
+
+
+def engine_flag(key: str) -> str:
+    return "--model" if key == "model_name" else "--" + key.replace("_", "-")
+
+
+def _engine_flag_parameters() -> list[inspect.Parameter]:
+    hints = typing.get_type_hints(EngineConfig)
+    parameters = []
+    for f in fields(EngineConfig):
+        kind = next((t for t in typing.get_args(hints[f.name]) if t is not type(None)), hints[f.name])
+        flag = engine_flag(f.name)
+        declaration = f"{flag}/--no-{flag[2:]}" if kind is bool else flag
+        option = typer.Option(declaration, help=f"Sets vllm.{f.name}.", rich_help_panel="Engine")
+        parameters.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                            annotation=Annotated[Optional[kind], option]))
+    return parameters
+
+
+def with_engine_flags(command: Callable[..., None]) -> Callable[..., None]:
+    """Give `command` one option per EngineConfig key; they arrive in its `engine_flags` dict."""
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "engine_flags"]
+    keys = {f.name for f in fields(EngineConfig)}
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> None:
+        flags = {k: kwargs.pop(k) for k in list(kwargs) if k in keys}
+        command(**kwargs, engine_flags=flags)
+
+    wrapper.__signature__ = inspect.Signature(own + _engine_flag_parameters())  # type: ignore[attr-defined]
+    del wrapper.__wrapped__  # typer must read the signature above, not the wrapped one's
+    wrapper.__annotations__ = {}
+    return wrapper
+
+
+def config_from_flags(config_file: Path | None, engine_flags: dict[str, Any], **server: Any) -> Config:
+    """The configuration `serve` runs with: the file, then every flag that was given."""
+    return load_config(config_file, {"engine": engine_flags, "server": server})
+
+
+def fail(message: str, code: int) -> typer.Exit:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    return typer.Exit(code)
+
+
+def load_engine(config: Config) -> LLMEngine:
+    """The engine for `config`; a checkpoint that cannot be served ends the command with its reason."""
+    try:
+        return LLMEngine.from_config(config)
+    except ConfigError as e:
+        raise fail(str(e), EXIT_CONFIG) from None
+    except ValueError as e:  # the loader's verdict on an unsupported or broken checkpoint
+        raise fail(str(e), EXIT_LOAD) from None
+
+
+def run_server(config: Config) -> None:
+    """Load the model, then serve it until interrupted."""
+    engine = load_engine(config)
+    host, port = config.server.host, config.server.port
+    typer.echo(f"Serving {engine.model_name} at http://{host}:{port}/v1")
+    uvicorn.run(build_app(AsyncEngine(engine), config), host=host, port=port, log_level=config.server.log_level)
+
+
+@app.command()
+@with_engine_flags
+def serve(
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML file (default configs/config.yaml)")] = None,
+    host: Annotated[Optional[str], typer.Option(help="Address to bind.")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port to listen on.")] = None,
+    api_key: Annotated[Optional[str], typer.Option(
+        "--api-key", envvar="LOCALMOE_API_KEY", help="Require this Bearer key on /v1 routes.")] = None,
+    log_level: Annotated[Optional[str], typer.Option(help="uvicorn log level.")] = None,
+    *,
+    engine_flags: dict[str, Any],
+) -> None:
+    """Serve a checkpoint (or the built-in model) over an OpenAI-compatible HTTP API."""
+    try:
+        settings = config_from_flags(config, engine_flags, host=host, port=port, api_key=api_key,
+                                     log_level=log_level)
+    except ConfigError as e:
+        raise fail(str(e), EXIT_CONFIG) from None
+    run_server(settings)
+
+
+@app.command()
+@with_engine_flags
+def generate(
+    prompt: Annotated[str, typer.Argument(help="Text to continue.")],
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML file (default configs/config.yaml)")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 64,
+    temperature: Annotated[float, typer.Option(help="0 for greedy decoding.")] = 1.0,
+    top_p: Annotated[float, typer.Option()] = 1.0,
+    top_k: Annotated[int, typer.Option(help="0 or -1: off.")] = 0,
+    min_p: Annotated[float, typer.Option()] = 0.0,
+    sampling_seed: Annotated[Optional[int], typer.Option(help="Seed for this request's sampling.")] = None,
+    stop: Annotated[Optional[list[str]], typer.Option(help="Stop string; repeat for several.")] = None,
+    ignore_eos: Annotated[bool, typer.Option(help="Keep going past the end-of-sequence token.")] = False,
+    *,
+    engine_flags: dict[str, Any],
+) -> None:
+    """Generate a continuation of PROMPT offline and print it."""
+    try:
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                min_p=min_p, seed=sampling_seed, stop=stop or [], ignore_eos=ignore_eos)
+        model = engine_flags.pop("model_name")
+        llm = LLM(model=model, config=str(config) if config else None,
+                  **{k: v for k, v in engine_flags.items() if v is not None})
+    except (ConfigError, SamplingParamsError) as e:
+        raise fail(str(e), EXIT_CONFIG) from None
+    except ValueError as e:
+        raise fail(str(e), EXIT_LOAD) from None
+    typer.echo(llm.generate([prompt], params)[0].outputs[0].text)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,116 @@
+"""The HTTP app: OpenAI routes plus vLLM's /health, /version, /tokenize, /detokenize and /metrics.
+
+Every refusal is OpenAI's error JSON with vLLM's status code (400 for anything malformed, where
+FastAPI alone would say 422), and no refusal disturbs the requests around it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from http import HTTPStatus
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
+
+from localmoe import __version__
+from localmoe.config import Config
+from localmoe.engine.async_engine import AsyncEngine
+from localmoe.server.auth import APIKeyMiddleware
+from localmoe.server.errors import APIError
+from localmoe.server.metrics import ServerMetrics
+from localmoe.server.protocol import (
+    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
+    TokenizeRequest, TokenizeResponse,
+)
+from localmoe.server.serving import OpenAIServing
+
+
+def build_app(aengine: AsyncEngine, config: Config) -> FastAPI:
+    """An app serving `aengine`; the engine loop starts and stops with the app's lifespan."""
+    engine = aengine.engine
+    metrics = ServerMetrics(lambda: engine.stats, engine.model_name, engine.max_model_len)
+    serving = OpenAIServing(aengine, metrics)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        aengine.start()
+        try:
+            yield
+        finally:
+            aengine.shutdown()
+
+    app = FastAPI(title="LocalMoE", version=__version__, lifespan=lifespan)
+    if config.server.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=config.server.api_key)
+    _add_error_handlers(app)
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=HTTPStatus.OK)
+
+    @app.get("/version")
+    async def server_version() -> dict[str, str]:
+        return {"version": __version__}
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        card = ModelCard(id=serving.model_name, root=config.engine.model_name or serving.model_name,
+                         max_model_len=serving.max_model_len)
+        return ModelList(data=[card])
+
+    @app.post("/v1/completions")
+    async def completions(request: CompletionRequest, raw_request: Request) -> Response:
+        return await serving.create_completion(request, raw_request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: ChatCompletionRequest, raw_request: Request) -> Response:
+        return await serving.create_chat_completion(request, raw_request)
+
+    @app.post("/tokenize")
+    async def tokenize(request: TokenizeRequest) -> TokenizeResponse:
+        serving.check_model(request.model)
+        if request.messages is not None:
+            text = serving.render_chat(request.messages, request.add_generation_prompt)
+        elif request.prompt is not None:
+            text = request.prompt
+        else:
+            raise APIError("give either `prompt` or `messages`", param="prompt")
+        add_special = request.add_special_tokens if request.add_special_tokens is not None else request.messages is None
+        tokens = serving.tokenizer.encode(text, add_special_tokens=add_special)
+        return TokenizeResponse(count=len(tokens), max_model_len=serving.max_model_len, tokens=tokens)
+
+    @app.post("/detokenize")
+    async def detokenize(request: DetokenizeRequest) -> DetokenizeResponse:
+        serving.check_model(request.model)
+        serving.check_token_ids(request.tokens, "tokens")
+        return DetokenizeResponse(prompt=serving.tokenizer.decode(request.tokens))
+
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError) -> Response:
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, e: RequestValidationError) -> Response:
+        first = e.errors()[0]
+        where = ".".join(str(part) for part in first["loc"][1:])  # loc starts with "body"
+        message = f"{where}: {first['msg']}" if where else first["msg"]
+        return APIError(message, HTTPStatus.BAD_REQUEST, param=where or None).response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, e: HTTPException) -> Response:
+        return APIError(str(e.detail), HTTPStatus(e.status_code)).response()
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, e: Exception) -> Response:
+        return APIError(f"internal server error: {e}", HTTPStatus.INTERNAL_SERVER_ERROR).response()

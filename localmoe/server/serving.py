@@ -1,0 +1,295 @@
+"""OpenAI completions and chat completions: HTTP request -> prompts and SamplingParams -> JSON or SSE."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from jinja2 import TemplateError
+from pydantic import BaseModel
+from starlette.background import BackgroundTask
+
+from localmoe.engine.async_engine import AsyncEngine
+from localmoe.outputs import CompletionOutput, Logprob, RequestOutput
+from localmoe.sampling_params import SamplingParams, SamplingParamsError
+from localmoe.server.errors import APIError
+from localmoe.server.generation import Generation, Prompt, unless_disconnected
+from localmoe.server.metrics import ServerMetrics
+from localmoe.server.protocol import (
+    ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatMessage,
+    ChatResponseMessage, ChatStreamChoice, CompletionChoice, CompletionLogprobs, CompletionRequest,
+    CompletionResponse, DeltaMessage, SamplingRequest, TokenLogprob, TopLogprob, UsageInfo,
+)
+
+
+class OpenAIServing:
+    def __init__(self, aengine: AsyncEngine, metrics: ServerMetrics) -> None:
+        self.aengine = aengine
+        self.metrics = metrics
+        self.tokenizer = aengine.engine.tokenizer
+        self.model_name: str = aengine.engine.model_name
+        self.max_model_len: int = aengine.engine.max_model_len
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(f"The model `{model}` does not exist.", HTTPStatus.NOT_FOUND, "model")
+
+    # ---- prompts -------------------------------------------------------------------------------
+
+    def text_prompt(self, text: str) -> Prompt:
+        return Prompt(text, self.tokenizer.encode(text))
+
+    def check_token_ids(self, token_ids: list[int], param: str) -> None:
+        vocab_size = len(self.tokenizer)
+        bad = [t for t in token_ids if not 0 <= t < vocab_size]
+        if bad:
+            raise APIError(f"token id {bad[0]} is out of vocabulary (size {vocab_size})", param=param)
+
+    def token_prompt(self, token_ids: list[int]) -> Prompt:
+        self.check_token_ids(token_ids, "prompt")
+        return Prompt(self.tokenizer.decode(token_ids), list(token_ids))
+
+    def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(
+                [_message_dict(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt)
+        except (ValueError, TemplateError) as e:
+            raise APIError(f"cannot apply the chat template: {e}", param="messages") from e
+
+    def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool) -> Prompt:
+        """The rendered chat; the template itself supplies the special tokens, so none are added."""
+        text = self.render_chat(messages, add_generation_prompt)
+        return Prompt(text, self.tokenizer.encode(text, add_special_tokens=False))
+
+    def completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[Prompt]:
+        items: list[Any] = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else prompt
+        if not items:
+            raise APIError("prompt must not be empty", param="prompt")
+        return [self.text_prompt(p) if isinstance(p, str) else self.token_prompt(p) for p in items]
+
+    def sampling_params(self, request: SamplingRequest, prompt: Prompt, max_tokens: int | None,
+                        logprobs: int | None) -> SamplingParams:
+        """SamplingParams for one prompt; max_tokens None means all the room the context leaves."""
+        limit, num_prompt = self.max_model_len, len(prompt.token_ids)
+        if num_prompt == 0:
+            raise APIError("the prompt must contain at least one token", param="prompt")
+        if num_prompt >= limit:
+            raise APIError(f"This model's maximum context length is {limit} tokens. However, your request has "
+                           f"{num_prompt} input tokens. Please reduce the length of the input.", param="prompt")
+        if max_tokens is None:
+            max_tokens = limit - num_prompt
+        elif num_prompt + max_tokens > limit:
+            raise APIError(f"This model's maximum context length is {limit} tokens. However, you requested "
+                           f"{num_prompt + max_tokens} tokens ({num_prompt} in the input, {max_tokens} in the "
+                           f"completion). Please reduce the length of the input or completion.", param="max_tokens")
+        try:
+            return SamplingParams(**request.sampling_fields(), max_tokens=max_tokens, logprobs=logprobs)
+        except SamplingParamsError as e:
+            raise APIError(str(e), param=e.param) from e
+
+    # ---- endpoints -----------------------------------------------------------------------------
+
+    async def create_completion(self, request: CompletionRequest, raw_request: Request) -> Response:
+        self.check_model(request.model)
+        if request.echo and request.logprobs is not None:
+            raise APIError("echo together with logprobs is not supported", param="echo")
+        prompts = self.completion_prompts(request.prompt)
+        params = [self.sampling_params(request, p, request.max_tokens, request.logprobs) for p in prompts]
+        generation = Generation(self.aengine, self.metrics, f"cmpl-{uuid.uuid4().hex}", prompts, params)
+        if request.stream:
+            return _sse(self._completion_stream(request, generation), generation)
+        outputs = await unless_disconnected(raw_request, generation.final_outputs())
+        if outputs is None:
+            return Response(status_code=499)
+        choices = []
+        for i, output in enumerate(outputs):
+            for c in output.outputs:
+                echo = prompts[i].text if request.echo else ""
+                choices.append(CompletionChoice(
+                    index=i * request.n + c.index, text=echo + c.text, finish_reason=c.finish_reason,
+                    stop_reason=c.stop_reason, logprobs=_completion_logprobs(c, 0, 0)
+                    if request.logprobs is not None else None))
+        choices.sort(key=lambda choice: choice.index)
+        return JSONResponse(CompletionResponse(id=generation.base_id, model=self.model_name,
+                                               choices=choices, usage=_usage(outputs)).model_dump())
+
+    async def create_chat_completion(self, request: ChatCompletionRequest, raw_request: Request) -> Response:
+        self.check_model(request.model)
+        prompt = self.chat_prompt(request.messages, request.add_generation_prompt)
+        top_logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        max_tokens = request.max_completion_tokens or request.max_tokens
+        params = self.sampling_params(request, prompt, max_tokens, top_logprobs)
+        generation = Generation(self.aengine, self.metrics, f"chatcmpl-{uuid.uuid4().hex}", [prompt], [params])
+        if request.stream:
+            return _sse(self._chat_stream(request, generation), generation)
+        outputs = await unless_disconnected(raw_request, generation.final_outputs())
+        if outputs is None:
+            return Response(status_code=499)
+        choices = [ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text),
+                              finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                              logprobs=_chat_logprobs(c, 0, top_logprobs) if top_logprobs is not None else None)
+                   for c in sorted(outputs[0].outputs, key=lambda c: c.index)]
+        return JSONResponse(ChatCompletionResponse(id=generation.base_id,
+                                                   model=self.model_name, choices=choices,
+                                                   usage=_usage(outputs)).model_dump())
+
+    # ---- streams -------------------------------------------------------------------------------
+
+    async def _completion_stream(self, request: CompletionRequest, generation: Generation) -> AsyncIterator[str]:
+        stream_id, created, n = generation.base_id, int(time.time()), request.n
+
+        def chunk(index: int, text: str, **fields: Any) -> str:
+            choice = CompletionChoice(index=index, text=text, **fields)
+            return _data(CompletionResponse(id=stream_id, created=created, model=self.model_name, choices=[choice]))
+
+        if request.echo:
+            for i, prompt in enumerate(generation.prompts):
+                for j in range(n):
+                    yield chunk(i * n + j, prompt.text)
+        sent = _Progress()
+        last: dict[int, RequestOutput] = {}
+        async for i, output in generation.stream():
+            last[i] = output
+            for c in output.outputs:
+                delta = sent.advance(i * n + c.index, c)
+                if delta is None or not (delta.text or delta.finish_reason or request.logprobs is not None):
+                    continue
+                logprobs = (_completion_logprobs(c, delta.first_token, delta.first_char)
+                            if request.logprobs is not None else None)
+                yield chunk(i * n + c.index, delta.text, logprobs=logprobs, finish_reason=delta.finish_reason,
+                            stop_reason=delta.stop_reason)
+        if request.include_usage:
+            usage = _usage([last[i] for i in sorted(last)])
+            yield _data(CompletionResponse(id=stream_id, created=created, model=self.model_name, choices=[],
+                                           usage=usage))
+
+    async def _chat_stream(self, request: ChatCompletionRequest, generation: Generation) -> AsyncIterator[str]:
+        stream_id, created = generation.base_id, int(time.time())
+        top_logprobs = (request.top_logprobs or 0) if request.logprobs else None
+
+        def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
+            return _data(ChatCompletionChunk(id=stream_id, created=created, model=self.model_name,
+                                             choices=choices, usage=usage))
+
+        for index in range(request.n):
+            yield chunk([ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))])
+        sent = _Progress()
+        last: RequestOutput | None = None
+        async for _, output in generation.stream():
+            last = output
+            for c in output.outputs:
+                delta = sent.advance(c.index, c)
+                if delta is None or not (delta.text or delta.finish_reason or top_logprobs is not None):
+                    continue
+                logprobs = _chat_logprobs(c, delta.first_token, top_logprobs) if top_logprobs is not None else None
+                yield chunk([ChatStreamChoice(index=c.index, delta=DeltaMessage(content=delta.text),
+                                              logprobs=logprobs, finish_reason=delta.finish_reason,
+                                              stop_reason=delta.stop_reason)])
+        if request.include_usage and last is not None:
+            yield chunk([], _usage([last]))
+
+
+@dataclass
+class _Delta:
+    text: str
+    first_char: int  # where `text` starts in the choice's cumulative text
+    first_token: int  # index of the first generated token this delta covers
+    finish_reason: str | None
+    stop_reason: int | str | None
+
+
+class _Progress:
+    """How much of each choice has been sent, so each chunk carries only what is new."""
+
+    def __init__(self) -> None:
+        self.chars: dict[int, int] = {}
+        self.tokens: dict[int, int] = {}
+        self.finished: set[int] = set()
+
+    def advance(self, index: int, c: CompletionOutput) -> _Delta | None:
+        if index in self.finished:
+            return None
+        first_char, first_token = self.chars.get(index, 0), self.tokens.get(index, 0)
+        if len(c.token_ids) == first_token and c.finish_reason is None:
+            return None
+        self.chars[index], self.tokens[index] = len(c.text), len(c.token_ids)
+        if c.finish_reason is not None:
+            self.finished.add(index)
+        return _Delta(c.text[first_char:], first_char, first_token, c.finish_reason, c.stop_reason)
+
+
+def _sse(events: AsyncIterator[str], generation: Generation) -> StreamingResponse:
+    """An SSE response ending in [DONE]; errors found mid-stream are sent as an error event first.
+
+    The background task runs after the stream ends for any reason, including a client that hung up
+    while a chunk was being sent (when the generator itself may not see the cancellation).
+    """
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for event in events:
+                yield event
+        except APIError as e:
+            yield _data(e.body())
+        finally:
+            generation.abort_unfinished()
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             background=BackgroundTask(generation.abort_unfinished))
+
+
+def _data(model: BaseModel) -> str:
+    return f"data: {model.model_dump_json()}\n\n"
+
+
+def _usage(outputs: list[RequestOutput]) -> UsageInfo:
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def _message_dict(message: ChatMessage) -> dict[str, Any]:
+    """A message as chat templates expect it: content flattened to one string."""
+    content = message.content
+    if isinstance(content, list):
+        unsupported = [part.type for part in content if part.type != "text" or part.text is None]
+        if unsupported:
+            raise APIError(f"content parts of type {unsupported[0]!r} are not supported (text only)", param="messages")
+        content = "\n".join(part.text or "" for part in content)
+    return {**message.model_dump(exclude_none=True), "content": content or ""}
+
+
+def _ranked(step: dict[int, Logprob]) -> list[Logprob]:
+    return sorted(step.values(), key=lambda lp: lp.logprob, reverse=True)
+
+
+def _completion_logprobs(c: CompletionOutput, first_token: int, first_char: int) -> CompletionLogprobs:
+    """Legacy completions logprobs for tokens from `first_token` on (text offsets from `first_char`)."""
+    result = CompletionLogprobs()
+    position = first_char
+    for token_id, step in zip(c.token_ids[first_token:], (c.logprobs or [])[first_token:]):
+        sampled = step[token_id]
+        result.tokens.append(sampled.decoded_token)
+        result.token_logprobs.append(sampled.logprob)
+        result.top_logprobs.append({lp.decoded_token: lp.logprob for lp in _ranked(step)})
+        result.text_offset.append(position)
+        position += len(sampled.decoded_token)
+    return result
+
+
+def _chat_logprobs(c: CompletionOutput, first_token: int, top: int) -> ChatLogprobs:
+    def entry(lp: Logprob) -> TopLogprob:
+        return TopLogprob(token=lp.decoded_token, logprob=lp.logprob, bytes=list(lp.decoded_token.encode()))
+
+    content = []
+    for token_id, step in zip(c.token_ids[first_token:], (c.logprobs or [])[first_token:]):
+        sampled = entry(step[token_id])
+        content.append(TokenLogprob(**sampled.model_dump(), top_logprobs=[entry(lp) for lp in _ranked(step)[:top]]))
+    return ChatLogprobs(content=content)
