@@ -24,9 +24,16 @@ class IncrementalDetokenizer:
     def step(self, token_id: int) -> str:
         """Add one token, return the new text it completes (maybe empty)."""
         self.ids.append(token_id)
+        return self._emit(final=False)
+
+    def flush(self) -> str:
+        """At the end of a sequence, text held back for an incomplete character is emitted as is."""
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
         prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
         full = self._decode(self.ids[self.prefix_offset:])
-        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+        if len(full) <= len(prefix) or (full.endswith("\ufffd") and not final):
             return ""
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return full[len(prefix):]

@@ -209,6 +209,8 @@ class LLMEngine:
         elif seq.num_tokens >= self.max_model_len:
             seq.finish_reason = "length"
         if seq.finish_reason is not None:
+            if seq.stop_reason is None or isinstance(seq.stop_reason, int):
+                seq.text += self.detokenizers[seq.seq_id].flush()
             self._release(seq)
 
     def _find_stop_string(self, seq: Sequence, previous: int) -> bool:

@@ -103,9 +103,12 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, e: RequestValidationError) -> Response:
         first = e.errors()[0]
-        where = ".".join(str(part) for part in first["loc"][1:])  # loc starts with "body"
-        message = f"{where}: {first['msg']}" if where else first["msg"]
-        return APIError(message, HTTPStatus.BAD_REQUEST, param=where or None).response()
+        if first["type"] == "json_invalid":
+            return APIError(f"invalid JSON body: {first['ctx']['error']}").response()
+        where = first["loc"][1:]  # loc starts with "body"; then the field, then any nested position
+        field = str(where[0]) if where else None
+        message = f"{'.'.join(map(str, where))}: {first['msg']}" if where else first["msg"]
+        return APIError(message, param=field).response()
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, e: HTTPException) -> Response:
