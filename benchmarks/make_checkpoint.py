@@ -25,7 +25,7 @@ from transformers import AutoTokenizer, LlamaTokenizer, MixtralConfig, MixtralFo
 VOCAB_SIZE = 32000
 CORPUS_BYTES = 8 * 2**20
 FILE_BYTES = 256 * 2**10
-TEXT_ROOTS = [Path("/usr/share/common-licenses"), Path("/usr/share/doc"), Path(sys.base_prefix) / "lib"]
+TEXT_ROOTS = [Path("/usr/share/common-licenses"), Path("/usr/share/doc")]
 TEXT_SUFFIXES = {".txt", ".md", ".rst"}
 TEXT_NAMES = {"copyright", "license", "readme", "news", "changelog", "authors"}
 
@@ -38,14 +38,15 @@ SHAPES: dict[str, dict[str, int]] = {
 
 
 def text_files() -> list[Path]:
-    """Plain-text English files under TEXT_ROOTS, sorted so the corpus is the same on every run."""
+    """Plain-text English files under TEXT_ROOTS, root by root, each sorted so every run reads the same."""
     found = []
     for root in TEXT_ROOTS:
-        for path in root.rglob("*"):
-            stem = path.name.split(".")[0].lower()
-            if path.is_file() and not path.is_symlink() and (path.suffix in TEXT_SUFFIXES or stem in TEXT_NAMES):
-                found.append(path)
-    return sorted(found)
+        found += sorted(
+            path for path in root.rglob("*")
+            if path.is_file() and not path.is_symlink()
+            and (path.suffix in TEXT_SUFFIXES or path.name.split(".")[0].lower() in TEXT_NAMES)
+        )
+    return found
 
 
 def corpus_lines() -> list[str]:

@@ -7,15 +7,16 @@ Scenario A (single): one request of 128 random prompt tokens and 128 new tokens,
 reports the time to the first token (a separate 1-token run), the total wall time, and the decode rate
 (127 tokens over total minus first-token time). Scenario B (batch): 32 such requests at once (LocalMoE: one
 `llm.generate` call; transformers: one batched `generate` on equal-length prompts) -> output tokens/s.
-Each figure is the median of --repeats runs after one warm-up per system; every run gets fresh random
-prompts (so no prefix cache hit), the same for both systems. Writes JSON (default results/vs_transformers.json).
+Both systems are loaded and warmed up once, then timed in turn within each of --repeats rounds, so a burst
+of other load on the machine hits both alike; figures are medians. Every round gets fresh random prompts
+(no prefix cache hit), the same for both systems. Writes JSON (default results/vs_transformers.json).
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
+import os
 import platform
 import statistics
 import sys
@@ -35,9 +36,12 @@ from localmoe import LLM, SamplingParams  # noqa: E402
 
 # (prompts, new tokens) -> generated token ids, one list per prompt
 Generate = Callable[[list[list[int]], int], list[list[int]]]
+# scenario name ("first", "single", "batch") -> prompts
+Prompts = dict[str, list[list[int]]]
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 FIRST_TOKEN_ID = 3  # skip <unk>, <s>, </s>
+WARMUP_TOKENS = 8
 
 
 def transformers_generate(model_dir: str, dtype: str) -> Generate:
@@ -65,6 +69,12 @@ def localmoe_generate(model_dir: str, dtype: str) -> Generate:
     return generate
 
 
+SYSTEMS: dict[str, Callable[[str, str], Generate]] = {
+    "transformers": transformers_generate,
+    "localmoe": localmoe_generate,
+}
+
+
 def random_prompts(seed: int, count: int, length: int, vocab_size: int) -> list[list[int]]:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(FIRST_TOKEN_ID, vocab_size, (count, length), generator=generator).tolist()
@@ -81,28 +91,21 @@ def timed(generate: Generate, prompts: list[list[int]], new_tokens: int) -> tupl
     return seconds, outputs
 
 
-def measure(generate: Generate, plan: list[dict[str, list[list[int]]]], args: argparse.Namespace) -> dict:
-    """Warm up on plan[0], then time scenarios A and B on each later entry; medians plus raw runs."""
-    warm = plan[0]
-    timed(generate, warm["single"], 8)
-    timed(generate, warm["batch"], 8)
-    runs: dict[str, list[float]] = {"first_token_s": [], "single_total_s": [], "batch_total_s": []}
-    single_outputs = []
-    for prompts in plan[1:]:
-        runs["first_token_s"].append(timed(generate, prompts["first"], 1)[0])
-        seconds, outputs = timed(generate, prompts["single"], args.new_tokens)
-        runs["single_total_s"].append(seconds)
-        single_outputs.append(outputs[0])
-        runs["batch_total_s"].append(timed(generate, prompts["batch"], args.new_tokens)[0])
+def one_round(generate: Generate, prompts: Prompts, new_tokens: int) -> tuple[dict[str, float], list[int]]:
+    """Times of scenario A (first token, whole request) and B, and scenario A's generated tokens."""
+    first_s = timed(generate, prompts["first"], 1)[0]
+    single_s, single_out = timed(generate, prompts["single"], new_tokens)
+    batch_s = timed(generate, prompts["batch"], new_tokens)[0]
+    return {"first_token_s": first_s, "single_total_s": single_s, "batch_total_s": batch_s}, single_out[0]
+
+
+def summary(runs: dict[str, list[float]], args: argparse.Namespace) -> dict[str, dict[str, float]]:
     first = statistics.median(runs["first_token_s"])
     total = statistics.median(runs["single_total_s"])
     batch = statistics.median(runs["batch_total_s"])
     return {
-        "single": {"first_token_s": first, "total_s": total,
-                   "decode_tok_s": (args.new_tokens - 1) / (total - first)},
+        "single": {"first_token_s": first, "total_s": total, "decode_tok_s": (args.new_tokens - 1) / (total - first)},
         "batch": {"total_s": batch, "output_tok_s": args.batch * args.new_tokens / batch},
-        "runs": runs,
-        "single_outputs": single_outputs,
     }
 
 
@@ -110,15 +113,27 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def run_system(make: Callable[[str, str], Generate], plan: list[dict[str, list[list[int]]]],
-               args: argparse.Namespace) -> dict:
-    start = time.perf_counter()
-    generate = make(args.model, args.dtype)
-    load_s = time.perf_counter() - start
-    result = measure(generate, plan, args)
-    del generate
-    gc.collect()
-    return {"load_s": load_s, **result}
+def print_table(report: dict, args: argparse.Namespace) -> None:
+    hf, moe = report["transformers"], report["localmoe"]
+    ratio = report["ratio_localmoe_over_transformers"]
+    table = Table(title=f"LocalMoE vs transformers {transformers.__version__}: {args.dtype}, "
+                        f"{args.threads} threads, median of {args.repeats}")
+    for column in ("figure", "transformers", "LocalMoE", "LocalMoE / transformers"):
+        table.add_column(column, justify="left" if column == "figure" else "right")
+    rows = [
+        ("A: first token (s)", "single", "first_token_s"),
+        ("A: total wall (s)", "single", "total_s"),
+        ("A: decode tok/s", "single", "decode_tok_s"),
+        (f"B: output tok/s (x{args.batch})", "batch", "output_tok_s"),
+    ]
+    for name, scenario, key in rows:
+        table.add_row(name, f"{hf[scenario][key]:.3f}", f"{moe[scenario][key]:.3f}",
+                      f"{ratio[f'{scenario}_{key}']:.2f}")
+    console = Console()
+    console.print(table)
+    console.print(f"greedy tokens shared with transformers before the first difference: "
+                  f"{report['greedy_agreement_tokens']}")
+    console.print(f"wrote {args.out}")
 
 
 def main() -> None:
@@ -134,21 +149,38 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    load_average = {"start": os.getloadavg()}
 
     vocab_size = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
-    plan = []
-    for i in range(args.repeats + 1):  # entry 0 is the warm-up
+    rounds: list[Prompts] = []
+    for i in range(args.repeats + 1):  # round 0 is the warm-up
         seed = args.seed + 3 * i
-        plan.append({
+        rounds.append({
             "first": random_prompts(seed, 1, args.prompt_tokens, vocab_size),
             "single": random_prompts(seed + 1, 1, args.prompt_tokens, vocab_size),
             "batch": random_prompts(seed + 2, args.batch, args.prompt_tokens, vocab_size),
         })
 
-    hf = run_system(transformers_generate, plan, args)
-    moe = run_system(localmoe_generate, plan, args)
-    agreement = [common_prefix(a, b) for a, b in zip(moe.pop("single_outputs"), hf.pop("single_outputs"))]
+    generators: dict[str, Generate] = {}
+    load_s: dict[str, float] = {}
+    for name, make in SYSTEMS.items():
+        start = time.perf_counter()
+        generators[name] = make(args.model, args.dtype)
+        load_s[name] = time.perf_counter() - start
+        timed(generators[name], rounds[0]["single"], WARMUP_TOKENS)
+        timed(generators[name], rounds[0]["batch"], WARMUP_TOKENS)
 
+    runs: dict[str, dict[str, list[float]]] = {name: {} for name in SYSTEMS}
+    single_outputs: dict[str, list[list[int]]] = {name: [] for name in SYSTEMS}
+    for prompts in rounds[1:]:
+        for name, generate in generators.items():
+            times, tokens = one_round(generate, prompts, args.new_tokens)
+            for key, seconds in times.items():
+                runs[name].setdefault(key, []).append(seconds)
+            single_outputs[name].append(tokens)
+    load_average["end"] = os.getloadavg()
+
+    hf, moe = summary(runs["transformers"], args), summary(runs["localmoe"], args)
     report = {
         "model": str(Path(args.model).resolve()),
         "dtype": args.dtype,
@@ -158,41 +190,21 @@ def main() -> None:
         "new_tokens": args.new_tokens,
         "batch": args.batch,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__,
-                     "localmoe": getattr(localmoe, "__version__", "unknown")},
-        "transformers": hf,
-        "localmoe": moe,
+                     "transformers": transformers.__version__, "localmoe": localmoe.__version__},
+        "load_average": load_average,
+        "transformers": {"load_s": load_s["transformers"], **hf, "runs": runs["transformers"]},
+        "localmoe": {"load_s": load_s["localmoe"], **moe, "runs": runs["localmoe"]},
         "ratio_localmoe_over_transformers": {
-            "single_decode_tok_s": moe["single"]["decode_tok_s"] / hf["single"]["decode_tok_s"],
-            "single_total_s": moe["single"]["total_s"] / hf["single"]["total_s"],
-            "single_first_token_s": moe["single"]["first_token_s"] / hf["single"]["first_token_s"],
-            "batch_output_tok_s": moe["batch"]["output_tok_s"] / hf["batch"]["output_tok_s"],
+            f"{scenario}_{key}": moe[scenario][key] / hf[scenario][key]
+            for scenario in ("single", "batch") for key in hf[scenario]
         },
-        "greedy_agreement_tokens": agreement,
+        "greedy_agreement_tokens": [
+            common_prefix(a, b) for a, b in zip(single_outputs["localmoe"], single_outputs["transformers"])
+        ],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-
-    ratio = report["ratio_localmoe_over_transformers"]
-    table = Table(title=f"LocalMoE vs transformers {transformers.__version__} "
-                        f"({args.dtype}, {args.threads} threads, median of {args.repeats})")
-    for column in ("figure", "transformers", "LocalMoE", "ratio"):
-        table.add_column(column, justify="left" if column == "figure" else "right")
-    rows = [
-        ("A: first token (s)", hf["single"]["first_token_s"], moe["single"]["first_token_s"],
-         ratio["single_first_token_s"]),
-        ("A: total wall (s)", hf["single"]["total_s"], moe["single"]["total_s"], ratio["single_total_s"]),
-        ("A: decode tok/s", hf["single"]["decode_tok_s"], moe["single"]["decode_tok_s"],
-         ratio["single_decode_tok_s"]),
-        (f"B: output tok/s (x{args.batch})", hf["batch"]["output_tok_s"], moe["batch"]["output_tok_s"],
-         ratio["batch_output_tok_s"]),
-    ]
-    for name, a, b, r in rows:
-        table.add_row(name, f"{a:.3f}", f"{b:.3f}", f"{r:.2f}x")
-    console = Console()
-    console.print(table)
-    console.print(f"greedy tokens shared with transformers before the first difference: {agreement}")
-    console.print(f"wrote {args.out}")
+    print_table(report, args)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,6 @@ def with_engine_flags(command: Callable[..., None]) -> Callable[..., None]:
 
     wrapper.__signature__ = inspect.Signature(own + _engine_flag_parameters())  # type: ignore[attr-defined]
     del wrapper.__wrapped__  # typer must read the signature above, not the wrapped one's
-    wrapper.__annotations__ = {}
     return wrapper
 
 

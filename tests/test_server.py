@@ -110,6 +110,12 @@ def test_completion_and_usage(client: openai.OpenAI, model: str, tokenizer) -> N
     assert result.usage.total_tokens == result.usage.prompt_tokens + 7
 
 
+def test_echo_puts_the_prompt_first(client: openai.OpenAI, model: str) -> None:
+    result = client.completions.create(model=model, prompt="Echo me", max_tokens=3, echo=True, temperature=0)
+    plain = client.completions.create(model=model, prompt="Echo me", max_tokens=3, temperature=0)
+    assert result.choices[0].text == "Echo me" + plain.choices[0].text
+
+
 def test_list_of_prompts_times_n(client: openai.OpenAI, model: str) -> None:
     result = client.completions.create(model=model, prompt=["one", "two", "three"], n=2, max_tokens=3,
                                        extra_body={"ignore_eos": True})
@@ -151,6 +157,8 @@ def test_completion_stream_concatenates_to_the_full_text(client: openai.OpenAI, 
     assert "".join(c.choices[0].text for c in chunks if c.choices) == full
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    with_logprobs = list(client.completions.create(stream=True, logprobs=2, **kwargs))
+    assert sum(len(c.choices[0].logprobs.tokens) for c in with_logprobs) == 12
     lines = sse_lines(base_url, "/v1/completions", {"model": model, "prompt": "Once upon a time", "max_tokens": 2,
                                                     "stream": True})
     assert lines[-1] == "data: [DONE]"
@@ -227,10 +235,7 @@ def test_client_disconnect_aborts_the_request(base_url: str, model: str) -> None
         during = scrape(base_url)
     assert during["vllm:num_requests_running"] == 1 and during["vllm:kv_cache_usage_perc"] > 0
     deadline = time.monotonic() + 2
-    while True:
-        after = scrape(base_url)
-        if after["vllm:num_requests_running"] == 0 and after["vllm:kv_cache_usage_perc"] == 0:
-            break
+    while (after := scrape(base_url))["vllm:num_requests_running"] or after["vllm:kv_cache_usage_perc"]:
         assert time.monotonic() < deadline, f"request still holds the KV cache: {after}"
         time.sleep(0.05)
     # Stopped by the abort, not by running out of tokens to generate.

@@ -26,23 +26,34 @@ CHAT_TEMPLATE = (
 BUILTIN_NAME = "localmoe-builtin"
 
 
-def write_byte_tokenizer(directory: Path) -> int:
-    """Write a byte-level tokenizer (every byte is a token, no merges) and return its size."""
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-    for ch in sorted(alphabet):
-        vocab[ch] = len(vocab)
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+def new_byte_level_tokenizer(vocab: dict[str, int] | None = None, merges: list | None = None) -> Tokenizer:
+    """A byte-level BPE (GPT-2 style byte alphabet); with no merges every byte is one token."""
+    if vocab is None:
+        vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+        for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+            vocab[ch] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges or [], unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=merges is not None)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens(SPECIAL_TOKENS)
+    return tokenizer
+
+
+def save_tokenizer(tokenizer: Tokenizer, directory: Path) -> None:
+    """Write tokenizer.json plus the tokenizer_config.json (special tokens, chat template) transformers reads."""
     tokenizer.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>",
         "add_bos_token": False, "model_max_length": 1 << 20, "chat_template": CHAT_TEMPLATE,
     }, indent=2))
-    return len(vocab)
+
+
+def write_byte_tokenizer(directory: Path) -> int:
+    """Write the byte-level tokenizer (no training text needed) and return its size."""
+    tokenizer = new_byte_level_tokenizer()
+    save_tokenizer(tokenizer, directory)
+    return tokenizer.get_vocab_size()
 
 
 def builtin_hf_config(cfg: ModelConfig, vocab_size: int) -> dict:

@@ -92,6 +92,15 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     add_generation_prompt: bool = True
 
+    @property
+    def num_logprobs(self) -> int | None:
+        """SamplingParams.logprobs: how many alternatives per token, None when logprobs are off."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_tokens if self.max_completion_tokens is None else self.max_completion_tokens
+
 
 class UsageInfo(BaseModel):
     prompt_tokens: int = 0

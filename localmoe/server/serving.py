@@ -122,9 +122,7 @@ class OpenAIServing:
     async def create_chat_completion(self, request: ChatCompletionRequest, raw_request: Request) -> Response:
         self.check_model(request.model)
         prompt = self.chat_prompt(request.messages, request.add_generation_prompt)
-        top_logprobs = (request.top_logprobs or 0) if request.logprobs else None
-        max_tokens = request.max_completion_tokens or request.max_tokens
-        params = self.sampling_params(request, prompt, max_tokens, top_logprobs)
+        params = self.sampling_params(request, prompt, request.max_new_tokens, request.num_logprobs)
         generation = Generation(self.aengine, self.metrics, f"chatcmpl-{uuid.uuid4().hex}", [prompt], [params])
         if request.stream:
             return _sse(self._chat_stream(request, generation), generation)
@@ -133,7 +131,7 @@ class OpenAIServing:
             return Response(status_code=499)
         choices = [ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text),
                               finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-                              logprobs=_chat_logprobs(c, 0, top_logprobs) if top_logprobs is not None else None)
+                              logprobs=_chat_logprobs(c, 0, params.logprobs) if params.logprobs is not None else None)
                    for c in sorted(outputs[0].outputs, key=lambda c: c.index)]
         return JSONResponse(ChatCompletionResponse(id=generation.base_id,
                                                    model=self.model_name, choices=choices,
@@ -170,8 +168,7 @@ class OpenAIServing:
                                            usage=usage))
 
     async def _chat_stream(self, request: ChatCompletionRequest, generation: Generation) -> AsyncIterator[str]:
-        stream_id, created = generation.base_id, int(time.time())
-        top_logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        stream_id, created, top_logprobs = generation.base_id, int(time.time()), request.num_logprobs
 
         def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
             return _data(ChatCompletionChunk(id=stream_id, created=created, model=self.model_name,

@@ -1,0 +1,1 @@
+"""Training LocalMoE's built-in model: corpus, tokenizer, model."""

@@ -1,0 +1,22 @@
+"""Train the built-in model's byte-level BPE on the corpus with the `tokenizers` library."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from localmoe.models.builtin import SPECIAL_TOKENS, save_tokenizer
+
+
+def train_tokenizer(train_file: Path, vocab_size: int, out_dir: Path) -> Tokenizer:
+    """Byte-level BPE: any text encodes (no <unk>), merges learned from the training split only."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train([str(train_file)], trainer)
+    save_tokenizer(tokenizer, out_dir)
+    return tokenizer

@@ -1,0 +1,97 @@
+"""Configuration: the YAML file's shape, its refusals, and command-line flags on top of it."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from localmoe import cli
+from localmoe.config import Config, ConfigError, EngineConfig, load_config
+
+FILE = """
+model:
+  num_experts: 4
+{section}:
+  model_name: /models/tiny
+  max_num_seqs: 8
+  block_size: 32
+  max_model_len: 1024
+  enable_prefix_caching: true
+server:
+  port: 9001
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("section", ["vllm", "engine"])
+def test_engine_section_loads_under_either_name(tmp_path: Path, section: str) -> None:
+    config = load_config(write(tmp_path, FILE.format(section=section)))
+    assert config.engine.model_name == "/models/tiny"
+    assert (config.engine.max_num_seqs, config.engine.block_size, config.engine.max_model_len) == (8, 32, 1024)
+    assert config.model.num_experts == 4 and config.server.port == 9001
+
+
+def test_shipped_config_loads() -> None:
+    config = load_config()
+    assert config.engine.tensor_parallel_size == 1 and config.server.api_key is None
+
+
+def test_unknown_key_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="max_num_seqz"):
+        load_config(write(tmp_path, "vllm:\n  max_num_seqz: 3\n"))
+
+
+def test_tensor_parallel_is_refused_with_a_reason(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="tensor_parallel_size.*not available"):
+        load_config(write(tmp_path, "vllm:\n  tensor_parallel_size: 4\n"))
+
+
+def serve_config(monkeypatch: pytest.MonkeyPatch, args: list[str]) -> Config:
+    """Parse `localmoe serve ARGS` exactly as the console does, stopping short of loading a model."""
+    seen: list[Config] = []
+    monkeypatch.setattr(cli, "run_server", seen.append)
+    result = CliRunner().invoke(cli.app, ["serve", *args])
+    assert result.exit_code == 0, result.output
+    return seen[0]
+
+
+def test_flags_override_the_file_and_unset_flags_do_not(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, FILE.format(section="vllm"))
+    config = serve_config(monkeypatch, ["--config", str(path), "--max-num-seqs", "3", "--no-enable-prefix-caching",
+                                        "--model", "/models/other", "--port", "9100", "--api-key", "k",
+                                        "--dtype", "float32"])
+    engine = config.engine
+    assert (engine.max_num_seqs, engine.enable_prefix_caching, engine.model_name, engine.dtype) == (
+        3, False, "/models/other", "float32")
+    assert (engine.block_size, engine.max_model_len) == (32, 1024)  # from the file: no flag given
+    assert (config.server.port, config.server.api_key, config.server.host) == (9100, "k", "127.0.0.1")
+    assert config.model.num_experts == 4
+
+    untouched = serve_config(monkeypatch, ["--config", str(path)])
+    assert untouched == load_config(path)
+
+
+def test_every_engine_key_has_a_flag() -> None:
+    serve = typer.main.get_command(cli.app).commands["serve"]
+    options = {name for param in serve.params for name in param.opts + param.secondary_opts}
+    for f in fields(EngineConfig):
+        assert cli.engine_flag(f.name) in options
+    assert {"--model", "--max-model-len", "--max-num-seqs", "--max-num-batched-tokens", "--gpu-memory-utilization",
+            "--enable-prefix-caching", "--no-enable-prefix-caching", "--tensor-parallel-size", "--kv-cache-memory",
+            "--served-model-name", "--api-key", "--config"} <= options
+
+
+def test_refused_flag_exits_2_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli, "run_server", lambda config: pytest.fail("must not start"))
+    result = CliRunner().invoke(cli.app, ["serve", "--tensor-parallel-size", "4"])
+    assert result.exit_code == 2
+    assert "tensor_parallel_size" in result.output
