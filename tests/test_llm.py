@@ -70,7 +70,7 @@ def test_invalid_params_and_prompts_are_refused(llm):
     with pytest.raises(SamplingParamsError, match="top_p"):
         SamplingParams(top_p=1.5)
     with pytest.raises(ValueError, match="maximum context length"):
-        llm.generate({"prompt_token_ids": [5] * 600})
+        llm.generate({"prompt_token_ids": [5] * 5000})
     assert llm.engine.block_manager.usage == 0
 
 
