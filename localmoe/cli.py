@@ -19,12 +19,15 @@ from typing import Annotated, Any, Optional
 import typer
 import uvicorn
 
-from localmoe.config import Config, ConfigError, EngineConfig, load_config
+from localmoe.config import DEFAULT_CONFIG_PATH, Config, ConfigError, EngineConfig, load_config
 from localmoe.engine.async_engine import AsyncEngine
 from localmoe.engine.llm_engine import LLMEngine
 from localmoe.llm import LLM
 from localmoe.sampling_params import SamplingParams, SamplingParamsError
 from localmoe.server.app import build_app
+from localmoe.train.corpus import build_corpus, summary
+from localmoe.train.trainer import TrainConfig
+from localmoe.train.trainer import train as run_training
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="LocalMoE: serve Mixture-of-Experts models with an OpenAI-compatible API.")
@@ -65,9 +68,14 @@ def with_engine_flags(command: Callable[..., None]) -> Callable[..., None]:
     return wrapper
 
 
+def default_config_file(config_file: Path | None) -> Path | None:
+    """An explicit --config, else configs/config.yaml where the checkout has one."""
+    return config_file or (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None)
+
+
 def config_from_flags(config_file: Path | None, engine_flags: dict[str, Any], **server: Any) -> Config:
     """The configuration `serve` runs with: the file, then every flag that was given."""
-    return load_config(config_file, {"engine": engine_flags, "server": server})
+    return load_config(default_config_file(config_file), {"engine": engine_flags, "server": server})
 
 
 def fail(message: str, code: int) -> typer.Exit:
@@ -135,6 +143,7 @@ def generate(
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                 min_p=min_p, seed=sampling_seed, stop=stop or [], ignore_eos=ignore_eos)
         model = engine_flags.pop("model_name")
+        config = default_config_file(config)
         llm = LLM(model=model, config=str(config) if config else None,
                   **{k: v for k, v in engine_flags.items() if v is not None})
     except (ConfigError, SamplingParamsError) as e:
@@ -142,6 +151,39 @@ def generate(
     except ValueError as e:
         raise fail(str(e), EXIT_LOAD) from None
     typer.echo(llm.generate([prompt], params)[0].outputs[0].text)
+
+
+@app.command()
+def train(
+    out: Annotated[Path, typer.Option(help="Checkpoint directory to write.")],
+    corpus: Annotated[Path, typer.Option(help="Corpus directory; built from the package sources if absent.")] = Path(
+        "corpus"),
+    steps: Annotated[int, typer.Option(help="Optimizer steps (the run is step-based, not timed).")] = TrainConfig.steps,
+    hidden_size: Annotated[int, typer.Option()] = TrainConfig.hidden_size,
+    intermediate_size: Annotated[int, typer.Option()] = TrainConfig.intermediate_size,
+    num_layers: Annotated[int, typer.Option()] = TrainConfig.num_layers,
+    num_heads: Annotated[int, typer.Option()] = TrainConfig.num_heads,
+    num_kv_heads: Annotated[int, typer.Option()] = TrainConfig.num_kv_heads,
+    num_experts: Annotated[int, typer.Option()] = TrainConfig.num_experts,
+    top_k: Annotated[int, typer.Option()] = TrainConfig.top_k,
+    vocab_size: Annotated[int, typer.Option()] = TrainConfig.vocab_size,
+    context: Annotated[int, typer.Option()] = TrainConfig.context,
+    batch_size: Annotated[int, typer.Option()] = TrainConfig.batch_size,
+    lr: Annotated[float, typer.Option()] = TrainConfig.lr,
+    eval_every: Annotated[int, typer.Option()] = TrainConfig.eval_every,
+    seed: Annotated[int, typer.Option()] = TrainConfig.seed,
+) -> None:
+    """Train the built-in MoE on public-domain English and write a Hugging Face checkpoint."""
+    if not (corpus / "train.txt").exists():
+        typer.echo(summary(build_corpus(corpus)))
+    cfg = TrainConfig(corpus_dir=corpus, out_dir=out, steps=steps, hidden_size=hidden_size,
+                      intermediate_size=intermediate_size, num_layers=num_layers, num_heads=num_heads,
+                      num_kv_heads=num_kv_heads, num_experts=num_experts, top_k=top_k, vocab_size=vocab_size,
+                      context=context, batch_size=batch_size, lr=lr, eval_every=eval_every, seed=seed)
+    report = run_training(cfg)
+    typer.echo(f"held-out perplexity {report['heldout_perplexity']:.2f} after {steps} steps "
+               f"({report['wall_seconds']:.0f} s); expert imbalance per layer {report['expert_imbalance']}; "
+               f"checkpoint in {out}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from localmoe.models.builtin import SPECIAL_TOKENS, save_tokenizer
 
 
-def train_tokenizer(train_file: Path, vocab_size: int, out_dir: Path) -> Tokenizer:
+def train_tokenizer(documents: list[str], vocab_size: int, out_dir: Path) -> Tokenizer:
     """Byte-level BPE: any text encodes (no <unk>), merges learned from the training split only."""
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -17,6 +17,6 @@ def train_tokenizer(train_file: Path, vocab_size: int, out_dir: Path) -> Tokeniz
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train([str(train_file)], trainer)
+    tokenizer.train_from_iterator(documents, trainer)
     save_tokenizer(tokenizer, out_dir)
     return tokenizer

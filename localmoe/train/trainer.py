@@ -102,8 +102,9 @@ def evaluate(model, tokens: torch.Tensor, cfg: TrainConfig) -> dict:
 def train(cfg: TrainConfig) -> dict:
     """Tokenizer, then model; writes the checkpoint and training.json into cfg.out_dir."""
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tokenizer(cfg.corpus_dir / "train.txt", cfg.vocab_size, cfg.out_dir)
-    train_tokens = encode_documents(tokenizer, read_documents(cfg.corpus_dir / "train.txt"))
+    train_docs = read_documents(cfg.corpus_dir / "train.txt")
+    tokenizer = train_tokenizer(train_docs, cfg.vocab_size, cfg.out_dir)
+    train_tokens = encode_documents(tokenizer, train_docs)
     heldout_tokens = encode_documents(tokenizer, read_documents(cfg.corpus_dir / "heldout.txt"))
     model = build_model(cfg, tokenizer.get_vocab_size())
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
