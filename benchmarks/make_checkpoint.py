@@ -72,7 +72,7 @@ def corpus_lines() -> list[str]:
 
 def train_tokenizer(out: Path) -> None:
     """Train the SentencePiece BPE model, load it as a LlamaTokenizer and save it into `out`."""
-    if importlib.util.find_spec("google.protobuf") is None:
+    if importlib.util.find_spec("google") is None or importlib.util.find_spec("google.protobuf") is None:
         sys.exit("transformers needs protobuf to read tokenizer.model: pip install protobuf")
     lines = corpus_lines()
     print(f"tokenizer corpus: {len(lines)} lines, {sum(len(s) + 1 for s in lines) / 2**20:.1f} MiB")
