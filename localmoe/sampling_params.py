@@ -22,6 +22,7 @@ class SamplingParams:
     min_tokens: int = 0
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top alternatives to return beside the sampled token
+    prompt_logprobs: int | None = None  # logprobs of the prompt's own tokens (plus top-N); bypasses the prefix cache
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
@@ -48,6 +49,8 @@ class SamplingParams:
             (self.min_tokens >= 0, "min_tokens", f"min_tokens must be non-negative, got {self.min_tokens}"),
             (self.logprobs is None or self.logprobs >= 0, "logprobs",
              f"logprobs must be non-negative, got {self.logprobs}"),
+            (self.prompt_logprobs is None or self.prompt_logprobs >= 0, "prompt_logprobs",
+             f"prompt_logprobs must be non-negative, got {self.prompt_logprobs}"),
         ]
         for ok, param, message in checks:
             if not ok:

@@ -80,3 +80,18 @@ def test_builtin_model_is_the_default():
     assert hf["num_local_experts"] == 8 and hf["num_experts_per_tok"] == 2 and hf["hidden_size"] == 768
     out = llm.generate("Hello", SamplingParams(max_tokens=4, ignore_eos=True))[0]
     assert len(out.outputs[0].token_ids) == 4
+
+
+def test_prompt_logprobs_match_transformers(tiny_mixtral_dir, llm):
+    import torch
+
+    from checkpoints import reference_model
+
+    ids = llm.get_tokenizer().encode("a longer prompt whose every token is scored")
+    out = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1, prompt_logprobs=1))[0]
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ids)
+    with torch.no_grad():
+        expected = torch.log_softmax(reference_model(tiny_mixtral_dir)(torch.tensor([ids])).logits[0], -1)
+    for position, entry in enumerate(out.prompt_logprobs[1:]):
+        target = ids[position + 1]
+        assert abs(entry[target].logprob - expected[position, target].item()) < 1e-4

@@ -53,7 +53,7 @@ class BlockManager:
         The block holding the last token is never taken from the cache, so at least one token is
         always computed and there is a position to sample from.
         """
-        if not self.enable_prefix_caching or seq.block_table:
+        if not self.enable_prefix_caching or seq.block_table or seq.params.prompt_logprobs is not None:
             return
         usable = (seq.num_tokens - 1) // self.block_size
         parent = None

@@ -163,12 +163,14 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
-        logits, sampling = self.runner.execute(batch)
+        logits = self.runner.execute(batch)
+        for i, logits_of_prompt in logits.prompt.items():
+            self._record_prompt_logprobs(batch.seqs[i], logits_of_prompt)
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed_tokens += n
             self.block_manager.cache_full_blocks(seq)
-        sample_seqs = [batch.seqs[i] for i in sampling]
-        result = self.sampler(logits, sample_seqs)
+        sample_seqs = [batch.seqs[i] for i in logits.sampling]
+        result = self.sampler(logits.sample, sample_seqs)
         now = time.monotonic()
         touched: dict[str, Request] = {}
         for i, seq in enumerate(sample_seqs):
@@ -213,6 +215,26 @@ class LLMEngine:
                 seq.text += self.detokenizers[seq.seq_id].flush()
             self._release(seq)
 
+    def _record_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """Logprob of each prompt token given the ones before it (the first token has none)."""
+        request = seq.request
+        if seq.index != 0:
+            return
+        if request.prompt_logprobs is None:
+            request.prompt_logprobs = [None]
+        logprobs = torch.log_softmax(logits, dim=-1)
+        top_n = seq.params.prompt_logprobs
+        for row, position in enumerate(range(seq.num_computed_tokens, seq.num_computed_tokens + len(logits))):
+            if position + 1 != len(request.prompt_logprobs) or position + 1 >= seq.num_prompt_tokens:
+                continue  # already recorded before a preemption, or the last prompt token (it predicts output)
+            target = seq.token_ids[position + 1]
+            entry = {target: Logprob(float(logprobs[row, target]), self.tokenizer.decode([target]))}
+            if top_n:
+                values, ids = logprobs[row].topk(top_n)
+                for alt, value in zip(ids.tolist(), values.tolist()):
+                    entry.setdefault(alt, Logprob(value, self.tokenizer.decode([alt])))
+            request.prompt_logprobs.append(entry)
+
     def _find_stop_string(self, seq: Sequence, previous: int) -> bool:
         """Look for a stop string overlapping the new text; cut the text there."""
         params = seq.params
@@ -243,7 +265,8 @@ class LLMEngine:
         if request.finished_time is not None:
             metrics["finished_time"] = request.finished_time
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outputs,
-                             request.finished, max(s.num_cached_tokens for s in request.seqs), metrics)
+                             request.finished, num_cached_tokens=max(s.num_cached_tokens for s in request.seqs),
+                             prompt_logprobs=request.prompt_logprobs, metrics=metrics)
 
     @property
     def stats(self) -> EngineStats:

@@ -7,6 +7,8 @@ whose last token is in this step (those are the ones that sample).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -18,6 +20,13 @@ def kv_block_bytes(model: nn.Module, block_size: int, dtype: torch.dtype) -> int
     attn = model.layers[0].self_attn
     per_layer = 2 * block_size * attn.num_kv_heads * attn.head_dim * dtype.itemsize
     return per_layer * len(model.layers)
+
+
+@dataclass
+class StepLogits:
+    sample: torch.Tensor  # float32 [S, V] at the last token of each sampling sequence
+    sampling: list[int]  # batch index of each of those S sequences
+    prompt: dict[int, torch.Tensor]  # batch index -> [n, V] at every prompt token computed this step
 
 
 class ModelRunner:
@@ -33,15 +42,17 @@ class ModelRunner:
         ]
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
-        """Run the step; return float32 logits [S, V] and the batch indices of the S sampling sequences."""
+    def execute(self, batch: ScheduledBatch) -> StepLogits:
         input_ids: list[int] = []
         positions: list[int] = []
         context_lens: list[int] = []
         sample_rows: list[int] = []  # row in the flat batch of each sampling sequence's last token
         sampling: list[int] = []
+        prompt_rows: dict[int, range] = {}
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens)):
             start = seq.num_computed_tokens
+            if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens:
+                prompt_rows[i] = range(len(input_ids), len(input_ids) + min(n, seq.num_prompt_tokens - start))
             input_ids += seq.token_ids[start:start + n]
             positions += range(start, start + n)
             context_lens.append(start + n)
@@ -55,4 +66,5 @@ class ModelRunner:
             torch.tensor(input_ids, device=self.device), torch.tensor(positions, device=self.device),
             self.kv_caches, meta)
         rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
-        return self.model.compute_logits(hidden[rows]).float(), sampling
+        prompt = {i: self.model.compute_logits(hidden[r.start:r.stop]).float() for i, r in prompt_rows.items()}
+        return StepLogits(self.model.compute_logits(hidden[rows]).float(), sampling, prompt)

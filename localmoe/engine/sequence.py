@@ -35,6 +35,7 @@ class Request:
     finished_time: float | None = None
     generator: torch.Generator | None = None  # set when params.seed is given
     seqs: list["Sequence"] = field(default_factory=list)
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
     @property
     def finished(self) -> bool:
