@@ -64,6 +64,7 @@ class EngineConfig:
     trust_remote_code: bool = False
     load_format: str = "auto"
     use_v2_block_manager: bool = True  # accepted for old configs; has no effect
+    routing_trace: str | None = None  # file to append each token's chosen experts to (JSON lines)
 
     def validate(self) -> None:
         refusals = [

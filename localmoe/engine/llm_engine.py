@@ -17,6 +17,8 @@ from localmoe.engine.model_runner import ModelRunner, kv_block_bytes
 from localmoe.engine.sampler import Sampler
 from localmoe.engine.scheduler import Scheduler
 from localmoe.engine.sequence import Request, Sequence
+from localmoe.experts.trace import RoutingTrace
+from localmoe.layers.moe import SparseMoE
 from localmoe.models.builtin import BUILTIN_NAME, ensure_builtin_checkpoint
 from localmoe.models.loader import load_model, resolve_dtype
 from localmoe.outputs import CompletionOutput, Logprob, RequestOutput
@@ -76,6 +78,8 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.block_manager)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.device, self.dtype)
         self.sampler = Sampler(self._eos_token_ids(Path(model_dir)))
+        moe_layers = [m for m in self.model.modules() if isinstance(m, SparseMoE)]
+        self.trace = RoutingTrace(config.routing_trace, moe_layers) if config.routing_trace else None
         self.requests: dict[str, Request] = {}
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
         self.prompt_tokens_total = 0
@@ -164,6 +168,8 @@ class LLMEngine:
         if not batch.seqs:
             return []
         logits = self.runner.execute(batch)
+        if self.trace is not None:
+            self.trace.write(batch)
         for i, logits_of_prompt in logits.prompt.items():
             self._record_prompt_logprobs(batch.seqs[i], logits_of_prompt)
         for seq, n in zip(batch.seqs, batch.num_tokens):

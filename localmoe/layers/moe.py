@@ -32,9 +32,13 @@ class SparseMoE(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         # tokens routed to each expert since load; read by the expert statistics
         self.tokens_per_expert = torch.zeros(num_experts, dtype=torch.long, device="cpu")
+        self.record_routing = False  # keep the last step's choices for a routing trace
+        self.last_expert_ids: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, expert_ids = softmax_topk(self.gate(x), self.top_k, self.renormalize)
+        if self.record_routing:
+            self.last_expert_ids = expert_ids
         return self.run_experts(x, weights.to(x.dtype), expert_ids)
 
     def run_experts(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
