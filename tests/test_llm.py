@@ -74,8 +74,9 @@ def test_invalid_params_and_prompts_are_refused(llm):
     assert llm.engine.block_manager.usage == 0
 
 
-def test_builtin_model_is_the_default():
-    llm = LLM(max_model_len=256, kv_cache_memory=2**26)
+def test_random_model_is_shaped_by_the_model_section():
+    llm = LLM(model="localmoe-random", max_model_len=256, kv_cache_memory=2**26)
+    assert llm.engine.model_name == "localmoe-random"
     hf = llm.engine.hf_config
     assert hf["num_local_experts"] == 8 and hf["num_experts_per_tok"] == 2 and hf["hidden_size"] == 768
     out = llm.generate("Hello", SamplingParams(max_tokens=4, ignore_eos=True))[0]

@@ -19,7 +19,7 @@ from localmoe.engine.scheduler import Scheduler
 from localmoe.engine.sequence import Request, Sequence
 from localmoe.experts.trace import RoutingTrace
 from localmoe.layers.moe import SparseMoE
-from localmoe.models.builtin import BUILTIN_NAME, ensure_builtin_checkpoint
+from localmoe.models.builtin import resolve_model
 from localmoe.models.loader import load_model, resolve_dtype
 from localmoe.outputs import CompletionOutput, Logprob, RequestOutput
 from localmoe.sampling_params import SamplingParams
@@ -88,9 +88,8 @@ class LLMEngine:
 
     @classmethod
     def from_config(cls, config: Config) -> "LLMEngine":
-        model_dir = config.engine.model_name or ensure_builtin_checkpoint(config.model)
-        name = config.engine.served_model_name or (config.engine.model_name or BUILTIN_NAME)
-        return cls(config.engine, model_dir, name)
+        model_dir, name = resolve_model(config.engine.model_name, config.model)
+        return cls(config.engine, model_dir, config.engine.served_model_name or name)
 
     def _kv_budget(self) -> int:
         if self.device.type == "cuda":

@@ -1,7 +1,10 @@
-"""The built-in checkpoint: a Mixtral-architecture MoE written as a real Hugging Face directory.
+"""The built-in checkpoints.
 
-It is made once per shape, deterministically (seeded weights, a byte-level tokenizer that needs no
-training text), in a cache folder, and then loaded through the same loader as any checkpoint.
+`localmoe-builtin` (the default model) is the small MoE LocalMoE trained itself (`localmoe train`),
+shipped inside the package. `localmoe-random` is a Mixtral-architecture MoE with seeded random
+weights shaped by the `model:` section of the config, for benchmarks: it is made once per shape,
+deterministically (a byte-level tokenizer that needs no training text), in a cache folder. Both are
+ordinary Hugging Face directories loaded through the same loader as any checkpoint.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 BUILTIN_NAME = "localmoe-builtin"
+RANDOM_NAME = "localmoe-random"
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "data" / BUILTIN_NAME
 
 
 def new_byte_level_tokenizer(vocab: dict[str, int] | None = None, merges: list | None = None) -> Tokenizer:
@@ -118,10 +123,19 @@ def cache_root() -> Path:
     return Path(os.environ.get("LOCALMOE_CACHE", Path.home() / ".cache" / "localmoe"))
 
 
-def ensure_builtin_checkpoint(cfg: ModelConfig) -> Path:
-    """Return the directory of the built-in checkpoint for this shape, creating it on first use."""
+def resolve_model(model_name: str, cfg: ModelConfig) -> tuple[Path, str]:
+    """Checkpoint directory and served name for `model_name` (empty: the built-in model)."""
+    if model_name in ("", BUILTIN_NAME):
+        return SHIPPED_DIR, BUILTIN_NAME
+    if model_name == RANDOM_NAME:
+        return ensure_random_checkpoint(cfg), RANDOM_NAME
+    return Path(model_name), model_name
+
+
+def ensure_random_checkpoint(cfg: ModelConfig) -> Path:
+    """Return the directory of the random checkpoint for this shape, creating it on first use."""
     key = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:12]
-    directory = cache_root() / f"{BUILTIN_NAME}-{key}"
+    directory = cache_root() / f"{RANDOM_NAME}-{key}"
     if (directory / "model.safetensors").exists():
         return directory
     tmp = directory.with_name(directory.name + f".tmp{os.getpid()}")

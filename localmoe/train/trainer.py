@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from tokenizers import Tokenizer
 
 from localmoe.train.corpus import read_documents
+from localmoe.train.evaluate import write_heldout_sample
 from localmoe.train.tokenizer import train_tokenizer
 
 
@@ -144,4 +145,5 @@ def train(cfg: TrainConfig) -> dict:
         "loss_curve": curve, "evals": evals, **evals[-1],
     }
     (cfg.out_dir / "training.json").write_text(json.dumps(report, indent=1))
+    write_heldout_sample(cfg.corpus_dir, cfg.out_dir)
     return report
