@@ -7,8 +7,10 @@ whose last token is in this step (those are the ones that sample).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -29,6 +31,15 @@ class StepLogits:
     prompt: dict[int, torch.Tensor]  # batch index -> [n, V] at every prompt token computed this step
 
 
+def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero-filled tensor; on CPU from calloc'd memory, which the OS zeroes page by page on first
+    touch, so a multi-GiB KV pool costs nothing until it is used."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * dtype.itemsize
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+
+
 class ModelRunner:
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, device: torch.device,
                  dtype: torch.dtype) -> None:
@@ -36,10 +47,8 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         attn = model.layers[0].self_attn
-        self.kv_caches = [
-            torch.zeros(2, num_blocks, block_size, attn.num_kv_heads, attn.head_dim, dtype=dtype, device=device)
-            for _ in model.layers
-        ]
+        shape = (2, num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
+        self.kv_caches = [zeroed(shape, dtype, device) for _ in model.layers]
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepLogits:

@@ -6,7 +6,7 @@ import torch
 
 
 class RotaryEmbedding:
-    """Holds cos/sin tables for positions [0, max_positions); not a module, so it survives meta init."""
+    """Holds cos/sin tables for positions [0, max_positions); not a module: kept in float32 whatever the model dtype."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float) -> None:
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))

@@ -83,7 +83,7 @@ class LlamaForCausalLM(nn.Module):
         self.tie_weights()
 
     def tie_weights(self) -> None:
-        """Share the embedding with the output head where the checkpoint says so (again after to_empty)."""
+        """Share the embedding with the output head where the checkpoint says so."""
         if self.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 

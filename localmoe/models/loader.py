@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from unittest.mock import patch
 
 import torch
 from rich.progress import Progress
@@ -68,12 +71,10 @@ def load_model(model_dir: str | Path, dtype: str = "auto", device: str | torch.d
     cls = model_class(hf_config)
     torch_dtype = resolve_dtype(dtype, hf_config, device)
     try:
-        with torch.device("meta"):
+        with _uninitialized(torch_dtype, device):
             model = cls(hf_config)
     except KeyError as e:
         raise ValueError(f"{model_dir}/config.json lacks the field {e.args[0]!r}") from e
-    model = model.to_empty(device=device).to(torch_dtype)
-    model.tie_weights()
     params = dict(model.named_parameters())
     loaded: set[str] = set()
     files = safetensors_files(model_dir)
@@ -90,6 +91,24 @@ def load_model(model_dir: str | Path, dtype: str = "auto", device: str | torch.d
     if missing:
         raise ValueError(f"checkpoint {model_dir} is missing weight {missing[0]} ({len(missing)} missing in all)")
     return model.eval(), hf_config
+
+
+@contextmanager
+def _uninitialized(dtype: torch.dtype, device: torch.device) -> Iterator[None]:
+    """Build modules straight in their serving dtype and device, skipping the random init every
+    loaded weight would overwrite anyway (it costs seconds on a large model)."""
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device), patch.object(nn.Linear, "reset_parameters", _skip), \
+                patch.object(nn.Embedding, "reset_parameters", _skip):
+            yield
+    finally:
+        torch.set_default_dtype(saved)
+
+
+def _skip(self: nn.Module) -> None:
+    pass
 
 
 def _load_tensor(model: nn.Module, params: dict[str, nn.Parameter], loaded: set[str], name: str,
