@@ -23,6 +23,7 @@ from localmoe.config import DEFAULT_CONFIG_PATH, Config, ConfigError, EngineConf
 from localmoe.engine.async_engine import AsyncEngine
 from localmoe.engine.llm_engine import LLMEngine
 from localmoe.llm import LLM
+from localmoe.planner import PlanError, plan_command
 from localmoe.sampling_params import SamplingParams, SamplingParamsError
 from localmoe.server.app import build_app
 from localmoe.train.corpus import build_corpus, summary
@@ -184,6 +185,23 @@ def train(
     typer.echo(f"held-out perplexity {report['heldout_perplexity']:.2f} after {steps} steps "
                f"({report['wall_seconds']:.0f} s); expert imbalance per layer {report['expert_imbalance']}; "
                f"checkpoint in {out}")
+
+
+@app.command()
+def plan(
+    model: Annotated[str, typer.Argument(help="Checkpoint directory, config.json, or a well-known model name.")],
+    dtype: Annotated[str, typer.Option(help="Weight dtype: bf16, fp16, int8, fp8.")] = "bf16",
+    device: Annotated[str, typer.Option(help="H100-80GB, A100-80GB, A100-40GB, L40S-48GB or cpu:GiB.")] = "H100-80GB",
+    max_model_len: Annotated[Optional[int], typer.Option(help="Context per sequence.")] = None,
+    max_num_seqs: Annotated[int, typer.Option(help="Sequences served at once.")] = 256,
+    kv_cache_dtype: Annotated[str, typer.Option(help="auto or fp8.")] = "auto",
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Plan memory: parameters, weight and KV bytes, the parallel degree or expert cache that fits."""
+    try:
+        typer.echo(plan_command(model, dtype, device, max_model_len, max_num_seqs, kv_cache_dtype, json_output))
+    except PlanError as e:
+        raise fail(str(e), EXIT_CONFIG) from None
 
 
 if __name__ == "__main__":

@@ -43,3 +43,11 @@ def test_unsupported_architecture_is_a_message_not_a_traceback(tmp_path: Path) -
         assert result.exit_code == 1, result.output
         assert "FooForCausalLM" in result.output and "MixtralForCausalLM" in result.output
         assert isinstance(result.exception, SystemExit)
+
+
+def test_plan_command_prints_json_and_refuses_unknown_models() -> None:
+    result = CliRunner().invoke(cli.app, ["plan", "Mixtral-8x7B", "--device", "H100-80GB", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["parallel_degree"] == 2
+    result = CliRunner().invoke(cli.app, ["plan", "no-such-model"])
+    assert result.exit_code == 2 and "known model" in result.output

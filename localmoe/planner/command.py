@@ -1,0 +1,95 @@
+"""`localmoe plan`: the report a person reads, or the same fields as JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Any
+
+from localmoe.planner.memory import KV_BYTES, MARGIN_FRACTION, Plan, parse_device, plan_memory
+from localmoe.planner.shape import load_config, model_shape
+
+
+def plan_command(model: str, dtype: str = "bf16", device: str = "H100-80GB", max_model_len: int | None = None,
+                 max_num_seqs: int = 256, kv_cache_dtype: str = "auto", json_output: bool = False) -> str:
+    """Plan `model` (checkpoint dir, config.json or known name) on `device`; the text to print.
+
+    Raises PlanError (a ValueError) with a message for the user on any bad input.
+    """
+    name, config = load_config(model)
+    plan = plan_memory(model_shape(name, config), parse_device(device), dtype=dtype, max_model_len=max_model_len,
+                       max_num_seqs=max_num_seqs, kv_cache_dtype=kv_cache_dtype)
+    return json.dumps(plan_dict(plan), indent=2) if json_output else format_plan(plan)
+
+
+def plan_dict(plan: Plan) -> dict[str, Any]:
+    """The plan as JSON-ready fields, parameter totals included."""
+    out = asdict(plan)
+    p = plan.params
+    out["params"].update(total=p.total, active=p.active, active_without_embedding=p.active_without_embedding,
+                         non_expert=p.non_expert)
+    return out
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def _fits(ok: bool) -> str:
+    return "fits" if ok else "does not fit"
+
+
+def format_plan(plan: Plan) -> str:
+    """A readable report, one fact per line."""
+    p = plan.params
+    requested = f"max_num_seqs x max_model_len = {plan.max_num_seqs} x {plan.max_model_len} = {plan.requested_tokens:,}"
+    len_source = " (default: min(max_position_embeddings, 32768))" if plan.max_model_len_is_default else ""
+    kv_bytes = KV_BYTES[plan.kv_cache_dtype]
+    kv_how = ("MLA: layers x (kv_lora_rank + qk_rope_head_dim)" if plan.kv_attention == "mla"
+              else "2 x layers x kv_heads x head_dim") + f" x {kv_bytes} bytes"
+    rows = [
+        ("Model", f"{plan.model} ({plan.architecture})"),
+        ("Parameters", f"total {_count(p.total)}, active {_count(p.active)} "
+                       f"({_count(p.active_without_embedding)} without the input embedding)"),
+        ("  breakdown", f"embedding {_count(p.embedding)}, lm_head {_count(p.lm_head)}, "
+                        f"attention {_count(p.attention)}, dense MLP {_count(p.dense_mlp)}, "
+                        f"routed experts {_count(p.routed_experts)}, shared experts {_count(p.shared_experts)}, "
+                        f"routers {_count(p.routers)}, norms {_count(p.norms)}"),
+        ("  experts", f"{p.num_moe_layers} MoE layers, top-{p.top_k}, {_count(p.expert)} per expert"),
+        ("Weights", " | ".join(f"{d} {_bytes(b)}" for d, b in plan.weight_bytes_per_dtype.items())
+                    + f"  (planning with {plan.dtype})"),
+        ("KV cache per token", f"{_bytes(plan.kv_bytes_per_token)} ({kv_how}; kv_cache_dtype {plan.kv_cache_dtype})"),
+        ("max_model_len", f"{plan.max_model_len}{len_source}; one sequence: {_bytes(plan.kv_bytes_per_sequence)}"),
+        ("Device", f"{plan.device}: {_bytes(plan.device_memory_bytes)} - CUDA context "
+                   f"{_bytes(plan.cuda_context_bytes)} - margin {_bytes(plan.margin_bytes)} "
+                   f"({MARGIN_FRACTION:.0%}) = {_bytes(plan.usable_bytes)} usable"),
+        ("KV budget, 1 device", f"{_bytes(plan.kv_budget_bytes)} after {_bytes(plan.weight_bytes)} of weights"
+                                + ("" if plan.weight_bytes <= plan.usable_bytes else " (weights do not fit)")),
+        ("Concurrent tokens", f"{plan.max_concurrent_tokens:,}; {requested}: {_fits(plan.requested_fits)}"),
+    ]
+    if plan.parallel_degree is None:
+        rows.append(("TP/EP degree", "none up to 64 holds the weights and one max_model_len sequence"))
+    else:
+        rows.append(("TP/EP degree", f"{plan.parallel_degree} (smallest power of two holding the weights "
+                                     "and one max_model_len sequence)"))
+        if plan.parallel_degree > 1:
+            rows.append((f"  at degree {plan.parallel_degree}",
+                         f"KV budget {_bytes(plan.parallel_kv_budget_bytes)}, "
+                         f"{plan.parallel_max_concurrent_tokens:,} tokens; {_fits(plan.parallel_requested_fits)}"))
+    if plan.experts_per_layer_cached is not None:
+        rows.append(("Expert cache, 1 device", f"{plan.experts_per_layer_cached} of {plan.num_experts} experts "
+                                               f"per MoE layer ({_bytes(plan.expert_bytes)} per expert per layer; "
+                                               "non-expert weights resident, KV for one sequence)"))
+    rows += [("Note", note) for note in plan.notes]
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
