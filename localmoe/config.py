@@ -57,6 +57,7 @@ class EngineConfig:
     swap_space: float = 0.0
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 64
+    max_waiting_requests: int = 1024  # past this many queued requests the server answers 503
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     max_chunked_prefill_tokens: int | None = None
@@ -79,6 +80,7 @@ class EngineConfig:
              "dtype", f"dtype {self.dtype!r} is not one of auto, float32, bfloat16, float16"),
             (self.block_size < 1, "block_size", "block_size must be positive"),
             (self.max_num_seqs < 1, "max_num_seqs", "max_num_seqs must be positive"),
+            (self.max_waiting_requests < 0, "max_waiting_requests", "max_waiting_requests must not be negative"),
             (self.max_num_batched_tokens < 1, "max_num_batched_tokens", "max_num_batched_tokens must be positive"),
             (self.max_model_len is not None and self.max_model_len < 1, "max_model_len",
              "max_model_len must be positive"),

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -28,13 +30,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def base_url(tiny_mixtral_dir: Path, tmp_path_factory) -> Iterator[str]:
+@contextmanager
+def running_server(checkpoint: Path, log_dir: Path, *extra: str) -> Iterator[str]:
+    """A real `localmoe serve` process on a free loopback port; yields its base URL."""
     port = free_port()
-    log = (tmp_path_factory.mktemp("server") / "server.log").open("w+")
-    command = [sys.executable, "-m", "localmoe.cli", "serve", "--model", str(tiny_mixtral_dir),
+    log = (log_dir / "server.log").open("w+")
+    command = [sys.executable, "-m", "localmoe.cli", "serve", "--model", str(checkpoint),
                "--dtype", "float32", "--kv-cache-memory", "64000000", "--max-model-len", str(MAX_MODEL_LEN),
-               "--host", "127.0.0.1", "--port", str(port), "--api-key", API_KEY, "--log-level", "warning"]
+               "--host", "127.0.0.1", "--port", str(port), "--api-key", API_KEY, "--log-level", "warning", *extra]
     server = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                               env={**os.environ, "PYTHONPATH": str(REPO)})
     url = f"http://127.0.0.1:{port}"
@@ -57,6 +60,12 @@ def base_url(tiny_mixtral_dir: Path, tmp_path_factory) -> Iterator[str]:
         server.terminate()
         server.wait(timeout=30)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def base_url(tiny_mixtral_dir: Path, tmp_path_factory) -> Iterator[str]:
+    with running_server(tiny_mixtral_dir, tmp_path_factory.mktemp("server")) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -337,3 +346,60 @@ def test_tokenize_and_detokenize(base_url: str, tokenizer) -> None:
 
 def test_version(base_url: str) -> None:
     assert httpx.get(f"{base_url}/version").json()["version"]
+
+
+@pytest.fixture(scope="module")
+def single_slot_url(tiny_mixtral_dir: Path, tmp_path_factory) -> Iterator[str]:
+    """A server that runs one request at a time and queues at most two."""
+    log_dir = tmp_path_factory.mktemp("single-slot")
+    with running_server(tiny_mixtral_dir, log_dir, "--max-num-seqs", "1", "--max-waiting-requests", "2") as url:
+        yield url
+
+
+@contextmanager
+def occupied(url: str) -> Iterator[None]:
+    """Hold the only running slot with an endless stream until the block exits."""
+    body = {"prompt": "busy", "max_tokens": 2000, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=auth(), timeout=60) as stream:
+        lines = stream.iter_lines()  # held: dropping the iterator would close the stream
+        next(lines)
+        yield
+
+
+def wait_for_waiting(url: str, count: int) -> None:
+    deadline = time.monotonic() + 10
+    while scrape(url)["vllm:num_requests_waiting"] < count:
+        assert time.monotonic() < deadline, "requests never queued"
+        time.sleep(0.02)
+
+
+def test_full_waiting_queue_answers_503_with_retry_after(single_slot_url: str) -> None:
+    url = single_slot_url
+    body = {"prompt": "queued", "max_tokens": 2, "ignore_eos": True}
+    with ThreadPoolExecutor(2) as pool, occupied(url):
+        queued = [pool.submit(httpx.post, f"{url}/v1/completions", json=body, headers=auth(), timeout=60)
+                  for _ in range(2)]
+        wait_for_waiting(url, 2)
+        refused = httpx.post(f"{url}/v1/completions", json=body, headers=auth())
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["code"] == 503
+    assert scrape(url)["localmoe:requests_rejected_total"] == 1
+    assert all(f.result().status_code == 200 for f in queued)  # the queued ones were served
+
+
+def test_priority_field_orders_waiting_requests(single_slot_url: str) -> None:
+    url = single_slot_url
+    finished: list[str] = []
+
+    def post(name: str, priority: int) -> None:
+        body = {"prompt": name, "max_tokens": 2, "ignore_eos": True, "priority": priority}
+        assert httpx.post(f"{url}/v1/completions", json=body, headers=auth(), timeout=60).status_code == 200
+        finished.append(name)
+
+    with ThreadPoolExecutor(2) as pool, occupied(url):
+        later = pool.submit(post, "later", 5)
+        wait_for_waiting(url, 1)
+        urgent = pool.submit(post, "urgent", -5)
+        wait_for_waiting(url, 2)
+    later.result(), urgent.result()
+    assert finished == ["urgent", "later"]

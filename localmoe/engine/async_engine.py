@@ -61,6 +61,11 @@ class AsyncEngine:
             if not finished:
                 self.abort(request_id)
 
+    def queue_full(self, incoming: int = 1) -> bool:
+        """Would `incoming` more requests push the waiting queue past max_waiting_requests?"""
+        waiting = len(self._streams) - self.engine.stats.num_running
+        return waiting + incoming > self.engine.config.max_waiting_requests
+
     def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
 

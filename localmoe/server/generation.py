@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import TypeVar
 
 from fastapi import Request
@@ -31,8 +32,13 @@ class Prompt:
 
 class Generation:
     def __init__(self, aengine: AsyncEngine, metrics: ServerMetrics, base_id: str,
-                 prompts: list[Prompt], params: list[SamplingParams]) -> None:
+                 prompts: list[Prompt], params: list[SamplingParams], priority: int = 0) -> None:
+        if aengine.queue_full(len(prompts)):
+            metrics.requests_rejected.labels(metrics.model_name).inc()
+            raise APIError("The server is overloaded: its waiting queue is full. Retry shortly.",
+                           HTTPStatus.SERVICE_UNAVAILABLE, headers={"Retry-After": "1"})
         self.aengine = aengine
+        self.priority = priority
         self.metrics = metrics
         self.prompts = prompts
         self.params = params
@@ -75,7 +81,8 @@ class Generation:
     async def _pump(self, i: int, queue: asyncio.Queue[tuple[int, RequestOutput | Exception | None]]) -> None:
         request_id, prompt = self.request_ids[i], self.prompts[i]
         try:
-            async for output in self.aengine.generate(request_id, prompt.text, prompt.token_ids, self.params[i]):
+            async for output in self.aengine.generate(request_id, prompt.text, prompt.token_ids, self.params[i],
+                                                      self.priority):
                 if output.finished:
                     self.unfinished.discard(request_id)
                     self.metrics.observe_finished(output)

@@ -75,6 +75,9 @@ class ServerMetrics:
         self.model_name = model_name
         self.registry.register(EngineStatsCollector(read_stats, model_name))
         labels = ["model_name"]
+        self.requests_rejected = Counter(
+            "localmoe:requests_rejected", "Requests refused with 503 because the waiting queue was full.",
+            labels, registry=self.registry)
         self.request_success = Counter(
             "vllm:request_success", "Count of successfully processed requests.",
             labels + ["finished_reason"], registry=self.registry)

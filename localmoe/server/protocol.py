@@ -52,6 +52,7 @@ class SamplingRequest(BaseModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    priority: int = 0  # lower is served first (vLLM's priority scheduling)
 
     def sampling_fields(self) -> dict[str, Any]:
         """The SamplingParams keyword arguments this request sets (None: keep the default)."""

@@ -101,7 +101,8 @@ class OpenAIServing:
             raise APIError("echo together with logprobs is not supported", param="echo")
         prompts = self.completion_prompts(request.prompt)
         params = [self.sampling_params(request, p, request.max_tokens, request.logprobs) for p in prompts]
-        generation = Generation(self.aengine, self.metrics, f"cmpl-{uuid.uuid4().hex}", prompts, params)
+        generation = Generation(self.aengine, self.metrics, f"cmpl-{uuid.uuid4().hex}", prompts, params,
+                                request.priority)
         if request.stream:
             return _sse(self._completion_stream(request, generation), generation)
         outputs = await unless_disconnected(raw_request, generation.final_outputs())
@@ -123,7 +124,8 @@ class OpenAIServing:
         self.check_model(request.model)
         prompt = self.chat_prompt(request.messages, request.add_generation_prompt)
         params = self.sampling_params(request, prompt, request.max_new_tokens, request.num_logprobs)
-        generation = Generation(self.aengine, self.metrics, f"chatcmpl-{uuid.uuid4().hex}", [prompt], [params])
+        generation = Generation(self.aengine, self.metrics, f"chatcmpl-{uuid.uuid4().hex}", [prompt], [params],
+                                request.priority)
         if request.stream:
             return _sse(self._chat_stream(request, generation), generation)
         outputs = await unless_disconnected(raw_request, generation.final_outputs())
