@@ -54,7 +54,7 @@ class EngineConfig:
     kv_cache_memory: int = 2 * 1024**3  # bytes for the KV pool when the device is the CPU
     max_model_len: int | None = None
     block_size: int = 16
-    swap_space: float = 0.0
+    swap_space: float = 0.0  # GiB of host memory for swapped-out KV blocks; 0: preemption recomputes
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 64
     max_waiting_requests: int = 1024  # past this many queued requests the server answers 503
@@ -73,7 +73,7 @@ class EngineConfig:
              "tensor parallelism is not available yet; use tensor_parallel_size: 1"),
             (self.quantization not in (None, "", "none"), "quantization",
              f"quantization {self.quantization!r} is not supported yet"),
-            (self.swap_space != 0, "swap_space", "swapping to host memory is not available yet; use swap_space: 0"),
+            (self.swap_space < 0, "swap_space", "swap_space must not be negative"),
             (self.load_format not in ("auto", "safetensors"), "load_format",
              f"load_format {self.load_format!r} is not supported (auto, safetensors)"),
             (self.dtype not in ("auto", "float32", "bfloat16", "float16", "half", "float", "bf16", "fp16", "fp32"),

@@ -76,3 +76,16 @@ def test_priority_orders_admission(tiny_mixtral_dir):
     while engine.has_unfinished_requests():
         order += [o.request_id for o in engine.step() if o.finished]
     assert order == ["urgent", "later", "also-later"]
+
+
+def test_swap_preemption_moves_kv_to_host_and_keeps_outputs(tiny_mixtral_dir):
+    batch = prompts(6, 20, seed=1)
+    roomy = LLM(model=str(tiny_mixtral_dir), dtype="float32", kv_cache_memory=2**23, block_size=4)
+    swapping = LLM(model=str(tiny_mixtral_dir), dtype="float32", kv_cache_memory=40 * 3072, block_size=4,
+                   max_model_len=128, swap_space=200 * 3072 / 2**30)
+    assert swapping.engine.block_manager.free_swap_blocks and len(swapping.engine.block_manager.free_swap_blocks) == 200
+    assert token_ids(swapping.generate(batch, PARAMS)) == token_ids(roomy.generate(batch, PARAMS))
+    stats = swapping.engine.stats
+    assert stats.num_swapped_out_total > 0 and stats.num_preemptions_total >= stats.num_swapped_out_total
+    assert swapping.engine.block_manager.usage == 0
+    assert len(swapping.engine.block_manager.free_swap_blocks) == 200  # every host block came back

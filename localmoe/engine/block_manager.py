@@ -22,7 +22,9 @@ class Block:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool,
+                 num_swap_blocks: int = 0) -> None:
+        self.free_swap_blocks = list(range(num_swap_blocks))  # host blocks for swapped-out sequences
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
@@ -101,6 +103,28 @@ class BlockManager:
         seq.block_table.clear()
         seq.block_hashes.clear()
         seq.num_computed_tokens = 0
+        self.free_swap_blocks += seq.swap_table
+        seq.swap_table = []
+
+    def swap_out(self, seq: Sequence) -> list[tuple[int, int]] | None:
+        """Move the sequence's blocks to host swap blocks; returns (device, host) copies, or None if
+        the swap pool is too small. The computed tokens stay computed."""
+        if not self.free_swap_blocks or len(seq.block_table) > len(self.free_swap_blocks):
+            return None
+        device = list(seq.block_table)
+        host = [self.free_swap_blocks.pop() for _ in device]
+        computed, hashes = seq.num_computed_tokens, list(seq.block_hashes)
+        self.free_sequence(seq)
+        seq.swap_table, seq.num_computed_tokens, seq.block_hashes = host, computed, hashes
+        return list(zip(device, host))
+
+    def swap_in(self, seq: Sequence) -> list[tuple[int, int]]:
+        """Give the swapped sequence device blocks again; returns (host, device) copies."""
+        self.allocate(seq, len(seq.swap_table) * self.block_size)
+        copies = list(zip(seq.swap_table, seq.block_table))
+        self.free_swap_blocks += seq.swap_table
+        seq.swap_table = []
+        return copies
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Make blocks whose K/V are now computed findable by later requests."""

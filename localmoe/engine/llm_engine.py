@@ -45,6 +45,7 @@ class EngineStats:
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_preemptions_total: int
+    num_swapped_out_total: int
     num_prefill_chunks_total: int
 
 
@@ -74,9 +75,12 @@ class LLMEngine:
             raise ConfigError(f"the KV cache budget holds {num_blocks * config.block_size} tokens, fewer than "
                               f"max_model_len {self.max_model_len}; raise kv_cache_memory / "
                               f"gpu_memory_utilization or lower max_model_len")
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        num_swap_blocks = int(config.swap_space * 2**30) // block_bytes
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
+                                          num_swap_blocks)
         self.scheduler = Scheduler(config, self.block_manager)
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.device, self.dtype)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.device, self.dtype,
+                                  num_swap_blocks)
         self.sampler = Sampler(self._eos_token_ids(Path(model_dir)))
         moe_layers = [m for m in self.model.modules() if isinstance(m, SparseMoE)]
         self.trace = RoutingTrace(config.routing_trace, moe_layers) if config.routing_trace else None
@@ -164,6 +168,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
+        self.runner.swap(batch)
         if not batch.seqs:
             return []
         logits = self.runner.execute(batch)
@@ -289,5 +294,6 @@ class LLMEngine:
             prefix_cache_queries=bm.prefix_cache_queries,
             prefix_cache_hits=bm.prefix_cache_hits,
             num_preemptions_total=self.scheduler.num_preemptions,
+            num_swapped_out_total=self.scheduler.num_swapped_out,
             num_prefill_chunks_total=self.scheduler.num_prefill_chunks,
         )

@@ -34,7 +34,7 @@ class StepLogits:
 def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A zero-filled tensor; on CPU from calloc'd memory, which the OS zeroes page by page on first
     touch, so a multi-GiB KV pool costs nothing until it is used."""
-    if device.type != "cpu":
+    if device.type != "cpu" or math.prod(shape) == 0:
         return torch.zeros(shape, dtype=dtype, device=device)
     nbytes = math.prod(shape) * dtype.itemsize
     return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
@@ -42,13 +42,28 @@ def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 
 class ModelRunner:
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, device: torch.device,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, num_swap_blocks: int = 0) -> None:
         self.model = model
         self.block_size = block_size
         self.device = device
         attn = model.layers[0].self_attn
         shape = (2, num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
         self.kv_caches = [zeroed(shape, dtype, device) for _ in model.layers]
+        swap_shape = (2, num_swap_blocks, *shape[2:])
+        self.swap_caches = [zeroed(swap_shape, dtype, torch.device("cpu")) for _ in model.layers]
+
+    def swap(self, batch: ScheduledBatch) -> None:
+        """Copy preempted sequences' blocks to host memory, then swapped-in ones back (in that order:
+        a block freed by a swap-out may be the target of a swap-in in the same step)."""
+        for copies, to_host in ((batch.swap_out, True), (batch.swap_in, False)):
+            if not copies:
+                continue
+            src, dst = (torch.tensor(ids, dtype=torch.long) for ids in zip(*copies))
+            for cache, swap in zip(self.kv_caches, self.swap_caches):
+                if to_host:
+                    swap[:, dst] = cache[:, src.to(cache.device)].to("cpu")
+                else:
+                    cache[:, dst.to(cache.device)] = swap[:, src].to(cache.device)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepLogits:

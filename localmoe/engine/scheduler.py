@@ -21,6 +21,8 @@ from localmoe.engine.sequence import Sequence, SequenceStatus
 class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)
     num_tokens: list[int] = field(default_factory=list)  # tokens each sequence computes this step
+    swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device block, host block) copies
+    swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host block, device block) copies
 
     def add(self, seq: Sequence, n: int) -> None:
         self.seqs.append(seq)
@@ -36,7 +38,9 @@ class Scheduler:
         self.block_manager = block_manager
         self.waiting: list[Sequence] = []  # kept sorted by Sequence.priority
         self.running: list[Sequence] = []  # kept sorted by Sequence.priority
+        self.swapped: list[Sequence] = []  # preempted with their KV in host memory, sorted by priority
         self.num_preemptions = 0
+        self.num_swapped_out = 0
         self.num_prefill_chunks = 0  # prompt pieces computed in a step that did not finish the prompt
 
     def add(self, seq: Sequence) -> None:
@@ -44,7 +48,7 @@ class Scheduler:
         bisect.insort(self.waiting, seq, key=lambda s: s.priority)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.swapped)
 
     def remove(self, seq: Sequence) -> None:
         """Drop a finished or aborted sequence and release its blocks."""
@@ -52,6 +56,8 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        elif seq in self.swapped:
+            self.swapped.remove(seq)
         self.block_manager.free_sequence(seq)
         seq.status = SequenceStatus.FINISHED
 
@@ -65,7 +71,7 @@ class Scheduler:
             n = self._chunk(seq, budget)
             while not self.block_manager.can_allocate(seq, seq.num_computed_tokens + n):
                 victim = self.running[-1]
-                self._preempt(victim)
+                self._preempt(victim, batch)
                 preempted = True
                 if victim is seq:
                     break
@@ -75,7 +81,20 @@ class Scheduler:
                 budget -= n
                 i += 1
 
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+        while self.swapped and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+            seq = self.swapped[0]
+            n = self._chunk(seq, budget)
+            blocks = max(len(seq.swap_table), -(-(seq.num_computed_tokens + n) // self.block_manager.block_size))
+            if blocks > self.block_manager.num_free_blocks:
+                break
+            batch.swap_in += self.block_manager.swap_in(seq)
+            self.block_manager.allocate(seq, seq.num_computed_tokens + n)
+            self.swapped.pop(0)
+            self._run(seq, batch, n)
+            budget -= n
+
+        while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted
+               and not self.swapped):
             seq = self.waiting[0]
             self.block_manager.allocate_cached_prefix(seq)
             n = self._chunk(seq, budget)
@@ -87,20 +106,31 @@ class Scheduler:
             self.block_manager.count_prefix_lookup(seq)
             self.block_manager.allocate(seq, seq.num_computed_tokens + n)
             self.waiting.pop(0)
-            seq.status = SequenceStatus.RUNNING
-            bisect.insort(self.running, seq, key=lambda s: s.priority)
-            batch.add(seq, n)
+            self._run(seq, batch, n)
             budget -= n
         self.num_prefill_chunks += sum(
             1 for s, n in zip(batch.seqs, batch.num_tokens) if s.num_computed_tokens + n < s.num_tokens)
         return batch
 
+    def _run(self, seq: Sequence, batch: ScheduledBatch, n: int) -> None:
+        seq.status = SequenceStatus.RUNNING
+        bisect.insort(self.running, seq, key=lambda s: s.priority)
+        batch.add(seq, n)
+
     def _chunk(self, seq: Sequence, budget: int) -> int:
         return min(seq.num_tokens - seq.num_computed_tokens, budget, self.max_chunk)
 
-    def _preempt(self, seq: Sequence) -> None:
-        """Recompute preemption: drop the sequence's blocks; it re-enters the waiting queue."""
+    def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
+        """Swap the sequence's KV to host memory when the swap pool has room (swap_space > 0);
+        otherwise drop its blocks, and it is recomputed from the waiting queue."""
         self.running.remove(seq)
-        self.block_manager.free_sequence(seq)
         self.num_preemptions += 1
-        self.add(seq)
+        copies = self.block_manager.swap_out(seq)
+        if copies is None:
+            self.block_manager.free_sequence(seq)
+            self.add(seq)
+            return
+        batch.swap_out += copies
+        self.num_swapped_out += 1
+        seq.status = SequenceStatus.SWAPPED
+        bisect.insort(self.swapped, seq, key=lambda s: s.priority)

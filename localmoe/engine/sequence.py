@@ -20,6 +20,7 @@ from localmoe.sampling_params import SamplingParams
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    SWAPPED = "swapped"  # KV blocks copied to host memory, to be copied back before it runs again
     FINISHED = "finished"
 
 
@@ -56,6 +57,7 @@ class Sequence:
     num_computed_tokens: int = 0  # tokens whose K/V sit in the cache
     num_cached_tokens: int = 0  # of those, how many came from the prefix cache at admission
     block_table: list[int] = field(default_factory=list)
+    swap_table: list[int] = field(default_factory=list)  # host swap blocks while SWAPPED
     block_hashes: list[int] = field(default_factory=list)  # hashes of the leading full blocks
     text: str = ""
     logprobs: list[dict[int, Logprob]] | None = None
