@@ -94,13 +94,7 @@ class BlockManager:
             seq.block_table.append(block_id)
 
     def free_sequence(self, seq: Sequence) -> None:
-        # tail blocks first, so a prompt's leading blocks are the last to be evicted
-        for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self.free[block_id] = None
-        seq.block_table.clear()
+        self._release_device_blocks(seq)
         seq.block_hashes.clear()
         seq.num_computed_tokens = 0
         self.free_swap_blocks += seq.swap_table
@@ -111,12 +105,10 @@ class BlockManager:
         the swap pool is too small. The computed tokens stay computed."""
         if not self.free_swap_blocks or len(seq.block_table) > len(self.free_swap_blocks):
             return None
-        device = list(seq.block_table)
-        host = [self.free_swap_blocks.pop() for _ in device]
-        computed, hashes = seq.num_computed_tokens, list(seq.block_hashes)
-        self.free_sequence(seq)
-        seq.swap_table, seq.num_computed_tokens, seq.block_hashes = host, computed, hashes
-        return list(zip(device, host))
+        seq.swap_table = [self.free_swap_blocks.pop() for _ in seq.block_table]
+        copies = list(zip(seq.block_table, seq.swap_table))
+        self._release_device_blocks(seq)
+        return copies
 
     def swap_in(self, seq: Sequence) -> list[tuple[int, int]]:
         """Give the swapped sequence device blocks again; returns (host, device) copies."""
@@ -125,6 +117,15 @@ class BlockManager:
         self.free_swap_blocks += seq.swap_table
         seq.swap_table = []
         return copies
+
+    def _release_device_blocks(self, seq: Sequence) -> None:
+        # tail blocks first, so a prompt's leading blocks are the last to be evicted
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free[block_id] = None
+        seq.block_table.clear()
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Make blocks whose K/V are now computed findable by later requests."""

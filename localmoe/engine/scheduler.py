@@ -84,8 +84,8 @@ class Scheduler:
         while self.swapped and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.swapped[0]
             n = self._chunk(seq, budget)
-            blocks = max(len(seq.swap_table), -(-(seq.num_computed_tokens + n) // self.block_manager.block_size))
-            if blocks > self.block_manager.num_free_blocks:
+            covered = max(len(seq.swap_table) * self.block_manager.block_size, seq.num_computed_tokens + n)
+            if not self.block_manager.can_allocate(seq, covered):  # it holds no device blocks now
                 break
             batch.swap_in += self.block_manager.swap_in(seq)
             self.block_manager.allocate(seq, seq.num_computed_tokens + n)

@@ -31,16 +31,11 @@ RANDOM_NAME = "localmoe-random"
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "data" / BUILTIN_NAME
 
 
-def new_byte_level_tokenizer(vocab: dict[str, int] | None = None, merges: list | None = None) -> Tokenizer:
-    """A byte-level BPE (GPT-2 style byte alphabet); with no merges every byte is one token."""
-    if vocab is None:
-        vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-        for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-            vocab[ch] = len(vocab)
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges or [], unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=merges is not None)
+def byte_level_tokenizer(bpe: models.BPE, use_regex: bool = True) -> Tokenizer:
+    """A BPE over GPT-2's byte alphabet: any text encodes, nothing falls back to <unk>."""
+    tokenizer = Tokenizer(bpe)
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=use_regex)
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens(SPECIAL_TOKENS)
     return tokenizer
 
 
@@ -55,8 +50,13 @@ def save_tokenizer(tokenizer: Tokenizer, directory: Path) -> None:
 
 
 def write_byte_tokenizer(directory: Path) -> int:
-    """Write the byte-level tokenizer (no training text needed) and return its size."""
-    tokenizer = new_byte_level_tokenizer()
+    """Write the merge-free byte-level tokenizer (every byte a token, no training text needed)
+    and return its size."""
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    tokenizer = byte_level_tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"), use_regex=False)
+    tokenizer.add_special_tokens(SPECIAL_TOKENS)
     save_tokenizer(tokenizer, directory)
     return tokenizer.get_vocab_size()
 

@@ -313,7 +313,12 @@ def split_documents(docs: list[Document], fraction: float = HELDOUT_FRACTION) ->
 
 
 def join_documents(docs: list[Document]) -> str:
-    return f"\n\n{SEPARATOR}\n\n".join(d.text for d in docs) + "\n"
+    return join_texts([d.text for d in docs])
+
+
+def join_texts(texts: list[str]) -> str:
+    """The file form read_documents reads back: texts between separator lines."""
+    return f"\n\n{SEPARATOR}\n\n".join(texts) + "\n"
 
 
 def read_documents(path: Path) -> list[str]:

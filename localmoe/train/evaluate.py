@@ -15,7 +15,7 @@ from pathlib import Path
 
 from localmoe.llm import LLM
 from localmoe.sampling_params import SamplingParams
-from localmoe.train.corpus import SEPARATOR, read_documents
+from localmoe.train.corpus import join_texts, read_documents
 
 SAMPLE_FILE = "heldout_sample.txt"
 SAMPLE_CHARS = 4000  # from the start of each held-out document
@@ -24,7 +24,7 @@ WINDOW = 256
 
 def write_heldout_sample(corpus_dir: Path, out_dir: Path) -> None:
     texts = [doc[:SAMPLE_CHARS] for doc in read_documents(corpus_dir / "heldout.txt")]
-    (out_dir / SAMPLE_FILE).write_text(f"\n\n{SEPARATOR}\n\n".join(texts) + "\n", encoding="utf-8")
+    (out_dir / SAMPLE_FILE).write_text(join_texts(texts), encoding="utf-8")
 
 
 def token_windows(tokenizer, texts: list[str], window: int = WINDOW) -> list[list[int]]:
