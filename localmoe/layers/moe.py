@@ -1,7 +1,8 @@
 """The sparse MoE feed-forward block: a router picks k experts per token, only those experts run.
 
 Shapes: T tokens, D hidden, I expert intermediate, E experts, K experts per token.
-Experts are stacked parameters (w1, w3: [E, I, D]; w2: [E, D, I]) so routing is an index.
+Experts are stacked parameters (w13: [E, 2I, D], the gate projection w1 over the up projection w3;
+w2: [E, D, I]) so routing is an index and each expert's SwiGLU input side is one matmul.
 """
 
 from __future__ import annotations
@@ -27,8 +28,7 @@ class SparseMoE(nn.Module):
         self.top_k = top_k
         self.renormalize = renormalize
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
-        self.w1 = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
-        self.w3 = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         # tokens routed to each expert since load; read by the expert statistics
         self.tokens_per_expert = torch.zeros(num_experts, dtype=torch.long, device="cpu")
@@ -42,21 +42,21 @@ class SparseMoE(nn.Module):
         return self.run_experts(x, weights.to(x.dtype), expert_ids)
 
     def run_experts(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        """Group the T*K (token, expert) pairs by expert and run each active expert once."""
+        """Group the T*K (token, expert) pairs by expert, run each active expert once over its tokens,
+        then put the pair outputs back in (token, k) order and mix them with the routing weights."""
+        num_tokens, top_k = expert_ids.shape
         flat_ids = expert_ids.flatten()
         order = torch.argsort(flat_ids, stable=True)
-        counts = torch.bincount(flat_ids, minlength=self.w1.shape[0]).cpu()
+        counts = torch.bincount(flat_ids, minlength=self.w2.shape[0]).cpu()
         self.tokens_per_expert += counts
-        flat_weights = weights.flatten()
-        out = torch.zeros_like(x)
-        start = 0
+        xs = x[order // top_k]
+        outs, start = [], 0
         for expert, count in enumerate(counts.tolist()):
             if count == 0:
                 continue
-            pairs = order[start:start + count]
+            gate, up = (xs[start:start + count] @ self.w13[expert].T).chunk(2, dim=-1)
+            outs.append((F.silu(gate) * up) @ self.w2[expert].T)
             start += count
-            tokens = pairs // self.top_k
-            xe = x[tokens]
-            h = F.silu(xe @ self.w1[expert].T) * (xe @ self.w3[expert].T)
-            out.index_add_(0, tokens, (h @ self.w2[expert].T) * flat_weights[pairs, None])
-        return out
+        pair_out = torch.empty_like(xs)
+        pair_out[order] = torch.cat(outs)
+        return (pair_out.view(num_tokens, top_k, -1) * weights[..., None]).sum(dim=1)

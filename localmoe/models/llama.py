@@ -12,7 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+Piece = int | slice | tuple | None  # where a checkpoint tensor goes inside a parameter
+
 from localmoe.layers.attention import AttentionMetadata, paged_attention
+from localmoe.layers.linear import MergedLinear
 from localmoe.layers.norm import RMSNorm
 from localmoe.layers.rotary import RotaryEmbedding, rope_theta
 
@@ -25,9 +28,8 @@ class Attention(nn.Module):
         self.num_kv_heads = cfg.get("num_key_value_heads") or self.num_heads
         self.head_dim = cfg.get("head_dim") or d // self.num_heads
         bias = bool(cfg.get("attention_bias", False))
-        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = MergedLinear(d, {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size}, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=bias)
         self.rotary = RotaryEmbedding(self.head_dim, cfg["max_position_embeddings"], rope_theta(cfg))
         self.scale = self.head_dim**-0.5
@@ -35,10 +37,10 @@ class Attention(nn.Module):
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
+        qkv = self.qkv_proj(x).view(t, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        qk = self.rotary(positions, qkv[:, : self.num_heads + self.num_kv_heads])  # query and key heads at once
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, self.num_heads + self.num_kv_heads:]
         out = paged_attention(q, k, v, kv_cache, meta, self.scale)
         return self.o_proj(out.reshape(t, -1))
 
@@ -48,12 +50,13 @@ class MLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        sizes = {"gate_proj": intermediate_size, "up_proj": intermediate_size}
+        self.gate_up_proj = MergedLinear(hidden_size, sizes, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -105,12 +108,28 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
-    def map_weight(self, name: str, tensor: torch.Tensor) -> Iterable[tuple[str, torch.Tensor, int | None]]:
-        """Translate one checkpoint tensor into (parameter name, tensor, expert index or None)."""
+    def map_weight(self, name: str, tensor: torch.Tensor) -> Iterable[tuple[str, torch.Tensor, Piece]]:
+        """Translate one checkpoint tensor into (parameter name, tensor, where in the parameter it goes:
+        an index into stacked experts or merged rows, None for the whole parameter)."""
         name = name.removeprefix("model.")
         if name == "lm_head.weight" and self.tie_word_embeddings:
             return []
+        parent, _, leaf = name.rpartition(".")
+        module_path, _, projection = parent.rpartition(".")
+        if merged := self._merged_rows().get((module_path, projection)):
+            return [(f"{merged[0]}.{leaf}", tensor, merged[1])]
         return [(name, tensor, None)]
+
+    def _merged_rows(self) -> dict[tuple[str, str], tuple[str, slice]]:
+        """(parent module, checkpoint projection name) -> (merged module, its rows), e.g.
+        ("layers.0.self_attn", "k_proj") -> ("layers.0.self_attn.qkv_proj", slice(512, 768))."""
+        if not hasattr(self, "_merged"):
+            self._merged = {
+                (path.rpartition(".")[0], piece): (path, rows)
+                for path, module in self.named_modules() if isinstance(module, MergedLinear)
+                for piece, rows in module.pieces.items()
+            }
+        return self._merged
 
     def ignored_weight(self, name: str) -> bool:
         return name.endswith("rotary_emb.inv_freq")

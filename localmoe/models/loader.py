@@ -76,7 +76,7 @@ def load_model(model_dir: str | Path, dtype: str = "auto", device: str | torch.d
     except KeyError as e:
         raise ValueError(f"{model_dir}/config.json lacks the field {e.args[0]!r}") from e
     params = dict(model.named_parameters())
-    loaded: set[str] = set()
+    loaded: dict[str, dict] = {}  # parameter -> {piece: elements}
     files = safetensors_files(model_dir)
     with Progress(transient=True, disable=not sys.stderr.isatty()) as progress:
         for path in files:
@@ -86,8 +86,8 @@ def load_model(model_dir: str | Path, dtype: str = "auto", device: str | torch.d
                 for name in names:
                     _load_tensor(model, params, loaded, name, f.get_tensor(name), path)
                     progress.advance(task)
-    _mark_complete_experts(params, loaded)
-    missing = [n for n in params if n not in loaded]
+    complete = _complete(params, loaded)
+    missing = [n for n in params if n not in complete]
     if missing:
         raise ValueError(f"checkpoint {model_dir} is missing weight {missing[0]} ({len(missing)} missing in all)")
     return model.eval(), hf_config
@@ -111,23 +111,22 @@ def _skip(self: nn.Module) -> None:
     pass
 
 
-def _load_tensor(model: nn.Module, params: dict[str, nn.Parameter], loaded: set[str], name: str,
+def _load_tensor(model: nn.Module, params: dict[str, nn.Parameter], loaded: dict[str, dict], name: str,
                  tensor: torch.Tensor, path: Path) -> None:
     if model.ignored_weight(name):
         return
-    for target, value, expert in model.map_weight(name, tensor):
+    for target, value, where in model.map_weight(name, tensor):
         if target not in params:
             raise ValueError(f"{path.name}: unexpected tensor {name!r} for {type(model).__name__}")
-        dest = params[target].data if expert is None else params[target].data[expert]
+        dest = params[target].data if where is None else params[target].data[where]
         if dest.shape != value.shape:
             raise ValueError(f"{path.name}: tensor {name!r} has shape {tuple(value.shape)}, "
                              f"expected {tuple(dest.shape)}")
         dest.copy_(value)
-        loaded.add(target if expert is None else f"{target}#{expert}")
+        loaded.setdefault(target, {})[repr(where)] = dest.numel()
 
 
-def _mark_complete_experts(params: dict[str, nn.Parameter], loaded: set[str]) -> None:
-    """A stacked expert parameter counts as loaded once every expert slice has arrived."""
-    for target in {k.split("#")[0] for k in loaded if "#" in k}:
-        if target not in loaded and all(f"{target}#{e}" in loaded for e in range(params[target].shape[0])):
-            loaded.add(target)
+def _complete(params: dict[str, nn.Parameter], loaded: dict[str, dict]) -> set[str]:
+    """A parameter filled piece by piece (stacked experts, fused projections) counts as loaded once
+    its distinct pieces cover every element."""
+    return {name for name, pieces in loaded.items() if sum(pieces.values()) == params[name].numel()}
