@@ -18,6 +18,7 @@ from localmoe.engine.sampler import Sampler
 from localmoe.engine.scheduler import Scheduler
 from localmoe.engine.sequence import Request, Sequence
 from localmoe.experts.trace import RoutingTrace
+from localmoe.layers.linear import pack_model, packing_supported
 from localmoe.layers.moe import SparseMoE
 from localmoe.models.builtin import resolve_model
 from localmoe.models.loader import load_model, resolve_dtype
@@ -62,6 +63,8 @@ class LLMEngine:
         self.device = resolve_device(config.device)
         self.model, self.hf_config = load_model(model_dir, config.dtype, self.device)
         self.dtype = resolve_dtype(config.dtype, self.hf_config, self.device)
+        if packing_supported(self.dtype, self.device):
+            pack_model(self.model)
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(config.tokenizer or model_dir)
         limit = self.hf_config["max_position_embeddings"]
         self.max_model_len = config.max_model_len or limit

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from localmoe.layers.linear import Linear, linear, pack_weight
+
 
 def softmax_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-choice routing (Mixtral, Qwen, OLMoE): softmax over experts, keep the k best."""
@@ -27,13 +29,24 @@ class SparseMoE(nn.Module):
         super().__init__()
         self.top_k = top_k
         self.renormalize = renormalize
-        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.num_experts = num_experts
+        self.gate = Linear(hidden_size, num_experts, bias=False)
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         # tokens routed to each expert since load; read by the expert statistics
         self.tokens_per_expert = torch.zeros(num_experts, dtype=torch.long, device="cpu")
         self.record_routing = False  # keep the last step's choices for a routing trace
         self.last_expert_ids: torch.Tensor | None = None
+        self.packed: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per expert (w13, w2), see pack()
+
+    def expert_weights(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.packed[expert] if self.packed is not None else (self.w13[expert], self.w2[expert])
+
+    def pack(self) -> None:
+        """Each expert's weights in the packed CPU layout (layers/linear.py); the stacked copies are freed."""
+        self.packed = [(pack_weight(self.w13[e]), pack_weight(self.w2[e])) for e in range(self.num_experts)]
+        self.w13.data = self.w13.data.new_empty(0)
+        self.w2.data = self.w2.data.new_empty(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, expert_ids = softmax_topk(self.gate(x), self.top_k, self.renormalize)
@@ -47,15 +60,16 @@ class SparseMoE(nn.Module):
         num_tokens, top_k = expert_ids.shape
         flat_ids = expert_ids.flatten()
         order = torch.argsort(flat_ids, stable=True)
-        counts = torch.bincount(flat_ids, minlength=self.w2.shape[0]).cpu()
+        counts = torch.bincount(flat_ids, minlength=self.num_experts).cpu()
         self.tokens_per_expert += counts
         xs = x[order // top_k]
         outs, start = [], 0
         for expert, count in enumerate(counts.tolist()):
             if count == 0:
                 continue
-            gate, up = (xs[start:start + count] @ self.w13[expert].T).chunk(2, dim=-1)
-            outs.append((F.silu(gate) * up) @ self.w2[expert].T)
+            w13, w2 = self.expert_weights(expert)
+            gate, up = linear(xs[start:start + count], w13).chunk(2, dim=-1)
+            outs.append(linear(F.silu(gate) * up, w2))
             start += count
         pair_out = torch.empty_like(xs)
         pair_out[order] = torch.cat(outs)

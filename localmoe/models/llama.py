@@ -15,7 +15,7 @@ from torch import nn
 Piece = int | slice | tuple | None  # where a checkpoint tensor goes inside a parameter
 
 from localmoe.layers.attention import AttentionMetadata, paged_attention
-from localmoe.layers.linear import MergedLinear
+from localmoe.layers.linear import Linear, MergedLinear
 from localmoe.layers.norm import RMSNorm
 from localmoe.layers.rotary import RotaryEmbedding, rope_theta
 
@@ -30,7 +30,7 @@ class Attention(nn.Module):
         bias = bool(cfg.get("attention_bias", False))
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_proj = MergedLinear(d, {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size}, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, d, bias=bias)
         self.rotary = RotaryEmbedding(self.head_dim, cfg["max_position_embeddings"], rope_theta(cfg))
         self.scale = self.head_dim**-0.5
 
@@ -52,7 +52,7 @@ class MLP(nn.Module):
         super().__init__()
         sizes = {"gate_proj": intermediate_size, "up_proj": intermediate_size}
         self.gate_up_proj = MergedLinear(hidden_size, sizes, bias=bias)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -82,7 +82,7 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, self.make_mlp(cfg)) for _ in range(cfg["num_hidden_layers"]))
         self.norm = RMSNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6))
         self.tie_word_embeddings = bool(cfg.get("tie_word_embeddings", False))
-        self.lm_head = nn.Linear(cfg["hidden_size"], cfg["vocab_size"], bias=False)
+        self.lm_head = Linear(cfg["hidden_size"], cfg["vocab_size"], bias=False)
         self.tie_weights()
 
     def tie_weights(self) -> None:
