@@ -129,27 +129,32 @@ def test_engine_never_imports_transformers_modeling(tiny_mixtral_dir):
     assert "clean" in result.stdout
 
 
+BF16_SEED = 11
+
+
 def test_bfloat16_logits_no_further_from_float32_than_transformers_bfloat16(tmp_path):
     """The bar for reduced precision: in bf16 our logits may differ from transformers' fp32 ones by at most
-    twice what transformers' own bf16 run differs by. Compared at every prefill and decode position of four
-    batched requests (a near-tie in a router flips an expert in either bf16 run now and then; over many
-    positions both runs meet such flips)."""
+    twice what transformers' own bf16 run differs by, at every prefill and decode position of eight batched
+    requests. The maximum is set by the rare token whose router nearly ties and flips an expert in a bf16
+    run; the median shows the everyday rounding, so both are held to the bar."""
     directory = make_checkpoint(tmp_path, "mixtral", seed=11, hidden_size=128, intermediate_size=256)
     ref32 = reference_model(directory)
     ref16 = reference_model(directory).to(torch.bfloat16)
     llm = LLM(model=str(directory), dtype="bfloat16", kv_cache_memory=8 * 2**20, block_size=4)
     steps = record_logits(llm)
-    prompts = prompts_of([7, 30, 18, 2], seed=12)
-    new = 16
+    prompts = prompts_of([7, 30, 18, 2, 11, 25, 4, 16], seed=12)
+    new = 32
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(max_tokens=new, temperature=0, ignore_eos=True))
     assert len(steps) == new and all(len(s) == len(prompts) for s in steps)
-    ours, theirs = 0.0, 0.0
+    ours, theirs = [], []
     for i, (prompt, out) in enumerate(zip(prompts, outs)):
         tokens = prompt + out.outputs[0].token_ids
         expected = reference_logits(ref32, tokens)[len(prompt) - 1:-1]
-        mine = torch.stack([step[i] for step in steps]).float()
-        ours = max(ours, (mine - expected).abs().max().item())
-        theirs = max(theirs, (reference_logits(ref16, tokens)[len(prompt) - 1:-1].float() - expected).abs().max().item())
-    print(f"bf16 max abs diff from fp32: ours {ours:.3f}, transformers {theirs:.3f}")
-    assert 0 < theirs and ours <= 2 * theirs, (ours, theirs)
+        ours.append((torch.stack([step[i] for step in steps]).float() - expected).abs())
+        theirs.append((reference_logits(ref16, tokens)[len(prompt) - 1:-1].float() - expected).abs())
+    ours, theirs = torch.cat(ours), torch.cat(theirs)
+    print(f"bf16 abs diff from fp32 max / median: ours {ours.max():.3f} / {ours.median():.4f}, "
+          f"transformers {theirs.max():.3f} / {theirs.median():.4f}")
+    assert 0 < theirs.max() and ours.max() <= 2 * theirs.max()
+    assert ours.median() <= 2 * theirs.median()

@@ -47,7 +47,7 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         attn = model.layers[0].self_attn
-        shape = (2, num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
+        shape = (2, num_blocks, attn.num_kv_heads, block_size, attn.head_dim)
         self.kv_caches = [zeroed(shape, dtype, device) for _ in model.layers]
         swap_shape = (2, num_swap_blocks, *shape[2:])
         self.swap_caches = [zeroed(swap_shape, dtype, torch.device("cpu")) for _ in model.layers]
