@@ -15,12 +15,13 @@ from localmoe.layers.linear import Linear, linear, pack_weight
 
 
 def softmax_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-choice routing (Mixtral, Qwen, OLMoE): softmax over experts, keep the k best."""
-    probs = F.softmax(router_logits.float(), dim=-1)
-    weights, expert_ids = torch.topk(probs, top_k, dim=-1)
+    """Token-choice routing (Mixtral, Qwen, OLMoE): softmax over experts, keep the k best. Renormalised over
+    the k kept, that is the softmax of the k best logits (Mixtral's Softmax(TopK(x W_g)))."""
     if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, expert_ids
+        best, expert_ids = torch.topk(router_logits, top_k, dim=-1)
+        return torch.softmax(best, dim=-1, dtype=torch.float32), expert_ids
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+    return torch.topk(probs, top_k, dim=-1)
 
 
 class SparseMoE(nn.Module):
@@ -62,7 +63,7 @@ class SparseMoE(nn.Module):
         order = torch.argsort(flat_ids, stable=True)
         counts = torch.bincount(flat_ids, minlength=self.num_experts).cpu()
         self.tokens_per_expert += counts
-        xs = x[order // top_k]
+        xs = x[order // top_k]  # the token of each pair, grouped by expert
         outs, start = [], 0
         for expert, count in enumerate(counts.tolist()):
             if count == 0:
@@ -73,4 +74,5 @@ class SparseMoE(nn.Module):
             start += count
         pair_out = torch.empty_like(xs)
         pair_out[order] = torch.cat(outs)
-        return (pair_out.view(num_tokens, top_k, -1) * weights[..., None]).sum(dim=1)
+        # each token's k outputs mixed by its routing weights: [T, 1, K] @ [T, K, D]
+        return torch.bmm(weights.view(num_tokens, 1, top_k), pair_out.view(num_tokens, top_k, -1)).view_as(x)
