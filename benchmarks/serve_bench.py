@@ -175,7 +175,7 @@ def vllm_bench(binary: str, url: str, model: str, tokenizer: str, args: argparse
                "--random-output-len", str(args.output_len), "--num-prompts", str(num_prompts),
                "--max-concurrency", str(concurrency), "--ignore-eos", "--save-result",
                "--result-dir", str(out_dir), "--result-filename", f"vllm-bench-{name}.json"]
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tempfile.gettempdir())
     (out_dir / f"vllm-bench-{name}.log").write_text(done.stdout + done.stderr)
     if done.returncode != 0:
         return {"error": f"vllm bench serve exited {done.returncode}", "command": shlex.join(command)}

@@ -96,10 +96,10 @@ def load_engine(config: Config) -> LLMEngine:
 
 def run_server(config: Config) -> None:
     """Load the model, then serve it until interrupted."""
-    engine = load_engine(config)
+    aengine = AsyncEngine(lambda: load_engine(config))
     host, port = config.server.host, config.server.port
-    typer.echo(f"Serving {engine.model_name} at http://{host}:{port}/v1")
-    uvicorn.run(build_app(AsyncEngine(engine), config), host=host, port=port, log_level=config.server.log_level)
+    typer.echo(f"Serving {aengine.engine.model_name} at http://{host}:{port}/v1")
+    uvicorn.run(build_app(aengine, config), host=host, port=port, log_level=config.server.log_level)
 
 
 @app.command()

@@ -17,7 +17,7 @@ from localmoe.sampling_params import SamplingParams
 def aengine(tiny_mixtral_dir):
     config = load_config(None, {"engine": {"model_name": str(tiny_mixtral_dir), "dtype": "float32",
                                            "kv_cache_memory": 2**23}})
-    engine = AsyncEngine(LLMEngine.from_config(config))
+    engine = AsyncEngine(lambda: LLMEngine.from_config(config))
     engine.start()
     yield engine
     engine.shutdown()

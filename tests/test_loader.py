@@ -72,3 +72,20 @@ def test_broken_checkpoints_fail_with_the_problem_named(tmp_path):
     save_file(state, str(weights))
     with pytest.raises(ValueError, match="unexpected tensor 'model.layers.0.mystery.weight'"):
         load_model(directory)
+
+
+def test_a_missing_piece_of_a_merged_weight_is_named(tmp_path):
+    """q/k/v merge into qkv_proj and w1/w3 into w13: each piece must still be present."""
+    directory = make_checkpoint(tmp_path, "mixtral", seed=0)
+    weights = directory / "model.safetensors"
+    from safetensors.torch import load_file
+    state = load_file(str(weights))
+    k_proj = state.pop("model.layers.1.self_attn.k_proj.weight")
+    save_file(state, str(weights))
+    with pytest.raises(ValueError, match=r"missing weight layers\.1\.self_attn\.qkv_proj\.weight"):
+        load_model(directory)
+    state["model.layers.1.self_attn.k_proj.weight"] = k_proj
+    del state["model.layers.0.block_sparse_moe.experts.2.w3.weight"]
+    save_file(state, str(weights))
+    with pytest.raises(ValueError, match=r"missing weight layers\.0\.mlp\.w13"):
+        load_model(directory)

@@ -10,6 +10,8 @@ import torch
 
 from checkpoints import make_checkpoint, reference_model
 from localmoe import LLM, SamplingParams
+from localmoe.layers.linear import Linear, packing_supported
+from localmoe.layers.moe import SparseMoE
 
 TOL = 1e-4
 
@@ -49,6 +51,10 @@ def test_batched_prompt_logits_match(tmp_path, arch, overrides):
     directory = make_checkpoint(tmp_path, arch, seed=3, **overrides)
     ref = reference_model(directory)
     llm = LLM(model=str(directory), dtype="float32", kv_cache_memory=8 * 2**20, block_size=4)
+    if packing_supported(torch.float32, torch.device("cpu")):  # the packed CPU weight layout is what runs here
+        modules = list(llm.engine.model.modules())
+        assert all(m.weight.is_mkldnn for m in modules if isinstance(m, Linear))
+        assert all(m.packed is not None for m in modules if isinstance(m, SparseMoE))
     steps = record_logits(llm)
     prompts = prompts_of([5, 13, 22, 1])
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(max_tokens=1, temperature=0))
