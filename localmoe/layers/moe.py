@@ -56,23 +56,23 @@ class SparseMoE(nn.Module):
         return self.run_experts(x, weights.to(x.dtype), expert_ids)
 
     def run_experts(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        """Group the T*K (token, expert) pairs by expert, run each active expert once over its tokens,
-        then put the pair outputs back in (token, k) order and mix them with the routing weights."""
+        """Group the T*K (token, expert) pairs by expert and run each active expert once over its tokens
+        (the SwiGLU activation runs once over all pairs in between), then put the pair outputs back in
+        (token, k) order and mix them with the routing weights."""
         num_tokens, top_k = expert_ids.shape
         flat_ids = expert_ids.flatten()
         order = torch.argsort(flat_ids, stable=True)
         counts = torch.bincount(flat_ids, minlength=self.num_experts).cpu()
         self.tokens_per_expert += counts
         xs = x[order // top_k]  # the token of each pair, grouped by expert
-        outs, start = [], 0
+        groups, start = [], 0  # (expert, its rows of xs)
         for expert, count in enumerate(counts.tolist()):
-            if count == 0:
-                continue
-            w13, w2 = self.expert_weights(expert)
-            gate, up = linear(xs[start:start + count], w13).chunk(2, dim=-1)
-            outs.append(linear(F.silu(gate) * up, w2))
-            start += count
+            if count:
+                groups.append((expert, slice(start, start + count)))
+                start += count
+        gate, up = torch.cat([linear(xs[rows], self.expert_weights(e)[0]) for e, rows in groups]).chunk(2, dim=-1)
+        hidden = F.silu(gate) * up
         pair_out = torch.empty_like(xs)
-        pair_out[order] = torch.cat(outs)
+        pair_out[order] = torch.cat([linear(hidden[rows], self.expert_weights(e)[1]) for e, rows in groups])
         # each token's k outputs mixed by its routing weights: [T, 1, K] @ [T, K, D]
         return torch.bmm(weights.view(num_tokens, 1, top_k), pair_out.view(num_tokens, top_k, -1)).view_as(x)
