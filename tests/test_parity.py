@@ -11,6 +11,7 @@ import torch
 from checkpoints import make_checkpoint, reference_model
 from localmoe import LLM, SamplingParams
 from localmoe.layers.linear import Linear, packing_supported
+from localmoe.layers.fused_moe import kernel as fused_kernel
 from localmoe.layers.moe import SparseMoE
 
 TOL = 1e-4
@@ -153,6 +154,8 @@ def test_bfloat16_logits_no_further_from_float32_than_transformers_bfloat16(tmp_
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(max_tokens=new, temperature=0, ignore_eos=True))
     assert len(steps) == new and all(len(s) == len(prompts) for s in steps)
+    if fused_kernel() is not None:  # decode steps ran our CPU MoE kernel
+        assert all(m.fused_calls > 0 for m in llm.engine.model.modules() if isinstance(m, SparseMoE))
     ours, theirs = [], []
     for i, (prompt, out) in enumerate(zip(prompts, outs)):
         tokens = prompt + out.outputs[0].token_ids

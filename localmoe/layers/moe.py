@@ -11,7 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from localmoe.layers.fused_moe import fused_moe
+from localmoe.layers.fused_moe import kernel as fused_kernel
 from localmoe.layers.linear import Linear, linear, pack_weight
+
+# Up to this many tokens a step (decodes, short chunks) the CPU kernel beats oneDNN: it is bound by
+# reading the weights, oneDNN by its per-call costs; past it, oneDNN's blocked matmuls compute faster.
+FUSED_MAX_TOKENS = 32
 
 
 def softmax_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,12 +45,19 @@ class SparseMoE(nn.Module):
         self.record_routing = False  # keep the last step's choices for a routing trace
         self.last_expert_ids: torch.Tensor | None = None
         self.packed: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per expert (w13, w2), see pack()
+        self.fused_calls = 0  # steps served by the CPU kernel (layers/fused_moe.py)
 
     def expert_weights(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.packed[expert] if self.packed is not None else (self.w13[expert], self.w2[expert])
 
+    def uses_kernel(self) -> bool:
+        """bf16 on a CPU where our kernel builds: experts stay row-major for it (it reads rows itself)."""
+        return self.w13.device.type == "cpu" and self.w13.dtype == torch.bfloat16 and fused_kernel() is not None
+
     def pack(self) -> None:
         """Each expert's weights in the packed CPU layout (layers/linear.py); the stacked copies are freed."""
+        if self.uses_kernel():
+            return
         self.packed = [(pack_weight(self.w13[e]), pack_weight(self.w2[e])) for e in range(self.num_experts)]
         self.w13.data = self.w13.data.new_empty(0)
         self.w2.data = self.w2.data.new_empty(0)
@@ -53,6 +66,10 @@ class SparseMoE(nn.Module):
         weights, expert_ids = softmax_topk(self.gate(x), self.top_k, self.renormalize)
         if self.record_routing:
             self.last_expert_ids = expert_ids
+        if x.shape[0] <= FUSED_MAX_TOKENS and self.packed is None and self.uses_kernel():
+            self.fused_calls += 1
+            self.tokens_per_expert += torch.bincount(expert_ids.flatten(), minlength=self.num_experts).cpu()
+            return fused_moe(x, expert_ids, weights, self.w13, self.w2)
         return self.run_experts(x, weights.to(x.dtype), expert_ids)
 
     def run_experts(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
