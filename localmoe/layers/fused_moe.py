@@ -18,7 +18,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("fused_moe_cpu.cpp")
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
+FLAGS = ["-O3", "-march=native", "-ffast-math"]
 
 
 def cpu_has_avx512_bf16() -> bool:
