@@ -228,7 +228,8 @@ def test_metrics_count_exactly_the_tokens_served(client: openai.OpenAI, model: s
     for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
                  "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "vllm:num_preemptions_total",
                  "vllm:time_to_first_token_seconds_count", "vllm:time_per_output_token_seconds_count",
-                 "vllm:request_prompt_tokens_count", "vllm:request_generation_tokens_count"):
+                 "vllm:request_prompt_tokens_count", "vllm:request_generation_tokens_count",
+                 "localmoe:num_swapped_out_total", "localmoe:num_prefill_chunks_total"):
         assert name in after
 
 

@@ -32,6 +32,9 @@ ENGINE_COUNTERS = (
     ("vllm:prefix_cache_queries", "prefix_cache_queries", "Prefix cache queries, in tokens."),
     ("vllm:prefix_cache_hits", "prefix_cache_hits", "Prefix cache hits, in tokens."),
     ("vllm:num_preemptions", "num_preemptions_total", "Cumulative number of preemptions."),
+    ("localmoe:num_swapped_out", "num_swapped_out_total", "Preemptions that swapped KV blocks to host memory."),
+    ("localmoe:num_prefill_chunks", "num_prefill_chunks_total",
+     "Prompt pieces computed in a step that did not finish the prompt (chunked prefill)."),
 )
 
 
