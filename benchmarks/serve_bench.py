@@ -169,7 +169,7 @@ def served_model(url: str) -> str:
 def vllm_bench(binary: str, url: str, model: str, tokenizer: str, args: argparse.Namespace, concurrency: int,
                out_dir: Path, name: str) -> dict:
     """The official `vllm bench serve` against the same server, as users will run it."""
-    num_prompts = max(args.min_prompts, args.prompts_per_stream * concurrency)
+    num_prompts = prompt_count(args, concurrency)
     command = [binary, "bench", "serve", "--backend", "openai", "--base-url", url, "--model", model,
                "--tokenizer", tokenizer, "--dataset-name", "random", "--random-input-len", str(args.input_len),
                "--random-output-len", str(args.output_len), "--num-prompts", str(num_prompts),
@@ -183,6 +183,10 @@ def vllm_bench(binary: str, url: str, model: str, tokenizer: str, args: argparse
     keys = ("completed", "output_throughput", "request_throughput", "mean_ttft_ms", "p99_ttft_ms",
             "mean_tpot_ms", "p99_tpot_ms")
     return {"concurrency": concurrency, **{k: result.get(k) for k in keys}, "command": shlex.join(command)}
+
+
+def prompt_count(args: argparse.Namespace, concurrency: int) -> int:
+    return max(args.min_prompts, args.prompts_per_stream * concurrency)
 
 
 def localmoe_command(model: str, port: int, extra: str) -> str:
@@ -234,12 +238,13 @@ def main() -> None:
         console.print(f"[bold]{name}[/bold]: starting {command or url}")
         with running(name, url, command, log_dir, args.startup_timeout):
             model = served_model(url)
-            asyncio.run(run_level(url, model, random_prompts(tokenizer, 2, args.input_len, seed=-1 % 2**32),
-                                  args.output_len, 2))  # warm-up
+            warmup_seed = args.seed + len(args.concurrency)  # a seed no level uses
+            asyncio.run(run_level(url, model, random_prompts(tokenizer, 2, args.input_len, seed=warmup_seed),
+                                  args.output_len, 2))
             levels = {}
             for i, concurrency in enumerate(args.concurrency):
-                count = max(args.min_prompts, args.prompts_per_stream * concurrency)
-                prompts = random_prompts(tokenizer, count, args.input_len, seed=args.seed + i)
+                prompts = random_prompts(tokenizer, prompt_count(args, concurrency), args.input_len,
+                                         seed=args.seed + i)
                 level = asyncio.run(run_level(url, model, prompts, args.output_len, concurrency))
                 levels[str(concurrency)] = asdict(level)
                 console.print(f"  c={concurrency}: {level.output_throughput:.1f} output tok/s, "

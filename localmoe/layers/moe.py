@@ -62,13 +62,19 @@ class SparseMoE(nn.Module):
         self.w13.data = self.w13.data.new_empty(0)
         self.w2.data = self.w2.data.new_empty(0)
 
+    def count_routed(self, expert_ids: torch.Tensor) -> torch.Tensor:
+        """Tokens this step routed to each expert [E] (on CPU), added to the running statistics."""
+        counts = torch.bincount(expert_ids.flatten(), minlength=self.num_experts).cpu()
+        self.tokens_per_expert += counts
+        return counts
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, expert_ids = softmax_topk(self.gate(x), self.top_k, self.renormalize)
         if self.record_routing:
             self.last_expert_ids = expert_ids
-        if x.shape[0] <= FUSED_MAX_TOKENS and self.packed is None and self.uses_kernel():
+        if x.shape[0] <= FUSED_MAX_TOKENS and self.uses_kernel():
             self.fused_calls += 1
-            self.tokens_per_expert += torch.bincount(expert_ids.flatten(), minlength=self.num_experts).cpu()
+            self.count_routed(expert_ids)
             return fused_moe(x, expert_ids, weights, self.w13, self.w2)
         return self.run_experts(x, weights.to(x.dtype), expert_ids)
 
@@ -79,8 +85,7 @@ class SparseMoE(nn.Module):
         num_tokens, top_k = expert_ids.shape
         flat_ids = expert_ids.flatten()
         order = torch.argsort(flat_ids, stable=True)
-        counts = torch.bincount(flat_ids, minlength=self.num_experts).cpu()
-        self.tokens_per_expert += counts
+        counts = self.count_routed(expert_ids)
         xs = x[order // top_k]  # the token of each pair, grouped by expert
         groups, start = [], 0  # (expert, its rows of xs)
         for expert, count in enumerate(counts.tolist()):

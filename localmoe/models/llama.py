@@ -84,6 +84,13 @@ class LlamaForCausalLM(nn.Module):
         self.tie_word_embeddings = bool(cfg.get("tie_word_embeddings", False))
         self.lm_head = Linear(cfg["hidden_size"], cfg["vocab_size"], bias=False)
         self.tie_weights()
+        # (parent module, checkpoint projection name) -> (merged module, its rows), e.g.
+        # ("layers.0.self_attn", "k_proj") -> ("layers.0.self_attn.qkv_proj", slice(512, 768))
+        self.merged_rows: dict[tuple[str, str], tuple[str, slice]] = {
+            (path.rpartition(".")[0], piece): (path, rows)
+            for path, module in self.named_modules() if isinstance(module, MergedLinear)
+            for piece, rows in module.pieces.items()
+        }
 
     def tie_weights(self) -> None:
         """Share the embedding with the output head where the checkpoint says so."""
@@ -116,20 +123,9 @@ class LlamaForCausalLM(nn.Module):
             return []
         parent, _, leaf = name.rpartition(".")
         module_path, _, projection = parent.rpartition(".")
-        if merged := self._merged_rows().get((module_path, projection)):
+        if merged := self.merged_rows.get((module_path, projection)):
             return [(f"{merged[0]}.{leaf}", tensor, merged[1])]
         return [(name, tensor, None)]
-
-    def _merged_rows(self) -> dict[tuple[str, str], tuple[str, slice]]:
-        """(parent module, checkpoint projection name) -> (merged module, its rows), e.g.
-        ("layers.0.self_attn", "k_proj") -> ("layers.0.self_attn.qkv_proj", slice(512, 768))."""
-        if not hasattr(self, "_merged"):
-            self._merged = {
-                (path.rpartition(".")[0], piece): (path, rows)
-                for path, module in self.named_modules() if isinstance(module, MergedLinear)
-                for piece, rows in module.pieces.items()
-            }
-        return self._merged
 
     def ignored_weight(self, name: str) -> bool:
         return name.endswith("rotary_emb.inv_freq")
