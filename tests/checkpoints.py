@@ -32,14 +32,13 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
 
 def make_checkpoint(directory: Path, arch: str = "mixtral", seed: int = 0, max_shard_size: str | None = None,
                     **overrides) -> Path:
-    """Write config, safetensors and tokenizer for a random model of the given family."""
+    """Write config, safetensors and tokenizer for a random model of the given family: `arch` is the prefix
+    of transformers' class names ("Qwen2Moe" for Qwen2MoeConfig and Qwen2MoeForCausalLM; lower case works
+    for single-word ones, "mixtral")."""
     import transformers
 
-    cfg_cls, model_cls = {
-        "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
-        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-    }[arch]
+    prefix = arch[0].upper() + arch[1:]
+    cfg_cls, model_cls = getattr(transformers, f"{prefix}Config"), getattr(transformers, f"{prefix}ForCausalLM")
     extra = dict(num_local_experts=4, num_experts_per_tok=2) if arch == "mixtral" else {}
     config = cfg_cls(**{**BASE, **extra, **overrides})
     torch.manual_seed(seed)

@@ -9,38 +9,12 @@ import pytest
 import torch
 
 from checkpoints import make_checkpoint, reference_model
+from family_parity import (check_batched_prompt_logits, check_greedy_with_shared_prefix,
+                           check_requests_joining_mid_batch, engine, prompts_of, record_logits, reference_logits)
 from localmoe import LLM, SamplingParams
 from localmoe.layers.linear import Linear, packing_supported
 from localmoe.layers.fused_moe import kernel as fused_kernel
 from localmoe.layers.moe import SparseMoE
-
-TOL = 1e-4
-
-
-def record_logits(llm: LLM) -> list[torch.Tensor]:
-    """Capture every logits tensor the engine computes, one entry per engine step."""
-    steps: list[torch.Tensor] = []
-    model = llm.engine.model
-    compute = model.compute_logits
-
-    def recording(hidden):
-        logits = compute(hidden)
-        steps.append(logits.detach().clone())
-        return logits
-
-    model.compute_logits = recording
-    return steps
-
-
-def prompts_of(lengths: list[int], seed: int = 1) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 263, (n,), generator=g).tolist() for n in lengths]
-
-
-def reference_logits(ref, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return ref(torch.tensor([ids])).logits[0]
-
 
 @pytest.mark.parametrize("arch,overrides", [
     ("mixtral", {}),
@@ -49,73 +23,34 @@ def reference_logits(ref, ids: list[int]) -> torch.Tensor:
     ("llama", {"attention_bias": True, "tie_word_embeddings": True}),
 ])
 def test_batched_prompt_logits_match(tmp_path, arch, overrides):
-    directory = make_checkpoint(tmp_path, arch, seed=3, **overrides)
-    ref = reference_model(directory)
-    llm = LLM(model=str(directory), dtype="float32", kv_cache_memory=8 * 2**20, block_size=4)
-    if packing_supported(torch.float32, torch.device("cpu")):  # the packed CPU weight layout is what runs here
+    llm = check_batched_prompt_logits(make_checkpoint(tmp_path, arch, seed=3, **overrides))
+    if packing_supported(torch.float32, torch.device("cpu")):  # the packed CPU weight layout is what ran
         modules = list(llm.engine.model.modules())
         assert all(m.weight.is_mkldnn for m in modules if isinstance(m, Linear))
         assert all(m.packed is not None for m in modules if isinstance(m, SparseMoE))
-    steps = record_logits(llm)
-    prompts = prompts_of([5, 13, 22, 1])
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(max_tokens=1, temperature=0))
-    assert len(steps) == 1 and steps[0].shape[0] == len(prompts)  # all four prompts ran in one step
-    for i, prompt in enumerate(prompts):
-        expected = reference_logits(ref, prompt)[-1]
-        assert (steps[0][i] - expected).abs().max().item() <= TOL
-        assert outs[i].outputs[0].token_ids == [int(expected.argmax())]
 
 
 @pytest.mark.parametrize("prefix_caching", [False, True])
 def test_greedy_32_tokens_match_with_shared_prefix(tmp_path, prefix_caching):
-    directory = make_checkpoint(tmp_path, "mixtral", seed=5)
-    ref = reference_model(directory)
-    llm = LLM(model=str(directory), dtype="float32", kv_cache_memory=8 * 2**20, block_size=4,
-              enable_prefix_caching=prefix_caching)
-    steps = record_logits(llm)
-    shared = prompts_of([19], seed=7)[0]
-    prompts = [shared + tail for tail in prompts_of([3, 6, 1], seed=8)]
-    params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
-    first = llm.generate({"prompt_token_ids": prompts[0]}, params)
-    rest = llm.generate([{"prompt_token_ids": p} for p in prompts[1:]], params)
-    stats = llm.engine.stats
-    assert (stats.prefix_cache_hits > 0) == prefix_caching
-    for prompt, out in zip(prompts, first + rest):
-        with torch.no_grad():
-            expected = ref.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
-                                    eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-        assert out.outputs[0].token_ids == expected
-    # every decode step's logits match the reference at that position
-    out = first[0].outputs[0]
-    full = reference_logits(ref, prompts[0] + out.token_ids)
-    for step, logits in enumerate(steps[:32]):
-        position = len(prompts[0]) - 1 + step
-        assert (logits[0] - full[position]).abs().max().item() <= TOL
+    check_greedy_with_shared_prefix(make_checkpoint(tmp_path, "mixtral", seed=5), prefix_caching)
 
 
 def test_requests_joining_mid_batch_match(tmp_path):
-    """Continuous batching: requests added while others decode still match the reference."""
-    directory = make_checkpoint(tmp_path, "mixtral", seed=9)
-    ref = reference_model(directory)
-    llm = LLM(model=str(directory), dtype="float32", kv_cache_memory=8 * 2**20, block_size=4)
-    engine = llm.engine
-    prompts = prompts_of([7, 30, 12], seed=11)
-    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-    done = {}
-    for step in range(200):
-        if step < len(prompts):
-            engine.add_request(str(step), None, prompts[step], params)
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out.outputs[0].token_ids
-        if not engine.has_unfinished_requests() and step >= len(prompts):
-            break
-    for i, prompt in enumerate(prompts):
-        with torch.no_grad():
-            expected = ref.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
-                                    eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-        assert done[str(i)] == expected
-    assert engine.block_manager.usage == 0
+    check_requests_joining_mid_batch(make_checkpoint(tmp_path, "mixtral", seed=9))
+
+
+def test_sliding_window_shorter_than_prompt_matters(tmp_path):
+    """The window test above means something: the same weights without a window give other logits."""
+    windowed = make_checkpoint(tmp_path / "w", "mistral", seed=3, sliding_window=8)
+    full = make_checkpoint(tmp_path / "f", "mistral", seed=3, sliding_window=None)
+    prompt = {"prompt_token_ids": prompts_of([22])[0]}
+    logits = []
+    for directory in (windowed, full):
+        llm = engine(directory)
+        steps = record_logits(llm)
+        llm.generate(prompt, SamplingParams(max_tokens=1, temperature=0))
+        logits.append(steps[0][0])
+    assert (logits[0] - logits[1]).abs().max() > 1e-2
 
 
 def test_engine_never_imports_transformers_modeling(tiny_mixtral_dir):

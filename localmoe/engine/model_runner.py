@@ -19,9 +19,8 @@ from localmoe.layers.attention import AttentionMetadata
 
 
 def kv_block_bytes(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
-    attn = model.layers[0].self_attn
-    per_layer = 2 * block_size * attn.num_kv_heads * attn.head_dim * dtype.itemsize
-    return per_layer * len(model.layers)
+    """Bytes one KV block takes over all layers (each attention kind says what it caches per token)."""
+    return sum(math.prod(layer.self_attn.kv_cache_shape(1, block_size)) for layer in model.layers) * dtype.itemsize
 
 
 @dataclass
@@ -46,11 +45,11 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.device = device
-        attn = model.layers[0].self_attn
-        shape = (2, num_blocks, attn.num_kv_heads, block_size, attn.head_dim)
-        self.kv_caches = [zeroed(shape, dtype, device) for _ in model.layers]
-        swap_shape = (2, num_swap_blocks, *shape[2:])
-        self.swap_caches = [zeroed(swap_shape, dtype, torch.device("cpu")) for _ in model.layers]
+        # a layer's cache is [parts, blocks, ...]: block ids index dimension 1 whatever the attention kind
+        shapes = [layer.self_attn.kv_cache_shape(num_blocks, block_size) for layer in model.layers]
+        self.kv_caches = [zeroed(shape, dtype, device) for shape in shapes]
+        self.swap_caches = [zeroed((shape[0], num_swap_blocks, *shape[2:]), dtype, torch.device("cpu"))
+                            for shape in shapes]
 
     def swap(self, batch: ScheduledBatch) -> None:
         """Copy preempted sequences' blocks to host memory, then swapped-in ones back (in that order:
@@ -85,7 +84,7 @@ class ModelRunner:
                 sample_rows.append(len(input_ids) - 1)
         meta = AttentionMetadata.build(
             batch.num_tokens, context_lens, [s.block_table for s in batch.seqs], self.block_size,
-            self.model.sliding_window, self.device)
+            self.model.sliding_windows, self.device)
         hidden = self.model(
             torch.tensor(input_ids, device=self.device), torch.tensor(positions, device=self.device),
             self.kv_caches, meta)

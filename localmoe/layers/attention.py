@@ -26,7 +26,7 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [B, W] block ids, padded with 0
     token_seq: torch.Tensor  # [T] which sequence each token belongs to
     token_row: torch.Tensor  # [T] row of the token within its sequence's queries
-    mask: torch.Tensor  # [B, 1, max_q, L] True where a query may attend to a key
+    masks: dict[int | None, torch.Tensor]  # sliding window (None: full) -> [B, 1, max_q, L], True where a query may attend to a key
     decode_only: bool  # every sequence has exactly one query this step
 
     @staticmethod
@@ -35,10 +35,11 @@ class AttentionMetadata:
         context_lens: list[int],
         block_tables: list[list[int]],
         block_size: int,
-        sliding_window: int | None,
+        sliding_windows: set[int | None],
         device: torch.device,
     ) -> "AttentionMetadata":
-        """context_lens count every token a sequence has after this step (cached + new)."""
+        """context_lens count every token a sequence has after this step (cached + new); one mask is built
+        for each sliding window the model's layers use (None for full attention)."""
         q_lens = torch.tensor(query_lens, dtype=torch.long)
         ctx_lens = torch.tensor(context_lens, dtype=torch.long)
         width = max(len(t) for t in block_tables)
@@ -52,16 +53,16 @@ class AttentionMetadata:
         max_q = int(q_lens.max())
         query_pos = (ctx_lens - q_lens)[:, None] + torch.arange(max_q)[None, :]  # [B, max_q]
         key_pos = torch.arange(width * block_size)[None, None, :]
-        mask = (key_pos <= query_pos[:, :, None]) & (key_pos < ctx_lens[:, None, None])
-        if sliding_window is not None:
-            mask &= key_pos > query_pos[:, :, None] - sliding_window
+        causal = (key_pos <= query_pos[:, :, None]) & (key_pos < ctx_lens[:, None, None])
+        masks = {window: causal if window is None else causal & (key_pos > query_pos[:, :, None] - window)
+                 for window in sliding_windows}
         return AttentionMetadata(
             slot_blocks=tables[token_seq, positions // block_size].to(device),
             slot_offsets=(positions % block_size).to(device),
             block_tables=tables.to(device),
             token_seq=token_seq.to(device),
             token_row=token_row.to(device),
-            mask=mask.unsqueeze(1).to(device),
+            masks={window: mask.unsqueeze(1).to(device) for window, mask in masks.items()},
             decode_only=max_q == 1,
         )
 
@@ -73,15 +74,17 @@ def paged_attention(
     kv_cache: torch.Tensor,  # [2, N, Hkv, S, D]
     meta: AttentionMetadata,
     scale: float,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """Store this step's K/V in the cache and attend; returns [T, H, D]."""
+    """Store this step's K/V in the cache and attend (within the layer's sliding window); returns [T, H, D]."""
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     k_cache[meta.slot_blocks, :, meta.slot_offsets] = k.to(kv_cache.dtype)
     v_cache[meta.slot_blocks, :, meta.slot_offsets] = v.to(kv_cache.dtype)
     blocks = meta.block_tables.flatten()
     keys, values = k_cache.index_select(0, blocks), v_cache.index_select(0, blocks)  # [B * W, Hkv, S, D]
+    mask = meta.masks[sliding_window]
     if meta.decode_only:
-        return _decode_attention(q, keys, values, meta.mask, scale)
+        return _decode_attention(q, keys, values, mask, scale)
 
     batch, width = meta.block_tables.shape
     _, num_kv_heads, block_size, head_dim = keys.shape
@@ -90,11 +93,11 @@ def paged_attention(
         grouped = blocks_of.view(batch, width, num_kv_heads, block_size, head_dim).transpose(1, 2)
         return grouped.reshape(batch, num_kv_heads, width * block_size, head_dim)
 
-    queries = q.new_zeros(batch, meta.mask.shape[2], q.shape[1], head_dim)
+    queries = q.new_zeros(batch, mask.shape[2], q.shape[1], head_dim)
     queries[meta.token_seq, meta.token_row] = q
     out = F.scaled_dot_product_attention(
         queries.transpose(1, 2), per_sequence(keys), per_sequence(values),
-        attn_mask=meta.mask, scale=scale, enable_gqa=num_kv_heads != q.shape[1],
+        attn_mask=mask, scale=scale, enable_gqa=num_kv_heads != q.shape[1],
     )
     return out.transpose(1, 2)[meta.token_seq, meta.token_row]
 

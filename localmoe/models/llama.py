@@ -20,8 +20,18 @@ from localmoe.layers.norm import RMSNorm
 from localmoe.layers.rotary import rope_theta, rotary_embedding
 
 
+def layer_sliding_window(cfg: dict, layer: int) -> int | None:
+    """The attention window of one layer: `layer_types` names it per layer (transformers 5, gpt-oss);
+    otherwise `sliding_window` applies to every layer unless `use_sliding_window` is false (Qwen)."""
+    if "layer_types" in cfg:
+        return cfg.get("sliding_window") if cfg["layer_types"][layer] == "sliding_attention" else None
+    if cfg.get("use_sliding_window") is False:
+        return None
+    return cfg.get("sliding_window")
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: dict) -> None:
+    def __init__(self, cfg: dict, layer: int) -> None:
         super().__init__()
         d = cfg["hidden_size"]
         self.num_heads = cfg["num_attention_heads"]
@@ -33,6 +43,11 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.num_heads * self.head_dim, d, bias=bias)
         self.rotary = rotary_embedding(self.head_dim, cfg["max_position_embeddings"], rope_theta(cfg))
         self.scale = self.head_dim**-0.5
+        self.sliding_window = layer_sliding_window(cfg, layer)
+
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        """What this layer keeps per cached token: a key and a value per KV head."""
+        return (2, num_blocks, self.num_kv_heads, block_size, self.head_dim)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -41,7 +56,7 @@ class Attention(nn.Module):
         qk = self.rotary(positions, qkv[:, : self.num_heads + self.num_kv_heads])  # query and key heads at once
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, self.num_heads + self.num_kv_heads:]
-        out = paged_attention(q, k, v, kv_cache, meta, self.scale)
+        out = paged_attention(q, k, v, kv_cache, meta, self.scale, self.sliding_window)
         return self.o_proj(out.reshape(t, -1))
 
 
@@ -60,11 +75,11 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: dict, mlp: nn.Module) -> None:
+    def __init__(self, cfg: dict, layer: int, mlp: nn.Module) -> None:
         super().__init__()
         eps = cfg.get("rms_norm_eps", 1e-6)
         self.input_layernorm = RMSNorm(cfg["hidden_size"], eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg["hidden_size"], eps)
         self.mlp = mlp
 
@@ -79,7 +94,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg["vocab_size"], cfg["hidden_size"])
-        self.layers = nn.ModuleList(DecoderLayer(cfg, self.make_mlp(cfg)) for _ in range(cfg["num_hidden_layers"]))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, self.make_mlp(cfg, i)) for i in range(cfg["num_hidden_layers"]))
         self.norm = RMSNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6))
         self.tie_word_embeddings = bool(cfg.get("tie_word_embeddings", False))
         self.lm_head = Linear(cfg["hidden_size"], cfg["vocab_size"], bias=False)
@@ -97,12 +112,13 @@ class LlamaForCausalLM(nn.Module):
         if self.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def make_mlp(self, cfg: dict) -> nn.Module:
+    def make_mlp(self, cfg: dict, layer: int) -> nn.Module:
         return MLP(cfg["hidden_size"], cfg["intermediate_size"], bool(cfg.get("mlp_bias", False)))
 
     @property
-    def sliding_window(self) -> int | None:
-        return self.config.get("sliding_window")
+    def sliding_windows(self) -> set[int | None]:
+        """The attention windows the layers use, one mask each per step (None: full attention)."""
+        return {layer.self_attn.sliding_window for layer in self.layers}
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:

@@ -21,7 +21,7 @@ _FUSED = re.compile(r"(layers\.\d+)\.(?:block_sparse_moe|mlp)\.experts\.(gate_up
 
 
 class MixtralForCausalLM(LlamaForCausalLM):
-    def make_mlp(self, cfg: dict) -> nn.Module:
+    def make_mlp(self, cfg: dict, layer: int) -> nn.Module:
         return SparseMoE(cfg["hidden_size"], cfg["intermediate_size"], cfg["num_local_experts"],
                          cfg["num_experts_per_tok"])
 

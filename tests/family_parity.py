@@ -1,0 +1,108 @@
+"""The checks every served architecture passes against transformers' own implementation on the same random
+weights (float32): last-token logits of batched prompts, 32 greedy tokens with a shared prefix (prefix caching
+off and on) and every decode step's logits, and requests joining a running batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from checkpoints import reference_model
+from localmoe import LLM, SamplingParams
+
+TOL = 1e-4
+
+
+def engine(directory: Path, **kwargs) -> LLM:
+    return LLM(model=str(directory), dtype="float32", kv_cache_memory=8 * 2**20, block_size=4, **kwargs)
+
+
+def record_logits(llm: LLM) -> list[torch.Tensor]:
+    """Capture every logits tensor the engine computes, one entry per engine step."""
+    steps: list[torch.Tensor] = []
+    model = llm.engine.model
+    compute = model.compute_logits
+
+    def recording(hidden):
+        logits = compute(hidden)
+        steps.append(logits.detach().clone())
+        return logits
+
+    model.compute_logits = recording
+    return steps
+
+
+def prompts_of(lengths: list[int], seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 263, (n,), generator=g).tolist() for n in lengths]
+
+
+def reference_logits(ref, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return ref(torch.tensor([ids])).logits[0]
+
+
+def reference_greedy(ref, prompt: list[int], new: int) -> list[int]:
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def check_batched_prompt_logits(directory: Path, lengths: list[int] = [5, 13, 22, 1], **kwargs) -> LLM:
+    """All prompts in one step; each one's last-token logits match the reference's."""
+    ref = reference_model(directory)
+    llm = engine(directory, **kwargs)
+    steps = record_logits(llm)
+    prompts = prompts_of(lengths)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(max_tokens=1, temperature=0))
+    assert len(steps) == 1 and steps[0].shape[0] == len(prompts)  # all prompts ran in one step
+    for i, prompt in enumerate(prompts):
+        expected = reference_logits(ref, prompt)[-1]
+        assert (steps[0][i] - expected).abs().max().item() <= TOL
+        assert outs[i].outputs[0].token_ids == [int(expected.argmax())]
+    return llm
+
+
+def check_greedy_with_shared_prefix(directory: Path, prefix_caching: bool, new: int = 32) -> None:
+    """Four prompts sharing a 19-token prefix, the first alone then three batched: greedy tokens equal the
+    reference's, the prefix cache is hit exactly when it is on, and every decode step's logits match."""
+    ref = reference_model(directory)
+    llm = engine(directory, enable_prefix_caching=prefix_caching)
+    steps = record_logits(llm)
+    shared = prompts_of([19], seed=7)[0]
+    prompts = [shared + tail for tail in prompts_of([3, 6, 1], seed=8)]
+    params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
+    first = llm.generate({"prompt_token_ids": prompts[0]}, params)
+    rest = llm.generate([{"prompt_token_ids": p} for p in prompts[1:]], params)
+    assert (llm.engine.stats.prefix_cache_hits > 0) == prefix_caching
+    for prompt, out in zip(prompts, first + rest):
+        assert out.outputs[0].token_ids == reference_greedy(ref, prompt, new)
+    out = first[0].outputs[0]
+    full = reference_logits(ref, prompts[0] + out.token_ids)
+    for step, logits in enumerate(steps[:new]):
+        position = len(prompts[0]) - 1 + step
+        assert (logits[0] - full[position]).abs().max().item() <= TOL
+
+
+def check_requests_joining_mid_batch(directory: Path, new: int = 12) -> None:
+    """Continuous batching: requests added while others decode still match the reference, and every KV block
+    is free at the end."""
+    ref = reference_model(directory)
+    llm = engine(directory)
+    core = llm.engine
+    prompts = prompts_of([7, 30, 12], seed=11)
+    params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
+    done = {}
+    for step in range(200):
+        if step < len(prompts):
+            core.add_request(str(step), None, prompts[step], params)
+        for out in core.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+        if not core.has_unfinished_requests() and step >= len(prompts):
+            break
+    for i, prompt in enumerate(prompts):
+        assert done[str(i)] == reference_greedy(ref, prompt, new)
+    assert core.block_manager.usage == 0
