@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from localmoe.layers.fused_moe import cpu_has_avx512_bf16, fused_moe, kernel
-from localmoe.layers.moe import SparseMoE, softmax_topk
+from localmoe.layers.moe import SparseMoE
+from localmoe.layers.routing import softmax_topk
 
 pytestmark = [pytest.mark.avx512_bf16,
               pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="needs a CPU with AVX512-BF16")]

@@ -3,6 +3,8 @@
 Shapes: T tokens, D hidden, I expert intermediate, E experts, K experts per token.
 Experts are stacked parameters (w13: [E, 2I, D], the gate projection w1 over the up projection w3;
 w2: [E, D, I]) so routing is an index and each expert's SwiGLU input side is one matmul.
+A shared expert (Qwen-MoE, DeepSeek) sees every token and is added to the routed experts' mix, scaled
+by a sigmoid gate where the family has one (Qwen-MoE).
 """
 
 from __future__ import annotations
@@ -14,30 +16,24 @@ from torch import nn
 from localmoe.layers.fused_moe import fused_moe
 from localmoe.layers.fused_moe import kernel as fused_kernel
 from localmoe.layers.linear import Linear, linear, pack_weight
+from localmoe.layers.routing import softmax_topk
 
 # Up to this many tokens a step (decodes, short chunks) the CPU kernel beats oneDNN: it is bound by
 # reading the weights, oneDNN by its per-call costs; past it, oneDNN's blocked matmuls compute faster.
 FUSED_MAX_TOKENS = 32
 
 
-def softmax_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-choice routing (Mixtral, Qwen, OLMoE): softmax over experts, keep the k best. Renormalised over
-    the k kept, that is the softmax of the k best logits (Mixtral's Softmax(TopK(x W_g)))."""
-    if renormalize:
-        best, expert_ids = torch.topk(router_logits, top_k, dim=-1)
-        return torch.softmax(best, dim=-1, dtype=torch.float32), expert_ids
-    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
-    return torch.topk(probs, top_k, dim=-1)
-
-
 class SparseMoE(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int,
-                 renormalize: bool = True) -> None:
+                 renormalize: bool = True, shared_expert: nn.Module | None = None,
+                 shared_expert_gate: bool = False) -> None:
         super().__init__()
         self.top_k = top_k
         self.renormalize = renormalize
         self.num_experts = num_experts
         self.gate = Linear(hidden_size, num_experts, bias=False)
+        self.shared_expert = shared_expert
+        self.shared_expert_gate = Linear(hidden_size, 1, bias=False) if shared_expert_gate else None
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         # tokens routed to each expert since load; read by the expert statistics
@@ -68,15 +64,26 @@ class SparseMoE(nn.Module):
         self.tokens_per_expert += counts
         return counts
 
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Routing weights [T, K] (float32) and expert ids [T, K]; families with other routers override this."""
+        return softmax_topk(self.gate(x), self.top_k, self.renormalize)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, expert_ids = softmax_topk(self.gate(x), self.top_k, self.renormalize)
+        weights, expert_ids = self.route(x)
         if self.record_routing:
             self.last_expert_ids = expert_ids
         if x.shape[0] <= FUSED_MAX_TOKENS and self.uses_kernel():
             self.fused_calls += 1
             self.count_routed(expert_ids)
-            return fused_moe(x, expert_ids, weights, self.w13, self.w2)
-        return self.run_experts(x, weights.to(x.dtype), expert_ids)
+            out = fused_moe(x, expert_ids, weights, self.w13, self.w2)
+        else:
+            out = self.run_experts(x, weights.to(x.dtype), expert_ids)
+        if self.shared_expert is None:
+            return out
+        shared = self.shared_expert(x)
+        if self.shared_expert_gate is not None:
+            shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+        return out + shared
 
     def run_experts(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """Group the T*K (token, expert) pairs by expert and run each active expert once over its tokens

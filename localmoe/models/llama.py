@@ -17,7 +17,7 @@ Piece = int | slice | tuple | None  # where a checkpoint tensor goes inside a pa
 from localmoe.layers.attention import AttentionMetadata, paged_attention
 from localmoe.layers.linear import Linear, MergedLinear
 from localmoe.layers.norm import RMSNorm
-from localmoe.layers.rotary import rope_theta, rotary_embedding
+from localmoe.layers.rotary import rotary_embedding
 
 
 def layer_sliding_window(cfg: dict, layer: int) -> int | None:
@@ -41,7 +41,7 @@ class Attention(nn.Module):
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_proj = MergedLinear(d, {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size}, bias=bias)
         self.o_proj = Linear(self.num_heads * self.head_dim, d, bias=bias)
-        self.rotary = rotary_embedding(self.head_dim, cfg["max_position_embeddings"], rope_theta(cfg))
+        self.rotary = rotary_embedding(self.head_dim, cfg)
         self.scale = self.head_dim**-0.5
         self.sliding_window = layer_sliding_window(cfg, layer)
 
