@@ -68,6 +68,11 @@ class EngineConfig:
     load_format: str = "auto"
     use_v2_block_manager: bool = True  # accepted for old configs; has no effect
     routing_trace: str | None = None  # file to append each token's chosen experts to (JSON lines)
+    # expert offloading (experts/): experts per MoE layer kept in cache slots on the compute device, 0: all resident
+    expert_cache_size: int = 0
+    expert_cache_policy: str = "lru"  # lru | lfu | lfru
+    expert_offload_target: str = "host"  # where the other experts live: host memory or the checkpoint on disk
+    expert_prefetch: bool = False  # load the next layer's likely experts while this layer computes
 
     def validate(self) -> None:
         refusals = [
@@ -86,6 +91,12 @@ class EngineConfig:
             (self.max_num_batched_tokens < 1, "max_num_batched_tokens", "max_num_batched_tokens must be positive"),
             (self.max_model_len is not None and self.max_model_len < 1, "max_model_len",
              "max_model_len must be positive"),
+            (self.expert_cache_size < 0, "expert_cache_size",
+             "expert_cache_size must not be negative (0 keeps every expert resident)"),
+            (self.expert_cache_policy not in ("lru", "lfu", "lfru"), "expert_cache_policy",
+             f"expert_cache_policy {self.expert_cache_policy!r} is not one of lru, lfu, lfru"),
+            (self.expert_offload_target not in ("host", "disk"), "expert_offload_target",
+             f"expert_offload_target {self.expert_offload_target!r} is not one of host, disk"),
         ]
         for bad, key, message in refusals:
             if bad:

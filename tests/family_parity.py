@@ -5,17 +5,21 @@ off and on) and every decode step's logits, and requests joining a running batch
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
+from torch import nn
 
 from checkpoints import reference_model
 from localmoe import LLM, SamplingParams
+from localmoe.layers.moe import SparseMoE
 
 TOL = 1e-4
 
 
 def engine(directory: Path, **kwargs) -> LLM:
-    return LLM(model=str(directory), dtype="float32", kv_cache_memory=8 * 2**20, block_size=4, **kwargs)
+    settings = {"dtype": "float32", "kv_cache_memory": 8 * 2**20, "block_size": 4, **kwargs}
+    return LLM(model=str(directory), **settings)
 
 
 def record_logits(llm: LLM) -> list[torch.Tensor]:
@@ -106,3 +110,62 @@ def check_requests_joining_mid_batch(directory: Path, new: int = 12) -> None:
     for i, prompt in enumerate(prompts):
         assert done[str(i)] == reference_greedy(ref, prompt, new)
     assert core.block_manager.usage == 0
+
+
+def check_feature_matters(directory: Path, switch_off: Callable[[nn.Module], None]) -> None:
+    """The checks above exercise a feature: switching it off in our loaded model (same weights) moves the
+    last-token logits of a 22-token prompt."""
+    llm = engine(directory, enable_prefix_caching=False)
+    steps = record_logits(llm)
+    prompt, params = {"prompt_token_ids": prompts_of([22])[0]}, SamplingParams(max_tokens=1, temperature=0)
+    llm.generate(prompt, params)
+    switch_off(llm.engine.model)
+    llm.generate(prompt, params)
+    assert (steps[0][0] - steps[1][0]).abs().max() > 1e-2
+
+
+# Switches for check_feature_matters: each turns one option of our model off in place.
+def moe_layers(model: nn.Module) -> list[SparseMoE]:
+    return [m for m in model.modules() if isinstance(m, SparseMoE)]
+
+
+def no_renormalization(model: nn.Module) -> None:
+    for moe in moe_layers(model):
+        moe.renormalize = False
+
+
+def no_qk_norm(model: nn.Module) -> None:
+    for layer in model.layers:
+        layer.self_attn.q_norm = layer.self_attn.k_norm = None
+
+
+def no_attention_bias(model: nn.Module) -> None:
+    for layer in model.layers:
+        layer.self_attn.qkv_proj.bias = layer.self_attn.o_proj.bias = None
+
+
+def check_bfloat16_bar(directory: Path, lengths: list[int], new: int) -> LLM:
+    """The bar for reduced precision: run in bf16, our logits may differ from transformers' fp32 ones by at most
+    twice what transformers' own bf16 run differs by, at every prefill and decode position of the batched
+    requests. The maximum is set by the rare token whose router nearly ties and flips an expert in a bf16 run;
+    the median shows the everyday rounding, so both are held to the bar."""
+    ref32 = reference_model(directory)
+    ref16 = reference_model(directory).to(torch.bfloat16)
+    llm = engine(directory, dtype="bfloat16")
+    steps = record_logits(llm)
+    prompts = prompts_of(lengths, seed=12)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(max_tokens=new, temperature=0, ignore_eos=True))
+    assert len(steps) == new and all(len(s) == len(prompts) for s in steps)
+    ours, theirs = [], []
+    for i, (prompt, out) in enumerate(zip(prompts, outs)):
+        tokens = prompt + out.outputs[0].token_ids
+        expected = reference_logits(ref32, tokens)[len(prompt) - 1:-1]
+        ours.append((torch.stack([step[i] for step in steps]).float() - expected).abs())
+        theirs.append((reference_logits(ref16, tokens)[len(prompt) - 1:-1].float() - expected).abs())
+    ours, theirs = torch.cat(ours), torch.cat(theirs)
+    print(f"bf16 abs diff from fp32 max / median: ours {ours.max():.3f} / {ours.median():.4f}, "
+          f"transformers {theirs.max():.3f} / {theirs.median():.4f}")
+    assert 0 < theirs.max() and ours.max() <= 2 * theirs.max()
+    assert ours.median() <= 2 * theirs.median()
+    return llm

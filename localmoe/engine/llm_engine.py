@@ -17,6 +17,7 @@ from localmoe.engine.model_runner import ModelRunner, kv_block_bytes
 from localmoe.engine.sampler import Sampler
 from localmoe.engine.scheduler import Scheduler
 from localmoe.engine.sequence import Request, Sequence
+from localmoe.experts.cache import attach_expert_caches
 from localmoe.experts.trace import RoutingTrace
 from localmoe.layers.linear import pack_model, packing_supported
 from localmoe.layers.moe import SparseMoE
@@ -61,8 +62,11 @@ class LLMEngine:
         self.config = config
         self.model_name = served_model_name
         self.device = resolve_device(config.device)
-        self.model, self.hf_config = load_model(model_dir, config.dtype, self.device)
+        offload = config.expert_offload_target if config.expert_cache_size > 0 else None
+        self.model, self.hf_config = load_model(model_dir, config.dtype, self.device, offload)
         self.dtype = resolve_dtype(config.dtype, self.hf_config, self.device)
+        self.expert_caches = attach_expert_caches(self.model, config.expert_cache_size, config.expert_cache_policy,
+                                                  self.device, config.expert_prefetch) if offload else []
         if packing_supported(self.dtype, self.device):
             pack_model(self.model)
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(config.tokenizer or model_dir)

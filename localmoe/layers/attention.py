@@ -9,6 +9,10 @@ Each step writes the new keys/values into their slots, then every sequence atten
 owns (its block table). A step of decodes only (one query per sequence) attends block by block with
 batched matmuls straight on the gathered blocks, which on CPU is about ten times faster than
 rearranging them for the SDPA kernel at that shape; steps with prompt chunks use SDPA.
+
+Attention sinks (gpt-oss) are a learned logit per query head that joins each softmax as one more key whose
+value is zero: the sink takes a share of the weight, so a head may attend to nothing much. SDPA cannot
+express that, so prefill with sinks computes the scores itself.
 """
 
 from __future__ import annotations
@@ -75,8 +79,10 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     sliding_window: int | None = None,
+    sinks: torch.Tensor | None = None,  # [H]
 ) -> torch.Tensor:
-    """Store this step's K/V in the cache and attend (within the layer's sliding window); returns [T, H, D]."""
+    """Store this step's K/V in the cache and attend (within the layer's sliding window, with the layer's
+    attention sinks if any); returns [T, H, D]."""
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     k_cache[meta.slot_blocks, :, meta.slot_offsets] = k.to(kv_cache.dtype)
     v_cache[meta.slot_blocks, :, meta.slot_offsets] = v.to(kv_cache.dtype)
@@ -84,7 +90,7 @@ def paged_attention(
     keys, values = k_cache.index_select(0, blocks), v_cache.index_select(0, blocks)  # [B * W, Hkv, S, D]
     mask = meta.masks[sliding_window]
     if meta.decode_only:
-        return _decode_attention(q, keys, values, mask, scale)
+        return _decode_attention(q, keys, values, mask, scale, sinks)
 
     batch, width = meta.block_tables.shape
     _, num_kv_heads, block_size, head_dim = keys.shape
@@ -95,19 +101,45 @@ def paged_attention(
 
     queries = q.new_zeros(batch, mask.shape[2], q.shape[1], head_dim)
     queries[meta.token_seq, meta.token_row] = q
-    out = F.scaled_dot_product_attention(
-        queries.transpose(1, 2), per_sequence(keys), per_sequence(values),
-        attn_mask=mask, scale=scale, enable_gqa=num_kv_heads != q.shape[1],
-    )
+    if sinks is None:
+        out = F.scaled_dot_product_attention(
+            queries.transpose(1, 2), per_sequence(keys), per_sequence(values),
+            attn_mask=mask, scale=scale, enable_gqa=num_kv_heads != q.shape[1],
+        )
+    else:
+        out = _attention_with_sinks(queries.transpose(1, 2), per_sequence(keys), per_sequence(values), mask, scale,
+                                    sinks)
     return out.transpose(1, 2)[meta.token_seq, meta.token_row]
 
 
+def _softmax(scores: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over the keys (last dim) of float32 scores; sinks, shaped to broadcast against
+    scores[..., :1], join the denominator and are dropped from the result."""
+    if sinks is None:
+        return torch.softmax(scores, dim=-1)
+    with_sinks = torch.cat([scores, sinks.float().expand_as(scores[..., :1])], dim=-1)
+    return torch.softmax(with_sinks, dim=-1)[..., :-1]
+
+
+def _attention_with_sinks(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                          scale: float, sinks: torch.Tensor) -> torch.Tensor:
+    """SDPA's math with sinks: queries [B, H, Q, D], keys/values [B, Hkv, L, D], mask [B, 1, Q, L] -> [B, H, Q, D].
+    Query head h reads key/value head h // G; the softmax runs in float32."""
+    batch, num_heads, num_queries, head_dim = queries.shape
+    num_kv_heads = keys.shape[1]
+    grouped = queries.view(batch, num_kv_heads, num_heads // num_kv_heads, num_queries, head_dim)
+    scores = torch.matmul(grouped, keys.unsqueeze(2).transpose(-1, -2)).float() * scale  # [B, Hkv, G, Q, L]
+    scores.masked_fill_(~mask.unsqueeze(1), float("-inf"))
+    probs = _softmax(scores, sinks.view(num_kv_heads, -1, 1, 1)).to(values.dtype)
+    return torch.matmul(probs, values.unsqueeze(2)).view(batch, num_heads, num_queries, head_dim)
+
+
 def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                      scale: float) -> torch.Tensor:
+                      scale: float, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """One query per sequence: q [B, H, D], keys/values [B * W, Hkv, S, D] (each sequence's blocks in
     table order), mask [B, 1, 1, L] -> [B, H, D]. Query head h reads key/value head h // G. Scores are
     taken per block (one batched matmul over every (sequence, block, kv head)), the softmax runs in
-    float32 over each sequence's whole row, and the per-block weighted values are summed."""
+    float32 over each sequence's whole row (and the sinks), and the per-block weighted values are summed."""
     batch, num_heads, head_dim = q.shape
     pairs, num_kv_heads, block_size, _ = keys.shape
     width, group = pairs // batch, num_heads // num_kv_heads
@@ -117,7 +149,8 @@ def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     scores = scores.view(batch, width, num_kv_heads, group, block_size).permute(0, 2, 3, 1, 4)
     scores = scores.reshape(batch, num_kv_heads, group, width * block_size).float() * scale
     scores.masked_fill_(~mask.view(batch, 1, 1, -1), float("-inf"))
-    probs = torch.softmax(scores, dim=-1).view(batch, num_kv_heads, group, width, block_size)
+    probs = _softmax(scores, None if sinks is None else sinks.view(num_kv_heads, group, 1))
+    probs = probs.reshape(batch, num_kv_heads, group, width, block_size)
     probs = probs.permute(0, 3, 1, 2, 4).reshape(-1, group, block_size).to(values.dtype)
     out = torch.bmm(probs, values.view(-1, block_size, head_dim))  # [B*W*Hkv, G, D]
     return out.view(batch, width, num_heads, head_dim).sum(dim=1)

@@ -4,55 +4,102 @@ Shapes: T tokens, D hidden, I expert intermediate, E experts, K experts per toke
 Experts are stacked parameters (w13: [E, 2I, D], the gate projection w1 over the up projection w3;
 w2: [E, D, I]) so routing is an index and each expert's SwiGLU input side is one matmul.
 A shared expert (Qwen-MoE, DeepSeek) sees every token and is added to the routed experts' mix, scaled
-by a sigmoid gate where the family has one (Qwen-MoE).
+by a sigmoid gate where the family has one (Qwen-MoE). Some families (gpt-oss) add biases to the router and
+the experts, and use another gated activation in place of SwiGLU.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from localmoe.experts.store import ExpertStore
 from localmoe.layers.fused_moe import fused_moe
 from localmoe.layers.fused_moe import kernel as fused_kernel
 from localmoe.layers.linear import Linear, linear, pack_weight
 from localmoe.layers.routing import softmax_topk
 
+if TYPE_CHECKING:
+    from localmoe.experts.cache import ExpertCache
+
 # Up to this many tokens a step (decodes, short chunks) the CPU kernel beats oneDNN: it is bound by
 # reading the weights, oneDNN by its per-call costs; past it, oneDNN's blocked matmuls compute faster.
 FUSED_MAX_TOKENS = 32
+
+Activation = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (gate, up) halves -> expert hidden [.., I]
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU (Shazeer 2020), the experts' activation in most families."""
+    return F.silu(gate) * up
 
 
 class SparseMoE(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int,
                  renormalize: bool = True, shared_expert: nn.Module | None = None,
-                 shared_expert_gate: bool = False) -> None:
+                 shared_expert_gate: bool = False, router_bias: bool = False, expert_bias: bool = False,
+                 activation: Activation = swiglu) -> None:
         super().__init__()
         self.top_k = top_k
         self.renormalize = renormalize
         self.num_experts = num_experts
-        self.gate = Linear(hidden_size, num_experts, bias=False)
+        self.activation = activation
+        self.gate = Linear(hidden_size, num_experts, bias=router_bias)
         self.shared_expert = shared_expert
         self.shared_expert_gate = Linear(hidden_size, 1, bias=False) if shared_expert_gate else None
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.w13_bias = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size)) if expert_bias else None
+        self.w2_bias = nn.Parameter(torch.empty(num_experts, hidden_size)) if expert_bias else None
         # tokens routed to each expert since load; read by the expert statistics
         self.tokens_per_expert = torch.zeros(num_experts, dtype=torch.long, device="cpu")
         self.record_routing = False  # keep the last step's choices for a routing trace
         self.last_expert_ids: torch.Tensor | None = None
         self.packed: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per expert (w13, w2), see pack()
         self.fused_calls = 0  # steps served by the CPU kernel (layers/fused_moe.py)
+        self.cache: ExpertCache | None = None  # offloaded experts (experts/cache.py): w13/w2 are its slots
+        self.prefetch_next: Callable[[torch.Tensor], None] | None = None  # see attach_cache
 
-    def expert_weights(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.packed[expert] if self.packed is not None else (self.w13[expert], self.w2[expert])
+    def expert(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(w13, w2, w13 bias, w2 bias) of expert `index`, or of cache slot `index` when experts are offloaded."""
+        if self.cache is not None:
+            w13, w2 = self.cache.slots["w13"][index], self.cache.slots["w2"][index]
+            index = self.cache.slot_expert[index]
+        else:
+            w13, w2 = self.packed[index] if self.packed is not None else (self.w13[index], self.w2[index])
+        if self.w13_bias is None:
+            return w13, w2, None, None
+        return w13, w2, self.w13_bias[index], self.w2_bias[index]
+
+    def offload(self, path: str, store: ExpertStore) -> None:
+        """Hand the stacked experts to `store` (the loader fills them there): the parameters keep only their
+        shape, on the meta device, until a cache is attached."""
+        store.add_layer(path, self.num_experts, {"w13": tuple(self.w13.shape[1:]), "w2": tuple(self.w2.shape[1:])})
+        self.w13 = nn.Parameter(torch.empty(self.w13.shape, device="meta"), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(self.w2.shape, device="meta"), requires_grad=False)
+
+    def attach_cache(self, cache: ExpertCache, prefetch_for: "SparseMoE | None" = None) -> None:
+        """Serve experts from `cache` slots; with `prefetch_for` (the next MoE layer), guess that layer's experts
+        by applying its router to this layer's input, and have them loaded while this layer computes."""
+        self.cache = cache
+        if prefetch_for is not None:  # a function, not a module attribute: the next layer is no submodule
+            def prefetch(x: torch.Tensor) -> None:
+                prefetch_for.cache.prefetch(torch.unique(prefetch_for.route(x)[1]).tolist())
+            self.prefetch_next = prefetch
+        self.w13, self.w2 = nn.Parameter(cache.slots["w13"], False), nn.Parameter(cache.slots["w2"], False)
 
     def uses_kernel(self) -> bool:
-        """bf16 on a CPU where our kernel builds: experts stay row-major for it (it reads rows itself)."""
-        return self.w13.device.type == "cpu" and self.w13.dtype == torch.bfloat16 and fused_kernel() is not None
+        """bf16 on a CPU where our kernel builds, for plain SwiGLU experts without biases (all the kernel
+        computes): experts stay row-major for it (it reads rows itself)."""
+        return (self.activation is swiglu and self.w13_bias is None and self.w13.device.type == "cpu"
+                and self.w13.dtype == torch.bfloat16 and fused_kernel() is not None)
 
     def pack(self) -> None:
         """Each expert's weights in the packed CPU layout (layers/linear.py); the stacked copies are freed."""
-        if self.uses_kernel():
+        if self.uses_kernel() or self.cache is not None:
             return
         self.packed = [(pack_weight(self.w13[e]), pack_weight(self.w2[e])) for e in range(self.num_experts)]
         self.w13.data = self.w13.data.new_empty(0)
@@ -72,12 +119,14 @@ class SparseMoE(nn.Module):
         weights, expert_ids = self.route(x)
         if self.record_routing:
             self.last_expert_ids = expert_ids
-        if x.shape[0] <= FUSED_MAX_TOKENS and self.uses_kernel():
-            self.fused_calls += 1
-            self.count_routed(expert_ids)
-            out = fused_moe(x, expert_ids, weights, self.w13, self.w2)
-        else:
-            out = self.run_experts(x, weights.to(x.dtype), expert_ids)
+        self.count_routed(expert_ids)
+        if self.prefetch_next is not None:
+            self.prefetch_next(x)
+        if self.cache is None:
+            out = self.run_experts(x, weights, expert_ids)
+        else:  # slot ids instead of expert ids, wave by wave; pairs outside a wave weigh nothing in it
+            out = sum(self.run_experts(x, weights.masked_fill(slots < 0, 0), slots)
+                      for slots in self.cache.waves(expert_ids))
         if self.shared_expert is None:
             return out
         shared = self.shared_expert(x)
@@ -85,23 +134,32 @@ class SparseMoE(nn.Module):
             shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
         return out + shared
 
-    def run_experts(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        """Group the T*K (token, expert) pairs by expert and run each active expert once over its tokens
-        (the SwiGLU activation runs once over all pairs in between), then put the pair outputs back in
-        (token, k) order and mix them with the routing weights."""
-        num_tokens, top_k = expert_ids.shape
-        flat_ids = expert_ids.flatten()
-        order = torch.argsort(flat_ids, stable=True)
-        counts = self.count_routed(expert_ids)
+    def run_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """sum_k weights[t, k] * expert ids[t, k] (x[t]); ids index the experts, or the cache's slots, and -1
+        leaves a pair out. Small bf16 steps go to our CPU kernel, the rest to grouped_experts."""
+        if x.shape[0] <= FUSED_MAX_TOKENS and self.uses_kernel():
+            self.fused_calls += 1
+            return fused_moe(x, ids.clamp(min=0), weights, self.w13, self.w2)
+        return self.grouped_experts(x, weights, ids)
+
+    def grouped_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The T*K (token, expert) pairs grouped by expert, each active expert run once over its tokens (the
+        activation runs once over all pairs in between), the pair outputs put back in (token, k) order and
+        mixed by the routing weights."""
+        weights = weights.to(x.dtype)
+        num_tokens, top_k = ids.shape
+        flat_ids = ids.flatten()
+        counts = torch.bincount(flat_ids + 1, minlength=self.w13.shape[0] + 1).tolist()
+        order = torch.argsort(flat_ids, stable=True)[counts[0]:]  # pairs left out (-1) sort first
         xs = x[order // top_k]  # the token of each pair, grouped by expert
         groups, start = [], 0  # (expert, its rows of xs)
-        for expert, count in enumerate(counts.tolist()):
+        for index, count in enumerate(counts[1:]):
             if count:
-                groups.append((expert, slice(start, start + count)))
+                groups.append((self.expert(index), slice(start, start + count)))
                 start += count
-        gate, up = torch.cat([linear(xs[rows], self.expert_weights(e)[0]) for e, rows in groups]).chunk(2, dim=-1)
-        hidden = F.silu(gate) * up
-        pair_out = torch.empty_like(xs)
-        pair_out[order] = torch.cat([linear(hidden[rows], self.expert_weights(e)[1]) for e, rows in groups])
+        gate_up = torch.cat([linear(xs[rows], w13, b13) for (w13, _, b13, _), rows in groups])
+        hidden = self.activation(*gate_up.chunk(2, dim=-1))
+        pair_out = x.new_zeros(num_tokens * top_k, x.shape[1]) if counts[0] else torch.empty_like(xs)
+        pair_out[order] = torch.cat([linear(hidden[rows], w2, b2) for (_, w2, _, b2), rows in groups])
         # each token's k outputs mixed by its routing weights: [T, 1, K] @ [T, K, D]
         return torch.bmm(weights.view(num_tokens, 1, top_k), pair_out.view(num_tokens, top_k, -1)).view_as(x)

@@ -6,7 +6,7 @@ Forward works on the step's flat batch: input_ids and positions are [T].
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,12 @@ def layer_sliding_window(cfg: dict, layer: int) -> int | None:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: dict, layer: int) -> None:
+    """Options some families add: biases on the q/k/v projections only (Qwen2); QK-norm, an RMSNorm on
+    queries and keys before rotary, over each head ("head", Qwen3) or the whole projection ("full", OLMoE);
+    q, k and v clamped to +-clip_qkv after it (OLMoE's config)."""
+
+    def __init__(self, cfg: dict, layer: int, sinks: bool = False, qkv_bias: bool | None = None,
+                 qk_norm: Literal["head", "full"] | None = None) -> None:
         super().__init__()
         d = cfg["hidden_size"]
         self.num_heads = cfg["num_attention_heads"]
@@ -39,11 +44,21 @@ class Attention(nn.Module):
         self.head_dim = cfg.get("head_dim") or d // self.num_heads
         bias = bool(cfg.get("attention_bias", False))
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(d, {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size}, bias=bias)
+        self.qkv_sizes = [q_size, kv_size, kv_size]
+        self.qkv_proj = MergedLinear(d, {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size},
+                                     bias=bias if qkv_bias is None else qkv_bias)
         self.o_proj = Linear(self.num_heads * self.head_dim, d, bias=bias)
+        self.q_norm = self.k_norm = None
+        if qk_norm:
+            eps = cfg.get("rms_norm_eps", 1e-6)
+            self.q_norm = RMSNorm(self.head_dim if qk_norm == "head" else q_size, eps)
+            self.k_norm = RMSNorm(self.head_dim if qk_norm == "head" else kv_size, eps)
+        self.clip_qkv: float | None = cfg.get("clip_qkv")
         self.rotary = rotary_embedding(self.head_dim, cfg)
         self.scale = self.head_dim**-0.5
         self.sliding_window = layer_sliding_window(cfg, layer)
+        # a learned logit per head joining the softmax (gpt-oss's attention sinks, see layers/attention.py)
+        self.sinks = nn.Parameter(torch.empty(self.num_heads)) if sinks else None
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         """What this layer keeps per cached token: a key and a value per KV head."""
@@ -52,12 +67,25 @@ class Attention(nn.Module):
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
-        qkv = self.qkv_proj(x).view(t, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)
+        if self.q_norm is not None:
+            qkv = self.normalize_qk(qkv)
+        if self.clip_qkv is not None:
+            qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
+        qkv = qkv.view(t, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         qk = self.rotary(positions, qkv[:, : self.num_heads + self.num_kv_heads])  # query and key heads at once
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, self.num_heads + self.num_kv_heads:]
-        out = paged_attention(q, k, v, kv_cache, meta, self.scale, self.sliding_window)
+        out = paged_attention(q, k, v, kv_cache, meta, self.scale, self.sliding_window, self.sinks)
         return self.o_proj(out.reshape(t, -1))
+
+    def normalize_qk(self, qkv: torch.Tensor) -> torch.Tensor:
+        """QK-norm on the merged projection [T, q + k + v]: each norm spans as many features as its weight."""
+        t = qkv.shape[0]
+        q, k, v = qkv.split(self.qkv_sizes, dim=-1)
+        q = self.q_norm(q.reshape(t, -1, self.q_norm.weight.shape[0])).reshape(t, -1)
+        k = self.k_norm(k.reshape(t, -1, self.k_norm.weight.shape[0])).reshape(t, -1)
+        return torch.cat([q, k, v], dim=-1)
 
 
 class MLP(nn.Module):
@@ -75,11 +103,11 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: dict, layer: int, mlp: nn.Module) -> None:
+    def __init__(self, cfg: dict, layer: int, mlp: nn.Module, attention: nn.Module | None = None) -> None:
         super().__init__()
         eps = cfg.get("rms_norm_eps", 1e-6)
         self.input_layernorm = RMSNorm(cfg["hidden_size"], eps)
-        self.self_attn = Attention(cfg, layer)
+        self.self_attn = Attention(cfg, layer) if attention is None else attention
         self.post_attention_layernorm = RMSNorm(cfg["hidden_size"], eps)
         self.mlp = mlp
 
@@ -94,7 +122,8 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg["vocab_size"], cfg["hidden_size"])
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, self.make_mlp(cfg, i)) for i in range(cfg["num_hidden_layers"]))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, self.make_mlp(cfg, i), self.make_attention(cfg, i))
+                                    for i in range(cfg["num_hidden_layers"]))
         self.norm = RMSNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6))
         self.tie_word_embeddings = bool(cfg.get("tie_word_embeddings", False))
         self.lm_head = Linear(cfg["hidden_size"], cfg["vocab_size"], bias=False)
@@ -111,6 +140,9 @@ class LlamaForCausalLM(nn.Module):
         """Share the embedding with the output head where the checkpoint says so."""
         if self.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+
+    def make_attention(self, cfg: dict, layer: int) -> nn.Module:
+        return Attention(cfg, layer)
 
     def make_mlp(self, cfg: dict, layer: int) -> nn.Module:
         return MLP(cfg["hidden_size"], cfg["intermediate_size"], bool(cfg.get("mlp_bias", False)))

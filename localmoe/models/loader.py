@@ -19,6 +19,8 @@ from rich.progress import Progress
 from safetensors import safe_open
 from torch import nn
 
+from localmoe.experts.store import ExpertStore, TensorLocation, safetensors_locations
+from localmoe.layers.moe import SparseMoE
 from localmoe.models.registry import model_class
 
 DTYPES = {
@@ -63,8 +65,12 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def load_model(model_dir: str | Path, dtype: str = "auto", device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Build the architecture named by config.json and fill it from the checkpoint's tensors."""
+def load_model(model_dir: str | Path, dtype: str = "auto", device: str | torch.device = "cpu",
+               expert_offload: str | None = None) -> tuple[nn.Module, dict]:
+    """Build the architecture named by config.json and fill it from the checkpoint's tensors.
+
+    With `expert_offload` ("host" or "disk") the MoE layers' experts go to an ExpertStore (`model.expert_store`)
+    instead of the model: a host-memory copy, or only the experts' places in the files (nothing read now)."""
     model_dir = Path(model_dir)
     device = torch.device(device)
     hf_config = read_hf_config(model_dir)
@@ -75,16 +81,27 @@ def load_model(model_dir: str | Path, dtype: str = "auto", device: str | torch.d
             model = cls(hf_config)
     except KeyError as e:
         raise ValueError(f"{model_dir}/config.json lacks the field {e.args[0]!r}") from e
+    store = None
+    if expert_offload is not None:
+        store = model.expert_store = ExpertStore(expert_offload, torch_dtype, model.map_weight,
+                                                 pin_memory=device.type == "cuda")
+        for path, module in model.named_modules():
+            if isinstance(module, SparseMoE):
+                module.offload(path, store)
     params = dict(model.named_parameters())
     loaded: dict[str, dict] = {}  # parameter -> {piece: elements}
     files = safetensors_files(model_dir)
     with Progress(transient=True, disable=not sys.stderr.isatty()) as progress:
         for path in files:
+            locations = safetensors_locations(path) if store is not None else {}
             with safe_open(str(path), framework="pt") as f:
                 names = list(f.keys())
                 task = progress.add_task(f"Loading {path.name}", total=len(names))
                 for name in names:
-                    _load_tensor(model, params, loaded, name, f.get_tensor(name), path)
+                    tensor = _offloaded_only(model, store, name, locations)
+                    if tensor is None:
+                        tensor = f.get_tensor(name)
+                    _load_tensor(model, params, loaded, name, tensor, path, store, locations.get(name))
                     progress.advance(task)
     complete = _complete(params, loaded)
     missing = [n for n in params if n not in complete]
@@ -111,8 +128,21 @@ def _skip(self: nn.Module) -> None:
     pass
 
 
+def _offloaded_only(model: nn.Module, store: ExpertStore | None, name: str,
+                    locations: dict[str, TensorLocation]) -> torch.Tensor | None:
+    """A shape-only stand-in for a tensor that only fills experts a disk store leaves in the file, so it is
+    never read at load; None where the real tensor is needed."""
+    if store is None or store.needs_data or model.ignored_weight(name):
+        return None
+    loc = locations[name]
+    stand_in = torch.empty(loc.shape, dtype=loc.dtype, device="meta")
+    mapped = list(model.map_weight(name, stand_in))
+    return stand_in if mapped and all(store.owns(target) for target, _, _ in mapped) else None
+
+
 def _load_tensor(model: nn.Module, params: dict[str, nn.Parameter], loaded: dict[str, dict], name: str,
-                 tensor: torch.Tensor, path: Path) -> None:
+                 tensor: torch.Tensor, path: Path, store: ExpertStore | None = None,
+                 location: TensorLocation | None = None) -> None:
     if model.ignored_weight(name):
         return
     for target, value, where in model.map_weight(name, tensor):
@@ -122,7 +152,10 @@ def _load_tensor(model: nn.Module, params: dict[str, nn.Parameter], loaded: dict
         if dest.shape != value.shape:
             raise ValueError(f"{path.name}: tensor {name!r} has shape {tuple(value.shape)}, "
                              f"expected {tuple(dest.shape)}")
-        dest.copy_(value)
+        if store is not None and store.owns(target):
+            store.add(target, value, where, name, location)
+        else:
+            dest.copy_(value)
         loaded.setdefault(target, {})[repr(where)] = dest.numel()
 
 

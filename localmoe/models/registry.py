@@ -4,13 +4,25 @@ from __future__ import annotations
 
 from torch import nn
 
+from localmoe.models.deepseek import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
+from localmoe.models.gpt_oss import GptOssForCausalLM
 from localmoe.models.llama import LlamaForCausalLM
 from localmoe.models.mixtral import MixtralForCausalLM
+from localmoe.models.olmoe import OlmoeForCausalLM
+from localmoe.models.qwen2 import Qwen2ForCausalLM
+from localmoe.models.qwen_moe import Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "MixtralForCausalLM": MixtralForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "OlmoeForCausalLM": OlmoeForCausalLM,
+    "GptOssForCausalLM": GptOssForCausalLM,
+    "DeepseekV2ForCausalLM": DeepseekV2ForCausalLM,
+    "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
 }
 
 

@@ -1,4 +1,5 @@
-"""The HTTP app: OpenAI routes plus vLLM's /health, /version, /tokenize, /detokenize and /metrics.
+"""The HTTP app: OpenAI routes plus vLLM's /health, /version, /tokenize, /detokenize and /metrics, and
+LocalMoE's own /v1/stats/{experts,memory,performance} and the /dashboard page drawn from them.
 
 Every refusal is OpenAI's error JSON with vLLM's status code (400 for anything malformed, where
 FastAPI alone would say 422), and no refusal disturbs the requests around it.
@@ -11,6 +12,7 @@ from contextlib import asynccontextmanager
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request, Response
+from fastapi.responses import HTMLResponse
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
@@ -18,9 +20,12 @@ from starlette.exceptions import HTTPException
 from localmoe import __version__
 from localmoe.config import Config
 from localmoe.engine.async_engine import AsyncEngine
+from localmoe.experts.stats import expert_stats
 from localmoe.server.auth import APIKeyMiddleware
 from localmoe.server.errors import APIError
 from localmoe.server.metrics import ServerMetrics
+from localmoe.server.stats import memory_stats
+from localmoe.server.dashboard import DASHBOARD_PAGE
 from localmoe.server.protocol import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
     TokenizeRequest, TokenizeResponse,
@@ -31,7 +36,8 @@ from localmoe.server.serving import OpenAIServing
 def build_app(aengine: AsyncEngine, config: Config) -> FastAPI:
     """An app serving `aengine`; the engine loop starts and stops with the app's lifespan."""
     engine = aengine.engine
-    metrics = ServerMetrics(lambda: engine.stats, engine.model_name, engine.max_model_len)
+    metrics = ServerMetrics(lambda: engine.stats, engine.model_name, engine.max_model_len,
+                            lambda: expert_stats(engine.model))
     serving = OpenAIServing(aengine, metrics)
 
     @asynccontextmanager
@@ -58,6 +64,22 @@ def build_app(aengine: AsyncEngine, config: Config) -> FastAPI:
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/stats/experts")
+    async def stats_experts() -> dict:
+        return expert_stats(engine.model)
+
+    @app.get("/v1/stats/memory")
+    async def stats_memory() -> dict:
+        return memory_stats(engine)
+
+    @app.get("/v1/stats/performance")
+    async def stats_performance() -> dict:
+        return metrics.recent.summary()
+
+    @app.get("/dashboard")
+    async def dashboard() -> HTMLResponse:
+        return HTMLResponse(DASHBOARD_PAGE)
 
     @app.get("/v1/models")
     async def models() -> ModelList:

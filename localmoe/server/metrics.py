@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from localmoe.outputs import RequestOutput
+from localmoe.server.stats import PerformanceWindow
 
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                    20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
@@ -70,13 +71,50 @@ class EngineStatsCollector(Collector):
             yield family
 
 
+class ExpertStatsCollector(Collector):
+    """LocalMoE's expert metrics from the expert statistics (experts/stats.py) at scrape time: tokens per
+    (layer, expert), and per layer the load imbalance and, with offloading, cache hits, misses, bytes loaded."""
+
+    def __init__(self, read_expert_stats: Callable[[], dict], model_name: str) -> None:
+        self.read_expert_stats = read_expert_stats
+        self.model_name = model_name
+
+    def collect(self) -> Iterator[Metric]:
+        layers = self.read_expert_stats()["layers"]
+        name = self.model_name
+        tokens = CounterMetricFamily("localmoe:expert_tokens", "Tokens routed to each expert of each MoE layer.",
+                                     labels=["model_name", "layer", "expert"])
+        imbalance = GaugeMetricFamily("localmoe:expert_load_imbalance",
+                                      "Max over mean tokens per expert of a MoE layer (1 is even).",
+                                      labels=["model_name", "layer"])
+        cache = {key: CounterMetricFamily(f"localmoe:{metric}", doc, labels=["model_name", "layer"])
+                 for key, metric, doc in (
+                     ("hits", "expert_cache_hits", "Experts a step wanted that were already in the expert cache."),
+                     ("misses", "expert_cache_misses", "Experts a step wanted that had to be loaded."),
+                     ("bytes_loaded", "expert_bytes_loaded", "Bytes of expert weights loaded into the cache."))}
+        for layer in layers:
+            index = str(layer["layer"])
+            for expert, count in enumerate(layer["tokens"]):
+                tokens.add_metric([name, index, str(expert)], float(count))
+            imbalance.add_metric([name, index], layer["load_imbalance"])
+            stats = layer["cache"] or {"hits": [0], "misses": [0], "bytes_loaded": 0}
+            for key, family in cache.items():
+                value = stats[key]
+                family.add_metric([name, index], float(sum(value) if isinstance(value, list) else value))
+        yield from (tokens, imbalance, *cache.values())
+
+
 class ServerMetrics:
     """One registry per app, so several apps (or tests) never share or clash over metrics."""
 
-    def __init__(self, read_stats: Callable[[], Any], model_name: str, max_model_len: int) -> None:
+    def __init__(self, read_stats: Callable[[], Any], model_name: str, max_model_len: int,
+                 read_expert_stats: Callable[[], dict] | None = None) -> None:
         self.registry = CollectorRegistry()
         self.model_name = model_name
         self.registry.register(EngineStatsCollector(read_stats, model_name))
+        if read_expert_stats is not None:
+            self.registry.register(ExpertStatsCollector(read_expert_stats, model_name))
+        self.recent = PerformanceWindow()  # /v1/stats/performance
         labels = ["model_name"]
         self.requests_rejected = Counter(
             "localmoe:requests_rejected", "Requests refused with 503 because the waiting queue was full.",
@@ -102,6 +140,7 @@ class ServerMetrics:
 
     def observe_finished(self, output: RequestOutput) -> None:
         """Record one finished request (all of its n completions) from its last RequestOutput."""
+        self.recent.observe(output)
         name = self.model_name
         generated = sum(len(c.token_ids) for c in output.outputs)
         for completion in output.outputs:

@@ -1,0 +1,28 @@
+"""OLMoE (Muennighoff et al. 2024): the Llama decoder with a sparse MoE in every layer (64 experts, top-8 in
+the published model) and QK-norm over the whole query and key projections, before they are split into heads.
+The router's top-k softmax weights are renormalised only when `norm_topk_prob`; `clip_qkv` clamps q, k and
+v after the norm (Attention reads it from the config)."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from localmoe.layers.moe import SparseMoE
+from localmoe.models.llama import Attention, LlamaForCausalLM, Piece
+from localmoe.models.qwen_moe import map_expert_weight, num_experts
+
+
+class OlmoeForCausalLM(LlamaForCausalLM):
+    def make_attention(self, cfg: dict, layer: int) -> Attention:
+        return Attention(cfg, layer, qk_norm="full")
+
+    def make_mlp(self, cfg: dict, layer: int) -> nn.Module:
+        return SparseMoE(cfg["hidden_size"], cfg["intermediate_size"], num_experts(cfg), cfg["num_experts_per_tok"],
+                         renormalize=bool(cfg.get("norm_topk_prob", False)))
+
+    def map_weight(self, name: str, tensor: torch.Tensor) -> Iterable[tuple[str, torch.Tensor, Piece]]:
+        name = name.removeprefix("model.")
+        return map_expert_weight(name, tensor) or super().map_weight(name, tensor)

@@ -1,0 +1,123 @@
+"""LocalMoE's own statistics routes: /v1/stats/experts, /v1/stats/memory and /v1/stats/performance.
+
+Memory is counted from the tensors themselves (weights, KV pool, swap space, expert cache slots, the expert
+store's host copy) beside the process's resident set size as the OS reports it. Performance is a window over
+the most recent finished requests: throughput, and TTFT / TPOT / end-to-end percentiles.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from localmoe.engine.llm_engine import LLMEngine
+from localmoe.outputs import RequestOutput
+
+PERCENTILES = (50, 90, 99)
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def process_rss_bytes() -> int | None:
+    """Resident set size of this process (Linux /proc), None where unknown."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return None
+
+
+def memory_stats(engine: LLMEngine) -> dict[str, Any]:
+    model = engine.model
+    caches = engine.expert_caches
+    slots = {s.data_ptr() for c in caches for s in c.slots.values()}  # MoE layers' w13/w2 are views of these
+    weights = [t for t in (*model.parameters(), *model.buffers())
+               if t.device.type != "meta" and (t.is_mkldnn or t.data_ptr() not in slots)]
+    store = getattr(model, "expert_store", None)
+    kv = engine.runner.kv_caches
+    device: dict[str, Any] = {"type": engine.device.type}
+    if engine.device.type == "cuda":
+        device |= {"allocated_bytes": torch.cuda.memory_allocated(engine.device),
+                   "reserved_bytes": torch.cuda.memory_reserved(engine.device)}
+    return {
+        "object": "memory_stats",
+        "device": device,
+        "weights_bytes": tensor_bytes(weights),
+        "kv_cache": {"bytes": tensor_bytes(kv), "num_blocks": engine.block_manager.num_blocks,
+                     "num_free_blocks": engine.block_manager.num_free_blocks, "usage": engine.block_manager.usage,
+                     "swap_bytes": tensor_bytes(engine.runner.swap_caches)},
+        "expert_cache": {
+            "enabled": bool(caches),
+            "experts_per_layer": engine.config.expert_cache_size,
+            "policy": engine.config.expert_cache_policy if caches else None,
+            "offload_target": store.target if store is not None else None,
+            "budget_bytes": sum(c.budget_bytes for c in caches),
+            "resident_bytes": sum(c.resident_bytes for c in caches),
+            "store_host_bytes": store.host_bytes() if store is not None else 0,
+        },
+        "process_rss_bytes": process_rss_bytes(),
+    }
+
+
+@dataclass
+class _Finished:
+    at: float  # when it finished (time.monotonic, as the engine stamps requests)
+    arrival: float
+    prompt_tokens: int
+    output_tokens: int
+    ttft: float | None
+    tpot: float | None
+    e2e: float | None
+
+
+def _percentiles(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return {"mean": values[0], **{f"p{p}": values[0] for p in PERCENTILES}}
+    cuts = statistics.quantiles(values, n=100, method="inclusive")
+    return {"mean": statistics.fmean(values), **{f"p{p}": cuts[p - 1] for p in PERCENTILES}}
+
+
+class PerformanceWindow:
+    """The last `window_s` seconds (at most `max_requests` requests) of finished requests."""
+
+    def __init__(self, window_s: float = 60.0, max_requests: int = 10_000) -> None:
+        self.window_s = window_s
+        self.finished: deque[_Finished] = deque(maxlen=max_requests)
+
+    def observe(self, output: RequestOutput) -> None:
+        times = output.metrics
+        arrival, first, done = (times.get(k) for k in ("arrival_time", "first_token_time", "finished_time"))
+        if arrival is None or done is None:
+            return
+        steps = max(len(c.token_ids) for c in output.outputs)
+        self.finished.append(_Finished(
+            at=done, arrival=arrival, prompt_tokens=len(output.prompt_token_ids),
+            output_tokens=sum(len(c.token_ids) for c in output.outputs),
+            ttft=first - arrival if first is not None else None,
+            tpot=(done - first) / (steps - 1) if first is not None and steps > 1 else None,
+            e2e=done - arrival))
+
+    def summary(self, now: float | None = None) -> dict[str, Any]:
+        now = time.monotonic() if now is None else now
+        recent = [r for r in self.finished if r.at >= now - self.window_s]
+        span = now - min(r.arrival for r in recent) if recent else 0.0
+        span = min(max(span, 1e-9), self.window_s) if recent else 0.0
+        return {
+            "object": "performance_stats", "window_s": self.window_s, "num_requests": len(recent),
+            "output_tokens_per_s": sum(r.output_tokens for r in recent) / span if recent else 0.0,
+            "prompt_tokens_per_s": sum(r.prompt_tokens for r in recent) / span if recent else 0.0,
+            "requests_per_s": len(recent) / span if recent else 0.0,
+            "ttft_s": _percentiles([r.ttft for r in recent if r.ttft is not None]),
+            "tpot_s": _percentiles([r.tpot for r in recent if r.tpot is not None]),
+            "e2e_s": _percentiles([r.e2e for r in recent if r.e2e is not None]),
+        }

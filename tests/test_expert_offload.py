@@ -1,0 +1,174 @@
+"""Expert offloading: an ExpertCache of a few slots per MoE layer, fed from host memory or straight from the
+checkpoint files, gives the same logits and greedy tokens as the fully resident model, within its byte budget."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from checkpoints import make_checkpoint
+from family_parity import engine, prompts_of, record_logits
+from localmoe import SamplingParams
+from localmoe.experts.cache import ExpertCache
+from localmoe.experts.store import ExpertStore
+from localmoe.layers.fused_moe import kernel as fused_kernel
+from localmoe.layers.moe import SparseMoE
+
+NEW = 12
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """Mixtral with 8 experts top-2: per-expert tensors, as the hub stores them."""
+    return make_checkpoint(tmp_path_factory.mktemp("offload"), "mixtral", seed=21, num_local_experts=8)
+
+
+@pytest.fixture(scope="module")
+def fused_checkpoint(checkpoint, tmp_path_factory) -> Path:
+    """The same weights with each layer's experts stacked into one gate_up_proj / down_proj tensor (the layout
+    transformers keeps in memory), so a disk read takes one expert's rows out of a larger tensor."""
+    directory = tmp_path_factory.mktemp("offload-fused")
+    tensors = load_file(checkpoint / "model.safetensors")
+    config = json.loads((checkpoint / "config.json").read_text())
+    for layer in range(config["num_hidden_layers"]):
+        prefix = f"model.layers.{layer}.block_sparse_moe.experts"
+        experts = range(config["num_local_experts"])
+        w1, w2, w3 = ([tensors.pop(f"{prefix}.{e}.{w}.weight") for e in experts] for w in ("w1", "w2", "w3"))
+        tensors[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = torch.cat([torch.stack(w1), torch.stack(w3)], 1)
+        tensors[f"model.layers.{layer}.mlp.experts.down_proj"] = torch.stack(w2)
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (directory / name).write_bytes((checkpoint / name).read_bytes())
+    return directory
+
+
+def run(directory: Path, **offload) -> tuple[list[list[int]], list[torch.Tensor], object]:
+    """Greedy tokens of four batched prompts and every step's logits."""
+    llm = engine(directory, **offload)
+    steps = record_logits(llm)
+    budgets = []
+    hook = llm.engine.step
+
+    def step():  # the cache's own accounting after every engine step
+        out = hook()
+        budgets.extend((c.resident_bytes, c.budget_bytes) for c in llm.engine.expert_caches)
+        return out
+
+    llm.engine.step = step
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts_of([9, 17, 4, 12], seed=3)],
+                        SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True))
+    assert all(held <= budget for held, budget in budgets)
+    return [o.outputs[0].token_ids for o in outs], steps, llm.engine
+
+
+@pytest.fixture(scope="module")
+def resident(checkpoint):
+    tokens, steps, _ = run(checkpoint)
+    return tokens, steps
+
+
+@pytest.mark.parametrize("target,size,policy,prefetch", [
+    ("host", 1, "lru", False),  # a budget below top-k: every step runs in waves
+    ("disk", 1, "lfu", False),
+    ("disk", 3, "lfru", True),
+    ("host", 4, "lru", True),
+])
+def test_offloaded_experts_give_the_resident_outputs(checkpoint, resident, target, size, policy, prefetch):
+    tokens, steps, core = run(checkpoint, expert_cache_size=size, expert_offload_target=target,
+                              expert_cache_policy=policy, expert_prefetch=prefetch)
+    assert tokens == resident[0]
+    for ours, theirs in zip(steps, resident[1]):
+        assert (ours - theirs).abs().max() <= 1e-4
+    caches = core.expert_caches
+    assert len(caches) == 3 and all(c.capacity == size for c in caches)
+    assert all(int(c.stats.misses.sum()) > 0 and c.stats.bytes_loaded > 0 for c in caches)
+    # the model itself holds only the slots: no full copy of the experts on the compute device
+    moe = next(m for m in core.model.modules() if isinstance(m, SparseMoE))
+    assert moe.w13.shape[0] == size and moe.w13.data_ptr() == caches[0].slots["w13"].data_ptr()
+    if prefetch:
+        assert sum(c.stats.prefetched for c in caches) > 0 and sum(c.stats.prefetch_used for c in caches) > 0
+    if target == "disk":  # nothing in host memory: each miss read one expert's bytes from the file
+        assert core.model.expert_store.host_bytes() == 0
+        for c in caches:
+            assert c.stats.bytes_loaded == (int(c.stats.misses.sum()) + c.stats.prefetched) * c.expert_bytes
+
+
+def test_disk_reads_one_experts_rows_of_a_stacked_tensor(fused_checkpoint, resident):
+    tokens, _, core = run(fused_checkpoint, expert_cache_size=2, expert_offload_target="disk")
+    assert tokens == resident[0]
+    cache = core.expert_caches[0]
+    assert cache.stats.bytes_loaded == int(cache.stats.misses.sum()) * cache.expert_bytes
+
+
+def test_bfloat16_offloaded_matches_bfloat16_resident(checkpoint):
+    """The CPU kernel reads the slots directly (expert ids remapped to slots). One sequence from a one-token
+    prompt wants two experts a step, so each step is a single wave and the sums are the resident run's exactly
+    (in waves, bf16 partial sums round differently; the float32 tests above cover waves)."""
+    prompt = {"prompt_token_ids": prompts_of([1], seed=4)[0]}
+    params = SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True)
+    outputs = []
+    for offload in ({}, {"expert_cache_size": 2, "expert_offload_target": "disk"}):
+        llm = engine(checkpoint, **{**offload, "dtype": "bfloat16"})
+        steps = record_logits(llm)
+        outputs.append((llm.generate(prompt, params)[0].outputs[0].token_ids, torch.cat(steps)))
+    assert outputs[0][0] == outputs[1][0]
+    assert torch.equal(outputs[0][1], outputs[1][1])
+    caches = llm.engine.expert_caches
+    assert all(int(c.stats.misses.sum()) > 2 for c in caches)  # experts were evicted and loaded again
+    if fused_kernel() is not None:
+        assert all(m.fused_calls > 0 for m in llm.engine.model.modules() if isinstance(m, SparseMoE))
+
+
+class FakeStore(ExpertStore):
+    """A host store of 6 one-number experts, to watch what the policies evict."""
+
+    def __init__(self) -> None:
+        super().__init__("host", torch.float32, weight_map=lambda name, t: [])
+        self.add_layer("moe", 6, {"w13": (1,), "w2": (1,)})
+        for kind in ("w13", "w2"):
+            self.layers["moe"].host[kind].copy_(torch.arange(6.0)[:, None])
+
+
+def resident_after(policy: str, accesses: list[list[int]], capacity: int = 3) -> set[int]:
+    cache = ExpertCache("moe", FakeStore(), capacity, policy, torch.device("cpu"))
+    for experts in accesses:
+        for slots in cache.waves(torch.tensor([experts])):
+            used = slots[slots >= 0]
+            # each slot holds the expert it is said to hold
+            assert cache.slots["w13"][used, 0].tolist() == [cache.slot_expert[s] for s in used.tolist()]
+    assert cache.resident_bytes <= cache.budget_bytes
+    return set(cache.expert_slot)
+
+
+def test_eviction_policies():
+    # expert 0 used most, but long ago; 1 and 2 recently; then 3 arrives into a full cache of three
+    history = [[0]] * 5 + [[1], [2]] * 4 + [[3]]
+    assert resident_after("lru", history) == {1, 2, 3}  # 0 is the least recent
+    assert resident_after("lfu", history) == {0, 2, 3}  # 1 and 2 are used least; 1 less recently
+    assert resident_after("lfru", history) == {1, 2, 3}  # 0's old uses have faded
+    # but a recent burst of 0 keeps it under lfru where lru, seeing only the last use, drops it
+    burst = [[1], [2], [0], [0], [0], [0], [1], [2], [3]]
+    assert resident_after("lru", burst) == {1, 2, 3}
+    assert resident_after("lfru", burst) == {0, 2, 3}
+
+
+def test_budget_below_top_k_runs_in_waves():
+    cache = ExpertCache("moe", FakeStore(), 1, "lru", torch.device("cpu"))
+    waves = list(cache.waves(torch.tensor([[4, 5], [5, 2]])))
+    assert len(waves) == 3  # three experts, one slot
+    covered = torch.stack(waves) >= 0
+    assert covered.sum(0).eq(1).all()  # every (token, k) pair ran in exactly one wave
+    assert int(cache.stats.misses.sum()) == 3 and cache.stats.bytes_loaded == 3 * cache.expert_bytes
+
+
+def test_expert_cache_settings_are_checked(checkpoint):
+    from localmoe.config import ConfigError
+
+    with pytest.raises(ConfigError, match="expert_cache_policy"):
+        engine(checkpoint, expert_cache_size=2, expert_cache_policy="fifo")
+    with pytest.raises(ConfigError, match="expert_offload_target"):
+        engine(checkpoint, expert_cache_size=2, expert_offload_target="tape")

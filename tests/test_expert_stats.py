@@ -1,0 +1,114 @@
+"""Expert statistics through a real server: /v1/stats/experts, /v1/stats/memory, /v1/stats/performance, the
+localmoe:expert_* Prometheus metrics, and /dashboard rendered by headless Chromium."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from checkpoints import make_checkpoint
+from localmoe.server.dashboard import cell_center
+from test_server import API_KEY, auth, running_server
+
+HOT_PROMPT = "a" * 40  # one token over and over: its tokens mostly pick the same experts
+
+
+@pytest.fixture(scope="module")
+def offload_url(tmp_path_factory) -> Iterator[str]:
+    """8 experts, 2 slots per layer, read from the checkpoint file on a miss; no prefix caching, so every
+    repeat of the hot prompt routes its tokens again."""
+    directory = make_checkpoint(tmp_path_factory.mktemp("stats-model"), "mixtral", seed=4, num_local_experts=8)
+    with running_server(directory, tmp_path_factory.mktemp("stats-server"), "--expert-cache-size", "2",
+                        "--expert-offload-target", "disk", "--expert-prefetch", "--no-enable-prefix-caching") as url:
+        for _ in range(6):
+            response = httpx.post(f"{url}/v1/completions", headers=auth(), timeout=60, json={
+                "model": httpx.get(f"{url}/v1/models", headers=auth()).json()["data"][0]["id"],
+                "prompt": HOT_PROMPT, "max_tokens": 4, "temperature": 0})
+            assert response.status_code == 200
+        yield url
+
+
+def stats(url: str, what: str) -> dict:
+    response = httpx.get(f"{url}/v1/stats/{what}", headers=auth())
+    assert response.status_code == 200
+    return response.json()
+
+
+def test_expert_stats_count_tokens_hits_and_misses(offload_url):
+    data = stats(offload_url, "experts")
+    assert data["offloading"] and len(data["layers"]) == 3
+    for layer in data["layers"]:
+        assert sum(layer["tokens"]) > 0 and layer["load_imbalance"] >= 1.0
+        cache = layer["cache"]
+        assert cache["capacity"] == 2 and len(cache["resident_experts"]) <= 2
+        assert sum(cache["misses"]) > 0 and cache["bytes_loaded"] > 0
+        assert cache["resident_bytes"] <= cache["budget_bytes"]
+    # every routed token chose top_k experts; each layer saw the same tokens
+    assert len({sum(layer["tokens"]) for layer in data["layers"]}) == 1
+    totals = data["totals"]
+    assert totals["cache_misses"] > 0 and 0 <= totals["cache_hit_rate"] <= 1
+    assert totals["prefetched"] > 0
+
+
+def test_memory_stats_account_for_every_pool(offload_url):
+    data = stats(offload_url, "memory")
+    assert data["weights_bytes"] > 0 and data["kv_cache"]["bytes"] > 0
+    cache = data["expert_cache"]
+    assert cache["enabled"] and cache["offload_target"] == "disk" and cache["experts_per_layer"] == 2
+    assert 0 < cache["resident_bytes"] <= cache["budget_bytes"]
+    assert cache["store_host_bytes"] == 0  # the disk target keeps no copy in memory
+    assert data["process_rss_bytes"] > data["weights_bytes"]
+
+
+def test_performance_window_summarises_recent_requests(offload_url):
+    data = stats(offload_url, "performance")
+    assert data["num_requests"] >= 6
+    assert data["output_tokens_per_s"] > 0
+    assert 0 < data["ttft_s"]["p50"] <= data["ttft_s"]["p99"]
+    assert data["tpot_s"]["mean"] > 0
+
+
+def test_expert_metrics_on_prometheus(offload_url):
+    text = httpx.get(f"{offload_url}/metrics").text
+    samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+    tokens = {(s.labels["layer"], s.labels["expert"]): s.value for s in samples
+              if s.name == "localmoe:expert_tokens_total"}
+    assert len(tokens) == 3 * 8 and sum(tokens.values()) > 0
+    experts = stats(offload_url, "experts")
+    for name, key in (("localmoe:expert_cache_misses_total", "cache_misses"),
+                      ("localmoe:expert_bytes_loaded_total", "bytes_loaded")):
+        assert sum(s.value for s in samples if s.name == name) == experts["totals"][key] > 0
+    assert {s.labels["layer"] for s in samples if s.name == "localmoe:expert_load_imbalance"} == {"0", "1", "2"}
+
+
+def luminance(pixel: tuple[int, ...]) -> float:
+    r, g, b = pixel[:3]
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (installed by .ci/run)")
+def test_dashboard_draws_the_hot_expert_hotter(offload_url, tmp_path):
+    from PIL import Image
+
+    layers = stats(offload_url, "experts")["layers"]
+    row = 0
+    tokens = layers[row]["tokens"]
+    hot, cold = tokens.index(max(tokens)), tokens.index(min(tokens))
+    assert max(tokens) > 2 * min(tokens)  # the repeated prompt made one expert hot
+    shot = tmp_path / "dashboard.png"
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--hide-scrollbars", "--window-size=1000,600",
+                    "--force-device-scale-factor=1", "--virtual-time-budget=5000", f"--screenshot={shot}",
+                    f"{offload_url}/dashboard?api_key={API_KEY}"],
+                   check=True, capture_output=True, timeout=120)
+    image = Image.open(shot).convert("RGB")
+    hot_pixel, cold_pixel = image.getpixel(cell_center(row, hot)), image.getpixel(cell_center(row, cold))
+    assert luminance(hot_pixel) > luminance(cold_pixel) + 60, (hot_pixel, cold_pixel)
+    # every expert of every layer has a cell: the last layer's last cell is drawn too (not page background)
+    assert image.getpixel(cell_center(len(layers) - 1, 7)) != image.getpixel((5, 590))
