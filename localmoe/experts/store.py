@@ -113,17 +113,18 @@ class ExpertStore:
 
     def add(self, param: str, value: torch.Tensor, where: object, name: str, source: TensorLocation) -> None:
         """Take one mapped checkpoint tensor for an offloaded parameter. `where` is as in map_weight: an expert
-        index, (expert, rows...), or None for a tensor stacking every expert along dimension 0."""
+        index, (expert, rows...), or for a tensor stacking every expert along dimension 0, None or
+        (slice(None), rows...)."""
         path, _, kind = param.rpartition(".")
         layer = self.layers[path]
         if self.target == "host":
             dest = layer.host[kind] if where is None else layer.host[kind][where]
             dest.copy_(value)
             return
-        experts = range(layer.num_experts) if where is None else [where[0] if isinstance(where, tuple) else where]
-        for expert in experts:
-            piece_source = source.rows(expert, 1) if where is None else source
-            layer.pieces[expert].append(_Piece(name, piece_source, stacked=where is None))
+        index = where[0] if isinstance(where, tuple) else where
+        stacked = index is None or index == slice(None)
+        for expert in range(layer.num_experts) if stacked else [index]:
+            layer.pieces[expert].append(_Piece(name, source.rows(expert, 1) if stacked else source, stacked))
 
     def expert_bytes(self, path: str) -> int:
         """Bytes of one expert of this layer in the serving dtype (what a cache slot holds)."""
@@ -141,11 +142,9 @@ class ExpertStore:
             raw = self._pread(piece.source)
             moved += piece.source.nbytes
             for param, value, where in self.weight_map(piece.name, raw):
-                kind = param.rpartition(".")[2]
-                if piece.stacked:  # one expert's row of a stacked tensor: mapped with its dim 0 kept
-                    dest[kind].copy_(value[0])
-                else:
-                    dest[kind][where[1:] if isinstance(where, tuple) else ...].copy_(value)
+                rows = where[1:] if isinstance(where, tuple) else ()  # within the expert
+                # one expert's row of a stacked tensor is mapped with its dimension 0 (of size 1) kept
+                dest[param.rpartition(".")[2]][rows].copy_(value[0] if piece.stacked else value)
         return moved
 
     def _pread(self, loc: TensorLocation) -> torch.Tensor:
