@@ -5,23 +5,14 @@
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
 
-import matplotlib
+from plotting import result_and_output  # first: it picks matplotlib's file-only backend
 
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("result", help="JSON written by benchmarks/serve_bench.py")
-    parser.add_argument("--out", default=None, help="PNG path (default: the JSON's path with .png)")
-    args = parser.parse_args()
-    report = json.loads(Path(args.result).read_text())
-    out = Path(args.out or Path(args.result).with_suffix(".png"))
+    report, out = result_and_output("serve_bench.py")
 
     fig, (tput, ttft) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, levels in report["systems"].items():

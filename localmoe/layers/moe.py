@@ -85,6 +85,7 @@ class SparseMoE(nn.Module):
         """Serve experts from `cache` slots; with `prefetch_for` (the next MoE layer), guess that layer's experts
         by applying its router to this layer's input, and have them loaded while this layer computes."""
         self.cache = cache
+        self.prefetch_next = None
         if prefetch_for is not None:  # a function, not a module attribute: the next layer is no submodule
             def prefetch(x: torch.Tensor) -> None:
                 prefetch_for.cache.prefetch(torch.unique(prefetch_for.route(x)[1]).tolist())
