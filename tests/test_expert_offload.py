@@ -199,3 +199,20 @@ def test_every_family_offloads_to_disk(tmp_path, arch):
     assert runs[0][0] == runs[1][0]
     assert (runs[0][1] - runs[1][1]).abs().max() <= 1e-4
     assert all(int(c.stats.misses.sum()) > 0 for c in llm.engine.expert_caches)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("target", ["host", "disk"])
+def test_cuda_offloading_with_side_stream_prefetch(checkpoint, target):
+    """On CUDA: experts in pinned host memory (or the file), two slots on the device, prefetch copies on a side
+    stream; the same tokens as the resident model on the same device."""
+    resident_tokens, _, _ = run(checkpoint, device="cuda")
+    tokens, _, core = run(checkpoint, device="cuda", expert_cache_size=2, expert_offload_target=target,
+                          expert_prefetch=True)
+    assert tokens == resident_tokens
+    caches = core.expert_caches
+    assert all(c.slots["w13"].is_cuda and c.copy_stream is not None for c in caches)
+    assert sum(c.stats.prefetched for c in caches) > 0
+    if target == "host":
+        assert core.model.expert_store.layers[caches[0].path].host["w13"].is_pinned()

@@ -8,7 +8,8 @@ bytes the cache holds never exceed `capacity * expert_bytes`.
 
 Prefetch (optional): the MoE layer before this one applies this layer's router to its own input, guesses the
 experts this layer will want and loads them on a background thread while it computes (disk reads and copies
-release the GIL); this layer waits for that load before it looks at its slots.
+release the GIL; on CUDA the copies run on a side stream from pinned host memory); this layer waits for that
+load before it looks at its slots.
 
 Policies: lru evicts the least recently used expert; lfu the least often used (ties: least recent); lfru ranks by
 an exponentially decayed use count, so an expert that was hot long ago fades (frequency weighted by recency).
@@ -67,6 +68,9 @@ class ExpertCache:
         self.stats = CacheStats(torch.zeros(self.num_experts, dtype=torch.long),
                                 torch.zeros(self.num_experts, dtype=torch.long))
         self.prefetcher = prefetcher
+        self.device = device
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" and prefetcher is not None else None
+        self._copied: torch.cuda.Event | None = None
         self._pending: Future | None = None
         self._prefetched: set[int] = set()
 
@@ -109,17 +113,32 @@ class ExpertCache:
         if not wanted:
             return
         self.wait_prefetch()
+        # on CUDA the copies go on a side stream, after whatever queued work may still read the slots they fill
+        after = torch.cuda.current_stream(self.device) if self.copy_stream is not None else None
         if self.prefetcher is None:
-            self._prefetch(wanted)
+            self._prefetch(wanted, after)
         else:
-            self._pending = self.prefetcher.submit(self._prefetch, wanted)
+            self._pending = self.prefetcher.submit(self._prefetch, wanted, after)
 
     def wait_prefetch(self) -> None:
         if self._pending is not None:
             pending, self._pending = self._pending, None
             pending.result()
+        if self._copied is not None:  # compute on the slots only once the side stream's copies are done
+            torch.cuda.current_stream(self.device).wait_event(self._copied)
+            self._copied = None
 
-    def _prefetch(self, experts: list[int]) -> None:
+    def _prefetch(self, experts: list[int], after: "torch.cuda.Stream | None") -> None:
+        if self.copy_stream is None:
+            self._load_all(experts)
+            return
+        self.copy_stream.wait_stream(after)
+        with torch.cuda.stream(self.copy_stream):
+            self._load_all(experts)
+            self._copied = torch.cuda.Event()
+            self._copied.record(self.copy_stream)
+
+    def _load_all(self, experts: list[int]) -> None:
         for expert in experts:
             self._load(expert, keep=set(experts))
             self._prefetched.add(expert)
