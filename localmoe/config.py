@@ -20,6 +20,10 @@ class ConfigError(ValueError):
     """A configuration that cannot be used, with a message naming the offending key."""
 
 
+# how the built-in architecture's MoE layers route (models/localmoe.py); the first is Mixtral's
+ROUTINGS = ("topk_softmax", "expert_choice", "soft_moe", "hash")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Shape of the built-in MoE (the `model:` section)."""
@@ -36,7 +40,22 @@ class ModelConfig:
     num_key_value_heads: int = 4
     rope_theta: float = 10000.0
     routing: str = "topk_softmax"
+    capacity_factor: float | None = None  # token dropping past this many times an even share; None: off
+    slots_per_expert: int = 1  # soft_moe routing only
     seed: int = 0
+
+    def validate(self) -> None:
+        refusals = [
+            (self.routing not in ROUTINGS, "routing", f"routing {self.routing!r} is not one of {', '.join(ROUTINGS)}"),
+            (self.capacity_factor is not None and self.capacity_factor <= 0, "capacity_factor",
+             "capacity_factor must be positive (null turns token dropping off)"),
+            (self.capacity_factor is not None and self.routing == "soft_moe", "capacity_factor",
+             "soft_moe routing drops no tokens; leave capacity_factor null"),
+            (self.slots_per_expert < 1, "slots_per_expert", "slots_per_expert must be positive"),
+        ]
+        for bad, key, message in refusals:
+            if bad:
+                raise ConfigError(f"model.{key}: {message}")
 
 
 @dataclass(frozen=True)
@@ -157,5 +176,6 @@ def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, A
         engine=_build(EngineConfig, sections["engine"], "vllm"),
         server=_build(ServerConfig, sections["server"], "server"),
     )
+    config.model.validate()
     config.engine.validate()
     return config

@@ -107,8 +107,9 @@ class SparseMoE(nn.Module):
         self.w2.data = self.w2.data.new_empty(0)
 
     def count_routed(self, expert_ids: torch.Tensor) -> torch.Tensor:
-        """Tokens this step routed to each expert [E] (on CPU), added to the running statistics."""
-        counts = torch.bincount(expert_ids.flatten(), minlength=self.num_experts).cpu()
+        """Tokens this step routed to each expert [E] (on CPU; pairs routed nowhere, -1, left out), added to the
+        running statistics."""
+        counts = torch.bincount(expert_ids[expert_ids >= 0], minlength=self.num_experts).cpu()
         self.tokens_per_expert += counts
         return counts
 
@@ -117,7 +118,11 @@ class SparseMoE(nn.Module):
         return softmax_topk(self.gate(x), self.top_k, self.renormalize)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, expert_ids = self.route(x)
+        return self.dispatch(x, *self.route(x))
+
+    def dispatch(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """The block's output once routed: each token's experts mixed by its weights [T, K] (plus the shared
+        expert); an expert id of -1 adds nothing."""
         if self.record_routing:
             self.last_expert_ids = expert_ids
         self.count_routed(expert_ids)

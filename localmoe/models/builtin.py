@@ -2,8 +2,9 @@
 
 `localmoe-builtin` (the default model) is the small MoE LocalMoE trained itself (`localmoe train`),
 shipped inside the package. `localmoe-random` is a Mixtral-architecture MoE with seeded random
-weights shaped by the `model:` section of the config, for benchmarks: it is made once per shape,
-deterministically (a byte-level tokenizer that needs no training text), in a cache folder. Both are
+weights shaped by the `model:` section of the config, for benchmarks (LocalMoE's own architecture,
+models/localmoe.py, where that section asks for another routing or a capacity factor): it is made once
+per shape, deterministically (a byte-level tokenizer that needs no training text), in a cache folder. Both are
 ordinary Hugging Face directories loaded through the same loader as any checkpoint.
 """
 
@@ -62,6 +63,11 @@ def write_byte_tokenizer(directory: Path) -> int:
 
 
 def builtin_hf_config(cfg: ModelConfig, vocab_size: int) -> dict:
+    """Mixtral's config.json (so transformers loads it too) unless the routing needs LocalMoE's architecture."""
+    routing = {}
+    if cfg.routing != "topk_softmax" or cfg.capacity_factor is not None:
+        routing = {"architectures": ["LocalMoEForCausalLM"], "model_type": "localmoe", "routing": cfg.routing,
+                   "capacity_factor": cfg.capacity_factor, "slots_per_expert": cfg.slots_per_expert}
     return {
         "architectures": ["MixtralForCausalLM"],
         "model_type": "mixtral",
@@ -84,6 +90,7 @@ def builtin_hf_config(cfg: ModelConfig, vocab_size: int) -> dict:
         "torch_dtype": "bfloat16",
         "router_jitter_noise": 0.0,
         "sliding_window": None,
+        **routing,
     }
 
 
@@ -116,6 +123,15 @@ def _random_weights(hf: dict, seed: int) -> dict[str, torch.Tensor]:
             w[p + f"block_sparse_moe.experts.{e}.w3.weight"] = normal(i, d)
     w["model.norm.weight"] = norm()
     w["lm_head.weight"] = normal(v, d)
+    # LocalMoE's other routers: hash routing has no gate, soft MoE its Phi in the gate's place (gates are drawn
+    # anyway, so a seed gives the same experts whatever the routing)
+    routing, slots = hf.get("routing"), hf["num_local_experts"] * hf.get("slots_per_expert", 1)
+    for layer in range(hf["num_hidden_layers"]):
+        p = f"model.layers.{layer}.block_sparse_moe."
+        if routing in ("hash", "soft_moe"):
+            del w[p + "gate.weight"]
+        if routing == "soft_moe":
+            w[p + "phi"] = normal(d, slots)
     return w
 
 

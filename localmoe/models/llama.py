@@ -118,11 +118,13 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    decoder_layer: type[DecoderLayer] = DecoderLayer
+
     def __init__(self, cfg: dict) -> None:
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg["vocab_size"], cfg["hidden_size"])
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, self.make_mlp(cfg, i), self.make_attention(cfg, i))
+        self.layers = nn.ModuleList(self.decoder_layer(cfg, i, self.make_mlp(cfg, i), self.make_attention(cfg, i))
                                     for i in range(cfg["num_hidden_layers"]))
         self.norm = RMSNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6))
         self.tie_word_embeddings = bool(cfg.get("tie_word_embeddings", False))

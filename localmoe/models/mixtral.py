@@ -36,4 +36,4 @@ class MixtralForCausalLM(LlamaForCausalLM):
             return [(f"{layer}.mlp.w13", tensor, (expert, slice(start, start + rows)))]
         if m := _FUSED.fullmatch(name):
             return [(f"{m[1]}.mlp.{'w2' if m[2] == 'down_proj' else 'w13'}", tensor, None)]
-        return super().map_weight(name.replace(".block_sparse_moe.gate.", ".mlp.gate."), tensor)
+        return super().map_weight(name.replace(".block_sparse_moe.", ".mlp."), tensor)

@@ -7,6 +7,7 @@ from torch import nn
 from localmoe.models.deepseek import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from localmoe.models.gpt_oss import GptOssForCausalLM
 from localmoe.models.llama import LlamaForCausalLM
+from localmoe.models.localmoe import LocalMoEForCausalLM
 from localmoe.models.mixtral import MixtralForCausalLM
 from localmoe.models.olmoe import OlmoeForCausalLM
 from localmoe.models.qwen2 import Qwen2ForCausalLM
@@ -23,6 +24,7 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "GptOssForCausalLM": GptOssForCausalLM,
     "DeepseekV2ForCausalLM": DeepseekV2ForCausalLM,
     "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
+    "LocalMoEForCausalLM": LocalMoEForCausalLM,
 }
 
 
