@@ -18,7 +18,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("fused_moe_cpu.cpp")
-FLAGS = ["-O3", "-march=native", "-ffast-math"]
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-ffp-contract=off"]
 
 
 def cpu_has_avx512_bf16() -> bool:
@@ -43,6 +43,7 @@ def kernel() -> ModuleType | None:
 
 
 def fused_moe(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
-              w2: torch.Tensor) -> torch.Tensor:
-    """sum_k weights[t, k] * SwiGLU expert ids[t, k] applied to x[t]; see fused_moe_cpu.cpp."""
-    return kernel().fused_moe(x, expert_ids, weights, w13, w2)
+              w2: torch.Tensor, float_out: bool = False) -> torch.Tensor:
+    """sum_k weights[t, k] * SwiGLU expert ids[t, k] applied to x[t]; see fused_moe_cpu.cpp. The sums are kept
+    in float32; bf16 is returned unless `float_out` (for callers adding several partial sums)."""
+    return kernel().fused_moe(x, expert_ids, weights, w13, w2, float_out)

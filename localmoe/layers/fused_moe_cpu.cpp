@@ -58,9 +58,10 @@ void matmul(const at::BFloat16* x, int64_t n, const at::BFloat16* w, int64_t k, 
 }  // namespace
 
 // x [T, D] bf16; expert_ids [T, K] int64; weights [T, K] float32; w13 [E, 2I, D] bf16 (gate rows, then up
-// rows); w2 [E, D, I] bf16. Returns sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) as [T, D] bf16.
+// rows); w2 [E, D, I] bf16. Returns sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) as [T, D] bf16, or as
+// the float32 sums themselves with float_out.
 torch::Tensor fused_moe(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor weights, torch::Tensor w13,
-                        torch::Tensor w2) {
+                        torch::Tensor w2, bool float_out) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w13.scalar_type() == at::kBFloat16 &&
               w2.scalar_type() == at::kBFloat16, "fused_moe takes bfloat16 activations and weights");
   x = x.contiguous();
@@ -103,7 +104,7 @@ torch::Tensor fused_moe(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor
       for (int64_t d = 0; d < dim; ++d) target[d] += scale * y[i * dim + d];
     }
   }
-  return acc.to(at::kBFloat16);
+  return float_out ? acc : acc.to(at::kBFloat16);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -128,11 +128,7 @@ class SparseMoE(nn.Module):
         self.count_routed(expert_ids)
         if self.prefetch_next is not None:
             self.prefetch_next(x)
-        if self.cache is None:
-            out = self.run_experts(x, weights, expert_ids)
-        else:  # slot ids instead of expert ids, wave by wave; pairs outside a wave weigh nothing in it
-            out = sum(self.run_experts(x, weights.masked_fill(slots < 0, 0), slots)
-                      for slots in self.cache.waves(expert_ids))
+        out = self.run_experts(x, weights, expert_ids) if self.cache is None else self.run_waves(x, weights, expert_ids)
         if self.shared_expert is None:
             return out
         shared = self.shared_expert(x)
@@ -141,18 +137,27 @@ class SparseMoE(nn.Module):
         return out + shared
 
     def run_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """sum_k weights[t, k] * expert ids[t, k] (x[t]); ids index the experts, or the cache's slots, and -1
-        leaves a pair out. Small bf16 steps go to our CPU kernel, the rest to grouped_experts."""
+        """sum_k weights[t, k] * expert ids[t, k] (x[t]); -1 leaves a pair out. Small bf16 steps go to our CPU
+        kernel; otherwise the pairs are grouped by expert (pair_outputs) and mixed by the weights."""
         if x.shape[0] <= FUSED_MAX_TOKENS and self.uses_kernel():
             self.fused_calls += 1
             return fused_moe(x, ids.clamp(min=0), weights, self.w13, self.w2)
-        return self.grouped_experts(x, weights, ids)
+        return self.mix(weights, self.pair_outputs(x, ids))
 
-    def grouped_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """The T*K (token, expert) pairs grouped by expert, each active expert run once over its tokens (the
-        activation runs once over all pairs in between), the pair outputs put back in (token, k) order and
-        mixed by the routing weights."""
-        weights = weights.to(x.dtype)
+    def run_waves(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """run_experts over offloaded experts, wave by wave of the cache (experts/cache.py), with slot ids in place
+        of expert ids. Partial results stay exact until the end (pair outputs, or the kernel's float32 sums) and
+        are rounded once, so the output is the resident one (exactly, for top-2)."""
+        if x.shape[0] <= FUSED_MAX_TOKENS and self.uses_kernel():
+            self.fused_calls += 1
+            total = sum(fused_moe(x, slots.clamp(min=0), weights.masked_fill(slots < 0, 0), self.w13, self.w2,
+                                  float_out=True) for slots in self.cache.waves(ids))
+            return total.to(x.dtype)
+        return self.mix(weights, sum(self.pair_outputs(x, slots) for slots in self.cache.waves(ids)))
+
+    def pair_outputs(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Each (token, k) pair's expert output [T * K, D], zero where the id is -1. The pairs are grouped by expert,
+        each active expert runs once over its tokens, the activation once over all pairs in between."""
         num_tokens, top_k = ids.shape
         flat_ids = ids.flatten()
         counts = torch.bincount(flat_ids + 1, minlength=self.w13.shape[0] + 1).tolist()
@@ -163,9 +168,15 @@ class SparseMoE(nn.Module):
             if count:
                 groups.append((self.expert(index), slice(start, start + count)))
                 start += count
-        gate_up = torch.cat([linear(xs[rows], w13, b13) for (w13, _, b13, _), rows in groups])
-        hidden = self.activation(*gate_up.chunk(2, dim=-1))
         pair_out = x.new_zeros(num_tokens * top_k, x.shape[1]) if counts[0] else torch.empty_like(xs)
-        pair_out[order] = torch.cat([linear(hidden[rows], w2, b2) for (_, w2, _, b2), rows in groups])
-        # each token's k outputs mixed by its routing weights: [T, 1, K] @ [T, K, D]
-        return torch.bmm(weights.view(num_tokens, 1, top_k), pair_out.view(num_tokens, top_k, -1)).view_as(x)
+        if groups:
+            gate_up = torch.cat([linear(xs[rows], w13, b13) for (w13, _, b13, _), rows in groups])
+            hidden = self.activation(*gate_up.chunk(2, dim=-1))
+            pair_out[order] = torch.cat([linear(hidden[rows], w2, b2) for (_, w2, _, b2), rows in groups])
+        return pair_out
+
+    def mix(self, weights: torch.Tensor, pair_out: torch.Tensor) -> torch.Tensor:
+        """Each token's k pair outputs mixed by its routing weights: [T, 1, K] @ [T, K, D] -> [T, D]."""
+        num_tokens, top_k = weights.shape
+        mixed = torch.bmm(weights.to(pair_out.dtype).view(num_tokens, 1, top_k), pair_out.view(num_tokens, top_k, -1))
+        return mixed.view(num_tokens, -1)
