@@ -46,7 +46,8 @@ def test_expert_stats_count_tokens_hits_and_misses(offload_url):
         assert sum(layer["tokens"]) > 0 and layer["load_imbalance"] >= 1.0
         cache = layer["cache"]
         assert cache["capacity"] == 2 and len(cache["resident_experts"]) <= 2
-        assert sum(cache["misses"]) > 0 and cache["bytes_loaded"] > 0
+        assert sum(cache["misses"]) > 0 and cache["bytes_loaded"] == sum(cache["bytes_loaded_per_expert"]) > 0
+        assert sum(cache["prefetched_per_expert"]) == cache["prefetched"]
         assert cache["resident_bytes"] <= cache["budget_bytes"]
     # every routed token chose top_k experts; each layer saw the same tokens
     assert len({sum(layer["tokens"]) for layer in data["layers"]}) == 1

@@ -33,16 +33,34 @@ LFRU_DECAY = 0.9  # per access of the layer: a use 7 steps ago weighs about half
 
 @dataclass
 class CacheStats:
-    hits: torch.Tensor  # [E] steps in which the expert was wanted and resident
-    misses: torch.Tensor  # [E] steps in which it had to be loaded
-    bytes_loaded: int = 0
-    prefetched: int = 0  # experts loaded ahead by prefetch
-    prefetch_used: int = 0  # of those, wanted by the step that followed
+    """Per expert [E]: counts since the cache was made."""
+
+    hits: torch.Tensor  # steps that wanted the expert and found it resident
+    misses: torch.Tensor  # steps that had to load it
+    loaded_bytes: torch.Tensor  # bytes moved into a slot for it (misses and prefetches)
+    prefetches: torch.Tensor  # times prefetch loaded it ahead
+    prefetch_hits: torch.Tensor  # of those, times the step that followed wanted it
+
+    @classmethod
+    def zeros(cls, num_experts: int) -> "CacheStats":
+        return cls(*(torch.zeros(num_experts, dtype=torch.long) for _ in range(5)))
 
     @property
     def hit_rate(self) -> float:
         total = int(self.hits.sum() + self.misses.sum())
         return float(self.hits.sum()) / total if total else 0.0
+
+    @property
+    def bytes_loaded(self) -> int:
+        return int(self.loaded_bytes.sum())
+
+    @property
+    def prefetched(self) -> int:
+        return int(self.prefetches.sum())
+
+    @property
+    def prefetch_used(self) -> int:
+        return int(self.prefetch_hits.sum())
 
 
 class ExpertCache:
@@ -65,8 +83,7 @@ class ExpertCache:
         self.last_use = [0] * self.num_experts
         self.uses = [0] * self.num_experts
         self.score = [0.0] * self.num_experts  # lfru: decayed use count as of last_use
-        self.stats = CacheStats(torch.zeros(self.num_experts, dtype=torch.long),
-                                torch.zeros(self.num_experts, dtype=torch.long))
+        self.stats = CacheStats.zeros(self.num_experts)
         self.prefetcher = prefetcher
         self.device = device
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" and prefetcher is not None else None
@@ -90,7 +107,7 @@ class ExpertCache:
         self.clock += 1
         needed = torch.unique(expert_ids).tolist()
         wanted = set(needed)
-        self.stats.prefetch_used += len(self._prefetched & wanted)
+        self.stats.prefetch_hits[list(self._prefetched & wanted)] += 1
         self._prefetched.clear()
         resident = [e for e in needed if e in self.expert_slot]
         missing = [e for e in needed if e not in self.expert_slot]
@@ -142,7 +159,7 @@ class ExpertCache:
         for expert in experts:
             self._load(expert, keep=set(experts))
             self._prefetched.add(expert)
-        self.stats.prefetched += len(experts)
+        self.stats.prefetches[experts] += 1
 
     def _load(self, expert: int, keep: set[int]) -> None:
         """Bring `expert` into a free slot, or evict the policy's victim among experts not in `keep`."""
@@ -152,7 +169,7 @@ class ExpertCache:
             candidates = [e for e in self.expert_slot if e not in keep]
             victim = min(candidates, key=self._rank)
             slot = self.expert_slot.pop(victim)
-        self.stats.bytes_loaded += self.store.read(self.path, expert, {k: s[slot] for k, s in self.slots.items()})
+        self.stats.loaded_bytes[expert] += self.store.read(self.path, expert, {k: s[slot] for k, s in self.slots.items()})
         self.slot_expert[slot] = expert
         self.expert_slot[expert] = slot
 

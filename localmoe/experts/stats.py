@@ -35,11 +35,15 @@ def _ratio(part: int, whole: int) -> float:
 
 
 def cache_stats(cache: ExpertCache) -> dict[str, Any]:
-    hits, misses = cache.stats.hits.tolist(), cache.stats.misses.tolist()
+    """Per expert lists (hits, misses, bytes and prefetch counts) and the layer's totals."""
+    stats = cache.stats
+    hits, misses = stats.hits.tolist(), stats.misses.tolist()
     return {
         "capacity": cache.capacity, "policy": cache.policy,
         "hits": hits, "misses": misses, "hit_rate": _ratio(sum(hits), sum(hits) + sum(misses)),
-        "bytes_loaded": cache.stats.bytes_loaded,
+        "bytes_loaded_per_expert": stats.loaded_bytes.tolist(),
+        "prefetched_per_expert": stats.prefetches.tolist(), "prefetch_used_per_expert": stats.prefetch_hits.tolist(),
+        "bytes_loaded": stats.bytes_loaded,
         "resident_experts": sorted(cache.expert_slot), "resident_bytes": cache.resident_bytes,
         "budget_bytes": cache.budget_bytes,
         "prefetched": cache.stats.prefetched, "prefetch_used": cache.stats.prefetch_used,
