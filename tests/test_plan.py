@@ -197,3 +197,20 @@ def test_unsupported_architecture_is_named(tmp_path):
 def test_mla_kv_is_latent_plus_rope_key():
     shape = shape_of("DeepSeek-V3")
     assert kv_elements_per_token(shape) == 61 * (shape.attention.kv_lora_rank + shape.attention.qk_rope_head_dim)
+
+
+def test_plans_localmoe_own_architecture_as_the_model_it_serves(tmp_path, monkeypatch):
+    """`localmoe-random` with expert-choice routing is LocalMoEForCausalLM: planned like Mixtral, its total is the
+    parameter count of the model LocalMoE loads from it."""
+    from localmoe.config import ModelConfig
+    from localmoe.models.builtin import ensure_random_checkpoint
+    from localmoe.models.loader import load_model
+
+    monkeypatch.setenv("LOCALMOE_CACHE", str(tmp_path))
+    directory = ensure_random_checkpoint(ModelConfig(hidden_size=64, intermediate_size=96, num_layers=2,
+                                                     num_attention_heads=4, num_key_value_heads=2,
+                                                     routing="expert_choice"))
+    assert json.loads((directory / "config.json").read_text())["architectures"] == ["LocalMoEForCausalLM"]
+    model, _ = load_model(directory, dtype="float32")
+    plan = json.loads(plan_command(str(directory), json_output=True))
+    assert plan["params"]["total"] == sum(p.numel() for p in model.parameters())

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import CONFIG_MAPPING, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from localmoe.config import Config, ConfigError, EngineConfig
 from localmoe.engine.block_manager import BlockManager
@@ -51,6 +51,13 @@ class EngineStats:
     num_prefill_chunks_total: int
 
 
+def load_tokenizer(path: str | Path, hf_config: dict) -> PreTrainedTokenizerBase:
+    """The checkpoint's tokenizer. For our own architecture (a model_type transformers does not know) it gets
+    an empty model config, so it reads only the tokenizer files instead of warning about the model's."""
+    known = hf_config.get("model_type") in CONFIG_MAPPING
+    return AutoTokenizer.from_pretrained(path, **({} if known else {"config": PretrainedConfig()}))
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -69,7 +76,7 @@ class LLMEngine:
                                                   self.device, config.expert_prefetch) if offload else []
         if packing_supported(self.dtype, self.device):
             pack_model(self.model)
-        self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(config.tokenizer or model_dir)
+        self.tokenizer = load_tokenizer(config.tokenizer or model_dir, self.hf_config)
         limit = self.hf_config["max_position_embeddings"]
         self.max_model_len = config.max_model_len or limit
         if self.max_model_len > limit:

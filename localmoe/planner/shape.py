@@ -167,7 +167,7 @@ def _model_shape(name: str, config: dict[str, Any]) -> ModelShape:
     all_layers = tuple(range(layers))
     bias = bool(config.get("attention_bias", False))
     moe: MoeShape | None
-    if arch in ("MixtralForCausalLM", "GptOssForCausalLM"):
+    if arch in ("MixtralForCausalLM", "GptOssForCausalLM", "LocalMoEForCausalLM"):  # LocalMoE: Mixtral's shape
         gpt_oss = arch == "GptOssForCausalLM"
         attention = _standard_attention(config, layers, qkv_bias=gpt_oss, o_bias=gpt_oss, sinks=gpt_oss)
         moe = MoeShape(_num_experts(config), config["num_experts_per_tok"], config["intermediate_size"],
@@ -224,5 +224,6 @@ ARCHITECTURE_BY_MODEL_TYPE = {
     "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM", "deepseek": "DeepseekForCausalLM",
     "deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM", "dbrx": "DbrxForCausalLM",
     "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+    "localmoe": "LocalMoEForCausalLM",
 }
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURE_BY_MODEL_TYPE.values())
