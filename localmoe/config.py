@@ -22,6 +22,8 @@ class ConfigError(ValueError):
 
 # how the built-in architecture's MoE layers route (models/localmoe.py); the first is Mixtral's
 ROUTINGS = ("topk_softmax", "expert_choice", "soft_moe", "hash")
+EXPERT_CACHE_POLICIES = ("lru", "lfu", "lfru")
+EXPERT_OFFLOAD_TARGETS = ("host", "disk")
 
 
 @dataclass(frozen=True)
@@ -112,10 +114,11 @@ class EngineConfig:
              "max_model_len must be positive"),
             (self.expert_cache_size < 0, "expert_cache_size",
              "expert_cache_size must not be negative (0 keeps every expert resident)"),
-            (self.expert_cache_policy not in ("lru", "lfu", "lfru"), "expert_cache_policy",
-             f"expert_cache_policy {self.expert_cache_policy!r} is not one of lru, lfu, lfru"),
-            (self.expert_offload_target not in ("host", "disk"), "expert_offload_target",
-             f"expert_offload_target {self.expert_offload_target!r} is not one of host, disk"),
+            (self.expert_cache_policy not in EXPERT_CACHE_POLICIES, "expert_cache_policy",
+             f"expert_cache_policy {self.expert_cache_policy!r} is not one of {', '.join(EXPERT_CACHE_POLICIES)}"),
+            (self.expert_offload_target not in EXPERT_OFFLOAD_TARGETS, "expert_offload_target",
+             f"expert_offload_target {self.expert_offload_target!r} is not one of "
+             f"{', '.join(EXPERT_OFFLOAD_TARGETS)}"),
         ]
         for bad, key, message in refusals:
             if bad:

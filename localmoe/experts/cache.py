@@ -24,10 +24,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from localmoe.config import EXPERT_CACHE_POLICIES as POLICIES
 from localmoe.experts.store import ExpertStore
 from localmoe.layers.moe import SparseMoE
 
-POLICIES = ("lru", "lfu", "lfru")
 LFRU_DECAY = 0.9  # per access of the layer: a use 7 steps ago weighs about half a use now
 
 

@@ -40,14 +40,14 @@ def cache_stats(cache: ExpertCache) -> dict[str, Any]:
     hits, misses = stats.hits.tolist(), stats.misses.tolist()
     return {
         "capacity": cache.capacity, "policy": cache.policy,
-        "hits": hits, "misses": misses, "hit_rate": _ratio(sum(hits), sum(hits) + sum(misses)),
+        "hits": hits, "misses": misses, "hit_rate": stats.hit_rate,
         "bytes_loaded_per_expert": stats.loaded_bytes.tolist(),
         "prefetched_per_expert": stats.prefetches.tolist(), "prefetch_used_per_expert": stats.prefetch_hits.tolist(),
         "bytes_loaded": stats.bytes_loaded,
         "resident_experts": sorted(cache.expert_slot), "resident_bytes": cache.resident_bytes,
         "budget_bytes": cache.budget_bytes,
-        "prefetched": cache.stats.prefetched, "prefetch_used": cache.stats.prefetch_used,
-        "prefetch_accuracy": _ratio(cache.stats.prefetch_used, cache.stats.prefetched),
+        "prefetched": stats.prefetched, "prefetch_used": stats.prefetch_used,
+        "prefetch_accuracy": _ratio(stats.prefetch_used, stats.prefetched),
     }
 
 

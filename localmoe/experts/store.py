@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-OFFLOAD_TARGETS = ("host", "disk")
+from localmoe.config import EXPERT_OFFLOAD_TARGETS as OFFLOAD_TARGETS
 
 SAFETENSORS_DTYPES = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,

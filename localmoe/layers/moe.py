@@ -64,15 +64,13 @@ class SparseMoE(nn.Module):
         self.prefetch_next: Callable[[torch.Tensor], None] | None = None  # see attach_cache
 
     def expert(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """(w13, w2, w13 bias, w2 bias) of expert `index`, or of cache slot `index` when experts are offloaded."""
-        if self.cache is not None:
-            w13, w2 = self.cache.slots["w13"][index], self.cache.slots["w2"][index]
-            index = self.cache.slot_expert[index]
-        else:
-            w13, w2 = self.packed[index] if self.packed is not None else (self.w13[index], self.w2[index])
+        """(w13, w2, w13 bias, w2 bias) of expert `index`, or of cache slot `index` when experts are offloaded
+        (w13 and w2 are then the cache's slots; the biases stay resident, indexed by expert)."""
+        w13, w2 = self.packed[index] if self.packed is not None else (self.w13[index], self.w2[index])
         if self.w13_bias is None:
             return w13, w2, None, None
-        return w13, w2, self.w13_bias[index], self.w2_bias[index]
+        expert = self.cache.slot_expert[index] if self.cache is not None else index
+        return w13, w2, self.w13_bias[expert], self.w2_bias[expert]
 
     def offload(self, path: str, store: ExpertStore) -> None:
         """Hand the stacked experts to `store` (the loader fills them there): the parameters keep only their

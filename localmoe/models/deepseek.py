@@ -24,7 +24,7 @@ from localmoe.layers.mla import MultiHeadLatentAttention
 from localmoe.layers.moe import SparseMoE
 from localmoe.layers.routing import biased_sigmoid_group_topk, group_limited_softmax_topk
 from localmoe.models.llama import MLP, LlamaForCausalLM, Piece
-from localmoe.models.qwen_moe import map_expert_weight
+from localmoe.models.mixtral import map_expert_weight
 
 _LAYER = re.compile(r"(?:model\.)?layers\.(\d+)\.")
 
@@ -85,7 +85,7 @@ class DeepseekV2ForCausalLM(LlamaForCausalLM):
 
     def map_weight(self, name: str, tensor: torch.Tensor) -> Iterable[tuple[str, torch.Tensor, Piece]]:
         name = name.removeprefix("model.")
-        if experts := map_expert_weight(name, tensor):
+        if experts := map_expert_weight(name, tensor, self.config["moe_intermediate_size"]):
             return experts
         name = name.replace(".mlp.shared_experts.", ".mlp.shared_expert.")
         return super().map_weight(name.replace(".mlp.gate.e_score_correction_bias", ".mlp.e_score_correction_bias"),

@@ -12,7 +12,8 @@ from torch import nn
 
 from localmoe.layers.moe import SparseMoE
 from localmoe.models.llama import Attention, LlamaForCausalLM, Piece
-from localmoe.models.qwen_moe import map_expert_weight, num_experts
+from localmoe.models.mixtral import map_expert_weight
+from localmoe.models.qwen_moe import num_experts
 
 
 class OlmoeForCausalLM(LlamaForCausalLM):
@@ -25,4 +26,4 @@ class OlmoeForCausalLM(LlamaForCausalLM):
 
     def map_weight(self, name: str, tensor: torch.Tensor) -> Iterable[tuple[str, torch.Tensor, Piece]]:
         name = name.removeprefix("model.")
-        return map_expert_weight(name, tensor) or super().map_weight(name, tensor)
+        return map_expert_weight(name, tensor, self.config["intermediate_size"]) or super().map_weight(name, tensor)

@@ -9,7 +9,6 @@ scaled by a sigmoid gate, and biases on q/k/v; Qwen3-MoE drops both and normalis
 
 from __future__ import annotations
 
-import re
 from typing import Iterable
 
 import torch
@@ -17,25 +16,7 @@ from torch import nn
 
 from localmoe.layers.moe import SparseMoE
 from localmoe.models.llama import MLP, Attention, LlamaForCausalLM, Piece
-
-_PER_EXPERT = re.compile(r"(layers\.\d+\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
-_FUSED = re.compile(r"(layers\.\d+\.mlp)\.experts\.(gate_up_proj|down_proj)")
-
-
-def map_expert_weight(name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor, Piece]] | None:
-    """Routed-expert tensors into SparseMoE's stacked w13 (gate rows, then up rows) and w2, whether stored one
-    per expert (`experts.{e}.gate_proj.weight`, as the hub and transformers' save_pretrained write them) or
-    fused (`experts.gate_up_proj` [E, 2I, D], `experts.down_proj` [E, D, I]); None for any other tensor."""
-    if m := _PER_EXPERT.fullmatch(name):
-        moe, expert, projection = m[1], int(m[2]), m[3]
-        if projection == "down_proj":
-            return [(f"{moe}.w2", tensor, expert)]
-        rows = tensor.shape[0]
-        start = 0 if projection == "gate_proj" else rows
-        return [(f"{moe}.w13", tensor, (expert, slice(start, start + rows)))]
-    if m := _FUSED.fullmatch(name):
-        return [(f"{m[1]}.{'w13' if m[2] == 'gate_up_proj' else 'w2'}", tensor, None)]
-    return None
+from localmoe.models.mixtral import map_expert_weight
 
 
 def num_experts(cfg: dict) -> int:
@@ -64,7 +45,7 @@ class Qwen2MoeForCausalLM(LlamaForCausalLM):
 
     def map_weight(self, name: str, tensor: torch.Tensor) -> Iterable[tuple[str, torch.Tensor, Piece]]:
         name = name.removeprefix("model.")
-        return map_expert_weight(name, tensor) or super().map_weight(name, tensor)
+        return map_expert_weight(name, tensor, self.config["moe_intermediate_size"]) or super().map_weight(name, tensor)
 
 
 class Qwen3MoeForCausalLM(Qwen2MoeForCausalLM):
