@@ -90,7 +90,7 @@ class ExpertStore:
         self.weight_map = weight_map
         self.pin_memory = pin_memory
         self.layers: dict[str, _Layer] = {}  # MoE module path -> its experts
-        self._files: dict[Path, int] = {}  # open descriptors, disk target
+        self._files: dict[Path, int] = {}  # disk target: descriptors, open for the store's lifetime
 
     def add_layer(self, path: str, num_experts: int, shapes: dict[str, tuple[int, ...]]) -> None:
         layer = _Layer(num_experts, shapes)
@@ -170,8 +170,3 @@ class ExpertStore:
 
     def host_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers.values() for t in layer.host.values())
-
-    def close(self) -> None:
-        for fd in self._files.values():
-            os.close(fd)
-        self._files.clear()
