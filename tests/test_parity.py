@@ -13,7 +13,7 @@ from family_parity import (check_batched_prompt_logits, check_bfloat16_bar, chec
                            check_requests_joining_mid_batch, engine, prompts_of, record_logits)
 from localmoe import SamplingParams
 from localmoe.layers.linear import Linear, packing_supported
-from localmoe.layers.fused_moe import kernel as fused_kernel
+from localmoe.layers.cpu_kernels import kernels
 from localmoe.layers.moe import SparseMoE
 
 @pytest.mark.parametrize("arch,overrides", [
@@ -79,5 +79,5 @@ def test_bfloat16_logits_no_further_from_float32_than_transformers_bfloat16(tmp_
     run our CPU MoE kernel where it builds."""
     directory = make_checkpoint(tmp_path, "mixtral", seed=11, hidden_size=128, intermediate_size=256)
     llm = check_bfloat16_bar(directory, [7, 30, 18, 2, 11, 25, 4, 16], new=32)
-    if fused_kernel() is not None:
+    if kernels() is not None:
         assert all(m.fused_calls > 0 for m in llm.engine.model.modules() if isinstance(m, SparseMoE))

@@ -67,3 +67,14 @@ def test_logprobs_are_the_raw_distribution():
     result = Sampler(set())(LOGITS, seqs_for([SamplingParams(temperature=0, logprobs=2)]))
     assert abs(result.logprobs[0] - torch.log(torch.tensor(0.4)).item()) < 1e-6
     assert [t for t, _ in result.top_logprobs[0]] == [0, 1]
+
+
+def test_draws_follow_the_distribution():
+    """Frequencies over many draws match the probabilities (and a zero-probability token never comes)."""
+    probs = torch.tensor([0.4, 0.3, 0.0, 0.2, 0.1])
+    torch.manual_seed(0)
+    n = 20000
+    tokens = Sampler(set())(probs.log().repeat(n, 1), seqs_for([SamplingParams()] * n)).token_ids
+    freq = torch.bincount(torch.tensor(tokens), minlength=5).float() / n
+    assert freq[2] == 0
+    assert torch.allclose(freq, probs, atol=0.015), freq

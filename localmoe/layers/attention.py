@@ -22,12 +22,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from localmoe.layers import cpu_kernels
+
 
 @dataclass
 class AttentionMetadata:
     slot_blocks: torch.Tensor  # [T] block each new token's K/V goes to
     slot_offsets: torch.Tensor  # [T] its offset within that block
     block_tables: torch.Tensor  # [B, W] block ids, padded with 0
+    context_lens: torch.Tensor  # [B] tokens of each sequence after this step
     token_seq: torch.Tensor  # [T] which sequence each token belongs to
     token_row: torch.Tensor  # [T] row of the token within its sequence's queries
     masks: dict[int | None, torch.Tensor]  # sliding window (None: full) -> [B, 1, max_q, L], True where a query may attend to a key
@@ -64,6 +67,7 @@ class AttentionMetadata:
             slot_blocks=tables[token_seq, positions // block_size].to(device),
             slot_offsets=(positions % block_size).to(device),
             block_tables=tables.to(device),
+            context_lens=ctx_lens.to(device),
             token_seq=token_seq.to(device),
             token_row=token_row.to(device),
             masks={window: mask.unsqueeze(1).to(device) for window, mask in masks.items()},
@@ -82,7 +86,11 @@ def paged_attention(
     sinks: torch.Tensor | None = None,  # [H]
 ) -> torch.Tensor:
     """Store this step's K/V in the cache and attend (within the layer's sliding window, with the layer's
-    attention sinks if any); returns [T, H, D]."""
+    attention sinks if any); returns [T, H, D]. Decode steps on CPU run our kernel (paged_attention_cpu.cpp),
+    which does the same in one call, reading the blocks where they lie."""
+    if meta.decode_only and cpu_kernels.runs_here(q, kv_cache) and kv_cache.is_contiguous():
+        return cpu_kernels.kernels().decode_attention(q, k, v, kv_cache, meta.block_tables, meta.context_lens, scale,
+                                                      sliding_window or 0, sinks)
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     k_cache[meta.slot_blocks, :, meta.slot_offsets] = k.to(kv_cache.dtype)
     v_cache[meta.slot_blocks, :, meta.slot_offsets] = v.to(kv_cache.dtype)

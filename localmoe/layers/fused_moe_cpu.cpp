@@ -91,11 +91,13 @@ torch::Tensor fused_moe(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor
     std::vector<float> h(n * 2 * inter);
     matmul(xs.data(), n, w13.data_ptr<at::BFloat16>() + e * 2 * inter * dim, dim, h.data(), 2 * inter);
     std::vector<at::BFloat16> act(n * inter);  // SwiGLU: silu(gate) * up
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < inter; ++j) {
-        const float gate = h[i * 2 * inter + j], up = h[i * 2 * inter + inter + j];
-        act[i * inter + j] = static_cast<at::BFloat16>(gate / (1.0f + std::exp(-gate)) * up);
-      }
+    std::vector<float> row(inter);
+    for (int64_t i = 0; i < n; ++i) {
+      const float* gate = h.data() + i * 2 * inter;
+      const float* up = gate + inter;
+      for (int64_t j = 0; j < inter; ++j) row[j] = gate[j] / (1.0f + std::exp(-gate[j])) * up[j];  // vectorized exp
+      for (int64_t j = 0; j < inter; ++j) act[i * inter + j] = static_cast<at::BFloat16>(row[j]);
+    }
     std::vector<float> y(n * dim);
     matmul(act.data(), n, w2.data_ptr<at::BFloat16>() + e * dim * inter, inter, y.data(), dim);
     for (int64_t i = 0; i < n; ++i) {
@@ -105,8 +107,4 @@ torch::Tensor fused_moe(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor
     }
   }
   return float_out ? acc : acc.to(at::kBFloat16);
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("fused_moe", &fused_moe, "MoE feed-forward of a few tokens, bf16, AVX512-BF16");
 }

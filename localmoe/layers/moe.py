@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from localmoe.experts.store import ExpertStore
-from localmoe.layers.fused_moe import fused_moe
-from localmoe.layers.fused_moe import kernel as fused_kernel
+from localmoe.layers.cpu_kernels import fused_moe, kernels
 from localmoe.layers.linear import Linear, linear, pack_weight
 from localmoe.layers.routing import softmax_topk
 
@@ -59,7 +58,7 @@ class SparseMoE(nn.Module):
         self.record_routing = False  # keep the last step's choices for a routing trace
         self.last_expert_ids: torch.Tensor | None = None
         self.packed: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per expert (w13, w2), see pack()
-        self.fused_calls = 0  # steps served by the CPU kernel (layers/fused_moe.py)
+        self.fused_calls = 0  # steps served by the CPU kernel (layers/cpu_kernels.py)
         self.cache: ExpertCache | None = None  # offloaded experts (experts/cache.py): w13/w2 are its slots
         self.prefetch_next: Callable[[torch.Tensor], None] | None = None  # see attach_cache
 
@@ -94,7 +93,7 @@ class SparseMoE(nn.Module):
         """bf16 on a CPU where our kernel builds, for plain SwiGLU experts without biases (all the kernel
         computes): experts stay row-major for it (it reads rows itself)."""
         return (self.activation is swiglu and self.w13_bias is None and self.w13.device.type == "cpu"
-                and self.w13.dtype == torch.bfloat16 and fused_kernel() is not None)
+                and self.w13.dtype == torch.bfloat16 and kernels() is not None)
 
     def pack(self) -> None:
         """Each expert's weights in the packed CPU layout (layers/linear.py); the stacked copies are freed."""

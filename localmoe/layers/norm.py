@@ -1,8 +1,11 @@
-"""RMSNorm (Zhang & Sennrich 2019): one fused kernel, which accumulates in float32 for bf16 inputs."""
+"""RMSNorm (Zhang & Sennrich 2019): on CPU our kernel (rms_norm_cpu.cpp), elsewhere PyTorch's fused one; both
+accumulate in float32 for bf16 inputs."""
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from localmoe.layers import cpu_kernels
 
 
 class RMSNorm(nn.Module):
@@ -12,4 +15,6 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype and not torch.is_grad_enabled() and cpu_kernels.runs_here(x):
+            return cpu_kernels.kernels().rms_norm(x, self.weight, self.eps)
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)

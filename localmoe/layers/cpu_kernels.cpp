@@ -1,0 +1,17 @@
+// The Python bindings of LocalMoE's CPU kernels, one extension built from the sources beside this file.
+#include <torch/extension.h>
+
+#include <optional>
+
+torch::Tensor fused_moe(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor weights, torch::Tensor w13,
+                        torch::Tensor w2, bool float_out);
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor kv_cache,
+                               torch::Tensor block_tables, torch::Tensor context_lens, double scale,
+                               int64_t window, std::optional<torch::Tensor> sinks);
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("fused_moe", &fused_moe, "MoE feed-forward of a few tokens, bf16, AVX512-BF16");
+  m.def("decode_attention", &decode_attention, "one query per sequence over the paged KV cache");
+  m.def("rms_norm", &rms_norm, "RMSNorm of the last dimension");
+}

@@ -1,0 +1,118 @@
+"""Our CPU kernels (layers/*_cpu.cpp) against the float32 math they replace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from localmoe.layers.cpu_kernels import cpu_has_avx512_bf16, fused_moe, kernels
+from localmoe.layers.moe import SparseMoE
+from localmoe.layers.norm import RMSNorm
+from localmoe.layers.routing import softmax_topk
+
+pytestmark = [pytest.mark.avx512_bf16,
+              pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="needs a CPU with AVX512-BF16")]
+
+
+def reference(x, ids, weights, w13, w2):
+    """The MoE feed-forward in float32 from the same bf16 numbers, token by token."""
+    out = torch.zeros(x.shape, dtype=torch.float32)
+    for t in range(x.shape[0]):
+        for k in range(ids.shape[1]):
+            gate, up = (w13[ids[t, k]].float() @ x[t].float()).chunk(2)
+            out[t] += weights[t, k] * (w2[ids[t, k]].float() @ (F.silu(gate) * up))
+    return out
+
+
+@pytest.mark.parametrize("tokens,hidden,inter", [(1, 64, 96), (5, 80, 48), (19, 128, 256)])
+def test_kernel_is_no_less_accurate_than_pytorch_bf16(tokens, hidden, inter):
+    """Shapes include rows that are not a multiple of 32 (the masked tail) and more than 8 tokens
+    per expert (several passes)."""
+    assert kernels() is not None  # the compiler and headers are there: building must work
+    torch.manual_seed(tokens)
+    moe = SparseMoE(hidden, inter, num_experts=4, top_k=2).to(torch.bfloat16)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.1)
+    x = torch.randn(tokens, hidden).to(torch.bfloat16)
+    with torch.inference_mode():
+        weights, ids = softmax_topk(moe.gate(x), 2, True)
+        expected = reference(x, ids, weights, moe.w13, moe.w2)
+        ours = fused_moe(x, ids, weights, moe.w13, moe.w2).float()
+        pytorch = moe.mix(weights, moe.pair_outputs(x, ids)).float()
+    assert ours.shape == expected.shape
+    assert (ours - expected).abs().max() <= max((pytorch - expected).abs().max(), 1e-2)
+
+
+def test_decode_steps_run_the_kernel_and_prefill_does_not():
+    moe = SparseMoE(64, 96, num_experts=4, top_k=2).to(torch.bfloat16)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.1)
+    moe.pack()
+    assert moe.packed is None  # bf16 experts stay row-major for the kernel
+    with torch.inference_mode():
+        moe(torch.randn(3, 64).to(torch.bfloat16))
+        assert moe.fused_calls == 1
+        moe(torch.randn(200, 64).to(torch.bfloat16))
+        assert moe.fused_calls == 1
+    assert int(moe.tokens_per_expert.sum()) == 2 * 203
+
+
+def dense_decode_attention(q, kv_cache, tables, lens, scale, window, sinks):
+    """One query per sequence against its keys gathered in order, in float32, with sinks and a window."""
+    batch, heads, dim = q.shape
+    kv_heads, block_size = kv_cache.shape[2], kv_cache.shape[3]
+    out = torch.empty(batch, heads, dim)
+    for b in range(batch):
+        n = int(lens[b])
+        pos = torch.arange(n)
+        keys, values = (kv_cache[i][tables[b][pos // block_size], :, pos % block_size].float() for i in (0, 1))
+        first = max(0, n - window) if window else 0
+        for h in range(heads):
+            kh = h // (heads // kv_heads)
+            scores = (keys[first:, kh] @ q[b, h].float()) * scale
+            if sinks is not None:
+                scores = torch.cat([scores, sinks[h:h + 1].float()])
+            probs = torch.softmax(scores, 0)[: n - first]
+            out[b, h] = probs @ values[first:, kh]
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window,with_sinks", [(0, False), (5, False), (0, True)])
+def test_decode_attention_reads_the_paged_cache(dtype, window, with_sinks):
+    """Sequences of different lengths over scattered blocks, grouped query heads; the new key and value land
+    in their slot, and the output is float32 attention over each sequence's own keys."""
+    g = torch.Generator().manual_seed(window + with_sinks)
+    blocks, kv_heads, block_size, dim, heads = 12, 2, 4, 16, 6
+    cache = torch.randn(2, blocks, kv_heads, block_size, dim, generator=g).to(dtype)
+    tables = torch.tensor([[3, 7, 1, 0], [9, 2, 0, 0], [5, 11, 4, 8]])
+    lens = torch.tensor([10, 5, 16])
+    q, k, v = (torch.randn(3, n, dim, generator=g).to(dtype) for n in (heads, kv_heads, kv_heads))
+    sinks = torch.randn(heads, generator=g) if with_sinks else None
+    ours = kernels().decode_attention(q, k, v, cache, tables, lens, 0.25, window, sinks)
+    last = lens - 1
+    for b in range(3):
+        block, offset = tables[b, last[b] // block_size], last[b] % block_size
+        assert torch.equal(cache[0, block, :, offset], k[b]) and torch.equal(cache[1, block, :, offset], v[b])
+    expected = dense_decode_attention(q, cache, tables, lens, 0.25, window, sinks)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    assert (ours.float() - expected).abs().max() <= tolerance
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_rounds_like_the_reference(dtype):
+    """The normalised row is rounded to the input dtype before the weight multiplies it, as transformers does."""
+    torch.manual_seed(0)
+    norm = RMSNorm(96, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(7, 3, 96).to(dtype)
+    with torch.inference_mode():
+        ours = norm(x)
+    variance = x.float().pow(2).mean(-1, keepdim=True)
+    expected = norm.weight * (x.float() * torch.rsqrt(variance + 1e-5)).to(dtype)
+    assert ours.shape == x.shape
+    assert torch.allclose(ours.float(), expected.float(), atol=1e-6 if dtype == torch.float32 else 1e-2, rtol=1e-5)
