@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from localmoe.layers.cpu_kernels import cpu_has_avx512_bf16, fused_moe, kernels
+from localmoe.layers.linear import KERNEL_MAX_TOKENS, Linear
 from localmoe.layers.moe import SparseMoE
 from localmoe.layers.norm import RMSNorm
 from localmoe.layers.routing import softmax_topk
@@ -116,3 +117,19 @@ def test_rms_norm_rounds_like_the_reference(dtype):
     expected = norm.weight * (x.float() * torch.rsqrt(variance + 1e-5)).to(dtype)
     assert ours.shape == x.shape
     assert torch.allclose(ours.float(), expected.float(), atol=1e-6 if dtype == torch.float32 else 1e-2, rtol=1e-5)
+
+
+def test_packed_linear_keeps_its_row_major_weight_for_small_batches():
+    """After packing, a bf16 layer answers a few rows from our kernel on the row-major weight and more rows from
+    oneDNN's packed one; both agree with float32 math on the same bf16 numbers."""
+    torch.manual_seed(0)
+    layer = Linear(80, 200, bias=True).to(torch.bfloat16)
+    weight, bias = layer.weight.detach().clone(), layer.bias.detach().clone()
+    layer.pack()
+    assert layer.row_major is not None and torch.equal(layer.row_major, weight) and layer.weight.is_mkldnn
+    for rows in (1, KERNEL_MAX_TOKENS, KERNEL_MAX_TOKENS + 3):
+        x = torch.randn(rows, 80).to(torch.bfloat16)
+        with torch.inference_mode():
+            ours = layer(x).float()
+        expected = x.float() @ weight.float().T + bias.float()
+        assert (ours - expected).abs().max() <= 0.05 * expected.abs().max()

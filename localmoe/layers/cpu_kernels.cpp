@@ -9,9 +9,11 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
                                torch::Tensor block_tables, torch::Tensor context_lens, double scale,
                                int64_t window, std::optional<torch::Tensor> sinks);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
+torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_moe", &fused_moe, "MoE feed-forward of a few tokens, bf16, AVX512-BF16");
   m.def("decode_attention", &decode_attention, "one query per sequence over the paged KV cache");
   m.def("rms_norm", &rms_norm, "RMSNorm of the last dimension");
+  m.def("linear_bf16", &linear_bf16, "x @ w.T for a few rows of x, bf16, AVX512-BF16");
 }

@@ -108,3 +108,14 @@ torch::Tensor fused_moe(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor
   }
   return float_out ? acc : acc.to(at::kBFloat16);
 }
+
+// x [T, K] @ w [N, K]^T -> [T, N] bfloat16, float32 sums: a linear layer at decode batch sizes, where reading
+// the weight once is the whole cost.
+torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && w.is_contiguous(),
+              "linear_bf16 takes bfloat16 input and a contiguous bfloat16 weight");
+  x = x.contiguous();
+  auto y = torch::empty({x.size(0), w.size(0)}, x.options().dtype(at::kFloat));
+  matmul(x.data_ptr<at::BFloat16>(), x.size(0), w.data_ptr<at::BFloat16>(), x.size(1), y.data_ptr<float>(), w.size(0));
+  return y.to(at::kBFloat16);
+}

@@ -39,8 +39,8 @@ def memory_stats(engine: LLMEngine) -> dict[str, Any]:
     model = engine.model
     caches = engine.expert_caches
     slots = {s.data_ptr() for c in caches for s in c.slots.values()}  # MoE layers' w13/w2 are views of these
-    weights = [t for t in (*model.parameters(), *model.buffers())
-               if t.device.type != "meta" and (t.is_mkldnn or t.data_ptr() not in slots)]
+    weights = {id(t) if t.is_mkldnn else t.data_ptr(): t for t in (*model.parameters(), *model.buffers())
+               if t.device.type != "meta" and (t.is_mkldnn or t.data_ptr() not in slots)}.values()
     store = getattr(model, "expert_store", None)
     kv = engine.runner.kv_caches
     device: dict[str, Any] = {"type": engine.device.type}
