@@ -88,7 +88,7 @@ def paged_attention(
     """Store this step's K/V in the cache and attend (within the layer's sliding window, with the layer's
     attention sinks if any); returns [T, H, D]. Decode steps on CPU run our kernel (paged_attention_cpu.cpp),
     which does the same in one call, reading the blocks where they lie."""
-    if meta.decode_only and cpu_kernels.runs_here(q, kv_cache) and kv_cache.is_contiguous():
+    if meta.decode_only and q.shape[-1] % 16 == 0 and cpu_kernels.runs_here(q, kv_cache) and kv_cache.is_contiguous():
         return cpu_kernels.kernels().decode_attention(q, k, v, kv_cache, meta.block_tables, meta.context_lens, scale,
                                                       sliding_window or 0, sinks)
     k_cache, v_cache = kv_cache[0], kv_cache[1]

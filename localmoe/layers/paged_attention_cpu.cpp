@@ -7,6 +7,7 @@
 // (gpt-oss) join the softmax's denominator; a sliding window starts the keys later.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
@@ -15,6 +16,13 @@
 #include <vector>
 
 namespace {
+
+// 16 consecutive values as float32 lanes (head dims are a multiple of 16)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));  // bf16 is the top half of a float32
+}
 
 template <typename T>
 void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
@@ -36,8 +44,21 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k, const
   auto slot = [&](int64_t b, int64_t h, int64_t pos) {  // offset of (sequence b, kv head h, position pos) in a cache half
     return ((tables[b * width + pos / block_size] * kv_heads + h) * block_size + pos % block_size) * dim;
   };
+  // visit(t, row) for the n positions from `first` of sequence b's kv head h, block by block (one division a block)
+  auto for_each_key = [&](int64_t b, int64_t h, int64_t first, int64_t n, const T* half, auto&& visit) {
+    for (int64_t t = 0; t < n;) {
+      const int64_t offset = (first + t) % block_size, count = std::min(block_size - offset, n - t);
+      const T* row = half + slot(b, h, first + t);
+      for (int64_t i = 0; i < count; ++i, ++t, row += dim) visit(t, row);
+    }
+  };
   at::parallel_for(0, batch * kv_heads, 1, [&](int64_t task0, int64_t task1) {
-    std::vector<float> query(group * dim), scores, acc(group * dim), key(dim);
+    // 64-byte aligned (a vector of __m512), so that storing a vector and loading it back forwards in the core
+    std::vector<__m512> query_lanes(group * dim / 16), acc_lanes(group * dim / 16), key_lanes(dim / 16);
+    float* query = reinterpret_cast<float*>(query_lanes.data());
+    float* acc = reinterpret_cast<float*>(acc_lanes.data());
+    float* key = reinterpret_cast<float*>(key_lanes.data());
+    std::vector<float> scores;
     for (int64_t task = task0; task < task1; ++task) {
       const int64_t b = task / kv_heads, h = task % kv_heads, ctx = lens[b];
       const int64_t first = window > 0 ? std::max<int64_t>(0, ctx - window) : 0, n = ctx - first;
@@ -45,33 +66,35 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k, const
       std::copy_n(vp + (b * kv_heads + h) * dim, dim, v_cache + slot(b, h, ctx - 1));
       for (int64_t i = 0; i < group * dim; ++i) query[i] = static_cast<float>(qp[(b * heads + h * group) * dim + i]);
       scores.assign(group * n, 0.0f);
-      for (int64_t t = 0; t < n; ++t) {
-        const T* kt = k_cache + slot(b, h, first + t);
-        for (int64_t d = 0; d < dim; ++d) key[d] = static_cast<float>(kt[d]);
+      for_each_key(b, h, first, n, k_cache, [&](int64_t t, const T* kt) {
+        for (int64_t d = 0; d < dim; d += 16) _mm512_storeu_ps(key + d, load16(kt + d));
         for (int64_t g = 0; g < group; ++g) {
-          float dot = 0.0f;
-          for (int64_t d = 0; d < dim; ++d) dot += query[g * dim + d] * key[d];
-          scores[g * n + t] = dot * static_cast<float>(scale);
+          __m512 dot = _mm512_setzero_ps();
+          for (int64_t d = 0; d < dim; d += 16)
+            dot = _mm512_fmadd_ps(_mm512_loadu_ps(query + g * dim + d), _mm512_loadu_ps(key + d), dot);
+          scores[g * n + t] = _mm512_reduce_add_ps(dot) * static_cast<float>(scale);
         }
-      }
+      });
       std::vector<float> total(group);
       for (int64_t g = 0; g < group; ++g) {
         float* s = scores.data() + g * n;
         const float sink_logit = sink ? sink[h * group + g] : -std::numeric_limits<float>::infinity();
         const float peak = std::max(sink_logit, *std::max_element(s, s + n));
+        for (int64_t t = 0; t < n; ++t) s[t] = std::exp(s[t] - peak);  // a loop of its own: vectorized exp
         float sum = sink ? std::exp(sink_logit - peak) : 0.0f;
-        for (int64_t t = 0; t < n; ++t) sum += (s[t] = std::exp(s[t] - peak));
+        for (int64_t t = 0; t < n; ++t) sum += s[t];
         total[g] = sum;
       }
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t t = 0; t < n; ++t) {
-        const T* vt = v_cache + slot(b, h, first + t);
-        for (int64_t d = 0; d < dim; ++d) key[d] = static_cast<float>(vt[d]);
-        for (int64_t g = 0; g < group; ++g) {
-          const float p = scores[g * n + t];
-          for (int64_t d = 0; d < dim; ++d) acc[g * dim + d] += p * key[d];
+      std::fill(acc, acc + group * dim, 0.0f);
+      for_each_key(b, h, first, n, v_cache, [&](int64_t t, const T* vt) {
+        for (int64_t d = 0; d < dim; d += 16) {
+          const __m512 value = load16(vt + d);
+          for (int64_t g = 0; g < group; ++g) {
+            float* a = acc + g * dim + d;
+            _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(scores[g * n + t]), value, _mm512_loadu_ps(a)));
+          }
         }
-      }
+      });
       for (int64_t g = 0; g < group; ++g)
         for (int64_t d = 0; d < dim; ++d)
           op[(b * heads + h * group + g) * dim + d] = static_cast<T>(acc[g * dim + d] / total[g]);
@@ -96,6 +119,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   context_lens = context_lens.to(at::kLong).contiguous();
   if (sinks) sinks = sinks->to(at::kFloat).contiguous();
   TORCH_CHECK(q.size(1) % kv_cache.size(2) == 0 && q.size(2) == kv_cache.size(4), "query and cache shapes differ");
+  TORCH_CHECK(q.size(2) % 16 == 0, "decode_attention needs a head dim that is a multiple of 16");
   auto out = torch::empty_like(q);
   if (kv_cache.scalar_type() == at::kBFloat16)
     decode_attention_impl<at::BFloat16>(q, k, v, kv_cache, block_tables, context_lens, scale, window, sinks, out);
