@@ -16,6 +16,10 @@
 namespace {
 
 constexpr int64_t kTokensPerPass = 8;
+// Rows are requested into L2 this far ahead of their use. Past a few tokens a row takes long enough to compute that
+// the hardware prefetcher falls behind and the loads stall; asking early lets reading overlap arithmetic (16 tokens
+// on 8 experts: 1.2x faster a layer, 32 tokens 1.37x, one token unchanged; 2 or 8 rows ahead did worse).
+constexpr int64_t kPrefetchRows = 4;
 
 // y[i * rows] = dot(x[i, :], row) for the M tokens of one pass; M is a template parameter so that the
 // accumulators stay in registers.
@@ -45,15 +49,29 @@ constexpr DotPass kPasses[kTokensPerPass + 1] = {nullptr, dot_pass<1>, dot_pass<
 // y[t, j] = dot(x[t, :], w[j, :]) for j in [j0, j1); x [n, k] bf16, w [rows, k] bf16, y [n, rows] float.
 void dot_rows(const at::BFloat16* x, int64_t n, const at::BFloat16* w, int64_t k, float* y, int64_t rows,
               int64_t j0, int64_t j1) {
-  for (int64_t j = j0; j < j1; ++j)
+  for (int64_t j = j0; j < j1; ++j) {
+    if (j + kPrefetchRows < j1) {
+      const char* ahead = reinterpret_cast<const char*>(w + (j + kPrefetchRows) * k);
+      for (int64_t b = 0; b < k * 2; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T1);
+    }
     for (int64_t t0 = 0; t0 < n; t0 += kTokensPerPass)
       kPasses[std::min(kTokensPerPass, n - t0)](x + t0 * k, k, w + j * k, y + t0 * rows + j, rows);
+  }
 }
 
 // y [n, rows] = x [n, k] @ w[rows, k]^T, rows split over the intra-op threads.
 void matmul(const at::BFloat16* x, int64_t n, const at::BFloat16* w, int64_t k, float* y, int64_t rows) {
   at::parallel_for(0, rows, 16, [&](int64_t j0, int64_t j1) { dot_rows(x, n, w, k, y, rows, j0, j1); });
 }
+
+// A bf16 buffer whose rows start on 64-byte boundaries when the row length is a multiple of 32: the kernel reads
+// each input row once per weight row, and a 64-byte load that straddles two cache lines costs two.
+struct AlignedBF16 {
+  explicit AlignedBF16(int64_t n) : lanes((n + 31) / 32) {}
+  at::BFloat16* data() { return reinterpret_cast<at::BFloat16*>(lanes.data()); }
+  at::BFloat16& operator[](int64_t i) { return data()[i]; }
+  std::vector<__m512i> lanes;
+};
 
 }  // namespace
 
@@ -85,12 +103,12 @@ torch::Tensor fused_moe(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor
     const auto& routed = pairs[e];
     const int64_t n = static_cast<int64_t>(routed.size());
     if (n == 0) continue;
-    std::vector<at::BFloat16> xs(n * dim);
+    AlignedBF16 xs(n * dim);
     for (int64_t i = 0; i < n; ++i)
       std::copy_n(xp + routed[i] / top_k * dim, dim, xs.data() + i * dim);
     std::vector<float> h(n * 2 * inter);
     matmul(xs.data(), n, w13.data_ptr<at::BFloat16>() + e * 2 * inter * dim, dim, h.data(), 2 * inter);
-    std::vector<at::BFloat16> act(n * inter);  // SwiGLU: silu(gate) * up
+    AlignedBF16 act(n * inter);  // SwiGLU: silu(gate) * up
     std::vector<float> row(inter);
     for (int64_t i = 0; i < n; ++i) {
       const float* gate = h.data() + i * 2 * inter;
