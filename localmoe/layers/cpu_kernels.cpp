@@ -11,9 +11,12 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
 torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w);
 
+// Each kernel lets go of the GIL while it runs, as PyTorch's own ops do, so that the server's event loop can
+// stream tokens meanwhile instead of waiting for the engine thread to reach a PyTorch op.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("fused_moe", &fused_moe, "MoE feed-forward of a few tokens, bf16, AVX512-BF16");
-  m.def("decode_attention", &decode_attention, "one query per sequence over the paged KV cache");
-  m.def("rms_norm", &rms_norm, "RMSNorm of the last dimension");
-  m.def("linear_bf16", &linear_bf16, "x @ w.T for a few rows of x, bf16, AVX512-BF16");
+  using release = pybind11::call_guard<pybind11::gil_scoped_release>;
+  m.def("fused_moe", &fused_moe, "MoE feed-forward of a few tokens, bf16, AVX512-BF16", release());
+  m.def("decode_attention", &decode_attention, "one query per sequence over the paged KV cache", release());
+  m.def("rms_norm", &rms_norm, "RMSNorm of the last dimension", release());
+  m.def("linear_bf16", &linear_bf16, "x @ w.T for a few rows of x, bf16, AVX512-BF16", release());
 }
