@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -48,40 +49,47 @@ class AttentionMetadata:
         device: torch.device,
     ) -> "AttentionMetadata":
         """context_lens count every token a sequence has after this step (cached + new); one mask is built
-        for each sliding window the model's layers use (None for full attention)."""
-        q_lens = torch.tensor(query_lens, dtype=torch.long)
-        ctx_lens = torch.tensor(context_lens, dtype=torch.long)
+        for each sliding window the model's layers use (None for full attention). Built with numpy: on these
+        small arrays its ops cost ~1 us where PyTorch's cost 5-50 us, which every step would pay."""
+        q_lens = np.asarray(query_lens, dtype=np.int64)
+        ctx_lens = np.asarray(context_lens, dtype=np.int64)
         width = max(len(t) for t in block_tables)
-        tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.long)
+        tables = np.zeros((len(block_tables), width), dtype=np.int64)
+        for i, table in enumerate(block_tables):
+            tables[i, :len(table)] = table
 
-        token_seq = torch.repeat_interleave(torch.arange(len(query_lens)), q_lens)
-        starts = torch.cumsum(q_lens, 0) - q_lens
-        token_row = torch.arange(int(q_lens.sum())) - starts[token_seq]
+        token_seq = np.repeat(np.arange(len(query_lens)), q_lens)
+        starts = np.cumsum(q_lens) - q_lens
+        token_row = np.arange(int(q_lens.sum())) - starts[token_seq]
         positions = ctx_lens[token_seq] - q_lens[token_seq] + token_row
 
         max_q = int(q_lens.max())
-        query_pos = (ctx_lens - q_lens)[:, None] + torch.arange(max_q)[None, :]  # [B, max_q]
-        key_pos = torch.arange(width * block_size)[None, None, :]
+        query_pos = (ctx_lens - q_lens)[:, None] + np.arange(max_q)[None, :]  # [B, max_q]
+        key_pos = np.arange(width * block_size)[None, None, :]
         causal = (key_pos <= query_pos[:, :, None]) & (key_pos < ctx_lens[:, None, None])
         masks = {window: causal if window is None else causal & (key_pos > query_pos[:, :, None] - window)
                  for window in sliding_windows}
+
+        def tensor(array: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(array)).to(device)
+
         decodes = [i for i, n in enumerate(query_lens) if n == 1]
         parts = []
         if decodes and len(decodes) < len(query_lens):
             chunks = [i for i, n in enumerate(query_lens) if n > 1]
             for seqs in (decodes, chunks):
-                tokens = torch.cat([torch.arange(starts[i], starts[i] + query_lens[i]) for i in seqs])
+                tokens = torch.cat([torch.arange(int(starts[i]), int(starts[i]) + query_lens[i]) for i in seqs])
                 part = AttentionMetadata.build([query_lens[i] for i in seqs], [context_lens[i] for i in seqs],
                                                [block_tables[i] for i in seqs], block_size, sliding_windows, device)
                 parts.append((tokens.to(device), part))
         return AttentionMetadata(
-            slot_blocks=tables[token_seq, positions // block_size].to(device),
-            slot_offsets=(positions % block_size).to(device),
-            block_tables=tables.to(device),
-            context_lens=ctx_lens.to(device),
-            token_seq=token_seq.to(device),
-            token_row=token_row.to(device),
-            masks={window: mask.unsqueeze(1).to(device) for window, mask in masks.items()},
+            slot_blocks=tensor(tables[token_seq, positions // block_size]),
+            slot_offsets=tensor(positions % block_size),
+            block_tables=tensor(tables),
+            context_lens=tensor(ctx_lens),
+            token_seq=tensor(token_seq),
+            token_row=tensor(token_row),
+            masks={window: tensor(mask[:, None]) for window, mask in masks.items()},
             decode_only=max_q == 1,
             parts=parts,
         )
