@@ -109,7 +109,7 @@ def paged_attention(
     attention sinks if any); returns [T, H, D]. Decode steps on CPU run our kernel (paged_attention_cpu.cpp),
     which does the same in one call, reading the blocks where they lie; so do the decodes of a step that also
     has prompt chunks, which then attend by themselves."""
-    if q.shape[-1] % 16 == 0 and cpu_kernels.runs_here(q, kv_cache) and kv_cache.is_contiguous():
+    if _kernel_takes(q, kv_cache):
         if meta.decode_only:
             return cpu_kernels.kernels().decode_attention(q, k, v, kv_cache, meta.block_tables, meta.context_lens,
                                                           scale, sliding_window or 0, sinks)
@@ -146,6 +146,12 @@ def paged_attention(
         out = _attention_with_sinks(queries.transpose(1, 2), per_sequence(keys), per_sequence(values), mask, scale,
                                     sinks)
     return out.transpose(1, 2)[meta.token_seq, meta.token_row]
+
+
+def _kernel_takes(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+    """Whether our decode kernel runs this layer: on CPU, a contiguous cache, head dims 16, 32, ..., 128."""
+    head_dim = q.shape[-1]
+    return head_dim % 16 == 0 and head_dim <= 128 and kv_cache.is_contiguous() and cpu_kernels.runs_here(q, kv_cache)
 
 
 def _softmax(scores: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:

@@ -1,9 +1,9 @@
 // Decode attention over the paged KV cache in one call per layer, for CPUs.
 //
-// A decode step has one query per sequence. Each (sequence, KV head) is one task: the new key and
-// value go into their cache slot, then the task's query heads (the group sharing that KV head) score
-// every key the sequence owns, reading the blocks through its block table where they lie, with no
-// gather into a dense copy; softmax and the weighted sum of values run in float32. Attention sinks
+// A decode step has one query per sequence. The new keys and values go into their cache slots first;
+// then each (sequence, query head) is one task that scores every key the sequence owns, reading the
+// blocks through its block table where they lie, with no gather into a dense copy; softmax and the
+// weighted sum of values run in float32, the query and the sum held in registers. Attention sinks
 // (gpt-oss) join the softmax's denominator; a sliding window starts the keys later.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -24,6 +24,59 @@ inline __m512 load16(const at::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));  // bf16 is the top half of a float32
 }
 
+// Where sequence b's keys and values lie: the cache halves [N, Hkv, S, D] and the sequence's block table.
+template <typename T>
+struct PagedKV {
+  const T* k_cache;
+  const T* v_cache;
+  const int64_t* tables;
+  int64_t width, kv_heads, block_size, dim;
+
+  // visit(t, key row, value row) for the n positions from `first` of sequence b's kv head h, block by block
+  template <typename Visit>
+  void for_each(int64_t b, int64_t h, int64_t first, int64_t n, Visit&& visit) const {
+    for (int64_t t = 0; t < n;) {
+      const int64_t pos = first + t, offset = pos % block_size, count = std::min(block_size - offset, n - t);
+      const int64_t row = ((tables[b * width + pos / block_size] * kv_heads + h) * block_size + offset) * dim;
+      for (int64_t i = 0; i < count; ++i, ++t) visit(t, k_cache + row + i * dim, v_cache + row + i * dim);
+    }
+  }
+};
+
+// One query head of one sequence: its query and output accumulator live in NC registers (head dim 16 * NC).
+template <typename T, int NC>
+void attend_head(const T* query, const PagedKV<T>& kv, int64_t b, int64_t h, int64_t first, int64_t n, float scale,
+                 const float* sink, std::vector<float>& scores, T* out) {
+  __m512 q[NC], acc[NC];
+  for (int c = 0; c < NC; ++c) {
+    q[c] = _mm512_mul_ps(load16(query + 16 * c), _mm512_set1_ps(scale));
+    acc[c] = _mm512_setzero_ps();
+  }
+  scores.resize(n);
+  float* s = scores.data();
+  kv.for_each(b, h, first, n, [&](int64_t t, const T* key, const T*) {
+    __m512 dot = _mm512_mul_ps(q[0], load16(key));
+    for (int c = 1; c < NC; ++c) dot = _mm512_fmadd_ps(q[c], load16(key + 16 * c), dot);
+    s[t] = _mm512_reduce_add_ps(dot);
+  });
+  const float sink_logit = sink ? *sink : -std::numeric_limits<float>::infinity();
+  const float peak = std::max(sink_logit, *std::max_element(s, s + n));
+  for (int64_t t = 0; t < n; ++t) s[t] = std::exp(s[t] - peak);  // a loop of its own: vectorized exp
+  float total = sink ? std::exp(sink_logit - peak) : 0.0f;
+  for (int64_t t = 0; t < n; ++t) total += s[t];
+  kv.for_each(b, h, first, n, [&](int64_t t, const T*, const T* value) {
+    const __m512 p = _mm512_set1_ps(s[t]);
+    for (int c = 0; c < NC; ++c) acc[c] = _mm512_fmadd_ps(p, load16(value + 16 * c), acc[c]);
+  });
+  alignas(64) float row[16 * NC];
+  for (int c = 0; c < NC; ++c) _mm512_store_ps(row + 16 * c, _mm512_div_ps(acc[c], _mm512_set1_ps(total)));
+  for (int d = 0; d < 16 * NC; ++d) out[d] = static_cast<T>(row[d]);
+}
+
+template <typename T>
+using AttendHead = void (*)(const T*, const PagedKV<T>&, int64_t, int64_t, int64_t, int64_t, float, const float*,
+                            std::vector<float>&, T*);
+
 template <typename T>
 void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                            torch::Tensor& kv_cache, const torch::Tensor& block_tables,
@@ -34,70 +87,31 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k, const
   const int64_t group = heads / kv_heads, width = block_tables.size(1);
   T* k_cache = kv_cache.data_ptr<T>();
   T* v_cache = k_cache + blocks * kv_heads * block_size * dim;
-  const T* qp = q.data_ptr<T>();
-  const T* kp = k.data_ptr<T>();
-  const T* vp = v.data_ptr<T>();
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
-  const float* sink = sinks ? sinks->data_ptr<float>() : nullptr;
-  T* op = out.data_ptr<T>();
-  auto slot = [&](int64_t b, int64_t h, int64_t pos) {  // offset of (sequence b, kv head h, position pos) in a cache half
-    return ((tables[b * width + pos / block_size] * kv_heads + h) * block_size + pos % block_size) * dim;
-  };
-  // visit(t, row) for the n positions from `first` of sequence b's kv head h, block by block (one division a block)
-  auto for_each_key = [&](int64_t b, int64_t h, int64_t first, int64_t n, const T* half, auto&& visit) {
-    for (int64_t t = 0; t < n;) {
-      const int64_t offset = (first + t) % block_size, count = std::min(block_size - offset, n - t);
-      const T* row = half + slot(b, h, first + t);
-      for (int64_t i = 0; i < count; ++i, ++t, row += dim) visit(t, row);
+  for (int64_t b = 0; b < batch; ++b) {  // the new keys and values first: every head of the step reads them
+    const int64_t pos = lens[b] - 1;
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      const int64_t row = ((tables[b * width + pos / block_size] * kv_heads + h) * block_size + pos % block_size) * dim;
+      std::copy_n(k.data_ptr<T>() + (b * kv_heads + h) * dim, dim, k_cache + row);
+      std::copy_n(v.data_ptr<T>() + (b * kv_heads + h) * dim, dim, v_cache + row);
     }
-  };
-  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t task0, int64_t task1) {
-    // 64-byte aligned (a vector of __m512), so that storing a vector and loading it back forwards in the core
-    std::vector<__m512> query_lanes(group * dim / 16), acc_lanes(group * dim / 16), key_lanes(dim / 16);
-    float* query = reinterpret_cast<float*>(query_lanes.data());
-    float* acc = reinterpret_cast<float*>(acc_lanes.data());
-    float* key = reinterpret_cast<float*>(key_lanes.data());
+  }
+  constexpr AttendHead<T> kHeads[9] = {nullptr, attend_head<T, 1>, attend_head<T, 2>, attend_head<T, 3>,
+                                       attend_head<T, 4>, attend_head<T, 5>, attend_head<T, 6>, attend_head<T, 7>,
+                                       attend_head<T, 8>};
+  const AttendHead<T> attend = kHeads[dim / 16];
+  const PagedKV<T> kv{k_cache, v_cache, tables, width, kv_heads, block_size, dim};
+  const T* qp = q.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const float* sink = sinks ? sinks->data_ptr<float>() : nullptr;
+  at::parallel_for(0, batch * heads, 1, [&](int64_t task0, int64_t task1) {
     std::vector<float> scores;
     for (int64_t task = task0; task < task1; ++task) {
-      const int64_t b = task / kv_heads, h = task % kv_heads, ctx = lens[b];
-      const int64_t first = window > 0 ? std::max<int64_t>(0, ctx - window) : 0, n = ctx - first;
-      std::copy_n(kp + (b * kv_heads + h) * dim, dim, k_cache + slot(b, h, ctx - 1));
-      std::copy_n(vp + (b * kv_heads + h) * dim, dim, v_cache + slot(b, h, ctx - 1));
-      for (int64_t i = 0; i < group * dim; ++i) query[i] = static_cast<float>(qp[(b * heads + h * group) * dim + i]);
-      scores.assign(group * n, 0.0f);
-      for_each_key(b, h, first, n, k_cache, [&](int64_t t, const T* kt) {
-        for (int64_t d = 0; d < dim; d += 16) _mm512_storeu_ps(key + d, load16(kt + d));
-        for (int64_t g = 0; g < group; ++g) {
-          __m512 dot = _mm512_setzero_ps();
-          for (int64_t d = 0; d < dim; d += 16)
-            dot = _mm512_fmadd_ps(_mm512_loadu_ps(query + g * dim + d), _mm512_loadu_ps(key + d), dot);
-          scores[g * n + t] = _mm512_reduce_add_ps(dot) * static_cast<float>(scale);
-        }
-      });
-      std::vector<float> total(group);
-      for (int64_t g = 0; g < group; ++g) {
-        float* s = scores.data() + g * n;
-        const float sink_logit = sink ? sink[h * group + g] : -std::numeric_limits<float>::infinity();
-        const float peak = std::max(sink_logit, *std::max_element(s, s + n));
-        for (int64_t t = 0; t < n; ++t) s[t] = std::exp(s[t] - peak);  // a loop of its own: vectorized exp
-        float sum = sink ? std::exp(sink_logit - peak) : 0.0f;
-        for (int64_t t = 0; t < n; ++t) sum += s[t];
-        total[g] = sum;
-      }
-      std::fill(acc, acc + group * dim, 0.0f);
-      for_each_key(b, h, first, n, v_cache, [&](int64_t t, const T* vt) {
-        for (int64_t d = 0; d < dim; d += 16) {
-          const __m512 value = load16(vt + d);
-          for (int64_t g = 0; g < group; ++g) {
-            float* a = acc + g * dim + d;
-            _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(scores[g * n + t]), value, _mm512_loadu_ps(a)));
-          }
-        }
-      });
-      for (int64_t g = 0; g < group; ++g)
-        for (int64_t d = 0; d < dim; ++d)
-          op[(b * heads + h * group + g) * dim + d] = static_cast<T>(acc[g * dim + d] / total[g]);
+      const int64_t b = task / heads, head = task % heads, ctx = lens[b];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
+      attend(qp + task * dim, kv, b, head / group, first, ctx - first, static_cast<float>(scale),
+             sink ? sink + head : nullptr, scores, op + task * dim);
     }
   });
 }
@@ -119,7 +133,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   context_lens = context_lens.to(at::kLong).contiguous();
   if (sinks) sinks = sinks->to(at::kFloat).contiguous();
   TORCH_CHECK(q.size(1) % kv_cache.size(2) == 0 && q.size(2) == kv_cache.size(4), "query and cache shapes differ");
-  TORCH_CHECK(q.size(2) % 16 == 0, "decode_attention needs a head dim that is a multiple of 16");
+  TORCH_CHECK(q.size(2) % 16 == 0 && q.size(2) <= 128, "decode_attention takes head dims 16, 32, ..., 128");
   auto out = torch::empty_like(q);
   if (kv_cache.scalar_type() == at::kBFloat16)
     decode_attention_impl<at::BFloat16>(q, k, v, kv_cache, block_tables, context_lens, scale, window, sinks, out);
