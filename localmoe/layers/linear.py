@@ -25,8 +25,10 @@ from torch import nn
 
 from localmoe.layers import cpu_kernels
 
-# up to this many rows of input, bf16 layers run our kernel on their row-major weight
+# bf16 layers run our kernel on their row-major weight up to this many rows of input, and always when the weight
+# has at most KERNEL_ALWAYS_ROWS rows (a router: oneDNN's ~18 us a call is all overhead there, ours takes ~4)
 KERNEL_MAX_TOKENS = 4
+KERNEL_ALWAYS_ROWS = 64
 
 
 def packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
@@ -53,7 +55,8 @@ class Linear(nn.Linear):
         self.register_buffer("row_major", None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.row_major is not None and x.dim() == 2 and x.shape[0] <= KERNEL_MAX_TOKENS and x.dtype == torch.bfloat16:
+        if (self.row_major is not None and x.dim() == 2 and x.dtype == torch.bfloat16
+                and (x.shape[0] <= KERNEL_MAX_TOKENS or self.out_features <= KERNEL_ALWAYS_ROWS)):
             out = cpu_kernels.kernels().linear_bf16(x, self.row_major)
             return out if self.bias is None else out + self.bias
         return linear(x, self.weight, self.bias)
