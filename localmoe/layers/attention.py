@@ -6,9 +6,11 @@ W blocks per sequence (its block table, padded), L = W * S keys per sequence.
 A layer's cache is [2, N, Hkv, S, D]: per block, each head's keys are contiguous.
 
 Each step writes the new keys/values into their slots, then every sequence attends to the blocks it
-owns (its block table). A step of decodes only (one query per sequence) attends block by block with
-batched matmuls straight on the gathered blocks, which on CPU is about ten times faster than
-rearranging them for the SDPA kernel at that shape; steps with prompt chunks use SDPA.
+owns (its block table). A step of decodes only (one query per sequence) runs our CPU kernel
+(paged_attention_cpu.cpp), which reads each sequence's blocks where they lie; where it cannot run, it
+attends block by block with batched matmuls on the gathered blocks, about ten times faster on CPU than
+rearranging them for the SDPA kernel at that shape. Steps with prompt chunks use SDPA; when the kernel runs,
+the decodes of such a step are split off to it (AttentionMetadata.parts).
 
 Attention sinks (gpt-oss) are a learned logit per query head that joins each softmax as one more key whose
 value is zero: the sink takes a share of the weight, so a head may attend to nothing much. SDPA cannot
@@ -78,10 +80,10 @@ class AttentionMetadata:
         if decodes and len(decodes) < len(query_lens):
             chunks = [i for i, n in enumerate(query_lens) if n > 1]
             for seqs in (decodes, chunks):
-                tokens = torch.cat([torch.arange(int(starts[i]), int(starts[i]) + query_lens[i]) for i in seqs])
+                tokens = np.concatenate([np.arange(starts[i], starts[i] + query_lens[i]) for i in seqs])
                 part = AttentionMetadata.build([query_lens[i] for i in seqs], [context_lens[i] for i in seqs],
                                                [block_tables[i] for i in seqs], block_size, sliding_windows, device)
-                parts.append((tokens.to(device), part))
+                parts.append((tensor(tokens), part))
         return AttentionMetadata(
             slot_blocks=tensor(tables[token_seq, positions // block_size]),
             slot_offsets=tensor(positions % block_size),

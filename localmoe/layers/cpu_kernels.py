@@ -1,6 +1,7 @@
 """Our CPU kernels, C++ built on first use into one extension:
 
-- fused_moe_cpu.cpp: the MoE feed-forward of decode steps;
+- fused_moe_cpu.cpp: the MoE feed-forward of decode steps, and on the same weight-row loop `linear_bf16`, a linear
+  layer at a few rows (layers/linear.py);
 - paged_attention_cpu.cpp: decode attention straight over the paged KV cache;
 - rms_norm_cpu.cpp: RMSNorm in one call.
 

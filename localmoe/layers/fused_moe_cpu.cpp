@@ -4,7 +4,8 @@
 // those weights. Each weight row is read once for up to eight tokens and multiplied with
 // vdpbf16ps (32 bf16 products per instruction, float32 accumulation); rows are split over
 // PyTorch's intra-op threads. The SwiGLU activation and the weighted mix of each token's experts
-// happen inside, so a layer costs one call instead of ~40 small PyTorch ops.
+// happen inside, so a layer costs one call instead of ~40 small PyTorch ops. The same row loop serves
+// linear_bf16, a dense linear layer at a few rows.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -107,10 +106,8 @@ class SparseMoE(nn.Module):
     def count_routed(self, expert_ids: torch.Tensor) -> torch.Tensor:
         """Tokens this step routed to each expert [E] (on CPU; pairs routed nowhere, -1, left out), added to the
         running statistics."""
-        if expert_ids.device.type == "cpu":  # numpy's bincount costs a few us here, PyTorch's masking and count ~30
-            counts = torch.from_numpy(np.bincount(expert_ids.numpy().ravel() + 1, minlength=self.num_experts + 1)[1:])
-        else:
-            counts = torch.bincount(expert_ids[expert_ids >= 0], minlength=self.num_experts).cpu()
+        # shifted by one, pairs routed nowhere count in bin 0 and are dropped: no masking (a data-dependent shape)
+        counts = torch.bincount(expert_ids.flatten() + 1, minlength=self.num_experts + 1)[1:].cpu()
         self.tokens_per_expert += counts
         return counts
 

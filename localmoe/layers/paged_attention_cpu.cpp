@@ -32,13 +32,17 @@ struct PagedKV {
   const int64_t* tables;
   int64_t width, kv_heads, block_size, dim;
 
+  // offset in a cache half of position pos of sequence b's kv head h
+  int64_t row(int64_t b, int64_t h, int64_t pos) const {
+    return ((tables[b * width + pos / block_size] * kv_heads + h) * block_size + pos % block_size) * dim;
+  }
+
   // visit(t, key row, value row) for the n positions from `first` of sequence b's kv head h, block by block
   template <typename Visit>
   void for_each(int64_t b, int64_t h, int64_t first, int64_t n, Visit&& visit) const {
     for (int64_t t = 0; t < n;) {
-      const int64_t pos = first + t, offset = pos % block_size, count = std::min(block_size - offset, n - t);
-      const int64_t row = ((tables[b * width + pos / block_size] * kv_heads + h) * block_size + offset) * dim;
-      for (int64_t i = 0; i < count; ++i, ++t) visit(t, k_cache + row + i * dim, v_cache + row + i * dim);
+      const int64_t at = row(b, h, first + t), count = std::min(block_size - (first + t) % block_size, n - t);
+      for (int64_t i = 0; i < count; ++i, ++t) visit(t, k_cache + at + i * dim, v_cache + at + i * dim);
     }
   }
 };
@@ -89,19 +93,17 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k, const
   T* v_cache = k_cache + blocks * kv_heads * block_size * dim;
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
-  for (int64_t b = 0; b < batch; ++b) {  // the new keys and values first: every head of the step reads them
-    const int64_t pos = lens[b] - 1;
+  const PagedKV<T> kv{k_cache, v_cache, tables, width, kv_heads, block_size, dim};
+  for (int64_t b = 0; b < batch; ++b)  // the new keys and values first: every head of the step reads them
     for (int64_t h = 0; h < kv_heads; ++h) {
-      const int64_t row = ((tables[b * width + pos / block_size] * kv_heads + h) * block_size + pos % block_size) * dim;
-      std::copy_n(k.data_ptr<T>() + (b * kv_heads + h) * dim, dim, k_cache + row);
-      std::copy_n(v.data_ptr<T>() + (b * kv_heads + h) * dim, dim, v_cache + row);
+      const int64_t at = kv.row(b, h, lens[b] - 1);
+      std::copy_n(k.data_ptr<T>() + (b * kv_heads + h) * dim, dim, k_cache + at);
+      std::copy_n(v.data_ptr<T>() + (b * kv_heads + h) * dim, dim, v_cache + at);
     }
-  }
   constexpr AttendHead<T> kHeads[9] = {nullptr, attend_head<T, 1>, attend_head<T, 2>, attend_head<T, 3>,
                                        attend_head<T, 4>, attend_head<T, 5>, attend_head<T, 6>, attend_head<T, 7>,
                                        attend_head<T, 8>};
   const AttendHead<T> attend = kHeads[dim / 16];
-  const PagedKV<T> kv{k_cache, v_cache, tables, width, kv_heads, block_size, dim};
   const T* qp = q.data_ptr<T>();
   T* op = out.data_ptr<T>();
   const float* sink = sinks ? sinks->data_ptr<float>() : nullptr;
