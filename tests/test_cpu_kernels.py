@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from localmoe.layers import cpu_kernels
 from localmoe.layers.attention import AttentionMetadata, paged_attention
-from localmoe.layers.cpu_kernels import cpu_has_avx512_bf16, fused_moe, kernels
-from localmoe.layers.linear import KERNEL_MAX_TOKENS, Linear
+from localmoe.layers.cpu_kernels import cpu_has_avx512_bf16, expert_tiles, fused_moe, kernels, to_tiles
+from localmoe.layers.linear import Linear
 from localmoe.layers.moe import SparseMoE
 from localmoe.layers.norm import RMSNorm
 from localmoe.layers.routing import softmax_topk
@@ -28,10 +28,20 @@ def reference(x, ids, weights, w13, w2):
     return out
 
 
-@pytest.mark.parametrize("tokens,hidden,inter", [(1, 64, 96), (5, 80, 48), (19, 128, 256)])
+def test_tiles_put_column_pairs_of_each_run_of_64_rows_side_by_side():
+    weight = torch.arange(80 * 6).view(80, 6)  # a full tile of 64 rows, then one of 16
+    tiles = to_tiles(weight)
+    assert tiles.shape == weight.shape
+    first, second = tiles[:64].flatten(), tiles[64:].flatten()
+    # element (row r, column c) of a tile of n rows sits at (c // 2) * 2n + 2r + c % 2
+    assert first[(5 // 2) * 128 + 2 * 7 + 1] == weight[7, 5] and first[2 * 63] == weight[63, 0]
+    assert second[(4 // 2) * 32 + 2 * 3] == weight[67, 4]
+
+
+@pytest.mark.parametrize("tokens,hidden,inter", [(1, 64, 96), (5, 80, 48), (19, 128, 256), (40, 144, 80)])
 def test_kernel_is_no_less_accurate_than_pytorch_bf16(tokens, hidden, inter):
-    """Shapes include rows that are not a multiple of 32 (the masked tail) and more than 8 tokens
-    per expert (several passes)."""
+    """Shapes include tiles of fewer than 64 rows (hidden 80 and 144; 16 units after full tiles of 32: inter 48,
+    80) and more than six tokens per expert (several passes over a tile)."""
     assert kernels() is not None  # the compiler and headers are there: building must work
     torch.manual_seed(tokens)
     moe = SparseMoE(hidden, inter, num_experts=4, top_k=2).to(torch.bfloat16)
@@ -42,25 +52,33 @@ def test_kernel_is_no_less_accurate_than_pytorch_bf16(tokens, hidden, inter):
     with torch.inference_mode():
         weights, ids = softmax_topk(moe.gate(x), 2, True)
         expected = reference(x, ids, weights, moe.w13, moe.w2)
-        ours = fused_moe(x, ids, weights, moe.w13, moe.w2).float()
+        ours = fused_moe(x, ids, weights, *expert_tiles(moe.w13, moe.w2)).float()
         pytorch = moe.mix(weights, moe.pair_outputs(x, ids)).float()
     assert ours.shape == expected.shape
     assert (ours - expected).abs().max() <= max((pytorch - expected).abs().max(), 1e-2)
 
 
-def test_decode_steps_run_the_kernel_and_prefill_does_not():
+def test_packed_bf16_experts_are_tiled_and_every_step_runs_the_kernel():
     moe = SparseMoE(64, 96, num_experts=4, top_k=2).to(torch.bfloat16)
     with torch.no_grad():
         for p in moe.parameters():
             p.normal_(0, 0.1)
-    moe.pack()
-    assert moe.packed is None  # bf16 experts stay row-major for the kernel
+    x = torch.randn(200, 64).to(torch.bfloat16)
     with torch.inference_mode():
-        moe(torch.randn(3, 64).to(torch.bfloat16))
-        assert moe.fused_calls == 1
-        moe(torch.randn(200, 64).to(torch.bfloat16))
-        assert moe.fused_calls == 1
-    assert int(moe.tokens_per_expert.sum()) == 2 * 203
+        expected = moe(x).float()
+        moe.pack()
+        assert moe.tiled and moe.packed is None
+        ours = moe(x).float()
+        moe(x[:3])
+    assert moe.fused_calls == 2
+    assert int(moe.tokens_per_expert.sum()) == 2 * (200 + 200 + 3)
+    assert (ours - expected).abs().max() <= 0.02 * expected.abs().max()
+
+
+def test_float32_experts_keep_the_onednn_layout():
+    moe = SparseMoE(64, 96, num_experts=4, top_k=2)
+    moe.pack()
+    assert not moe.tiled and moe.packed is not None and moe.packed[0][0].is_mkldnn
 
 
 def dense_decode_attention(q, kv_cache, tables, lens, scale, window, sinks):
@@ -121,20 +139,21 @@ def test_rms_norm_rounds_like_the_reference(dtype):
     assert torch.allclose(ours.float(), expected.float(), atol=1e-6 if dtype == torch.float32 else 1e-2, rtol=1e-5)
 
 
-def test_packed_linear_keeps_its_row_major_weight_for_small_batches():
-    """After packing, a bf16 layer answers a few rows from our kernel on the row-major weight and more rows from
-    oneDNN's packed one; both agree with float32 math on the same bf16 numbers."""
-    torch.manual_seed(0)
+@pytest.mark.parametrize("rows", [1, 5, 130])
+def test_packed_bf16_linear_runs_the_kernel_on_tiles(rows):
+    """After packing, a bf16 layer (here 200 outputs: 3 full tiles and one of 8 rows padded to 16) answers from
+    our kernel at every batch size; it agrees with float32 math on the same bf16 numbers."""
+    torch.manual_seed(rows)
     layer = Linear(80, 200, bias=True).to(torch.bfloat16)
     weight, bias = layer.weight.detach().clone(), layer.bias.detach().clone()
     layer.pack()
-    assert layer.row_major is not None and torch.equal(layer.row_major, weight) and layer.weight.is_mkldnn
-    for rows in (1, KERNEL_MAX_TOKENS, KERNEL_MAX_TOKENS + 3):
-        x = torch.randn(rows, 80).to(torch.bfloat16)
-        with torch.inference_mode():
-            ours = layer(x).float()
-        expected = x.float() @ weight.float().T + bias.float()
-        assert (ours - expected).abs().max() <= 0.05 * expected.abs().max()
+    assert layer.tiled and layer.weight.shape == (208, 80) and torch.equal(layer.weight[:192], to_tiles(weight[:192]))
+    x = torch.randn(rows, 80).to(torch.bfloat16)
+    with torch.inference_mode():
+        ours = layer(x).float()
+    expected = x.float() @ weight.float().T + bias.float()
+    assert ours.shape == expected.shape
+    assert (ours - expected).abs().max() <= 0.05 * expected.abs().max()
 
 
 def test_mixed_step_sends_its_decodes_to_the_kernel(monkeypatch):

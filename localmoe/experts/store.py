@@ -32,6 +32,8 @@ SAFETENSORS_DTYPES = {
 
 # (checkpoint tensor name, tensor) -> [(parameter name, value, where in the parameter)]: the model's map_weight
 WeightMap = Callable[[str, torch.Tensor], Iterable[tuple[str, torch.Tensor, object]]]
+# (w13, w2) of one or all experts -> the same, rearranged for the compute that reads them
+Layout = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,7 @@ class _Layer:
     shapes: dict[str, tuple[int, ...]]  # "w13"/"w2" -> one expert's shape
     host: dict[str, torch.Tensor] = field(default_factory=dict)  # host target: stacked copies
     pieces: list[list[_Piece]] = field(default_factory=list)  # disk target: per expert
+    layout: Layout | None = None  # how the layer's compute wants each expert laid out (see set_layout)
 
 
 class ExpertStore:
@@ -126,6 +129,15 @@ class ExpertStore:
         for expert in range(layer.num_experts) if stacked else [index]:
             layer.pieces[expert].append(_Piece(name, source.rows(expert, 1) if stacked else source, stacked))
 
+    def set_layout(self, path: str, layout: Layout) -> None:
+        """Serve this layer's experts rearranged by `layout` ((w13, w2) -> (w13, w2), same shapes; the CPU kernel's
+        tiles): host copies are rearranged once, here; experts read from disk as they are read."""
+        layer = self.layers[path]
+        layer.layout = layout
+        if self.target == "host":
+            for kind, value in zip(("w13", "w2"), layout(layer.host["w13"], layer.host["w2"])):
+                layer.host[kind].copy_(value)  # in place: the copies stay pinned
+
     def expert_bytes(self, path: str) -> int:
         """Bytes of one expert of this layer in the serving dtype (what a cache slot holds)."""
         return sum(int(torch.Size(s).numel()) for s in self.layers[path].shapes.values()) * self.dtype.itemsize
@@ -138,13 +150,17 @@ class ExpertStore:
                 slot.copy_(layer.host[kind][expert], non_blocking=True)
             return self.expert_bytes(path)
         moved = 0
+        target = dest if layer.layout is None else {kind: torch.empty_like(slot) for kind, slot in dest.items()}
         for piece in layer.pieces[expert]:
             raw = self._pread(piece.source)
             moved += piece.source.nbytes
             for param, value, where in self.weight_map(piece.name, raw):
                 rows = where[1:] if isinstance(where, tuple) else ()  # within the expert
                 # one expert's row of a stacked tensor is mapped with its dimension 0 (of size 1) kept
-                dest[param.rpartition(".")[2]][rows].copy_(value[0] if piece.stacked else value)
+                target[param.rpartition(".")[2]][rows].copy_(value[0] if piece.stacked else value)
+        if layer.layout is not None:
+            for kind, value in zip(("w13", "w2"), layer.layout(target["w13"], target["w2"])):
+                dest[kind].copy_(value)
         return moved
 
     def _pread(self, loc: TensorLocation) -> torch.Tensor:

@@ -9,14 +9,14 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
                                torch::Tensor block_tables, torch::Tensor context_lens, double scale,
                                int64_t window, std::optional<torch::Tensor> sinks);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
-torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w);
+torch::Tensor tiled_linear(torch::Tensor x, torch::Tensor w, int64_t n);
 
 // Each kernel lets go of the GIL while it runs, as PyTorch's own ops do, so that the server's event loop can
 // stream tokens meanwhile instead of waiting for the engine thread to reach a PyTorch op.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using release = pybind11::call_guard<pybind11::gil_scoped_release>;
-  m.def("fused_moe", &fused_moe, "MoE feed-forward of a few tokens, bf16, AVX512-BF16", release());
+  m.def("fused_moe", &fused_moe, "MoE feed-forward on experts in tiles, bf16, AVX512-BF16", release());
   m.def("decode_attention", &decode_attention, "one query per sequence over the paged KV cache", release());
   m.def("rms_norm", &rms_norm, "RMSNorm of the last dimension", release());
-  m.def("linear_bf16", &linear_bf16, "x @ w.T for a few rows of x, bf16, AVX512-BF16", release());
+  m.def("tiled_linear", &tiled_linear, "x @ w.T on a weight in tiles, bf16, AVX512-BF16", release());
 }

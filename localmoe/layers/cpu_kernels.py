@@ -1,7 +1,7 @@
 """Our CPU kernels, C++ built on first use into one extension:
 
-- fused_moe_cpu.cpp: the MoE feed-forward of decode steps, and on the same weight-row loop `linear_bf16`, a linear
-  layer at a few rows (layers/linear.py);
+- tiled_matmul_cpu.cpp: bf16 matmuls on weights stored in tiles (`to_tiles`): the MoE feed-forward (`fused_moe`)
+  and linear layers (`tiled_linear`), at every batch size;
 - paged_attention_cpu.cpp: decode attention straight over the paged KV cache;
 - rms_norm_cpu.cpp: RMSNorm in one call.
 
@@ -19,16 +19,18 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / name for name in ("cpu_kernels.cpp", "fused_moe_cpu.cpp", "paged_attention_cpu.cpp",
+SOURCES = [HERE / name for name in ("cpu_kernels.cpp", "tiled_matmul_cpu.cpp", "paged_attention_cpu.cpp",
                                     "rms_norm_cpu.cpp")]
 # -fopenmp makes at::parallel_for (an inline header) split work over PyTorch's OpenMP threads; without it the
 # kernels run on one core. The libgomp linked is PyTorch's own (torch/lib is on the link path): one thread pool.
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-ffp-contract=off", "-fopenmp"]
 LINK_FLAGS = ["-lgomp"]
+TILE_ROWS = 64  # kTileRows in tiled_matmul_cpu.cpp
 
 
 def cpu_has_avx512_bf16() -> bool:
@@ -59,8 +61,41 @@ def runs_here(*tensors: torch.Tensor) -> bool:
             and kernels() is not None)
 
 
+def to_tiles(weight: torch.Tensor) -> torch.Tensor:
+    """weight [..., rows, k] (rows a multiple of 16, k even) -> the same numbers in tiles, same shape: each run of
+    TILE_ROWS rows (the last may be shorter) stored as [k / 2, rows, 2], the rows' column pairs side by side, which
+    is what one vector load of the kernels takes (tiled_matmul_cpu.cpp)."""
+    *lead, rows, k = weight.shape
+    tiles = []
+    for first in range(0, rows, TILE_ROWS):
+        tile = weight[..., first:first + TILE_ROWS, :]
+        n = tile.shape[-2]
+        tiles.append(tile.reshape(*lead, n, k // 2, 2).transpose(-3, -2).reshape(*lead, n, k))
+    return torch.cat(tiles, dim=-2).contiguous()
+
+
+def linear_tiles(weight: torch.Tensor) -> torch.Tensor:
+    """A dense weight [N, K] in tiles, its rows padded with zeros to a multiple of 16."""
+    return to_tiles(F.pad(weight, (0, 0, 0, -weight.shape[0] % 16)))
+
+
+def expert_tiles(w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacked experts in the layout of fused_moe: w13 [.., 2I, D] with each 32 gate rows followed by their 32 up
+    rows (so one tile holds both halves of SwiGLU for 32 units), then both in tiles."""
+    inter = w13.shape[-2] // 2
+    gate, up = w13[..., :inter, :], w13[..., inter:, :]
+    paired = [half[..., unit:unit + TILE_ROWS // 2, :] for unit in range(0, inter, TILE_ROWS // 2) for half in (gate, up)]
+    return to_tiles(torch.cat(paired, dim=-2)), to_tiles(w2)
+
+
+def tiled_linear(x: torch.Tensor, tiles: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x [T, K] @ weight.T for a weight in linear_tiles, in bf16."""
+    return kernels().tiled_linear(x, tiles, out_features)
+
+
 def fused_moe(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
               w2: torch.Tensor, float_out: bool = False) -> torch.Tensor:
-    """sum_k weights[t, k] * SwiGLU expert ids[t, k] applied to x[t]; see fused_moe_cpu.cpp. The sums are kept
-    in float32; bf16 is returned unless `float_out` (for callers adding several partial sums)."""
+    """sum_k weights[t, k] * SwiGLU expert ids[t, k] applied to x[t], for experts in expert_tiles; see
+    tiled_matmul_cpu.cpp. The sums are kept in float32; bf16 is returned unless `float_out` (for callers adding
+    several partial sums)."""
     return kernels().fused_moe(x, expert_ids, weights, w13, w2, float_out)

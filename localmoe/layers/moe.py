@@ -17,16 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from localmoe.experts.store import ExpertStore
-from localmoe.layers.cpu_kernels import fused_moe, kernels
+from localmoe.layers.cpu_kernels import expert_tiles, fused_moe, kernels
 from localmoe.layers.linear import Linear, linear, pack_weight
 from localmoe.layers.routing import softmax_topk
 
 if TYPE_CHECKING:
     from localmoe.experts.cache import ExpertCache
-
-# Up to this many tokens a step (decodes, short chunks) the CPU kernel beats oneDNN: it is bound by
-# reading the weights, oneDNN by its per-call costs; past it, oneDNN's blocked matmuls compute faster.
-FUSED_MAX_TOKENS = 32
 
 Activation = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (gate, up) halves -> expert hidden [.., I]
 
@@ -58,6 +54,7 @@ class SparseMoE(nn.Module):
         self.record_routing = False  # keep the last step's choices for a routing trace
         self.last_expert_ids: torch.Tensor | None = None
         self.packed: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per expert (w13, w2), see pack()
+        self.tiled = False  # experts are in the CPU kernel's tiles (see pack)
         self.fused_calls = 0  # steps served by the CPU kernel (layers/cpu_kernels.py)
         self.cache: ExpertCache | None = None  # offloaded experts (experts/cache.py): w13/w2 are its slots
         self.prefetch_next: Callable[[torch.Tensor], None] | None = None  # see attach_cache
@@ -91,17 +88,25 @@ class SparseMoE(nn.Module):
 
     def uses_kernel(self) -> bool:
         """bf16 on a CPU where our kernel builds, for plain SwiGLU experts without biases (all the kernel
-        computes): experts stay row-major for it (it reads rows itself)."""
+        computes), in sizes that fit its tiles."""
         return (self.activation is swiglu and self.w13_bias is None and self.w13.device.type == "cpu"
-                and self.w13.dtype == torch.bfloat16 and kernels() is not None)
+                and self.w13.dtype == torch.bfloat16 and self.w13.shape[-1] % 16 == 0
+                and self.w2.shape[-1] % 16 == 0 and kernels() is not None)
 
     def pack(self) -> None:
-        """Each expert's weights in the packed CPU layout (layers/linear.py); the stacked copies are freed."""
-        if self.uses_kernel() or self.cache is not None:
-            return
-        self.packed = [(pack_weight(self.w13[e]), pack_weight(self.w2[e])) for e in range(self.num_experts)]
-        self.w13.data = self.w13.data.new_empty(0)
-        self.w2.data = self.w2.data.new_empty(0)
+        """Experts in the layout their matmuls read best: the kernel's tiles (layers/cpu_kernels.py), in place,
+        or, where the kernel does not serve, oneDNN's blocked layout per expert (layers/linear.py). Offloaded
+        experts have the store lay each one out as it comes in (the cache slots are still empty)."""
+        if self.uses_kernel():
+            self.tiled = True
+            if self.cache is not None:
+                self.cache.store.set_layout(self.cache.path, expert_tiles)
+            else:
+                self.w13.data, self.w2.data = expert_tiles(self.w13.data, self.w2.data)
+        elif self.cache is None:
+            self.packed = [(pack_weight(self.w13[e]), pack_weight(self.w2[e])) for e in range(self.num_experts)]
+            self.w13.data = self.w13.data.new_empty(0)
+            self.w2.data = self.w2.data.new_empty(0)
 
     def count_routed(self, expert_ids: torch.Tensor) -> torch.Tensor:
         """Tokens this step routed to each expert [E] (on CPU; pairs routed nowhere, -1, left out), added to the
@@ -135,9 +140,9 @@ class SparseMoE(nn.Module):
         return out + shared
 
     def run_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """sum_k weights[t, k] * expert ids[t, k] (x[t]); -1 leaves a pair out. Small bf16 steps go to our CPU
+        """sum_k weights[t, k] * expert ids[t, k] (x[t]); -1 leaves a pair out. Tiled experts go to our CPU
         kernel; otherwise the pairs are grouped by expert (pair_outputs) and mixed by the weights."""
-        if x.shape[0] <= FUSED_MAX_TOKENS and self.uses_kernel():
+        if self.tiled:
             self.fused_calls += 1
             return fused_moe(x, ids.clamp(min=0), weights, self.w13, self.w2)
         return self.mix(weights, self.pair_outputs(x, ids))
@@ -146,7 +151,7 @@ class SparseMoE(nn.Module):
         """run_experts over offloaded experts, wave by wave of the cache (experts/cache.py), with slot ids in place
         of expert ids. Partial results stay exact until the end (pair outputs, or the kernel's float32 sums) and
         are rounded once, so the output is the resident one (exactly, for top-2)."""
-        if x.shape[0] <= FUSED_MAX_TOKENS and self.uses_kernel():
+        if self.tiled:
             self.fused_calls += 1
             total = sum(fused_moe(x, slots.clamp(min=0), weights.masked_fill(slots < 0, 0), self.w13, self.w2,
                                   float_out=True) for slots in self.cache.waves(ids))
