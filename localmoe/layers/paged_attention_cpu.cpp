@@ -1,19 +1,20 @@
 // Decode attention over the paged KV cache in one call per layer, for CPUs.
 //
 // A decode step has one query per sequence. The new keys and values go into their cache slots first;
-// then each (sequence, query head) is one task that scores every key the sequence owns, reading the
-// blocks through its block table where they lie, with no gather into a dense copy; softmax and the
-// weighted sum of values run in float32, the query and the sum held in registers. Attention sinks
-// (gpt-oss) join the softmax's denominator; a sliding window starts the keys later.
+// then each (sequence, kv head) is one task: the query heads of its GQA group score every key the sequence
+// owns, reading the blocks through its block table where they lie (no gather into a dense copy), in one
+// pass of online softmax, in float32. Attention sinks (gpt-oss) join the softmax's denominator; a sliding
+// window starts the keys later.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <optional>
 #include <vector>
+
+#include "simd_math.h"
 
 namespace {
 
@@ -23,6 +24,42 @@ inline __m512 load16(const at::BFloat16* p) {
   const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));  // bf16 is the top half of a float32
 }
+
+// One query head in registers, and its dot product with a key row as 16 partial sums. bf16 pairs go through
+// vdpbf16ps (two elements a lane, products exact in float32); float32 through FMAs. Head dim = 16 NC.
+template <typename T, int NC>
+struct Query;
+
+template <int NC>
+struct Query<float, NC> {
+  __m512 lanes[NC];
+  explicit Query(const float* q) {
+    for (int c = 0; c < NC; ++c) lanes[c] = _mm512_loadu_ps(q + 16 * c);
+  }
+  __m512 dot(const float* key) const {
+    __m512 sum = _mm512_mul_ps(lanes[0], _mm512_loadu_ps(key));
+    for (int c = 1; c < NC; ++c) sum = _mm512_fmadd_ps(lanes[c], _mm512_loadu_ps(key + 16 * c), sum);
+    return sum;
+  }
+};
+
+template <int NC>
+struct Query<at::BFloat16, NC> {
+  static constexpr int kPairs = (NC + 1) / 2;  // 32 elements a register; an odd NC leaves the top half zero
+  __m512bh lanes[kPairs];
+  static __m512bh load(const at::BFloat16* p, int c) {
+    const __mmask32 half = 2 * c + 1 < NC ? 0xffffffffu : 0xffffu;
+    return (__m512bh)_mm512_maskz_loadu_epi16(half, p + 32 * c);
+  }
+  explicit Query(const at::BFloat16* q) {
+    for (int c = 0; c < kPairs; ++c) lanes[c] = load(q, c);
+  }
+  __m512 dot(const at::BFloat16* key) const {
+    __m512 sum = _mm512_setzero_ps();
+    for (int c = 0; c < kPairs; ++c) sum = _mm512_dpbf16_ps(sum, lanes[c], load(key, c));
+    return sum;
+  }
+};
 
 // Where sequence b's keys and values lie: the cache halves [N, Hkv, S, D] and the sequence's block table.
 template <typename T>
@@ -37,49 +74,83 @@ struct PagedKV {
     return ((tables[b * width + pos / block_size] * kv_heads + h) * block_size + pos % block_size) * dim;
   }
 
-  // visit(t, key row, value row) for the n positions from `first` of sequence b's kv head h, block by block
+  // visit(t, count, first key row, first value row) for each run of positions lying in one block (their rows
+  // follow each other), from `first` over n positions of sequence b's kv head h; the next run is asked for
+  // while this one is visited, since blocks lie anywhere and the hardware prefetcher cannot guess the next
   template <typename Visit>
-  void for_each(int64_t b, int64_t h, int64_t first, int64_t n, Visit&& visit) const {
+  void for_each_run(int64_t b, int64_t h, int64_t first, int64_t n, Visit&& visit) const {
+    int64_t at = row(b, h, first);
     for (int64_t t = 0; t < n;) {
-      const int64_t at = row(b, h, first + t), count = std::min(block_size - (first + t) % block_size, n - t);
-      for (int64_t i = 0; i < count; ++i, ++t) visit(t, k_cache + at + i * dim, v_cache + at + i * dim);
+      const int64_t count = std::min(block_size - (first + t) % block_size, n - t);
+      const int64_t next = t + count < n ? row(b, h, first + t + count) : -1;
+      if (next >= 0)
+        for (int64_t byte = 0; byte < std::min(block_size, n - t - count) * dim * int64_t(sizeof(T)); byte += 64) {
+          _mm_prefetch(reinterpret_cast<const char*>(k_cache + next) + byte, _MM_HINT_T1);
+          _mm_prefetch(reinterpret_cast<const char*>(v_cache + next) + byte, _MM_HINT_T1);
+        }
+      visit(t, count, k_cache + at, v_cache + at);
+      t += count;
+      at = next;
     }
   }
 };
 
-// One query head of one sequence: its query and output accumulator live in NC registers (head dim 16 * NC).
+// Below this the softmax's running maximum starts: finite, since -ffast-math assumes no infinities.
+constexpr float kNoScore = -1e30f;
+
+// The query heads sharing one kv head (a GQA group) of one sequence, by online softmax (Milakov & Gimelshein
+// 2018) over chunks of up to 16 keys: each key and value row is read once for the whole group. Per head, the
+// chunk's 16 dot products are summed across lanes together (sum_each16), so the scores come out as one vector for
+// the exponential; the running sum of values is rescaled whenever the maximum grows. NC = head dim / 16.
 template <typename T, int NC>
-void attend_head(const T* query, const PagedKV<T>& kv, int64_t b, int64_t h, int64_t first, int64_t n, float scale,
-                 const float* sink, std::vector<float>& scores, T* out) {
-  __m512 q[NC], acc[NC];
-  for (int c = 0; c < NC; ++c) {
-    q[c] = _mm512_mul_ps(load16(query + 16 * c), _mm512_set1_ps(scale));
-    acc[c] = _mm512_setzero_ps();
+void attend_group(const T* query, int64_t group, const PagedKV<T>& kv, int64_t b, int64_t h, int64_t first,
+                  int64_t n, float scale, const float* sink, std::vector<float>& scratch, T* out) {
+  const int64_t dim = 16 * NC;
+  scratch.resize(group * (dim + 2));
+  float* acc = scratch.data();          // [group, dim]
+  float* peak = acc + group * dim;      // [group]
+  float* total = peak + group;          // [group]
+  for (int64_t g = 0; g < group; ++g) {
+    for (int c = 0; c < NC; ++c) _mm512_storeu_ps(acc + g * dim + 16 * c, _mm512_setzero_ps());
+    peak[g] = sink ? sink[g] : kNoScore;  // a sink is one more logit, with no value: e^0 = 1 in the sum
+    total[g] = sink ? 1.0f : 0.0f;
   }
-  scores.resize(n);
-  float* s = scores.data();
-  kv.for_each(b, h, first, n, [&](int64_t t, const T* key, const T*) {
-    __m512 dot = _mm512_mul_ps(q[0], load16(key));
-    for (int c = 1; c < NC; ++c) dot = _mm512_fmadd_ps(q[c], load16(key + 16 * c), dot);
-    s[t] = _mm512_reduce_add_ps(dot);
+  alignas(64) float probs[16];
+  kv.for_each_run(b, h, first, n, [&](int64_t, int64_t count, const T* keys, const T* values) {
+    for (int64_t c0 = 0; c0 < count; c0 += 16) {
+      const int64_t m = std::min<int64_t>(16, count - c0);
+      const __mmask16 valid = static_cast<__mmask16>((1u << m) - 1);
+      const T* key = keys + c0 * dim;
+      const T* value = values + c0 * dim;
+      for (int64_t g = 0; g < group; ++g) {
+        const Query<T, NC> q(query + g * dim);
+        __m512 dots[16];
+        for (int64_t j = 0; j < 16; ++j) dots[j] = j < m ? q.dot(key + j * dim) : _mm512_setzero_ps();
+        const __m512 scores = _mm512_mask_blend_ps(valid, _mm512_set1_ps(kNoScore),
+                                                   _mm512_mul_ps(sum_each16(dots), _mm512_set1_ps(scale)));
+        const float grown = std::max(peak[g], _mm512_reduce_max_ps(scores));
+        const float rescale = std::exp(peak[g] - grown);
+        const __m512 p = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(scores, _mm512_set1_ps(grown))));
+        _mm512_store_ps(probs, p);
+        total[g] = total[g] * rescale + _mm512_reduce_add_ps(p);
+        peak[g] = grown;
+        __m512 sum[NC];
+        for (int c = 0; c < NC; ++c) sum[c] = _mm512_mul_ps(_mm512_loadu_ps(acc + g * dim + 16 * c), _mm512_set1_ps(rescale));
+        for (int64_t j = 0; j < m; ++j) {
+          const __m512 pj = _mm512_set1_ps(probs[j]);
+          for (int c = 0; c < NC; ++c) sum[c] = _mm512_fmadd_ps(pj, load16(value + j * dim + 16 * c), sum[c]);
+        }
+        for (int c = 0; c < NC; ++c) _mm512_storeu_ps(acc + g * dim + 16 * c, sum[c]);
+      }
+    }
   });
-  const float sink_logit = sink ? *sink : -std::numeric_limits<float>::infinity();
-  const float peak = std::max(sink_logit, *std::max_element(s, s + n));
-  for (int64_t t = 0; t < n; ++t) s[t] = std::exp(s[t] - peak);  // a loop of its own: vectorized exp
-  float total = sink ? std::exp(sink_logit - peak) : 0.0f;
-  for (int64_t t = 0; t < n; ++t) total += s[t];
-  kv.for_each(b, h, first, n, [&](int64_t t, const T*, const T* value) {
-    const __m512 p = _mm512_set1_ps(s[t]);
-    for (int c = 0; c < NC; ++c) acc[c] = _mm512_fmadd_ps(p, load16(value + 16 * c), acc[c]);
-  });
-  alignas(64) float row[16 * NC];
-  for (int c = 0; c < NC; ++c) _mm512_store_ps(row + 16 * c, _mm512_div_ps(acc[c], _mm512_set1_ps(total)));
-  for (int d = 0; d < 16 * NC; ++d) out[d] = static_cast<T>(row[d]);
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t d = 0; d < dim; ++d) out[g * dim + d] = static_cast<T>(acc[g * dim + d] / total[g]);
 }
 
 template <typename T>
-using AttendHead = void (*)(const T*, const PagedKV<T>&, int64_t, int64_t, int64_t, int64_t, float, const float*,
-                            std::vector<float>&, T*);
+using AttendGroup = void (*)(const T*, int64_t, const PagedKV<T>&, int64_t, int64_t, int64_t, int64_t, float,
+                             const float*, std::vector<float>&, T*);
 
 template <typename T>
 void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
@@ -100,20 +171,21 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k, const
       std::copy_n(k.data_ptr<T>() + (b * kv_heads + h) * dim, dim, k_cache + at);
       std::copy_n(v.data_ptr<T>() + (b * kv_heads + h) * dim, dim, v_cache + at);
     }
-  constexpr AttendHead<T> kHeads[9] = {nullptr, attend_head<T, 1>, attend_head<T, 2>, attend_head<T, 3>,
-                                       attend_head<T, 4>, attend_head<T, 5>, attend_head<T, 6>, attend_head<T, 7>,
-                                       attend_head<T, 8>};
-  const AttendHead<T> attend = kHeads[dim / 16];
+  constexpr AttendGroup<T> kGroups[9] = {nullptr, attend_group<T, 1>, attend_group<T, 2>, attend_group<T, 3>,
+                                         attend_group<T, 4>, attend_group<T, 5>, attend_group<T, 6>,
+                                         attend_group<T, 7>, attend_group<T, 8>};
+  const AttendGroup<T> attend = kGroups[dim / 16];
   const T* qp = q.data_ptr<T>();
   T* op = out.data_ptr<T>();
   const float* sink = sinks ? sinks->data_ptr<float>() : nullptr;
-  at::parallel_for(0, batch * heads, 1, [&](int64_t task0, int64_t task1) {
-    std::vector<float> scores;
+  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t task0, int64_t task1) {
+    std::vector<float> scratch;
     for (int64_t task = task0; task < task1; ++task) {
-      const int64_t b = task / heads, head = task % heads, ctx = lens[b];
+      const int64_t b = task / kv_heads, h = task % kv_heads, ctx = lens[b];
       const int64_t first = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
-      attend(qp + task * dim, kv, b, head / group, first, ctx - first, static_cast<float>(scale),
-             sink ? sink + head : nullptr, scores, op + task * dim);
+      const int64_t head = h * group;  // the group's first query head
+      attend(qp + (b * heads + head) * dim, group, kv, b, h, first, ctx - first, static_cast<float>(scale),
+             sink ? sink + head : nullptr, scratch, op + (b * heads + head) * dim);
     }
   });
 }

@@ -14,6 +14,8 @@
 #include <algorithm>
 #include <vector>
 
+#include "simd_math.h"
+
 namespace {
 
 constexpr int64_t kTileRows = 64;  // 4 registers of 16 row sums
@@ -64,19 +66,6 @@ void tile_rows(int64_t rows, const int32_t* const* x, int64_t n, int64_t pairs, 
     case 3: tile<3>(x, n, pairs, w, done); break;
     default: tile<4>(x, n, pairs, w, done); break;
   }
-}
-
-// e^x in float32 lanes: x = n ln2 + r, e^r by Cephes' expf polynomial, times 2^n.
-inline __m512 exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
 }
 
 inline void store_bf16(at::BFloat16* out, __m512 v, __mmask16 lanes = 0xffff) {
