@@ -58,6 +58,20 @@ def test_kernel_is_no_less_accurate_than_pytorch_bf16(tokens, hidden, inter):
     assert (ours - expected).abs().max() <= max((pytorch - expected).abs().max(), 1e-2)
 
 
+def test_a_pair_routed_nowhere_adds_nothing():
+    torch.manual_seed(0)
+    w13, w2 = (0.1 * torch.randn(4, 192, 64)).bfloat16(), (0.1 * torch.randn(4, 64, 96)).bfloat16()
+    tiles = expert_tiles(w13, w2)
+    x, weights = torch.randn(3, 64).bfloat16(), torch.rand(3, 2)
+    ids = torch.tensor([[0, 2], [1, 3], [2, 0]])
+    nowhere = ids.clone()
+    nowhere[1, 0] = -1
+    zeroed = weights.clone()
+    zeroed[1, 0] = 0
+    assert torch.equal(fused_moe(x, nowhere, weights, *tiles), fused_moe(x, ids, zeroed, *tiles))
+    assert not torch.equal(fused_moe(x, nowhere, weights, *tiles), fused_moe(x, ids, weights, *tiles))
+
+
 def test_packed_bf16_experts_are_tiled_and_every_step_runs_the_kernel():
     moe = SparseMoE(64, 96, num_experts=4, top_k=2).to(torch.bfloat16)
     with torch.no_grad():

@@ -31,12 +31,12 @@ class Sampler:
         params = [s.params for s in seqs]
         want_logprobs = [p.logprobs is not None for p in params]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
-        logits = self._apply_penalties(logits.clone(), seqs)
+        logits = self._apply_penalties(logits, seqs)
 
-        greedy = torch.tensor([p.greedy for p in params], device=logits.device)
-        temps = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=logits.device)
         tokens = logits.argmax(dim=-1)
-        if not bool(greedy.all()):
+        if not all(p.greedy for p in params):
+            greedy = torch.tensor([p.greedy for p in params], device=logits.device)
+            temps = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=logits.device)
             probs = self._filtered_probs(logits / temps[:, None], params)
             drawn = self._draw(probs, seqs)
             tokens = torch.where(greedy, tokens, drawn)
@@ -54,7 +54,10 @@ class Sampler:
         return SampleResult(token_list, chosen, top)
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """The logits with penalties and min_tokens applied: a new tensor where any applies, else `logits`."""
         rows, vocab = logits.shape
+        if any(seq.num_output_tokens < seq.params.min_tokens for seq in seqs):
+            logits = logits.clone()
         for i, seq in enumerate(seqs):  # min_tokens: end-of-sequence tokens are not yet allowed
             p = seq.params
             if seq.num_output_tokens < p.min_tokens:

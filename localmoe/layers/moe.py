@@ -144,7 +144,7 @@ class SparseMoE(nn.Module):
         kernel; otherwise the pairs are grouped by expert (pair_outputs) and mixed by the weights."""
         if self.tiled:
             self.fused_calls += 1
-            return fused_moe(x, ids.clamp(min=0), weights, self.w13, self.w2)
+            return fused_moe(x, ids, weights, self.w13, self.w2)
         return self.mix(weights, self.pair_outputs(x, ids))
 
     def run_waves(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -153,8 +153,8 @@ class SparseMoE(nn.Module):
         are rounded once, so the output is the resident one (exactly, for top-2)."""
         if self.tiled:
             self.fused_calls += 1
-            total = sum(fused_moe(x, slots.clamp(min=0), weights.masked_fill(slots < 0, 0), self.w13, self.w2,
-                                  float_out=True) for slots in self.cache.waves(ids))
+            total = sum(fused_moe(x, slots, weights, self.w13, self.w2, float_out=True)
+                        for slots in self.cache.waves(ids))
             return total.to(x.dtype)
         return self.mix(weights, sum(self.pair_outputs(x, slots) for slots in self.cache.waves(ids)))
 

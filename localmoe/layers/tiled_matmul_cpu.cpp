@@ -83,7 +83,7 @@ const int32_t* pairs_of(const at::BFloat16* row) { return reinterpret_cast<const
 
 }  // namespace
 
-// x [T, D] bf16; expert_ids [T, K] int64; weights [T, K] float32; w13 [E, 2I, D] bf16 in tiles of 32 gate rows
+// x [T, D] bf16; expert_ids [T, K] int64 (-1: the pair adds nothing); weights [T, K] float32; w13 [E, 2I, D] bf16 in tiles of 32 gate rows
 // and their 32 up rows; w2 [E, D, I] bf16 in tiles of 64 rows (layers/cpu_kernels.py makes both). Returns
 // sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) as [T, D] bf16, or as the float32 sums with float_out.
 torch::Tensor fused_moe(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor weights, torch::Tensor w13,
@@ -100,19 +100,20 @@ torch::Tensor fused_moe(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor
   const int64_t* ids = expert_ids.data_ptr<int64_t>();
   const float* mix = weights.data_ptr<float>();
 
-  // pairs (token * K + k) grouped by expert: expert e's are order[start[e], start[e + 1])
-  std::vector<int64_t> start(num_experts + 1, 0), order(tokens * top_k);
+  // pairs (token * K + k) grouped by expert: expert e's are order[start[e], start[e + 1]); id -1 routes nowhere
+  std::vector<int64_t> start(num_experts + 1, 0);
   for (int64_t p = 0; p < tokens * top_k; ++p) {
-    TORCH_CHECK(ids[p] >= 0 && ids[p] < num_experts, "expert id out of range");
-    ++start[ids[p] + 1];
+    TORCH_CHECK(ids[p] >= -1 && ids[p] < num_experts, "expert id out of range");
+    if (ids[p] >= 0) ++start[ids[p] + 1];
   }
   std::vector<int64_t> active;
   for (int64_t e = 0; e < num_experts; ++e) {
     if (start[e + 1]) active.push_back(e);
     start[e + 1] += start[e];
   }
-  std::vector<int64_t> fill(start.begin(), start.end() - 1);
-  for (int64_t p = 0; p < tokens * top_k; ++p) order[fill[ids[p]]++] = p;
+  std::vector<int64_t> fill(start.begin(), start.end() - 1), order(start[num_experts]);
+  for (int64_t p = 0; p < tokens * top_k; ++p)
+    if (ids[p] >= 0) order[fill[ids[p]]++] = p;
 
   const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
   std::vector<const int32_t*> x_rows(order.size()), act_rows(order.size());
