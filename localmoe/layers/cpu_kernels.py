@@ -3,7 +3,8 @@
 - tiled_matmul_cpu.cpp: bf16 matmuls on weights stored in tiles (`to_tiles`): the MoE feed-forward (`fused_moe`)
   and linear layers (`tiled_linear`), at every batch size;
 - paged_attention_cpu.cpp: decode attention straight over the paged KV cache;
-- rms_norm_cpu.cpp: RMSNorm in one call.
+- rms_norm_cpu.cpp: RMSNorm in one call;
+- rotary_cpu.cpp: the rotary embedding of a step's query and key heads in one call.
 
 They need a CPU with AVX512-BF16 and a C++ compiler; the extension is built once into PyTorch's
 extension cache (~40 s) by `torch.utils.cpp_extension`. Where any of that is missing, `kernels()`
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 SOURCES = [HERE / name for name in ("cpu_kernels.cpp", "tiled_matmul_cpu.cpp", "paged_attention_cpu.cpp",
-                                    "rms_norm_cpu.cpp")]
+                                    "rms_norm_cpu.cpp", "rotary_cpu.cpp")]
 # -fopenmp makes at::parallel_for (an inline header) split work over PyTorch's OpenMP threads; without it the
 # kernels run on one core. The libgomp linked is PyTorch's own (torch/lib is on the link path): one thread pool.
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-ffp-contract=off", "-fopenmp"]
@@ -94,8 +95,8 @@ def tiled_linear(x: torch.Tensor, tiles: torch.Tensor, out_features: int) -> tor
 
 
 def fused_moe(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
-              w2: torch.Tensor, float_out: bool = False) -> torch.Tensor:
+              w2: torch.Tensor, float_out: bool = False, counts: torch.Tensor | None = None) -> torch.Tensor:
     """sum_k weights[t, k] * SwiGLU expert ids[t, k] applied to x[t], for experts in expert_tiles; see
     tiled_matmul_cpu.cpp. The sums are kept in float32; bf16 is returned unless `float_out` (for callers adding
-    several partial sums)."""
-    return kernels().fused_moe(x, expert_ids, weights, w13, w2, float_out)
+    several partial sums). With `counts` (int64 [E]) the pairs routed to each expert are added to it."""
+    return kernels().fused_moe(x, expert_ids, weights, w13, w2, float_out, counts)

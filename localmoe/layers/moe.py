@@ -128,10 +128,13 @@ class SparseMoE(nn.Module):
         expert); an expert id of -1 adds nothing."""
         if self.record_routing:
             self.last_expert_ids = expert_ids
-        self.count_routed(expert_ids)
         if self.prefetch_next is not None:
             self.prefetch_next(x)
-        out = self.run_experts(x, weights, expert_ids) if self.cache is None else self.run_waves(x, weights, expert_ids)
+        if self.cache is None:
+            out = self.run_experts(x, weights, expert_ids, count=True)
+        else:
+            self.count_routed(expert_ids)
+            out = self.run_waves(x, weights, expert_ids)
         if self.shared_expert is None:
             return out
         shared = self.shared_expert(x)
@@ -139,12 +142,15 @@ class SparseMoE(nn.Module):
             shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
         return out + shared
 
-    def run_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def run_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, count: bool = False) -> torch.Tensor:
         """sum_k weights[t, k] * expert ids[t, k] (x[t]); -1 leaves a pair out. Tiled experts go to our CPU
-        kernel; otherwise the pairs are grouped by expert (pair_outputs) and mixed by the weights."""
+        kernel; otherwise the pairs are grouped by expert (pair_outputs) and mixed by the weights. With `count`,
+        the pairs are added to the routing statistics (by the kernel as it groups them: no ops of their own)."""
         if self.tiled:
             self.fused_calls += 1
-            return fused_moe(x, ids, weights, self.w13, self.w2)
+            return fused_moe(x, ids, weights, self.w13, self.w2, counts=self.tokens_per_expert if count else None)
+        if count:
+            self.count_routed(ids)
         return self.mix(weights, self.pair_outputs(x, ids))
 
     def run_waves(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

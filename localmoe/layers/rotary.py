@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from localmoe.layers import cpu_kernels
+
 
 def rope_parameters(hf_config: dict) -> dict:
     """rope_theta and scaling live at the top level (transformers 4) or in rope_parameters (transformers 5)."""
@@ -87,6 +89,8 @@ class RotaryEmbedding:
         _, _, cos, signed_sin = self._step
         if self.interleaved:  # adjacent pairs -> half-split order
             x = x.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
+        if x.dim() == 3 and x.stride(-1) == 1 and not torch.is_grad_enabled() and cpu_kernels.runs_here(x):
+            return cpu_kernels.kernels().rotary(x, cos.squeeze(1), signed_sin.squeeze(1))  # rotary_cpu.cpp: one call
         return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 

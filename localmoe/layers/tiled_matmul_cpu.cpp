@@ -12,6 +12,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <optional>
 #include <vector>
 
 #include "simd_math.h"
@@ -85,9 +86,10 @@ const int32_t* pairs_of(const at::BFloat16* row) { return reinterpret_cast<const
 
 // x [T, D] bf16; expert_ids [T, K] int64 (-1: the pair adds nothing); weights [T, K] float32; w13 [E, 2I, D] bf16 in tiles of 32 gate rows
 // and their 32 up rows; w2 [E, D, I] bf16 in tiles of 64 rows (layers/cpu_kernels.py makes both). Returns
-// sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) as [T, D] bf16, or as the float32 sums with float_out.
+// sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) as [T, D] bf16, or as the float32 sums with float_out. With
+// counts (int64 [E]), adds the pairs routed to each expert to it.
 torch::Tensor fused_moe(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor weights, torch::Tensor w13,
-                        torch::Tensor w2, bool float_out) {
+                        torch::Tensor w2, bool float_out, std::optional<torch::Tensor> counts) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w13.scalar_type() == at::kBFloat16 &&
               w2.scalar_type() == at::kBFloat16, "fused_moe takes bfloat16 activations and weights");
   x = x.contiguous();
@@ -110,6 +112,12 @@ torch::Tensor fused_moe(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor
   for (int64_t e = 0; e < num_experts; ++e) {
     if (start[e + 1]) active.push_back(e);
     start[e + 1] += start[e];
+  }
+  if (counts) {  // the running per-expert statistics, counted here as the pairs are grouped
+    TORCH_CHECK(counts->scalar_type() == at::kLong && counts->is_contiguous() && counts->numel() == num_experts,
+                "fused_moe counts must be a contiguous int64 tensor with one entry per expert");
+    int64_t* total = counts->data_ptr<int64_t>();
+    for (int64_t e = 0; e < num_experts; ++e) total[e] += start[e + 1] - start[e];
   }
   std::vector<int64_t> fill(start.begin(), start.end() - 1), order(start[num_experts]);
   for (int64_t p = 0; p < tokens * top_k; ++p)
