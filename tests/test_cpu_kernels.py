@@ -146,13 +146,21 @@ def test_rms_norm_rounds_like_the_reference(dtype):
     norm = RMSNorm(96, eps=1e-5).to(dtype)
     with torch.no_grad():
         norm.weight.normal_()
-    x = torch.randn(7, 3, 96).to(dtype)
+    x, residual = torch.randn(7, 3, 96).to(dtype), torch.randn(7, 3, 96).to(dtype)
     with torch.inference_mode():
         ours = norm(x)
-    variance = x.float().pow(2).mean(-1, keepdim=True)
-    expected = norm.weight * (x.float() * torch.rsqrt(variance + 1e-5)).to(dtype)
+        added, stream = norm.add(x, residual)
+
+    def reference(x):
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        return norm.weight * (x.float() * torch.rsqrt(variance + 1e-5)).to(dtype)
+
+    tolerance = {"atol": 1e-6 if dtype == torch.float32 else 1e-2, "rtol": 1e-5}
     assert ours.shape == x.shape
-    assert torch.allclose(ours.float(), expected.float(), atol=1e-6 if dtype == torch.float32 else 1e-2, rtol=1e-5)
+    assert torch.allclose(ours.float(), reference(x).float(), **tolerance)
+    # with the residual: the stream is x + residual as PyTorch rounds it, and the norm is of that stream
+    assert torch.equal(stream, x + residual)
+    assert torch.allclose(added.float(), reference(x + residual).float(), **tolerance)
 
 
 @pytest.mark.parametrize("rows", [1, 5, 130])

@@ -111,20 +111,22 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg["hidden_size"], eps)
         self.mlp = mlp
 
-    def forward(self, positions: torch.Tensor, h: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        h = h + self.self_attn(positions, self.input_layernorm(h), kv_cache, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, positions: torch.Tensor, h: torch.Tensor, residual: torch.Tensor | None, kv_cache: torch.Tensor,
+                meta: AttentionMetadata, *mlp_inputs: object) -> tuple[torch.Tensor, torch.Tensor]:
+        """h: the previous layer's MLP output, not yet added to the residual stream `residual` (None before the
+        first layer; each norm adds its input to the stream, see RMSNorm.add). Returns this layer's (MLP output,
+        stream). `mlp_inputs` go to the MLP after its input (the built-in model's routers take the token ids)."""
+        x, residual = self.input_layernorm.add(h, residual)
+        x, residual = self.post_attention_layernorm.add(self.self_attn(positions, x, kv_cache, meta), residual)
+        return self.mlp(x, *mlp_inputs), residual
 
 
 class LlamaForCausalLM(nn.Module):
-    decoder_layer: type[DecoderLayer] = DecoderLayer
-
     def __init__(self, cfg: dict) -> None:
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg["vocab_size"], cfg["hidden_size"])
-        self.layers = nn.ModuleList(self.decoder_layer(cfg, i, self.make_mlp(cfg, i), self.make_attention(cfg, i))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, self.make_mlp(cfg, i), self.make_attention(cfg, i))
                                     for i in range(cfg["num_hidden_layers"]))
         self.norm = RMSNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6))
         self.tie_word_embeddings = bool(cfg.get("tie_word_embeddings", False))
@@ -157,10 +159,15 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
         """Returns final hidden states [T, D]; logits are computed only where sampling needs them."""
-        h = self.embed_tokens(input_ids)
+        h, residual = self.embed_tokens(input_ids), None
+        mlp_inputs = self.mlp_inputs(input_ids, meta)
         for layer, kv_cache in zip(self.layers, kv_caches):
-            h = layer(positions, h, kv_cache, meta)
-        return self.norm(h)
+            h, residual = layer(positions, h, residual, kv_cache, meta, *mlp_inputs)
+        return self.norm.add(h, residual)[0]
+
+    def mlp_inputs(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> tuple:
+        """What each layer's MLP takes besides its input: nothing here (see the built-in model)."""
+        return ()
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

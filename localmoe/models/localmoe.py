@@ -28,7 +28,6 @@ from localmoe.layers.attention import AttentionMetadata
 from localmoe.layers.moe import SparseMoE
 from localmoe.layers.routing import drop_over_capacity, expert_choice, hash_topk, soft_moe_weights
 from localmoe.layers.segments import Segments
-from localmoe.models.llama import DecoderLayer
 from localmoe.models.mixtral import MixtralForCausalLM
 
 TOKEN_MIXING = ("expert_choice", "soft_moe")  # routings where one token's route depends on the others
@@ -96,23 +95,10 @@ class LocalMoEBlock(SparseMoE):
         return torch.bmm(from_slots.to(x.dtype).unsqueeze(1), slot_outputs[segments.seq]).squeeze(1)
 
 
-class LocalMoEDecoderLayer(DecoderLayer):
-    def forward(self, positions: torch.Tensor, h: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
-                token_ids: torch.Tensor, segments: Segments) -> torch.Tensor:
-        h = h + self.self_attn(positions, self.input_layernorm(h), kv_cache, meta)
-        return h + self.mlp(self.post_attention_layernorm(h), token_ids, segments)
-
-
 class LocalMoEForCausalLM(MixtralForCausalLM):
-    decoder_layer = LocalMoEDecoderLayer
-
     def make_mlp(self, cfg: dict, layer: int) -> nn.Module:
         return LocalMoEBlock(cfg)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                meta: AttentionMetadata) -> torch.Tensor:
-        segments = Segments.of(meta.token_seq)
-        h = self.embed_tokens(input_ids)
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            h = layer(positions, h, kv_cache, meta, input_ids, segments)
-        return self.norm(h)
+    def mlp_inputs(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> tuple:
+        """Hash routing reads the token ids; routers that compare tokens do it within each sequence."""
+        return input_ids, Segments.of(meta.token_seq)
