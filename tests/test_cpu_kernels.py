@@ -198,15 +198,17 @@ def test_mixed_step_sends_its_decodes_to_the_kernel(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rotary_kernel_equals_the_pytorch_path(dtype):
+@pytest.mark.parametrize("head_dim", [64, 40])
+def test_rotary_kernel_equals_the_pytorch_path(dtype, head_dim):
     """On the query and key heads of a merged projection (rows at a stride), with random tables: the kernel's
-    output is bit for bit x * cos + roll(x) * signed_sin as PyTorch computes and rounds it."""
+    output is bit for bit x * cos + roll(x) * signed_sin as PyTorch computes and rounds it (head dim 64 in
+    vector lanes, 40 element by element)."""
     g = torch.Generator().manual_seed(1)
-    qkv = torch.randn(5, 8 + 2 * 4, 64, generator=g).to(dtype)
+    qkv = torch.randn(5, 8 + 2 * 4, head_dim, generator=g).to(dtype)
     x = qkv[:, :12]  # 8 query heads and 4 key heads, as Attention passes them
-    cos, signed_sin = (torch.randn(5, 1, 64, generator=g).to(dtype) for _ in range(2))
+    cos, signed_sin = (torch.randn(5, 1, head_dim, generator=g).to(dtype) for _ in range(2))
     with torch.inference_mode():
         ours = kernels().rotary(x, cos.squeeze(1), signed_sin.squeeze(1))
-    expected = torch.addcmul(x * cos, x.roll(32, dims=-1), signed_sin)
+    expected = torch.addcmul(x * cos, x.roll(head_dim // 2, dims=-1), signed_sin)
     assert ours.shape == expected.shape and ours.is_contiguous()
     assert torch.equal(ours, expected)

@@ -5,15 +5,31 @@
 // sine is added to it by a fused multiply-add in float32 and rounded once.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 
 #include <cmath>
 
 namespace {
 
+// 16 values as float32 lanes, and back (bf16 rounded to nearest even, as PyTorch's conversion does)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+inline __m512 round_to(float*, __m512 v) { return v; }
+inline __m512 round_to(at::BFloat16*, __m512 v) {
+  const __m512i wide = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(at::BFloat16* p, __m512 v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v)); }
+
 template <typename T>
 void rotate(const torch::Tensor& x, const T* cos, const T* signed_sin, T* out) {
   const int64_t tokens = x.size(0), heads = x.size(1), dim = x.size(2), half = dim / 2;
   const int64_t token_stride = x.stride(0), head_stride = x.stride(1);
+  const bool vector = half % 16 == 0;  // 16-lane chunks then never straddle the two halves
   const T* xp = x.data_ptr<T>();
   at::parallel_for(0, tokens * heads, std::max<int64_t>(1, 16384 / dim), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
@@ -22,6 +38,13 @@ void rotate(const torch::Tensor& x, const T* cos, const T* signed_sin, T* out) {
       const T* c = cos + t * dim;
       const T* s = signed_sin + t * dim;
       T* o = out + r * dim;
+      if (vector) {
+        for (int64_t i = 0; i < dim; i += 16) {
+          const __m512 scaled = round_to(o, _mm512_mul_ps(load16(row + i), load16(c + i)));
+          store16(o + i, _mm512_fmadd_ps(load16(row + (i + half) % dim), load16(s + i), scaled));
+        }
+        continue;
+      }
       for (int64_t i = 0; i < dim; ++i) {
         const T scaled = static_cast<T>(static_cast<float>(row[i]) * static_cast<float>(c[i]));
         const float rolled = static_cast<float>(row[(i + half) % dim]);
