@@ -18,13 +18,6 @@
 
 namespace {
 
-// 16 consecutive values as float32 lanes (head dims are a multiple of 16)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const at::BFloat16* p) {
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));  // bf16 is the top half of a float32
-}
-
 // One query head in registers, and its dot product with a key row as 16 partial sums. bf16 pairs go through
 // vdpbf16ps (two elements a lane, products exact in float32); float32 through FMAs. Head dim = 16 NC.
 template <typename T, int NC>

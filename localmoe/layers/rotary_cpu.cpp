@@ -9,21 +9,21 @@
 
 #include <cmath>
 
+#include "simd_math.h"
+
 namespace {
 
-// 16 values as float32 lanes, and back (bf16 rounded to nearest even, as PyTorch's conversion does)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const at::BFloat16* p) {
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
+// float32 lanes rounded to T and back, and stored as T (bf16 rounded to nearest even, as PyTorch's conversion
+// does)
 inline __m512 round_to(float*, __m512 v) { return v; }
 inline __m512 round_to(at::BFloat16*, __m512 v) {
   const __m512i wide = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v));
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
 inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-inline void store16(at::BFloat16* p, __m512 v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v)); }
+inline void store16(at::BFloat16* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
+}
 
 template <typename T>
 void rotate(const torch::Tensor& x, const T* cos, const T* signed_sin, T* out) {

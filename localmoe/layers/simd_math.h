@@ -1,6 +1,14 @@
 // Vector math the CPU kernels share (AVX-512, 16 float32 lanes).
 #pragma once
+#include <c10/util/BFloat16.h>
 #include <immintrin.h>
+
+// 16 consecutive values as float32 lanes
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));  // bf16 is the top half of a float32
+}
 
 // e^x in float32 lanes: x = n ln2 + r, e^r by Cephes' expf polynomial, times 2^n. Inputs below -87 give ~1e-38,
 // not 0: callers mask lanes that must vanish.

@@ -1,4 +1,4 @@
-// The MoE feed-forward and small-batch linear layers, bf16 on CPUs with AVX512-BF16.
+// The MoE feed-forward and linear layers, bf16 on CPUs with AVX512-BF16, at every batch size.
 //
 // A decode step multiplies a few tokens by large weights, so it is bound by reading them; a prompt chunk
 // multiplies many, so it is bound by arithmetic. Both run here on weights stored in *tiles*: up to 64 rows
@@ -23,7 +23,8 @@ constexpr int64_t kTileRows = 64;  // 4 registers of 16 row sums
 constexpr int64_t kMaxTokens = 6;  // 6 x 4 sums + 4 weight registers + the broadcast token fit the 32 registers
 
 // done(m, sums) with the 16R row sums of token m, for the M tokens x[m] (rows as column pairs) against one tile of
-// 16R rows, `pairs` = k / 2. The sums are locals so that they live in registers.
+// 16R rows, `pairs` = k / 2. The sums are locals so that they live in registers (as an output parameter they
+// had been stored to memory every iteration).
 template <int R, int M, typename Done>
 void tile_pass(const int32_t* const* x, int64_t pairs, const int32_t* w, Done& done) {
   __m512 acc[M][R];
