@@ -85,7 +85,8 @@ def expert_tiles(w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, tor
     rows (so one tile holds both halves of SwiGLU for 32 units), then both in tiles."""
     inter = w13.shape[-2] // 2
     gate, up = w13[..., :inter, :], w13[..., inter:, :]
-    paired = [half[..., unit:unit + TILE_ROWS // 2, :] for unit in range(0, inter, TILE_ROWS // 2) for half in (gate, up)]
+    units = TILE_ROWS // 2
+    paired = [half[..., first:first + units, :] for first in range(0, inter, units) for half in (gate, up)]
     return to_tiles(torch.cat(paired, dim=-2)), to_tiles(w2)
 
 

@@ -108,13 +108,11 @@ class SparseMoE(nn.Module):
             self.w13.data = self.w13.data.new_empty(0)
             self.w2.data = self.w2.data.new_empty(0)
 
-    def count_routed(self, expert_ids: torch.Tensor) -> torch.Tensor:
-        """Tokens this step routed to each expert [E] (on CPU; pairs routed nowhere, -1, left out), added to the
-        running statistics."""
+    def count_routed(self, expert_ids: torch.Tensor) -> None:
+        """Add the tokens this step routed to each expert to the running statistics (pairs routed nowhere, -1,
+        left out)."""
         # shifted by one, pairs routed nowhere count in bin 0 and are dropped: no masking (a data-dependent shape)
-        counts = torch.bincount(expert_ids.flatten() + 1, minlength=self.num_experts + 1)[1:].cpu()
-        self.tokens_per_expert += counts
-        return counts
+        self.tokens_per_expert += torch.bincount(expert_ids.flatten() + 1, minlength=self.num_experts + 1)[1:].cpu()
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Routing weights [T, K] (float32) and expert ids [T, K]; families with other routers override this."""
@@ -142,7 +140,8 @@ class SparseMoE(nn.Module):
             shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
         return out + shared
 
-    def run_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, count: bool = False) -> torch.Tensor:
+    def run_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                    count: bool = False) -> torch.Tensor:
         """sum_k weights[t, k] * expert ids[t, k] (x[t]); -1 leaves a pair out. Tiled experts go to our CPU
         kernel; otherwise the pairs are grouped by expert (pair_outputs) and mixed by the weights. With `count`,
         the pairs are added to the routing statistics (by the kernel as it groups them: no ops of their own)."""

@@ -67,7 +67,7 @@ struct PagedKV {
     return ((tables[b * width + pos / block_size] * kv_heads + h) * block_size + pos % block_size) * dim;
   }
 
-  // visit(t, count, first key row, first value row) for each run of positions lying in one block (their rows
+  // visit(count, first key row, first value row) for each run of positions lying in one block (their rows
   // follow each other), from `first` over n positions of sequence b's kv head h; the next run is asked for
   // while this one is visited, since blocks lie anywhere and the hardware prefetcher cannot guess the next
   template <typename Visit>
@@ -81,7 +81,7 @@ struct PagedKV {
           _mm_prefetch(reinterpret_cast<const char*>(k_cache + next) + byte, _MM_HINT_T1);
           _mm_prefetch(reinterpret_cast<const char*>(v_cache + next) + byte, _MM_HINT_T1);
         }
-      visit(t, count, k_cache + at, v_cache + at);
+      visit(count, k_cache + at, v_cache + at);
       t += count;
       at = next;
     }
@@ -109,7 +109,7 @@ void attend_group(const T* query, int64_t group, const PagedKV<T>& kv, int64_t b
     total[g] = sink ? 1.0f : 0.0f;
   }
   alignas(64) float probs[16];
-  kv.for_each_run(b, h, first, n, [&](int64_t, int64_t count, const T* keys, const T* values) {
+  kv.for_each_run(b, h, first, n, [&](int64_t count, const T* keys, const T* values) {
     for (int64_t c0 = 0; c0 < count; c0 += 16) {
       const int64_t m = std::min<int64_t>(16, count - c0);
       const __mmask16 valid = static_cast<__mmask16>((1u << m) - 1);
@@ -128,7 +128,8 @@ void attend_group(const T* query, int64_t group, const PagedKV<T>& kv, int64_t b
         total[g] = total[g] * rescale + _mm512_reduce_add_ps(p);
         peak[g] = grown;
         __m512 sum[NC];
-        for (int c = 0; c < NC; ++c) sum[c] = _mm512_mul_ps(_mm512_loadu_ps(acc + g * dim + 16 * c), _mm512_set1_ps(rescale));
+        for (int c = 0; c < NC; ++c)
+          sum[c] = _mm512_mul_ps(_mm512_loadu_ps(acc + g * dim + 16 * c), _mm512_set1_ps(rescale));
         for (int64_t j = 0; j < m; ++j) {
           const __m512 pj = _mm512_set1_ps(probs[j]);
           for (int c = 0; c < NC; ++c) sum[c] = _mm512_fmadd_ps(pj, load16(value + j * dim + 16 * c), sum[c]);

@@ -20,6 +20,7 @@
 namespace {
 
 constexpr int64_t kTileRows = 64;  // 4 registers of 16 row sums
+constexpr int64_t kTileUnits = kTileRows / 2;  // an expert tile: this many gate rows, then their up rows
 constexpr int64_t kMaxTokens = 6;  // 6 x 4 sums + 4 weight registers + the broadcast token fit the 32 registers
 
 // done(m, sums) with the 16R row sums of token m, for the M tokens x[m] (rows as column pairs) against one tile of
@@ -85,8 +86,9 @@ const int32_t* pairs_of(const at::BFloat16* row) { return reinterpret_cast<const
 
 }  // namespace
 
-// x [T, D] bf16; expert_ids [T, K] int64 (-1: the pair adds nothing); weights [T, K] float32; w13 [E, 2I, D] bf16 in tiles of 32 gate rows
-// and their 32 up rows; w2 [E, D, I] bf16 in tiles of 64 rows (layers/cpu_kernels.py makes both). Returns
+// x [T, D] bf16; expert_ids [T, K] int64 (-1: the pair adds nothing); weights [T, K] float32; w13 [E, 2I, D]
+// bf16 in tiles of 32 gate rows and their 32 up rows; w2 [E, D, I] bf16 in tiles of 64 rows
+// (layers/cpu_kernels.py makes both). Returns
 // sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) as [T, D] bf16, or as the float32 sums with float_out. With
 // counts (int64 [E]), adds the pairs routed to each expert to it.
 torch::Tensor fused_moe(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor weights, torch::Tensor w13,
@@ -133,20 +135,22 @@ torch::Tensor fused_moe(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor
   }
   const int64_t n_active = static_cast<int64_t>(active.size());
 
-  // gate and up: tile u of every active expert (32 intermediate units, the last may have 16), tile-major so
+  // gate and up: tile u of every active expert (kTileUnits intermediate units, the last may have 16), tile-major so
   // that each thread takes a range of tiles of every expert
   const at::BFloat16* w13p = w13.data_ptr<at::BFloat16>();
-  const int64_t unit_tiles = (inter + 31) / 32;
+  const int64_t unit_tiles = (inter + kTileUnits - 1) / kTileUnits;
   at::parallel_for(0, unit_tiles * n_active, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t u = i / n_active, e = active[i % n_active], units = std::min<int64_t>(32, inter - 32 * u);
+      const int64_t u = i / n_active, e = active[i % n_active];
+      const int64_t units = std::min(kTileUnits, inter - kTileUnits * u);
       const int64_t first = start[e];
-      const int32_t* w = pairs_of(w13p + (e * 2 * inter + 64 * u) * dim);
+      const int32_t* w = pairs_of(w13p + (e * 2 * inter + kTileRows * u) * dim);
       tile_rows(2 * units, x_rows.data() + first, start[e + 1] - first, dim / 2, w, [&](int64_t m, const __m512* s) {
-        at::BFloat16* out = act.data() + (first + m) * inter + 32 * u;
+        at::BFloat16* out = act.data() + (first + m) * inter + kTileUnits * u;
         for (int64_t h = 0; h < units / 16; ++h) {
           const __m512 gate = s[h], up = s[units / 16 + h];
-          const __m512 silu = _mm512_div_ps(gate, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), gate))));
+          const __m512 e_minus = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gate));
+          const __m512 silu = _mm512_div_ps(gate, _mm512_add_ps(_mm512_set1_ps(1.0f), e_minus));
           store_bf16(out + 16 * h, _mm512_mul_ps(silu, up));
         }
       });
