@@ -120,14 +120,16 @@ def dense_decode_attention(q, kv_cache, tables, lens, scale, window, sinks):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window,with_sinks", [(0, False), (5, False), (0, True)])
 def test_decode_attention_reads_the_paged_cache(dtype, window, with_sinks):
-    """Sequences of different lengths over scattered blocks, grouped query heads; the new key and value land
-    in their slot, and the output is float32 attention over each sequence's own keys."""
+    """Sequences of different lengths over scattered blocks, grouped query heads, q/k/v strided; the new key and
+    value land in their slot, and the output is float32 attention over each sequence's own keys."""
     g = torch.Generator().manual_seed(window + with_sinks)
     blocks, kv_heads, block_size, dim, heads = 12, 2, 4, 16, 6
     cache = torch.randn(2, blocks, kv_heads, block_size, dim, generator=g).to(dtype)
     tables = torch.tensor([[3, 7, 1, 0], [9, 2, 0, 0], [5, 11, 4, 8]])
     lens = torch.tensor([10, 5, 16])
-    q, k, v = (torch.randn(3, n, dim, generator=g).to(dtype) for n in (heads, kv_heads, kv_heads))
+    # views into one merged projection, as a layer passes them: rows at a stride of all heads
+    q, k, v = torch.randn(3, heads + 2 * kv_heads, dim, generator=g).to(dtype).split([heads, kv_heads, kv_heads], 1)
+    assert not q.is_contiguous()
     sinks = torch.randn(heads, generator=g) if with_sinks else None
     ours = kernels().decode_attention(q, k, v, cache, tables, lens, 0.25, window, sinks)
     last = lens - 1
@@ -212,3 +214,13 @@ def test_rotary_kernel_equals_the_pytorch_path(dtype, head_dim):
     expected = torch.addcmul(x * cos, x.roll(head_dim // 2, dims=-1), signed_sin)
     assert ours.shape == expected.shape and ours.is_contiguous()
     assert torch.equal(ours, expected)
+
+
+@pytest.mark.parametrize("rows,vocab", [(1, 32000), (16, 1000), (3, 37)])
+def test_argmax_kernel_picks_the_first_largest_like_pytorch(rows, vocab):
+    logits = torch.randn(rows, vocab)
+    logits[0, vocab // 3] = logits[0, vocab - 1] = logits[0].max() + 1  # a tie: the first one wins
+    if rows > 1:
+        logits[1, -1] = 100.0  # in the tail past the last full 16 lanes
+    assert torch.equal(kernels().argmax_rows(logits), logits.argmax(dim=-1))
+    assert int(kernels().argmax_rows(logits)[0]) == vocab // 3

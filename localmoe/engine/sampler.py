@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from localmoe.engine.sequence import Sequence
+from localmoe.layers.cpu_kernels import argmax
 
 
 @dataclass
@@ -33,7 +34,7 @@ class Sampler:
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
         logits = self._apply_penalties(logits, seqs)
 
-        tokens = logits.argmax(dim=-1)
+        tokens = argmax(logits)
         if not all(p.greedy for p in params):
             greedy = torch.tensor([p.greedy for p in params], device=logits.device)
             temps = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=logits.device)

@@ -4,6 +4,7 @@
 #include <optional>
 #include <vector>
 
+torch::Tensor argmax_rows(torch::Tensor logits);
 torch::Tensor fused_moe(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor weights, torch::Tensor w13,
                         torch::Tensor w2, bool float_out, std::optional<torch::Tensor> counts);
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor kv_cache,
@@ -18,6 +19,7 @@ torch::Tensor tiled_linear(torch::Tensor x, torch::Tensor w, int64_t n);
 // stream tokens meanwhile instead of waiting for the engine thread to reach a PyTorch op.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using release = pybind11::call_guard<pybind11::gil_scoped_release>;
+  m.def("argmax_rows", &argmax_rows, "the first index of the largest value of each row", release());
   m.def("fused_moe", &fused_moe, "MoE feed-forward on experts in tiles, bf16, AVX512-BF16", release());
   m.def("decode_attention", &decode_attention, "one query per sequence over the paged KV cache", release());
   m.def("rms_norm", &rms_norm, "RMSNorm of the last dimension, after a residual add", release());

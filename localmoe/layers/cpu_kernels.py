@@ -4,7 +4,8 @@
   and linear layers (`tiled_linear`), at every batch size;
 - paged_attention_cpu.cpp: decode attention straight over the paged KV cache;
 - rms_norm_cpu.cpp: RMSNorm in one call;
-- rotary_cpu.cpp: the rotary embedding of a step's query and key heads in one call.
+- rotary_cpu.cpp: the rotary embedding of a step's query and key heads in one call;
+- argmax_cpu.cpp: the greedy token of each row of logits.
 
 They need a CPU with AVX512-BF16 and a C++ compiler; the extension is built once into PyTorch's
 extension cache (~40 s) by `torch.utils.cpp_extension`. Where any of that is missing, `kernels()`
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 SOURCES = [HERE / name for name in ("cpu_kernels.cpp", "tiled_matmul_cpu.cpp", "paged_attention_cpu.cpp",
-                                    "rms_norm_cpu.cpp", "rotary_cpu.cpp")]
+                                    "rms_norm_cpu.cpp", "rotary_cpu.cpp", "argmax_cpu.cpp")]
 # -fopenmp makes at::parallel_for (an inline header) split work over PyTorch's OpenMP threads; without it the
 # kernels run on one core. The libgomp linked is PyTorch's own (torch/lib is on the link path): one thread pool.
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-ffp-contract=off", "-fopenmp"]
@@ -93,6 +94,13 @@ def expert_tiles(w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, tor
 def tiled_linear(x: torch.Tensor, tiles: torch.Tensor, out_features: int) -> torch.Tensor:
     """x [T, K] @ weight.T for a weight in linear_tiles, in bf16."""
     return kernels().tiled_linear(x, tiles, out_features)
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(dim=-1) for float32 [S, V]: our kernel where it runs, else PyTorch's."""
+    if logits.dim() == 2 and logits.dtype == torch.float32 and logits.shape[-1] > 0 and runs_here(logits):
+        return kernels().argmax_rows(logits)
+    return logits.argmax(dim=-1)
 
 
 def fused_moe(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,

@@ -162,8 +162,8 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k, const
   for (int64_t b = 0; b < batch; ++b)  // the new keys and values first: every head of the step reads them
     for (int64_t h = 0; h < kv_heads; ++h) {
       const int64_t at = kv.row(b, h, lens[b] - 1);
-      std::copy_n(k.data_ptr<T>() + (b * kv_heads + h) * dim, dim, k_cache + at);
-      std::copy_n(v.data_ptr<T>() + (b * kv_heads + h) * dim, dim, v_cache + at);
+      std::copy_n(k.data_ptr<T>() + b * k.stride(0) + h * dim, dim, k_cache + at);
+      std::copy_n(v.data_ptr<T>() + b * v.stride(0) + h * dim, dim, v_cache + at);
     }
   constexpr AttendGroup<T> kGroups[9] = {nullptr, attend_group<T, 1>, attend_group<T, 2>, attend_group<T, 3>,
                                          attend_group<T, 4>, attend_group<T, 5>, attend_group<T, 6>,
@@ -178,10 +178,16 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k, const
       const int64_t b = task / kv_heads, h = task % kv_heads, ctx = lens[b];
       const int64_t first = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
       const int64_t head = h * group;  // the group's first query head
-      attend(qp + (b * heads + head) * dim, group, kv, b, h, first, ctx - first, static_cast<float>(scale),
+      attend(qp + b * q.stride(0) + head * dim, group, kv, b, h, first, ctx - first, static_cast<float>(scale),
              sink ? sink + head : nullptr, scratch, op + (b * heads + head) * dim);
     }
   });
+}
+
+// t [B, heads, D] with each row's heads side by side, the rows at any stride (a step's q, k and v are views
+// into the one projection of its tokens): copied only where that does not hold.
+torch::Tensor rows_of_heads(const torch::Tensor& t) {
+  return t.stride(2) == 1 && t.stride(1) == t.size(2) ? t : t.contiguous();
 }
 
 }  // namespace
@@ -194,15 +200,15 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
                                int64_t window, std::optional<torch::Tensor> sinks) {
   TORCH_CHECK(kv_cache.is_contiguous() && kv_cache.dim() == 5 && kv_cache.size(0) == 2,
               "decode_attention needs a contiguous [2, N, Hkv, S, D] cache");
-  q = q.to(kv_cache.scalar_type()).contiguous();
-  k = k.to(kv_cache.scalar_type()).contiguous();
-  v = v.to(kv_cache.scalar_type()).contiguous();
+  q = rows_of_heads(q.to(kv_cache.scalar_type()));
+  k = rows_of_heads(k.to(kv_cache.scalar_type()));
+  v = rows_of_heads(v.to(kv_cache.scalar_type()));
   block_tables = block_tables.to(at::kLong).contiguous();
   context_lens = context_lens.to(at::kLong).contiguous();
   if (sinks) sinks = sinks->to(at::kFloat).contiguous();
   TORCH_CHECK(q.size(1) % kv_cache.size(2) == 0 && q.size(2) == kv_cache.size(4), "query and cache shapes differ");
   TORCH_CHECK(q.size(2) % 16 == 0 && q.size(2) <= 128, "decode_attention takes head dims 16, 32, ..., 128");
-  auto out = torch::empty_like(q);
+  auto out = torch::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   if (kv_cache.scalar_type() == at::kBFloat16)
     decode_attention_impl<at::BFloat16>(q, k, v, kv_cache, block_tables, context_lens, scale, window, sinks, out);
   else if (kv_cache.scalar_type() == at::kFloat)
