@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
@@ -123,6 +124,32 @@ def test_echo_puts_the_prompt_first(client: openai.OpenAI, model: str) -> None:
     result = client.completions.create(model=model, prompt="Echo me", max_tokens=3, echo=True, temperature=0)
     plain = client.completions.create(model=model, prompt="Echo me", max_tokens=3, temperature=0)
     assert result.choices[0].text == "Echo me" + plain.choices[0].text
+
+
+def test_echo_with_logprobs_scores_the_prompt_like_transformers(client: openai.OpenAI, model: str, tokenizer,
+                                                                tiny_mixtral_dir: Path) -> None:
+    """lm-eval's loglikelihood request: the prompt echoed with each of its tokens' logprobs (none for the first),
+    then the one generated token's; streamed, the same entries arrive in chunks."""
+    from transformers import AutoModelForCausalLM
+
+    prompt = "The quick brown fox jumps over"
+    kwargs = dict(model=model, prompt=prompt, max_tokens=1, echo=True, logprobs=1, temperature=0)
+    result = client.completions.create(**kwargs).choices[0]
+    ids = tokenizer(prompt).input_ids
+    lp = result.logprobs
+    assert result.text.startswith(prompt) and len(lp.tokens) == len(ids) + 1
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    reference = AutoModelForCausalLM.from_pretrained(tiny_mixtral_dir, torch_dtype=torch.float32)
+    with torch.no_grad():
+        expected = torch.log_softmax(reference(torch.tensor([ids])).logits[0].float(), dim=-1)
+    wanted = expected[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    assert torch.allclose(torch.tensor(lp.token_logprobs[1:len(ids)]), wanted, atol=1e-4)
+    plain = client.completions.create(model=model, prompt=prompt, max_tokens=1, logprobs=1, temperature=0)
+    assert lp.token_logprobs[-1] == pytest.approx(plain.choices[0].logprobs.token_logprobs[0])
+    streamed = [c.choices[0].logprobs for c in client.completions.create(stream=True, **kwargs)
+                if c.choices and c.choices[0].logprobs]
+    assert sum((c.tokens for c in streamed), []) == lp.tokens
+    assert sum((c.token_logprobs for c in streamed), []) == pytest.approx(lp.token_logprobs)
 
 
 def test_list_of_prompts_times_n(client: openai.OpenAI, model: str) -> None:

@@ -47,8 +47,9 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tiled:
-            out = cpu_kernels.tiled_linear(x.reshape(-1, self.in_features), self.weight, self.out_features)
-            out = out.view(*x.shape[:-1], self.out_features)
+            rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # a step's tokens are already rows
+            out = cpu_kernels.tiled_linear(rows, self.weight, self.out_features)
+            out = out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
             return out if self.bias is None else out + self.bias
         return linear(x, self.weight, self.bias)
 

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "simd_math.h"
+#include "tensor_args.h"
 
 namespace {
 
@@ -200,12 +201,12 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
                                int64_t window, std::optional<torch::Tensor> sinks) {
   TORCH_CHECK(kv_cache.is_contiguous() && kv_cache.dim() == 5 && kv_cache.size(0) == 2,
               "decode_attention needs a contiguous [2, N, Hkv, S, D] cache");
-  q = rows_of_heads(q.to(kv_cache.scalar_type()));
-  k = rows_of_heads(k.to(kv_cache.scalar_type()));
-  v = rows_of_heads(v.to(kv_cache.scalar_type()));
-  block_tables = block_tables.to(at::kLong).contiguous();
-  context_lens = context_lens.to(at::kLong).contiguous();
-  if (sinks) sinks = sinks->to(at::kFloat).contiguous();
+  q = rows_of_heads(of_type(q, kv_cache.scalar_type()));
+  k = rows_of_heads(of_type(k, kv_cache.scalar_type()));
+  v = rows_of_heads(of_type(v, kv_cache.scalar_type()));
+  block_tables = of_type(block_tables, at::kLong).contiguous();
+  context_lens = of_type(context_lens, at::kLong).contiguous();
+  if (sinks) sinks = of_type(*sinks, at::kFloat).contiguous();
   TORCH_CHECK(q.size(1) % kv_cache.size(2) == 0 && q.size(2) == kv_cache.size(4), "query and cache shapes differ");
   TORCH_CHECK(q.size(2) % 16 == 0 && q.size(2) <= 128, "decode_attention takes head dims 16, 32, ..., 128");
   auto out = torch::empty({q.size(0), q.size(1), q.size(2)}, q.options());

@@ -9,6 +9,8 @@
 #include <optional>
 #include <vector>
 
+#include "tensor_args.h"
+
 namespace {
 
 // out = RMSNorm(x [+ residual]) row by row; with a residual, x + residual (rounded to T, as PyTorch's add rounds
@@ -52,7 +54,7 @@ std::vector<torch::Tensor> rms_norm(torch::Tensor x, std::optional<torch::Tensor
   const int64_t dim = x.size(-1);
   TORCH_CHECK(weight.numel() == dim, "rms_norm weight and input sizes differ");
   x = x.contiguous();
-  weight = weight.to(x.scalar_type()).contiguous();
+  weight = of_type(weight, x.scalar_type()).contiguous();
   std::optional<torch::Tensor> sum;
   if (residual) {
     TORCH_CHECK(residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type(),

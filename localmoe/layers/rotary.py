@@ -84,13 +84,13 @@ class RotaryEmbedding:
         if self._step is None or self._step[0] is not positions or self._step[1] != x.dtype:
             if self.cos.device != positions.device:
                 self.cos, self.signed_sin = self.cos.to(positions.device), self.signed_sin.to(positions.device)
-            self._step = (positions, x.dtype, self.cos[positions].unsqueeze(1).to(x.dtype),
-                          self.signed_sin[positions].unsqueeze(1).to(x.dtype))
-        _, _, cos, signed_sin = self._step
+            self._step = (positions, x.dtype, self.cos[positions].to(x.dtype), self.signed_sin[positions].to(x.dtype))
+        _, _, cos, signed_sin = self._step  # [T, D]
         if self.interleaved:  # adjacent pairs -> half-split order
             x = x.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
         if x.dim() == 3 and x.stride(-1) == 1 and not torch.is_grad_enabled() and cpu_kernels.runs_here(x):
-            return cpu_kernels.kernels().rotary(x, cos.squeeze(1), signed_sin.squeeze(1))  # rotary_cpu.cpp: one call
+            return cpu_kernels.kernels().rotary(x, cos, signed_sin)  # rotary_cpu.cpp: one call
+        cos, signed_sin = cos.unsqueeze(-2), signed_sin.unsqueeze(-2)  # over the heads
         return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 

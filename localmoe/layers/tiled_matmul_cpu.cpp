@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "simd_math.h"
+#include "tensor_args.h"
 
 namespace {
 
@@ -96,8 +97,8 @@ torch::Tensor fused_moe(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w13.scalar_type() == at::kBFloat16 &&
               w2.scalar_type() == at::kBFloat16, "fused_moe takes bfloat16 activations and weights");
   x = x.contiguous();
-  expert_ids = expert_ids.to(at::kLong).contiguous();
-  weights = weights.to(at::kFloat).contiguous();
+  expert_ids = of_type(expert_ids, at::kLong).contiguous();
+  weights = of_type(weights, at::kFloat).contiguous();
   TORCH_CHECK(w13.is_contiguous() && w2.is_contiguous(), "fused_moe needs contiguous expert weights");
   const int64_t tokens = x.size(0), dim = x.size(1), top_k = expert_ids.size(1);
   const int64_t num_experts = w13.size(0), inter = w2.size(2);
@@ -157,27 +158,40 @@ torch::Tensor fused_moe(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor
     }
   });
 
-  // down: each thread owns a range of output tiles, for every expert, and adds each pair's rows into its token
-  auto acc = torch::zeros({tokens, dim}, x.options().dtype(at::kFloat));
-  float* out = acc.data_ptr<float>();
+  // down: each thread owns a range of output tiles, for every expert: it adds each pair's rows into its token's
+  // sums, then writes the tile's rows out (float32 sums, or rounded to bf16)
+  auto result = torch::empty({tokens, dim}, x.options().dtype(float_out ? at::kFloat : at::kBFloat16));
+  float* out_float = float_out ? result.data_ptr<float>() : nullptr;
+  at::BFloat16* out_bf16 = float_out ? nullptr : result.data_ptr<at::BFloat16>();
   const at::BFloat16* w2p = w2.data_ptr<at::BFloat16>();
   at::parallel_for(0, (dim + kTileRows - 1) / kTileRows, 1, [&](int64_t j0, int64_t j1) {
+    std::vector<float> sums;  // [tokens, kTileRows]
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t rows = std::min(kTileRows, dim - j * kTileRows);
+      sums.assign(tokens * kTileRows, 0.0f);
       for (const int64_t e : active) {
         const int64_t first = start[e];
         const int32_t* w = pairs_of(w2p + (e * dim + j * kTileRows) * inter);
         tile_rows(rows, act_rows.data() + first, start[e + 1] - first, inter / 2, w, [&](int64_t m, const __m512* s) {
           const int64_t pair = order[first + m];
-          float* o = out + pair / top_k * dim + j * kTileRows;
+          float* o = sums.data() + pair / top_k * kTileRows;
           const __m512 scale = _mm512_set1_ps(mix[pair]);
           for (int64_t r = 0; r < rows / 16; ++r)
             _mm512_storeu_ps(o + 16 * r, _mm512_fmadd_ps(scale, s[r], _mm512_loadu_ps(o + 16 * r)));
         });
       }
+      for (int64_t t = 0; t < tokens; ++t)
+        for (int64_t r = 0; r < rows / 16; ++r) {
+          const __m512 v = _mm512_loadu_ps(sums.data() + t * kTileRows + 16 * r);
+          const int64_t at = t * dim + j * kTileRows + 16 * r;
+          if (out_float)
+            _mm512_storeu_ps(out_float + at, v);
+          else
+            store_bf16(out_bf16 + at, v);
+        }
     }
   });
-  return float_out ? acc : acc.to(at::kBFloat16);
+  return result;
 }
 
 // x [T, K] @ w^T -> [T, N] bf16, float32 sums; w is [N', K] in tiles of 64 rows (N' is N rounded up to 16, the

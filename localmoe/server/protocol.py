@@ -115,6 +115,11 @@ class CompletionLogprobs(BaseModel):
     tokens: list[str] = Field(default_factory=list)
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
+    def followed_by(self, other: "CompletionLogprobs") -> "CompletionLogprobs":
+        return CompletionLogprobs(text_offset=self.text_offset + other.text_offset,
+                                  token_logprobs=self.token_logprobs + other.token_logprobs,
+                                  tokens=self.tokens + other.tokens, top_logprobs=self.top_logprobs + other.top_logprobs)
+
 
 class CompletionChoice(BaseModel):
     index: int

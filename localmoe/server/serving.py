@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -97,10 +98,10 @@ class OpenAIServing:
 
     async def create_completion(self, request: CompletionRequest, raw_request: Request) -> Response:
         self.check_model(request.model)
-        if request.echo and request.logprobs is not None:
-            raise APIError("echo together with logprobs is not supported", param="echo")
         prompts = self.completion_prompts(request.prompt)
         params = [self.sampling_params(request, p, request.max_tokens, request.logprobs) for p in prompts]
+        if request.echo and request.logprobs is not None:  # the echoed prompt comes with its tokens' logprobs
+            params = [dataclasses.replace(p, prompt_logprobs=request.logprobs) for p in params]
         generation = Generation(self.aengine, self.metrics, f"cmpl-{uuid.uuid4().hex}", prompts, params,
                                 request.priority)
         if request.stream:
@@ -110,12 +111,16 @@ class OpenAIServing:
             return Response(status_code=499)
         choices = []
         for i, output in enumerate(outputs):
+            echo = prompts[i].text if request.echo else ""
             for c in output.outputs:
-                echo = prompts[i].text if request.echo else ""
+                logprobs = None
+                if request.logprobs is not None:
+                    logprobs = _completion_logprobs(c, 0, len(echo))
+                    if request.echo:
+                        logprobs = self._prompt_logprobs(output).followed_by(logprobs)
                 choices.append(CompletionChoice(
                     index=i * request.n + c.index, text=echo + c.text, finish_reason=c.finish_reason,
-                    stop_reason=c.stop_reason, logprobs=_completion_logprobs(c, 0, 0)
-                    if request.logprobs is not None else None))
+                    stop_reason=c.stop_reason, logprobs=logprobs))
         choices.sort(key=lambda choice: choice.index)
         return JSONResponse(CompletionResponse(id=generation.base_id, model=self.model_name,
                                                choices=choices, usage=_usage(outputs)).model_dump())
@@ -139,6 +144,20 @@ class OpenAIServing:
                                                    model=self.model_name, choices=choices,
                                                    usage=_usage(outputs)).model_dump())
 
+    def _prompt_logprobs(self, output: RequestOutput) -> CompletionLogprobs:
+        """Legacy completions logprobs of the prompt's own tokens, for echo: the first has none (nothing
+        precedes it), as in vLLM."""
+        result = CompletionLogprobs()
+        position = 0
+        for token_id, step in zip(output.prompt_token_ids, output.prompt_logprobs or []):
+            token = step[token_id].decoded_token if step else self.tokenizer.decode([token_id])
+            result.tokens.append(token)
+            result.token_logprobs.append(step[token_id].logprob if step else None)
+            result.top_logprobs.append({lp.decoded_token: lp.logprob for lp in _ranked(step)} if step else None)
+            result.text_offset.append(position)
+            position += len(token)
+        return result
+
     # ---- streams -------------------------------------------------------------------------------
 
     async def _completion_stream(self, request: CompletionRequest, generation: Generation) -> AsyncIterator[str]:
@@ -148,19 +167,20 @@ class OpenAIServing:
             choice = CompletionChoice(index=index, text=text, **fields)
             return _data(CompletionResponse(id=stream_id, created=created, model=self.model_name, choices=[choice]))
 
-        if request.echo:
-            for i, prompt in enumerate(generation.prompts):
-                for j in range(n):
-                    yield chunk(i * n + j, prompt.text)
         sent = _Progress()
         last: dict[int, RequestOutput] = {}
         async for i, output in generation.stream():
+            echo = generation.prompts[i].text if request.echo else ""
+            if request.echo and i not in last:  # the prompt first, once it is computed (its logprobs with it)
+                logprobs = self._prompt_logprobs(output) if request.logprobs is not None else None
+                for j in range(n):
+                    yield chunk(i * n + j, echo, logprobs=logprobs)
             last[i] = output
             for c in output.outputs:
                 delta = sent.advance(i * n + c.index, c)
                 if delta is None or not (delta.text or delta.finish_reason or request.logprobs is not None):
                     continue
-                logprobs = (_completion_logprobs(c, delta.first_token, delta.first_char)
+                logprobs = (_completion_logprobs(c, delta.first_token, len(echo) + delta.first_char)
                             if request.logprobs is not None else None)
                 yield chunk(i * n + c.index, delta.text, logprobs=logprobs, finish_reason=delta.finish_reason,
                             stop_reason=delta.stop_reason)
