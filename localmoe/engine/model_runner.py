@@ -15,6 +15,7 @@ from torch import nn
 
 from localmoe.engine.scheduler import ScheduledBatch
 from localmoe.layers.attention import AttentionMetadata
+from localmoe.layers.huge_pages import huge_page_zeros
 
 
 def kv_block_bytes(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
@@ -39,9 +40,11 @@ class ModelRunner:
         # Zero-filled, so every page is mapped now: the block manager hands blocks out across the whole pool
         # (LRU, for the prefix cache), and first touches during serving cost a page fault each, some of them
         # milliseconds on a virtual machine (lazily mapped, a 2 GiB pool took 4.5x the system time under load
-        # and served 8% fewer tokens/s at concurrency 16).
+        # and served 8% fewer tokens/s at concurrency 16). On CPU, on huge pages: decode attention reads blocks
+        # from all over the pool.
         shapes = [layer.self_attn.kv_cache_shape(num_blocks, block_size) for layer in model.layers]
-        self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
+        self.kv_caches = [huge_page_zeros(shape, dtype) if device.type == "cpu"
+                          else torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
         self.swap_caches = [torch.zeros((shape[0], num_swap_blocks, *shape[2:]), dtype=dtype)
                             for shape in shapes]
 

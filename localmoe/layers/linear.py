@@ -3,8 +3,9 @@
 `pack_model` moves every weight into the layout its matmul reads best, once, after loading:
 
 - bf16 on CPUs with AVX512-BF16: tiles (layers/cpu_kernels.py, `linear_tiles`) for our kernel, at every batch
-  size. At decode sizes it reads the weight once for all rows (the 32000-row output head at one row: 0.40 ms,
-  oneDNN 0.78; a [512, 512] weight at 16 rows: 24 us, oneDNN 43) and at 256 rows it is within 7% of oneDNN.
+  size, on huge pages (layers/huge_pages.py). At decode sizes it reads the weight once for all rows (the
+  32000-row output head at one row: 0.40 ms, oneDNN 0.78; a [512, 512] weight at 16 rows: 24 us, oneDNN 43) and
+  at 256 rows it is within 7% of oneDNN.
 - Otherwise (float32, no kernel) oneDNN's own blocked layout, about twice as fast as row-major at small batches
   (a [2048, 512] bf16 weight times 1 row, 72 -> 34 us).
 
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from localmoe.layers import cpu_kernels
+from localmoe.layers.huge_pages import on_huge_pages
 
 
 def packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
@@ -58,8 +60,8 @@ class Linear(nn.Linear):
         self.tiled = (weight.dtype == torch.bfloat16 and self.in_features % 2 == 0
                       and cpu_kernels.runs_here(weight))
         del self.weight  # a tied output head keeps the embedding's parameter; only this reference goes
-        self.register_buffer("weight", cpu_kernels.linear_tiles(weight) if self.tiled else pack_weight(weight),
-                             persistent=False)
+        self.register_buffer("weight", on_huge_pages(cpu_kernels.linear_tiles(weight)) if self.tiled
+                             else pack_weight(weight), persistent=False)
 
 
 class MergedLinear(Linear):

@@ -18,6 +18,7 @@ from torch import nn
 
 from localmoe.experts.store import ExpertStore
 from localmoe.layers.cpu_kernels import expert_tiles, fused_moe, kernels
+from localmoe.layers.huge_pages import on_huge_pages
 from localmoe.layers.linear import Linear, linear, pack_weight
 from localmoe.layers.routing import softmax_topk
 
@@ -102,7 +103,7 @@ class SparseMoE(nn.Module):
             if self.cache is not None:
                 self.cache.store.set_layout(self.cache.path, expert_tiles)
             else:
-                self.w13.data, self.w2.data = expert_tiles(self.w13.data, self.w2.data)
+                self.w13.data, self.w2.data = map(on_huge_pages, expert_tiles(self.w13.data, self.w2.data))
         elif self.cache is None:
             self.packed = [(pack_weight(self.w13[e]), pack_weight(self.w2[e])) for e in range(self.num_experts)]
             self.w13.data = self.w13.data.new_empty(0)
