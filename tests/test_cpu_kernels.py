@@ -182,20 +182,33 @@ def test_packed_bf16_linear_runs_the_kernel_on_tiles(rows):
     assert (ours - expected).abs().max() <= 0.05 * expected.abs().max()
 
 
-def test_mixed_step_sends_its_decodes_to_the_kernel(monkeypatch):
-    """A step with decodes and prompt chunks is split by kind; the result and the cache writes equal the PyTorch
-    path's over the whole step (SDPA with every sequence padded to the longest chunk)."""
+@pytest.mark.parametrize("window,with_sinks", [(None, False), (3, False), (None, True)])
+def test_a_step_with_prompt_chunks_runs_the_kernel_like_the_pytorch_path(monkeypatch, window, with_sinks):
+    """Decodes and prompt chunks (one continuing cached tokens) in one kernel call, a row per token: the result
+    and the cache writes equal the PyTorch path's (SDPA with every sequence padded to the longest chunk, or the
+    explicit softmax with sinks), within the sliding window if any."""
     g = torch.Generator().manual_seed(3)
-    query_lens, context_lens = [1, 5, 1], [10, 12, 3]
-    tables = [[4, 2, 9], [1, 7, 3, 8], [6]]
-    meta = AttentionMetadata.build(query_lens, context_lens, tables, 4, {None}, torch.device("cpu"))
-    assert [len(tokens) for tokens, _ in meta.parts] == [2, 5] and meta.parts[0][1].decode_only
+    query_lens, context_lens = [1, 5, 1, 3], [10, 12, 3, 3]
+    tables = [[4, 2, 9], [1, 7, 3, 8], [6], [5]]
+    meta = AttentionMetadata.build(query_lens, context_lens, tables, 4, torch.device("cpu"))
+    assert meta.token_context.tolist() == [10, 8, 9, 10, 11, 12, 3, 1, 2, 3]
     cache = torch.randn(2, 10, 2, 4, 16, generator=g)
-    q, k, v = (torch.randn(7, n, 16, generator=g) for n in (4, 2, 2))
+    q, k, v = (torch.randn(10, n, 16, generator=g) for n in (4, 2, 2))
+    sinks = torch.randn(4, generator=g) if with_sinks else None
     reference_cache = cache.clone()
-    ours = paged_attention(q, k, v, cache, meta, 0.25)
+    calls = []
+
+    class Counting:  # the extension, counting its attention calls
+        def __getattr__(self, name):
+            if name == "decode_attention":
+                calls.append(name)
+            return getattr(kernels(), name)
+
+    monkeypatch.setattr(cpu_kernels, "kernels", Counting)
+    ours = paged_attention(q, k, v, cache, meta, 0.25, window, sinks)
+    assert calls == ["decode_attention"]  # one call for the whole step
     monkeypatch.setattr(cpu_kernels, "runs_here", lambda *tensors: False)
-    expected = paged_attention(q, k, v, reference_cache, meta, 0.25)
+    expected = paged_attention(q, k, v, reference_cache, meta, 0.25, window, sinks)
     assert torch.allclose(ours, expected, atol=1e-5) and torch.equal(cache, reference_cache)
 
 

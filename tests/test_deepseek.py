@@ -166,7 +166,7 @@ def test_absorbed_decode_equals_expanded_attention(tmp_path):
     g = torch.Generator().manual_seed(0)
 
     def step(query_lens: list[int], context_lens: list[int]) -> tuple[torch.Tensor, AttentionMetadata, torch.Tensor]:
-        meta = AttentionMetadata.build(query_lens, context_lens, tables, 4, {None}, torch.device("cpu"))
+        meta = AttentionMetadata.build(query_lens, context_lens, tables, 4, torch.device("cpu"))
         positions = torch.cat([torch.arange(c - q, c) for q, c in zip(query_lens, context_lens)])
         return positions, meta, torch.randn(sum(query_lens), cfg["hidden_size"], generator=g)
 

@@ -80,8 +80,7 @@ class ModelRunner:
                 sampling.append(i)
                 sample_rows.append(len(input_ids) - 1)
         meta = AttentionMetadata.build(
-            batch.num_tokens, context_lens, [s.block_table for s in batch.seqs], self.block_size,
-            self.model.sliding_windows, self.device)
+            batch.num_tokens, context_lens, [s.block_table for s in batch.seqs], self.block_size, self.device)
         hidden = self.model(
             torch.tensor(input_ids, device=self.device), torch.tensor(positions, device=self.device),
             self.kv_caches, meta)

@@ -6,11 +6,13 @@ W blocks per sequence (its block table, padded), L = W * S keys per sequence.
 A layer's cache is [2, N, Hkv, S, D]: per block, each head's keys are contiguous.
 
 Each step writes the new keys/values into their slots, then every sequence attends to the blocks it
-owns (its block table). A step of decodes only (one query per sequence) runs our CPU kernel
-(paged_attention_cpu.cpp), which reads each sequence's blocks where they lie; where it cannot run, it
-attends block by block with batched matmuls on the gathered blocks, about ten times faster on CPU than
-rearranging them for the SDPA kernel at that shape. Steps with prompt chunks use SDPA; when the kernel runs,
-the decodes of such a step are split off to it (AttentionMetadata.parts).
+owns (its block table). On CPU our kernel (paged_attention_cpu.cpp) runs every step in one call per layer: each
+token is a row that reads its sequence's blocks where they lie, up to its own position, so a prompt chunk's
+tokens see each other causally. Against SDPA on the gathered blocks (one layer, 8 heads, one sequence) it is
+1.9x faster for a 128-token prompt, 1.3x for 512 and 1024, and 0.88-0.98x for chunks of 256-1024 tokens that
+continue 256 cached ones. Where it cannot run, decode steps attend block by block with batched matmuls on the
+gathered blocks (about ten times faster on CPU than rearranging them for SDPA at that shape), and steps with
+prompt chunks use SDPA.
 
 Attention sinks (gpt-oss) are a learned logit per query head that joins each softmax as one more key whose
 value is zero: the sink takes a share of the weight, so a head may attend to nothing much. SDPA cannot
@@ -36,10 +38,13 @@ class AttentionMetadata:
     context_lens: torch.Tensor  # [B] tokens of each sequence after this step
     token_seq: torch.Tensor  # [T] which sequence each token belongs to
     token_row: torch.Tensor  # [T] row of the token within its sequence's queries
-    masks: dict[int | None, torch.Tensor]  # sliding window (None: full) -> [B, 1, max_q, L], True where a query may attend to a key
+    token_tables: torch.Tensor  # [T] x W: the block table of each token's sequence (the kernel's rows)
+    token_context: torch.Tensor  # [T] keys each token attends to: its position + 1
     decode_only: bool  # every sequence has exactly one query this step
-    # a step mixing decodes and prompt chunks, split by kind: (its tokens' rows in the step [T'], their metadata)
-    parts: list[tuple[torch.Tensor, "AttentionMetadata"]] = field(default_factory=list)
+    query_pos: np.ndarray  # [B, max_q] position of each query row (for the masks)
+    seq_lens: np.ndarray  # [B] context_lens, on the host (for the masks)
+    block_size: int
+    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
 
     @staticmethod
     def build(
@@ -47,12 +52,10 @@ class AttentionMetadata:
         context_lens: list[int],
         block_tables: list[list[int]],
         block_size: int,
-        sliding_windows: set[int | None],
         device: torch.device,
     ) -> "AttentionMetadata":
-        """context_lens count every token a sequence has after this step (cached + new); one mask is built
-        for each sliding window the model's layers use (None for full attention). Built with numpy: on these
-        small arrays its ops cost ~1 us where PyTorch's cost 5-50 us, which every step would pay."""
+        """context_lens count every token a sequence has after this step (cached + new). Built with numpy: on
+        these small arrays its ops cost ~1 us where PyTorch's cost 5-50 us, which every step would pay."""
         q_lens = np.asarray(query_lens, dtype=np.int64)
         ctx_lens = np.asarray(context_lens, dtype=np.int64)
         width = max(len(t) for t in block_tables)
@@ -64,37 +67,39 @@ class AttentionMetadata:
         starts = np.cumsum(q_lens) - q_lens
         token_row = np.arange(int(q_lens.sum())) - starts[token_seq]
         positions = ctx_lens[token_seq] - q_lens[token_seq] + token_row
-
         max_q = int(q_lens.max())
-        query_pos = (ctx_lens - q_lens)[:, None] + np.arange(max_q)[None, :]  # [B, max_q]
-        key_pos = np.arange(width * block_size)[None, None, :]
-        causal = (key_pos <= query_pos[:, :, None]) & (key_pos < ctx_lens[:, None, None])
-        masks = {window: causal if window is None else causal & (key_pos > query_pos[:, :, None] - window)
-                 for window in sliding_windows}
 
         def tensor(array: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(np.ascontiguousarray(array)).to(device)
 
-        decodes = [i for i, n in enumerate(query_lens) if n == 1]
-        parts = []
-        if decodes and len(decodes) < len(query_lens):
-            chunks = [i for i, n in enumerate(query_lens) if n > 1]
-            for seqs in (decodes, chunks):
-                tokens = np.concatenate([np.arange(starts[i], starts[i] + query_lens[i]) for i in seqs])
-                part = AttentionMetadata.build([query_lens[i] for i in seqs], [context_lens[i] for i in seqs],
-                                               [block_tables[i] for i in seqs], block_size, sliding_windows, device)
-                parts.append((tensor(tokens), part))
+        block_tables_t, context_lens_t = tensor(tables), tensor(ctx_lens)
+        decode_only = max_q == 1
         return AttentionMetadata(
             slot_blocks=tensor(tables[token_seq, positions // block_size]),
             slot_offsets=tensor(positions % block_size),
-            block_tables=tensor(tables),
-            context_lens=tensor(ctx_lens),
+            block_tables=block_tables_t,
+            context_lens=context_lens_t,
             token_seq=tensor(token_seq),
             token_row=tensor(token_row),
-            masks={window: tensor(mask[:, None]) for window, mask in masks.items()},
-            decode_only=max_q == 1,
-            parts=parts,
+            token_tables=block_tables_t if decode_only else tensor(tables[token_seq]),
+            token_context=context_lens_t if decode_only else tensor(positions + 1),
+            decode_only=decode_only,
+            query_pos=(ctx_lens - q_lens)[:, None] + np.arange(max_q)[None, :],
+            seq_lens=ctx_lens,
+            block_size=block_size,
         )
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        """[B, 1, max_q, L], True where a query may attend to a key: causal, within the sliding window if any.
+        Built on first use: the kernel path needs none."""
+        if window not in self._masks:
+            key_pos = np.arange(self.block_tables.shape[1] * self.block_size)[None, None, :]
+            query_pos = self.query_pos[:, :, None]
+            allowed = (key_pos <= query_pos) & (key_pos < self.seq_lens[:, None, None])
+            if window is not None:
+                allowed &= key_pos > query_pos - window
+            self._masks[window] = torch.from_numpy(np.ascontiguousarray(allowed[:, None])).to(self.context_lens.device)
+        return self._masks[window]
 
 
 def paged_attention(
@@ -108,25 +113,18 @@ def paged_attention(
     sinks: torch.Tensor | None = None,  # [H]
 ) -> torch.Tensor:
     """Store this step's K/V in the cache and attend (within the layer's sliding window, with the layer's
-    attention sinks if any); returns [T, H, D]. Decode steps on CPU run our kernel (paged_attention_cpu.cpp),
-    which does the same in one call, reading the blocks where they lie; so do the decodes of a step that also
-    has prompt chunks, which then attend by themselves."""
+    attention sinks if any); returns [T, H, D]. On CPU our kernel (paged_attention_cpu.cpp) does the same in one
+    call, every token a row with its own number of keys (a prompt chunk's tokens see each other causally),
+    reading the blocks where they lie."""
     if _kernel_takes(q, kv_cache):
-        if meta.decode_only:
-            return cpu_kernels.kernels().decode_attention(q, k, v, kv_cache, meta.block_tables, meta.context_lens,
-                                                          scale, sliding_window or 0, sinks)
-        if meta.parts:  # the decodes of a mixed step go to the kernel rather than padded to the longest chunk
-            out = torch.empty_like(q)
-            for tokens, part in meta.parts:
-                out[tokens] = paged_attention(q[tokens], k[tokens], v[tokens], kv_cache, part, scale, sliding_window,
-                                              sinks)
-            return out
+        return cpu_kernels.kernels().decode_attention(q, k, v, kv_cache, meta.token_tables, meta.token_context,
+                                                      scale, sliding_window or 0, sinks)
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     k_cache[meta.slot_blocks, :, meta.slot_offsets] = k.to(kv_cache.dtype)
     v_cache[meta.slot_blocks, :, meta.slot_offsets] = v.to(kv_cache.dtype)
     blocks = meta.block_tables.flatten()
     keys, values = k_cache.index_select(0, blocks), v_cache.index_select(0, blocks)  # [B * W, Hkv, S, D]
-    mask = meta.masks[sliding_window]
+    mask = meta.mask(sliding_window)
     if meta.decode_only:
         return _decode_attention(q, keys, values, mask, scale, sinks)
 

@@ -81,7 +81,7 @@ class MultiHeadLatentAttention(nn.Module):
             [self.kv_a_layernorm(latent), k_rope.squeeze(1)], dim=-1).to(cache.dtype)
         batch = meta.block_tables.shape[0]
         entries = cache.index_select(0, meta.block_tables.flatten()).view(batch, -1, cache.shape[-1])  # [B, L, C]
-        mask = meta.masks[None]  # [B, 1, max_q, L]
+        mask = meta.mask(None)  # [B, 1, max_q, L]
         if meta.decode_only:
             out = self._absorbed(q_nope, q_rope, entries, mask)
         else:

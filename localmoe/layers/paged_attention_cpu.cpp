@@ -176,7 +176,10 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k, const
   at::parallel_for(0, batch * kv_heads, 1, [&](int64_t task0, int64_t task1) {
     std::vector<float> scratch;
     for (int64_t task = task0; task < task1; ++task) {
-      const int64_t b = task / kv_heads, h = task % kv_heads, ctx = lens[b];
+      // rows taken from both ends in turn (0, B-1, 1, B-2, ...): the rows of a prompt chunk see 1, 2, ... keys,
+      // and each thread's share of the tasks, a contiguous range, then holds as many keys as the other's
+      const int64_t turn = task / kv_heads, h = task % kv_heads;
+      const int64_t b = turn % 2 == 0 ? turn / 2 : batch - 1 - turn / 2, ctx = lens[b];
       const int64_t first = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
       const int64_t head = h * group;  // the group's first query head
       attend(qp + b * q.stride(0) + head * dim, group, kv, b, h, first, ctx - first, static_cast<float>(scale),

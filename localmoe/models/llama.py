@@ -151,11 +151,6 @@ class LlamaForCausalLM(nn.Module):
     def make_mlp(self, cfg: dict, layer: int) -> nn.Module:
         return MLP(cfg["hidden_size"], cfg["intermediate_size"], bool(cfg.get("mlp_bias", False)))
 
-    @property
-    def sliding_windows(self) -> set[int | None]:
-        """The attention windows the layers use, one mask each per step (None: full attention)."""
-        return {layer.self_attn.sliding_window for layer in self.layers}
-
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
         """Returns final hidden states [T, D]; logits are computed only where sampling needs them."""
