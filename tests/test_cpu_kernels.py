@@ -131,7 +131,7 @@ def test_decode_attention_reads_the_paged_cache(dtype, window, with_sinks):
     q, k, v = torch.randn(3, heads + 2 * kv_heads, dim, generator=g).to(dtype).split([heads, kv_heads, kv_heads], 1)
     assert not q.is_contiguous()
     sinks = torch.randn(heads, generator=g) if with_sinks else None
-    ours = kernels().decode_attention(q, k, v, cache, tables, lens, 0.25, window, sinks)
+    ours = kernels().paged_attention(q, k, v, cache, tables, lens, 0.25, window, sinks)
     last = lens - 1
     for b in range(3):
         block, offset = tables[b, last[b] // block_size], last[b] % block_size
@@ -200,13 +200,13 @@ def test_a_step_with_prompt_chunks_runs_the_kernel_like_the_pytorch_path(monkeyp
 
     class Counting:  # the extension, counting its attention calls
         def __getattr__(self, name):
-            if name == "decode_attention":
+            if name == "paged_attention":
                 calls.append(name)
             return getattr(kernels(), name)
 
     monkeypatch.setattr(cpu_kernels, "kernels", Counting)
     ours = paged_attention(q, k, v, cache, meta, 0.25, window, sinks)
-    assert calls == ["decode_attention"]  # one call for the whole step
+    assert calls == ["paged_attention"]  # one call for the whole step
     monkeypatch.setattr(cpu_kernels, "runs_here", lambda *tensors: False)
     expected = paged_attention(q, k, v, reference_cache, meta, 0.25, window, sinks)
     assert torch.allclose(ours, expected, atol=1e-5) and torch.equal(cache, reference_cache)

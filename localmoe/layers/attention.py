@@ -38,7 +38,7 @@ class AttentionMetadata:
     context_lens: torch.Tensor  # [B] tokens of each sequence after this step
     token_seq: torch.Tensor  # [T] which sequence each token belongs to
     token_row: torch.Tensor  # [T] row of the token within its sequence's queries
-    token_tables: torch.Tensor  # [T] x W: the block table of each token's sequence (the kernel's rows)
+    token_tables: torch.Tensor  # [T, W] the block table of each token's sequence (the kernel's rows)
     token_context: torch.Tensor  # [T] keys each token attends to: its position + 1
     decode_only: bool  # every sequence has exactly one query this step
     query_pos: np.ndarray  # [B, max_q] position of each query row (for the masks)
@@ -117,7 +117,7 @@ def paged_attention(
     call, every token a row with its own number of keys (a prompt chunk's tokens see each other causally),
     reading the blocks where they lie."""
     if _kernel_takes(q, kv_cache):
-        return cpu_kernels.kernels().decode_attention(q, k, v, kv_cache, meta.token_tables, meta.token_context,
+        return cpu_kernels.kernels().paged_attention(q, k, v, kv_cache, meta.token_tables, meta.token_context,
                                                       scale, sliding_window or 0, sinks)
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     k_cache[meta.slot_blocks, :, meta.slot_offsets] = k.to(kv_cache.dtype)

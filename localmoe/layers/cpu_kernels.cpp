@@ -7,7 +7,7 @@
 torch::Tensor argmax_rows(torch::Tensor logits);
 torch::Tensor fused_moe(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor weights, torch::Tensor w13,
                         torch::Tensor w2, bool float_out, std::optional<torch::Tensor> counts);
-torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor kv_cache,
+torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor kv_cache,
                                torch::Tensor block_tables, torch::Tensor context_lens, double scale,
                                int64_t window, std::optional<torch::Tensor> sinks);
 std::vector<torch::Tensor> rms_norm(torch::Tensor x, std::optional<torch::Tensor> residual, torch::Tensor weight,
@@ -21,7 +21,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using release = pybind11::call_guard<pybind11::gil_scoped_release>;
   m.def("argmax_rows", &argmax_rows, "the first index of the largest value of each row", release());
   m.def("fused_moe", &fused_moe, "MoE feed-forward on experts in tiles, bf16, AVX512-BF16", release());
-  m.def("decode_attention", &decode_attention, "one query per sequence over the paged KV cache", release());
+  m.def("paged_attention", &paged_attention, "one query token a row over the paged KV cache", release());
   m.def("rms_norm", &rms_norm, "RMSNorm of the last dimension, after a residual add", release());
   m.def("rotary", &rotary, "rotary position embedding of query and key heads", release());
   m.def("tiled_linear", &tiled_linear, "x @ w.T on a weight in tiles, bf16, AVX512-BF16", release());

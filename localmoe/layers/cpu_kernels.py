@@ -2,7 +2,7 @@
 
 - tiled_matmul_cpu.cpp: bf16 matmuls on weights stored in tiles (`to_tiles`): the MoE feed-forward (`fused_moe`)
   and linear layers (`tiled_linear`), at every batch size;
-- paged_attention_cpu.cpp: decode attention straight over the paged KV cache;
+- paged_attention_cpu.cpp: attention straight over the paged KV cache, a row per query token;
 - rms_norm_cpu.cpp: RMSNorm in one call;
 - rotary_cpu.cpp: the rotary embedding of a step's query and key heads in one call;
 - argmax_cpu.cpp: the greedy token of each row of logits.

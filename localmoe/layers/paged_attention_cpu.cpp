@@ -1,10 +1,11 @@
-// Decode attention over the paged KV cache in one call per layer, for CPUs.
+// Attention over the paged KV cache in one call per layer, for CPUs.
 //
-// A decode step has one query per sequence. The new keys and values go into their cache slots first;
-// then each (sequence, kv head) is one task: the query heads of its GQA group score every key the sequence
-// owns, reading the blocks through its block table where they lie (no gather into a dense copy), in one
-// pass of online softmax, in float32. Attention sinks (gpt-oss) join the softmax's denominator; a sliding
-// window starts the keys later.
+// Every row is one query token with its own keys: a decode (one row per sequence) or a token of a prompt chunk
+// (its sequence's table, the keys up to its own position). The new keys and values of all rows go into their
+// cache slots first, so a chunk's tokens see each other causally; then each (row, kv head) is one task: the
+// query heads of its GQA group score every key of the row, reading the blocks through the table where they lie
+// (no gather into a dense copy), in one pass of online softmax, in float32. Attention sinks (gpt-oss) join the
+// softmax's denominator; a sliding window starts the keys later.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -148,7 +149,7 @@ using AttendGroup = void (*)(const T*, int64_t, const PagedKV<T>&, int64_t, int6
                              const float*, std::vector<float>&, T*);
 
 template <typename T>
-void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+void paged_attention_impl(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                            torch::Tensor& kv_cache, const torch::Tensor& block_tables,
                            const torch::Tensor& context_lens, double scale, int64_t window,
                            const std::optional<torch::Tensor>& sinks, torch::Tensor& out) {
@@ -196,14 +197,15 @@ torch::Tensor rows_of_heads(const torch::Tensor& t) {
 
 }  // namespace
 
-// q [B, H, D], k/v [B, Hkv, D]: each sequence's one new token; kv_cache [2, N, Hkv, S, D];
-// block_tables [B, W] int64; context_lens [B] int64 (tokens after this step, the new one included);
-// window 0 for full attention; sinks [H] float32 or None. Writes k/v into the cache; returns [B, H, D].
-torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor kv_cache,
+// q [B, H, D], k/v [B, Hkv, D]: B query rows (tokens) and their new keys and values; kv_cache [2, N, Hkv, S, D];
+// block_tables [B, W] int64, each row's sequence's table; context_lens [B] int64, each row's keys (its position
+// + 1: the new one included); window 0 for full attention; sinks [H] float32 or None. Writes k/v into the cache
+// at each row's position; returns [B, H, D].
+torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor kv_cache,
                                torch::Tensor block_tables, torch::Tensor context_lens, double scale,
                                int64_t window, std::optional<torch::Tensor> sinks) {
   TORCH_CHECK(kv_cache.is_contiguous() && kv_cache.dim() == 5 && kv_cache.size(0) == 2,
-              "decode_attention needs a contiguous [2, N, Hkv, S, D] cache");
+              "paged_attention needs a contiguous [2, N, Hkv, S, D] cache");
   q = rows_of_heads(of_type(q, kv_cache.scalar_type()));
   k = rows_of_heads(of_type(k, kv_cache.scalar_type()));
   v = rows_of_heads(of_type(v, kv_cache.scalar_type()));
@@ -211,13 +213,13 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   context_lens = of_type(context_lens, at::kLong).contiguous();
   if (sinks) sinks = of_type(*sinks, at::kFloat).contiguous();
   TORCH_CHECK(q.size(1) % kv_cache.size(2) == 0 && q.size(2) == kv_cache.size(4), "query and cache shapes differ");
-  TORCH_CHECK(q.size(2) % 16 == 0 && q.size(2) <= 128, "decode_attention takes head dims 16, 32, ..., 128");
+  TORCH_CHECK(q.size(2) % 16 == 0 && q.size(2) <= 128, "paged_attention takes head dims 16, 32, ..., 128");
   auto out = torch::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   if (kv_cache.scalar_type() == at::kBFloat16)
-    decode_attention_impl<at::BFloat16>(q, k, v, kv_cache, block_tables, context_lens, scale, window, sinks, out);
+    paged_attention_impl<at::BFloat16>(q, k, v, kv_cache, block_tables, context_lens, scale, window, sinks, out);
   else if (kv_cache.scalar_type() == at::kFloat)
-    decode_attention_impl<float>(q, k, v, kv_cache, block_tables, context_lens, scale, window, sinks, out);
+    paged_attention_impl<float>(q, k, v, kv_cache, block_tables, context_lens, scale, window, sinks, out);
   else
-    TORCH_CHECK(false, "decode_attention takes bfloat16 or float32");
+    TORCH_CHECK(false, "paged_attention takes bfloat16 or float32");
   return out;
 }
