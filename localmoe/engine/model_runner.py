@@ -40,8 +40,8 @@ class ModelRunner:
         # Zero-filled, so every page is mapped now: the block manager hands blocks out across the whole pool
         # (LRU, for the prefix cache), and first touches during serving cost a page fault each, some of them
         # milliseconds on a virtual machine (lazily mapped, a 2 GiB pool took 4.5x the system time under load
-        # and served 8% fewer tokens/s at concurrency 16). On CPU, on huge pages: decode attention reads blocks
-        # from all over the pool.
+        # and served 8% fewer tokens/s at concurrency 16). On CPU, on huge pages (layers/huge_pages.py): attention
+        # reads blocks from all over the pool.
         shapes = [layer.self_attn.kv_cache_shape(num_blocks, block_size) for layer in model.layers]
         self.kv_caches = [huge_page_zeros(shape, dtype) if device.type == "cpu"
                           else torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
