@@ -29,13 +29,16 @@ def reference(x, ids, weights, w13, w2):
 
 
 def test_tiles_put_column_pairs_of_each_run_of_64_rows_side_by_side():
-    weight = torch.arange(80 * 6).view(80, 6)  # a full tile of 64 rows, then one of 16
+    weight = torch.arange(80 * 6, dtype=torch.int16).view(80, 6)  # a full tile of 64 rows, then one of 16
     tiles = to_tiles(weight)
     assert tiles.shape == weight.shape
     first, second = tiles[:64].flatten(), tiles[64:].flatten()
     # element (row r, column c) of a tile of n rows sits at (c // 2) * 2n + 2r + c % 2
-    assert first[(5 // 2) * 128 + 2 * 7 + 1] == weight[7, 5] and first[2 * 63] == weight[63, 0]
-    assert second[(4 // 2) * 32 + 2 * 3] == weight[67, 4]
+    for r in range(80):
+        tile, n, row = (first, 64, r) if r < 64 else (second, 16, r - 64)
+        assert [int(tile[(c // 2) * 2 * n + 2 * row + c % 2]) for c in range(6)] == weight[r].tolist()
+    stacked = torch.stack([weight, weight + 1000])  # leading dimensions: each matrix on its own
+    assert torch.equal(to_tiles(stacked)[1], to_tiles(weight + 1000))
 
 
 @pytest.mark.parametrize("tokens,hidden,inter", [(1, 64, 96), (5, 80, 48), (19, 128, 256), (40, 144, 80)])

@@ -14,6 +14,7 @@ std::vector<torch::Tensor> rms_norm(torch::Tensor x, std::optional<torch::Tensor
                                     double eps);
 torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor signed_sin);
 torch::Tensor tiled_linear(torch::Tensor x, torch::Tensor w, int64_t n);
+torch::Tensor to_tiles(torch::Tensor weight);
 
 // Each kernel lets go of the GIL while it runs, as PyTorch's own ops do, so that the server's event loop can
 // stream tokens meanwhile instead of waiting for the engine thread to reach a PyTorch op.
@@ -24,5 +25,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention, "one query token a row over the paged KV cache", release());
   m.def("rms_norm", &rms_norm, "RMSNorm of the last dimension, after a residual add", release());
   m.def("rotary", &rotary, "rotary position embedding of query and key heads", release());
+  m.def("to_tiles", &to_tiles, "a weight in the tiles the matmul kernels read", release());
   m.def("tiled_linear", &tiled_linear, "x @ w.T on a weight in tiles, bf16, AVX512-BF16", release());
 }

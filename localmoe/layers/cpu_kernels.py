@@ -64,16 +64,10 @@ def runs_here(*tensors: torch.Tensor) -> bool:
 
 
 def to_tiles(weight: torch.Tensor) -> torch.Tensor:
-    """weight [..., rows, k] (rows a multiple of 16, k even) -> the same numbers in tiles, same shape: each run of
-    TILE_ROWS rows (the last may be shorter) stored as [k / 2, rows, 2], the rows' column pairs side by side, which
-    is what one vector load of the kernels takes (tiled_matmul_cpu.cpp)."""
-    *lead, rows, k = weight.shape
-    tiles = []
-    for first in range(0, rows, TILE_ROWS):
-        tile = weight[..., first:first + TILE_ROWS, :]
-        n = tile.shape[-2]
-        tiles.append(tile.reshape(*lead, n, k // 2, 2).transpose(-3, -2).reshape(*lead, n, k))
-    return torch.cat(tiles, dim=-2).contiguous()
+    """weight [..., rows, k] (rows a multiple of 16, k even; bf16, or any 2-byte dtype) -> the same numbers in
+    tiles, same shape: each run of TILE_ROWS rows (the last may be shorter) stored as [k / 2, rows, 2], the rows'
+    column pairs side by side, which is what one vector load of the kernels takes (tiled_matmul_cpu.cpp)."""
+    return kernels().to_tiles(weight)
 
 
 def linear_tiles(weight: torch.Tensor) -> torch.Tensor:

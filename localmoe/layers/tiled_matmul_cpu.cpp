@@ -194,6 +194,33 @@ torch::Tensor fused_moe(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor
   return result;
 }
 
+// weight [..., rows, k] of a 2-byte dtype (k even) -> the same numbers in tiles (layers/cpu_kernels.py, to_tiles):
+// each run of kTileRows rows (the last may be shorter) as [k / 2][rows][2]. A column pair is one 4-byte element,
+// so a tile is a transpose of 4-byte elements: its rows are read 16 pairs (a cache line each) at a time. Offloaded
+// experts are laid out on every load; PyTorch's strided copy took ~9 ms for an 11 MB weight.
+torch::Tensor to_tiles(torch::Tensor weight) {
+  TORCH_CHECK(weight.element_size() == 2 && weight.dim() >= 2 && weight.size(-1) % 2 == 0,
+              "to_tiles takes a weight [..., rows, k] of a 2-byte dtype with k even");
+  weight = weight.contiguous();
+  auto out = torch::empty_like(weight);
+  const int64_t rows = weight.size(-2), pairs = weight.size(-1) / 2;
+  const int64_t mats = rows * pairs ? weight.numel() / (rows * pairs * 2) : 0;
+  const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
+  const int32_t* in = static_cast<const int32_t*>(weight.data_ptr());
+  int32_t* tiled = static_cast<int32_t*>(out.data_ptr());
+  at::parallel_for(0, mats * tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t first = t / tiles * rows + t % tiles * kTileRows;  // the tile's first row over all matrices
+      const int64_t n = std::min(kTileRows, rows - t % tiles * kTileRows);
+      const int32_t* src = in + first * pairs;
+      int32_t* dst = tiled + first * pairs;
+      for (int64_t p = 0; p < pairs; ++p)
+        for (int64_t r = 0; r < n; ++r) dst[p * n + r] = src[r * pairs + p];
+    }
+  });
+  return out;
+}
+
 // x [T, K] @ w^T -> [T, N] bf16, float32 sums; w is [N', K] in tiles of 64 rows (N' is N rounded up to 16, the
 // extra rows zero): a linear layer at decode batch sizes, where reading the weight is the whole cost.
 torch::Tensor tiled_linear(torch::Tensor x, torch::Tensor w, int64_t n) {
