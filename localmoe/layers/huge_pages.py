@@ -27,7 +27,10 @@ def huge_page_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     # private and anonymous (a shared mapping would be shmem, which has its own, usually disabled, huge pages);
     # the slack before the boundary is never touched
     region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    region.madvise(mmap.MADV_HUGEPAGE)
+    try:
+        region.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:  # a kernel built without transparent huge pages: the mapping serves as ordinary memory
+        pass
     start = ctypes.addressof(ctypes.c_char.from_buffer(region))
     flat = torch.frombuffer(region, dtype=torch.uint8, count=nbytes, offset=-start % HUGE_PAGE)
     return flat.view(dtype).view(shape)
