@@ -36,6 +36,12 @@ WeightMap = Callable[[str, torch.Tensor], Iterable[tuple[str, torch.Tensor, obje
 Layout = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
+def _lay_out(layout: Layout, experts: dict[str, torch.Tensor], dest: dict[str, torch.Tensor]) -> None:
+    """Copy `experts` ("w13"/"w2" -> tensors) into `dest`, rearranged by `layout` (dest may be experts itself)."""
+    for kind, value in zip(("w13", "w2"), layout(experts["w13"], experts["w2"])):
+        dest[kind].copy_(value)
+
+
 @dataclass(frozen=True)
 class TensorLocation:
     """A tensor's bytes inside a safetensors file."""
@@ -135,8 +141,7 @@ class ExpertStore:
         layer = self.layers[path]
         layer.layout = layout
         if self.target == "host":
-            for kind, value in zip(("w13", "w2"), layout(layer.host["w13"], layer.host["w2"])):
-                layer.host[kind].copy_(value)  # in place: the copies stay pinned
+            _lay_out(layout, layer.host, layer.host)  # in place: the copies stay pinned
 
     def expert_bytes(self, path: str) -> int:
         """Bytes of one expert of this layer in the serving dtype (what a cache slot holds)."""
@@ -159,8 +164,7 @@ class ExpertStore:
                 # one expert's row of a stacked tensor is mapped with its dimension 0 (of size 1) kept
                 target[param.rpartition(".")[2]][rows].copy_(value[0] if piece.stacked else value)
         if layer.layout is not None:
-            for kind, value in zip(("w13", "w2"), layer.layout(target["w13"], target["w2"])):
-                dest[kind].copy_(value)
+            _lay_out(layer.layout, target, dest)
         return moved
 
     def _pread(self, loc: TensorLocation) -> torch.Tensor:
