@@ -26,6 +26,7 @@ from localmoe.llm import LLM
 from localmoe.planner import PlanError, plan_command
 from localmoe.sampling_params import SamplingParams, SamplingParamsError
 from localmoe.server.app import build_app
+from localmoe.server.drain import DrainingServer
 from localmoe.train.corpus import build_corpus, summary
 from localmoe.train.trainer import TrainConfig
 from localmoe.train.trainer import train as run_training
@@ -35,6 +36,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 # Exit codes: 2 for a configuration that cannot be used (as for bad usage), 1 for a model that cannot be loaded.
 EXIT_CONFIG, EXIT_LOAD = 2, 1
+GRACEFUL_CLOSE_SECONDS = 5  # after the drain, for connections to finish sending what they have
 
 
 def engine_flag(key: str) -> str:
@@ -95,11 +97,14 @@ def load_engine(config: Config) -> LLMEngine:
 
 
 def run_server(config: Config) -> None:
-    """Load the model, then serve it until interrupted."""
-    aengine = AsyncEngine(lambda: load_engine(config))
+    """Load the model, then serve it until a signal drains it (server/drain.py)."""
+    aengine = AsyncEngine(lambda: load_engine(config), config.server.engine_stall_timeout)
     host, port = config.server.host, config.server.port
     typer.echo(f"Serving {aengine.engine.model_name} at http://{host}:{port}/v1")
-    uvicorn.run(build_app(aengine, config), host=host, port=port, log_level=config.server.log_level)
+    app = build_app(aengine, config)
+    settings = uvicorn.Config(app, host=host, port=port, log_level=config.server.log_level,
+                              timeout_graceful_shutdown=GRACEFUL_CLOSE_SECONDS)
+    DrainingServer(settings, app.state.drain).run()
 
 
 @app.command()
@@ -109,15 +114,22 @@ def serve(
     host: Annotated[Optional[str], typer.Option(help="Address to bind.")] = None,
     port: Annotated[Optional[int], typer.Option(help="Port to listen on.")] = None,
     api_key: Annotated[Optional[str], typer.Option(
-        "--api-key", envvar="LOCALMOE_API_KEY", help="Require this Bearer key on /v1 routes.")] = None,
+        "--api-key", envvar="LOCALMOE_API_KEY",
+        help="Require this key (Bearer, or HTTP Basic password) on every route but /health.")] = None,
     log_level: Annotated[Optional[str], typer.Option(help="uvicorn log level.")] = None,
+    shutdown_timeout: Annotated[Optional[float], typer.Option(
+        help="Seconds in-flight requests get to finish after SIGTERM (default 30).")] = None,
+    engine_stall_timeout: Annotated[Optional[float], typer.Option(
+        help="/health fails after this many seconds without engine progress while requests wait "
+             "(default 120).")] = None,
     *,
     engine_flags: dict[str, Any],
 ) -> None:
     """Serve a checkpoint (or the built-in model) over an OpenAI-compatible HTTP API."""
     try:
         settings = config_from_flags(config, engine_flags, host=host, port=port, api_key=api_key,
-                                     log_level=log_level)
+                                     log_level=log_level, shutdown_timeout=shutdown_timeout,
+                                     engine_stall_timeout=engine_stall_timeout)
     except ConfigError as e:
         raise fail(str(e), EXIT_CONFIG) from None
     run_server(settings)

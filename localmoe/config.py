@@ -80,7 +80,8 @@ class EngineConfig:
     # that a burst of prompts does not stall running decodes (c=16 mean TTFT 571 ms vs 722 ms at 2048)
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 64
-    max_waiting_requests: int = 1024  # past this many queued requests the server answers 503
+    max_waiting_requests: int = 1024  # sequences queued beyond max_num_seqs; past it the server answers 503
+    max_logprobs: int = 20  # most logprobs / prompt_logprobs alternatives a request may ask for (vLLM's default)
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     max_chunked_prefill_tokens: int | None = None
@@ -109,6 +110,7 @@ class EngineConfig:
             (self.block_size < 1, "block_size", "block_size must be positive"),
             (self.max_num_seqs < 1, "max_num_seqs", "max_num_seqs must be positive"),
             (self.max_waiting_requests < 0, "max_waiting_requests", "max_waiting_requests must not be negative"),
+            (self.max_logprobs < 0, "max_logprobs", "max_logprobs must not be negative"),
             (self.max_num_batched_tokens < 1, "max_num_batched_tokens", "max_num_batched_tokens must be positive"),
             (self.max_model_len is not None and self.max_model_len < 1, "max_model_len",
              "max_model_len must be positive"),
@@ -131,6 +133,8 @@ class ServerConfig:
     port: int = 8000
     api_key: str | None = None
     log_level: str = "info"
+    shutdown_timeout: float = 30.0  # seconds in-flight requests get to finish after SIGTERM
+    engine_stall_timeout: float = 120.0  # /health fails when queued work sees no engine progress this long
 
 
 @dataclass(frozen=True)

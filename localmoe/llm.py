@@ -49,6 +49,10 @@ class LLM:
             for output in self.engine.step():
                 if output.finished:
                     finished[output.request_id] = output
+            for request_id, error in self.engine.take_failures().items():
+                for other in order:
+                    self.engine.abort_request(other)
+                raise RuntimeError(f"prompt {order.index(request_id)} failed: {error}") from error
         return [finished[i] for i in order]
 
     def chat(self, messages: list[dict] | list[list[dict]],

@@ -75,7 +75,7 @@ def test_performance_window_summarises_recent_requests(offload_url):
 
 
 def test_expert_metrics_on_prometheus(offload_url):
-    text = httpx.get(f"{offload_url}/metrics").text
+    text = httpx.get(f"{offload_url}/metrics", headers=auth()).text
     samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
     tokens = {(s.labels["layer"], s.labels["expert"]): s.value for s in samples
               if s.name == "localmoe:expert_tokens_total"}
@@ -106,7 +106,7 @@ def test_dashboard_draws_the_hot_expert_hotter(offload_url, tmp_path):
                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
                     f"--user-data-dir={tmp_path / 'profile'}", "--hide-scrollbars", "--window-size=1000,600",
                     "--force-device-scale-factor=1", "--virtual-time-budget=5000", f"--screenshot={shot}",
-                    f"{offload_url}/dashboard?api_key={API_KEY}"],
+                    offload_url.replace("://", f"://localmoe:{API_KEY}@") + "/dashboard"],
                    check=True, capture_output=True, timeout=120)
     image = Image.open(shot).convert("RGB")
     hot_pixel, cold_pixel = image.getpixel(cell_center(row, hot)), image.getpixel(cell_center(row, cold))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
@@ -90,7 +91,7 @@ def auth() -> dict[str, str]:
 
 def scrape(base_url: str) -> dict[str, float]:
     """Every sample on /metrics, keyed by name (labels dropped: one model, one value each)."""
-    text = httpx.get(f"{base_url}/metrics").text
+    text = httpx.get(f"{base_url}/metrics", headers=auth()).text
     return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
             if "finished_reason" not in s.labels and "le" not in s.labels}
 
@@ -330,15 +331,29 @@ def test_bad_requests_get_openai_errors(base_url: str, path: str, body: dict | b
     assert set(error) == {"message", "type", "param", "code"}
 
 
-@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}])
-def test_v1_routes_need_the_api_key(base_url: str, headers: dict[str, str]) -> None:
-    response = httpx.post(f"{base_url}/v1/completions", json={"prompt": "a"}, headers=headers)
-    assert response.status_code == 401
-    assert response.json()["error"]["code"] == 401
-    assert httpx.get(f"{base_url}/v1/models", headers=headers).status_code == 401
-    # vLLM leaves the operational routes open.
-    assert httpx.get(f"{base_url}/health").status_code == 200
-    assert httpx.get(f"{base_url}/metrics").status_code == 200
+PROTECTED_ROUTES = [("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models"),
+                    ("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/metrics"), ("GET", "/dashboard"),
+                    ("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/version"), ("GET", "/v1/stats/experts"),
+                    ("GET", "/v1/stats/memory"), ("GET", "/v1/stats/performance")]
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY},
+                                     {"Authorization": "Basic " + base64.b64encode(b"user:wrong").decode()}])
+def test_every_route_but_health_needs_the_api_key(base_url: str, headers: dict[str, str]) -> None:
+    for method, path in PROTECTED_ROUTES:
+        response = httpx.request(method, f"{base_url}{path}", json={"prompt": "a"}, headers=headers)
+        assert response.status_code == 401, (method, path)
+        assert response.json()["error"]["code"] == 401
+        assert response.headers["www-authenticate"].startswith("Basic")  # a browser asks for the key
+    health = httpx.get(f"{base_url}/health")
+    assert health.status_code == 200 and not health.content  # liveness, free of information
+
+
+def test_the_key_as_basic_password_opens_the_dashboard(base_url: str) -> None:
+    basic = {"Authorization": "Basic " + base64.b64encode(f"anyone:{API_KEY}".encode()).decode()}
+    assert httpx.get(f"{base_url}/dashboard", headers=basic).status_code == 200
+    assert httpx.get(f"{base_url}/v1/stats/experts", headers=basic).status_code == 200
+    assert httpx.get(f"{base_url}/metrics", headers=auth()).status_code == 200
 
 
 def test_client_sees_typed_errors_and_server_keeps_serving(client: openai.OpenAI, model: str,
@@ -361,19 +376,19 @@ def test_client_sees_typed_errors_and_server_keeps_serving(client: openai.OpenAI
 
 
 def test_tokenize_and_detokenize(base_url: str, tokenizer) -> None:
-    response = httpx.post(f"{base_url}/tokenize", json={"prompt": "Hello, world"}).json()
+    response = httpx.post(f"{base_url}/tokenize", json={"prompt": "Hello, world"}, headers=auth()).json()
     assert response["tokens"] == tokenizer("Hello, world").input_ids
     assert response["count"] == len(response["tokens"]) and response["max_model_len"] == MAX_MODEL_LEN
     messages = [{"role": "user", "content": "Hi"}]
-    chat = httpx.post(f"{base_url}/tokenize", json={"messages": messages}).json()
+    chat = httpx.post(f"{base_url}/tokenize", json={"messages": messages}, headers=auth()).json()
     rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert chat["tokens"] == tokenizer(rendered, add_special_tokens=False).input_ids
-    back = httpx.post(f"{base_url}/detokenize", json={"tokens": response["tokens"]}).json()
+    back = httpx.post(f"{base_url}/detokenize", json={"tokens": response["tokens"]}, headers=auth()).json()
     assert back == {"prompt": "Hello, world"}
 
 
 def test_version(base_url: str) -> None:
-    assert httpx.get(f"{base_url}/version").json()["version"]
+    assert httpx.get(f"{base_url}/version", headers=auth()).json()["version"]
 
 
 @pytest.fixture(scope="module")

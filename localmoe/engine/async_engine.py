@@ -9,14 +9,21 @@ The event loop hands requests and aborts to the engine thread through an inbox; 
 outputs go back to the waiting coroutine through its asyncio queue. A coroutine that goes away
 (client disconnected, task cancelled) aborts its request, which frees its KV blocks at the top of
 the engine's next loop iteration.
+
+Admission is counted here, on the event loop, in sequences (prompts x n): a request takes its place
+synchronously, before its first await, so a burst cannot overshoot the bound. The loop's heartbeat
+and the thread's fate are what /health reports: a dead engine thread or one that makes no progress
+while work waits is unhealthy, and its waiting requests are failed rather than left hanging.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 
 from localmoe.engine.llm_engine import LLMEngine, RequestError
@@ -26,8 +33,21 @@ from localmoe.sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 
+# Test-only fault injection, read once: "engine-exit" ends the engine thread at its next step as a crash would,
+# "engine-stall" blocks that step for good. Never set in production; the tests of /health use it.
+FAULT = os.environ.get("LOCALMOE_FAULT_INJECTION", "")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread has stopped: nothing more will be served by this process."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine failed this request alone (an error while computing its tokens)."""
+
+
 class AsyncEngine:
-    def __init__(self, build: Callable[[], LLMEngine]) -> None:
+    def __init__(self, build: Callable[[], LLMEngine], stall_timeout: float = 120.0) -> None:
         """Build the engine with `build` on the engine thread; raises whatever `build` raises."""
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
@@ -36,12 +56,18 @@ class AsyncEngine:
         self._stopped = False
         self._built: LLMEngine | BaseException | None = None
         self._ready = threading.Event()
+        self._heartbeat = time.monotonic()  # the engine loop's last sign of progress
+        self.stall_timeout = stall_timeout
+        self.fatal: BaseException | None = None  # what ended the engine thread, if anything did
         self._thread = threading.Thread(target=self._main, args=(build,), name="localmoe-engine", daemon=True)
         self._thread.start()
         self._ready.wait()
         if isinstance(self._built, BaseException):
             raise self._built
         self.engine: LLMEngine = self._built
+        config = self.engine.config
+        self.capacity = config.max_num_seqs + config.max_waiting_requests  # sequences held at once
+        self.num_reserved = 0  # sequences admitted and not yet done (event loop only)
 
     def start(self) -> None:
         self._go.set()
@@ -53,16 +79,33 @@ class AsyncEngine:
         if self._thread.is_alive():
             self._thread.join(timeout=10)
 
-    def _main(self, build: Callable[[], LLMEngine]) -> None:
-        try:
-            self._built = build()
-        except BaseException as error:  # noqa: BLE001 -- re-raised on the constructing thread
-            self._built = error
-            return
-        finally:
-            self._ready.set()
-        self._go.wait()
-        self._run()
+    # ---- admission and health (event loop) ------------------------------------------------------
+
+    def try_reserve(self, num_seqs: int) -> bool:
+        """Take places for `num_seqs` sequences if the bound allows; pair with release()."""
+        if self.num_reserved + num_seqs > self.capacity:
+            return False
+        self.num_reserved += num_seqs
+        return True
+
+    def release(self, num_seqs: int) -> None:
+        self.num_reserved -= num_seqs
+
+    def health_problem(self) -> str | None:
+        """Why the engine cannot serve, or None when it can."""
+        if self.fatal is not None or not self._thread.is_alive():
+            return "the engine thread has stopped"
+        idle_for = time.monotonic() - self._heartbeat
+        if (self._streams or not self._inbox.empty()) and idle_for > self.stall_timeout:
+            return f"the engine has made no progress for {idle_for:.0f} s with requests waiting"
+        return None
+
+    def fail_streams(self, error: BaseException) -> None:
+        """End every stream now with `error` (shutdown past its deadline); their requests are then aborted."""
+        for _, stream in list(self._streams.values()):
+            stream.put_nowait(error)
+
+    # ---- requests (event loop) -------------------------------------------------------------------
 
     async def generate(self, request_id: str, prompt: str | None, prompt_token_ids: list[int] | None,
                        params: SamplingParams, priority: int = 0) -> AsyncIterator[RequestOutput]:
@@ -70,6 +113,8 @@ class AsyncEngine:
         if request_id in self._streams:
             raise RequestError(f"request id {request_id!r} is already in use", "request_id")
         request = self.engine.make_request(request_id, prompt, prompt_token_ids, params, priority)
+        if self.fatal is not None or not self._thread.is_alive():
+            raise EngineDeadError("the engine thread has stopped; this server cannot serve requests")
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         self._send(("add", request))
@@ -86,11 +131,6 @@ class AsyncEngine:
             if not finished:
                 self.abort(request_id)
 
-    def queue_full(self, incoming: int = 1) -> bool:
-        """Would `incoming` more requests push the waiting queue past max_waiting_requests?"""
-        waiting = len(self._streams) - self.engine.stats.num_running
-        return waiting + incoming > self.engine.config.max_waiting_requests
-
     def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
 
@@ -98,20 +138,46 @@ class AsyncEngine:
         self._inbox.put(message)
         self._wakeup.set()
 
+    # ---- the engine thread -----------------------------------------------------------------------
+
+    def _main(self, build: Callable[[], LLMEngine]) -> None:
+        try:
+            self._built = build()
+        except BaseException as error:  # noqa: BLE001 -- re-raised on the constructing thread
+            self._built = error
+            return
+        finally:
+            self._ready.set()
+        self._go.wait()
+        try:
+            self._run()
+        except BaseException as error:  # noqa: BLE001 -- recorded for /health; every waiting stream is told
+            self.fatal = error
+            log.critical("the engine thread stopped: %r", error, exc_info=error)
+            dead = EngineDeadError(f"the engine thread stopped: {error!r}")
+            self._deliver_all([(request_id, dead) for request_id in list(self._streams)])
+
     def _run(self) -> None:
         while not self._stopped:
+            self._heartbeat = time.monotonic()
             self._drain_inbox()
             if not self.engine.has_unfinished_requests():
                 self._wakeup.wait(timeout=1.0)
                 self._wakeup.clear()
                 continue
+            _inject_fault()
             try:
                 outputs = self.engine.step()
-            except Exception as error:  # a failed step fails its requests, not the server
-                log.exception("engine step failed")
-                self._fail_all(error)
+            except Exception as error:  # noqa: BLE001 -- outside any one request: every request fails, the pool heals
+                log.exception("engine step failed; aborting every request")
+                failed = self.engine.recover()
+                self._deliver_all([(request_id, RuntimeError(f"engine step failed: {error}"))
+                                   for request_id in failed])
                 continue
-            self._deliver_all([(output.request_id, output) for output in outputs])
+            items: list[tuple[str, object]] = [(output.request_id, output) for output in outputs]
+            items += [(request_id, RequestFailedError(f"the request failed: {error!r}"))
+                      for request_id, error in self.engine.take_failures().items()]
+            self._deliver_all(items)
 
     def _drain_inbox(self) -> None:
         while True:
@@ -119,17 +185,17 @@ class AsyncEngine:
                 kind, payload = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if kind == "add":
-                if payload.request_id in self._streams:
-                    self.engine.add(payload)
-            else:
-                self.engine.abort_request(payload)
-
-    def _fail_all(self, error: Exception) -> None:
-        failed = list(self.engine.requests)
-        for request_id in failed:
-            self.engine.abort_request(request_id)
-        self._deliver_all([(request_id, RuntimeError(f"engine step failed: {error}")) for request_id in failed])
+            try:
+                if kind == "add":
+                    if payload.request_id in self._streams:
+                        self.engine.add(payload)
+                else:
+                    self.engine.abort_request(payload)
+            except Exception as error:  # noqa: BLE001 -- this request fails, the loop goes on
+                request_id = payload.request_id if kind == "add" else payload
+                log.exception("could not %s request %s", kind, request_id)
+                self.engine.abort_request(request_id)
+                self._deliver_all([(request_id, RequestFailedError(f"the request failed: {error!r}"))])
 
     def _deliver_all(self, items: list[tuple[str, object]]) -> None:
         """Hand a step's outputs to their streams with one wakeup per event loop, not one per stream: each wakeup
@@ -147,3 +213,10 @@ class AsyncEngine:
 def _put_all(deliveries: list[tuple[asyncio.Queue, object]]) -> None:
     for stream, item in deliveries:
         stream.put_nowait(item)
+
+
+def _inject_fault() -> None:
+    if FAULT == "engine-exit":
+        raise SystemExit("fault injection: engine-exit")
+    if FAULT == "engine-stall":
+        threading.Event().wait()

@@ -24,6 +24,7 @@ class Block:
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool,
                  num_swap_blocks: int = 0) -> None:
+        self.num_swap_blocks = num_swap_blocks
         self.free_swap_blocks = list(range(num_swap_blocks))  # host blocks for swapped-out sequences
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
@@ -126,6 +127,15 @@ class BlockManager:
             if block.ref_count == 0:
                 self.free[block_id] = None
         seq.block_table.clear()
+
+    def reset(self) -> None:
+        """Every block free and the prefix cache empty: after a failure left the engine's bookkeeping in doubt,
+        the pool is whole again and no block can be found by a hash whose K/V may be half written."""
+        for block in self.blocks:
+            block.ref_count, block.hash, block.token_ids = 0, None, ()
+        self.free = OrderedDict((i, None) for i in range(len(self.blocks)))
+        self.hash_to_block.clear()
+        self.free_swap_blocks = list(range(self.num_swap_blocks))
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Make blocks whose K/V are now computed findable by later requests."""

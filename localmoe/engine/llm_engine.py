@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,12 +22,15 @@ from localmoe.engine.scheduler import Scheduler
 from localmoe.engine.sequence import Request, Sequence
 from localmoe.experts.cache import attach_expert_caches
 from localmoe.experts.trace import RoutingTrace
+from localmoe.layers.cpu_kernels import kernels
 from localmoe.layers.linear import pack_model, packing_supported
 from localmoe.layers.moe import SparseMoE
 from localmoe.models.builtin import resolve_model
 from localmoe.models.loader import load_model, resolve_dtype
 from localmoe.outputs import CompletionOutput, Logprob, RequestOutput
 from localmoe.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 class RequestError(ValueError):
@@ -75,6 +80,8 @@ class LLMEngine:
         self.dtype = resolve_dtype(config.dtype, self.hf_config, self.device)
         self.expert_caches = attach_expert_caches(self.model, config.expert_cache_size, config.expert_cache_policy,
                                                   self.device, config.expert_prefetch) if offload else []
+        if self.device.type == "cpu":
+            kernels()  # built (or loaded from their cache) now, before the server is ready, never inside a request
         if packing_supported(self.dtype, self.device):
             pack_model(self.model)
         self.tokenizer = load_tokenizer(config.tokenizer or model_dir, self.hf_config)
@@ -100,6 +107,7 @@ class LLMEngine:
         moe_layers = [m for m in self.model.modules() if isinstance(m, SparseMoE)]
         self.trace = RoutingTrace(config.routing_trace, moe_layers) if config.routing_trace else None
         self.requests: dict[str, Request] = {}
+        self.failures: dict[str, Exception] = {}  # requests that failed in a step, until take_failures()
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -143,8 +151,10 @@ class LLMEngine:
         if not prompt_token_ids:
             raise RequestError("the prompt is empty", "prompt")
         vocab = self.hf_config["vocab_size"]
-        if any(not 0 <= t < vocab for t in prompt_token_ids):
-            raise RequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
+        for param, ids in [("prompt", prompt_token_ids), *params.token_ids()]:
+            bad = next((t for t in ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise RequestError(f"{param}: token id {bad} is out of vocabulary (size {vocab})", param)
         if len(prompt_token_ids) > self.max_model_len:
             raise RequestError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt "
@@ -152,11 +162,28 @@ class LLMEngine:
         if not self.config.enable_chunked_prefill and len(prompt_token_ids) > self.config.max_num_batched_tokens:
             raise RequestError(f"the prompt has {len(prompt_token_ids)} tokens, more than max_num_batched_tokens "
                                f"{self.config.max_num_batched_tokens} (enable chunked prefill)", "prompt")
+        self._check_limits(params, vocab)
         request = Request(request_id, prompt, list(prompt_token_ids), params, priority)
         if params.seed is not None:
             request.generator = torch.Generator(self.device).manual_seed(params.seed)
         request.seqs = [Sequence(request, i, list(prompt_token_ids), len(prompt_token_ids)) for i in range(params.n)]
         return request
+
+    def _check_limits(self, params: SamplingParams, vocab: int) -> None:
+        """The sampling settings whose range depends on the model or the engine's settings."""
+        most = self.config.max_logprobs
+        checks = [
+            (params.top_k <= vocab, "top_k", f"top_k must be at most the vocabulary size {vocab}, got {params.top_k}"),
+            (params.n <= self.config.max_num_seqs, "n",
+             f"n must be at most max_num_seqs ({self.config.max_num_seqs}), got {params.n}"),
+            ((params.logprobs or 0) <= most, "logprobs",
+             f"logprobs must be at most {most} (--max-logprobs), got {params.logprobs}"),
+            ((params.prompt_logprobs or 0) <= most, "prompt_logprobs",
+             f"prompt_logprobs must be at most {most} (--max-logprobs), got {params.prompt_logprobs}"),
+        ]
+        for ok, param, message in checks:
+            if not ok:
+                raise RequestError(message, param)
 
     def add(self, request: Request) -> None:
         if request.request_id in self.requests:
@@ -187,35 +214,102 @@ class LLMEngine:
     # ---- the step -------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """One scheduled forward pass, then a token for every sequence that samples.
+
+        A request fails alone: an error while sampling, detokenizing or scoring one request's tokens fails that
+        request, and a failed forward pass fails the requests of its step (their blocks are freed; the others'
+        K/V were only read). Failed requests leave the engine and are listed in `failures` for the caller.
+        """
         batch = self.scheduler.schedule()
         self.runner.swap(batch)
         if not batch.seqs:
             return []
-        logits = self.runner.execute(batch)
+        try:
+            logits = self.runner.execute(batch)
+        except Exception as error:  # noqa: BLE001 -- the step's requests fail; the engine serves on
+            log.exception("the forward pass failed; failing the requests of its step")
+            for seq in batch.seqs:
+                self._fail(seq.request, error)
+            return []
         if self.trace is not None:
             self.trace.write(batch)
         for i, logits_of_prompt in logits.prompt.items():
-            self._record_prompt_logprobs(batch.seqs[i], logits_of_prompt)
+            self._guarded(batch.seqs[i].request, self._record_prompt_logprobs, batch.seqs[i], logits_of_prompt)
         for seq, n in zip(batch.seqs, batch.num_tokens):
-            seq.num_computed_tokens += n
-            self.block_manager.cache_full_blocks(seq)
+            if seq.request.request_id in self.requests:
+                seq.num_computed_tokens += n
+                self.block_manager.cache_full_blocks(seq)
         sample_seqs = [batch.seqs[i] for i in logits.sampling]
-        result = self.sampler(logits.sample, sample_seqs)
+        rows = self._sample(logits.sample, sample_seqs) if sample_seqs else []
         now = time.monotonic()
         touched: dict[str, Request] = {}
-        for i, seq in enumerate(sample_seqs):
+        for seq, row in zip(sample_seqs, rows):
             request = seq.request
+            if request.request_id not in self.requests:  # failed earlier in this step
+                continue
+            if isinstance(row, Exception):
+                self._fail(request, row)
+                continue
             if request.first_token_time is None:
                 request.first_token_time = now
-            self._append_token(seq, result.token_ids[i], result.logprobs[i], result.top_logprobs[i])
-            touched[request.request_id] = request
+            if self._guarded(request, self._append_token, seq, *row):
+                touched[request.request_id] = request
         outputs = []
         for request in touched.values():
+            if request.request_id not in self.requests:
+                continue
             if request.finished:
                 request.finished_time = now
                 del self.requests[request.request_id]
             outputs.append(self._output(request))
         return outputs
+
+    def take_failures(self) -> dict[str, Exception]:
+        """The requests that failed since the last call, with their errors."""
+        failures, self.failures = self.failures, {}
+        return failures
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple | Exception]:
+        """(token, logprob, top logprobs) per row. Should the batched draw fail, each row is drawn alone, so a
+        row that cannot be sampled fails its own request and no other."""
+        try:
+            result = self.sampler(logits, seqs)
+            return list(zip(result.token_ids, result.logprobs, result.top_logprobs))
+        except Exception:  # noqa: BLE001 -- retried row by row below
+            log.exception("sampling a batch of %d rows failed; sampling each row alone", len(seqs))
+        rows: list[tuple | Exception] = []
+        for i, seq in enumerate(seqs):
+            try:
+                result = self.sampler(logits[i:i + 1], [seq])
+                rows.append((result.token_ids[0], result.logprobs[0], result.top_logprobs[0]))
+            except Exception as error:  # noqa: BLE001 -- this row's request fails
+                rows.append(error)
+        return rows
+
+    def _guarded(self, request: Request, work: Callable[..., object], *args: object) -> bool:
+        """Run one request's share of the step's work; should it raise, that request fails. False if it did."""
+        try:
+            work(*args)
+            return True
+        except Exception as error:  # noqa: BLE001 -- fails this request only
+            self._fail(request, error)
+            return False
+
+    def _fail(self, request: Request, error: Exception) -> None:
+        if request.request_id not in self.requests:
+            return
+        log.error("request %s failed: %r", request.request_id, error)
+        self.abort_request(request.request_id)
+        self.failures[request.request_id] = error
+
+    def recover(self) -> list[str]:
+        """After a failure outside any one request (the engine's own bookkeeping): abort every request and make
+        the block pool whole. Returns the ids of the requests aborted."""
+        failed = list(self.requests)
+        for request_id in failed:
+            self.abort_request(request_id)
+        self.block_manager.reset()
+        return failed
 
     def _append_token(self, seq: Sequence, token: int, logprob: float | None,
                       top: list[tuple[int, float]] | None) -> None:

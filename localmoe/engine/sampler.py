@@ -1,6 +1,6 @@
 """Batched sampling over requests with different settings.
 
-Per row: penalties (repetition, presence, frequency) and min_tokens masking, then greedy argmax or
+Per row: logit_bias, penalties (repetition, presence, frequency) and min_tokens masking, then greedy argmax or
 temperature / top-k / top-p / min-p filtering and a draw. Rows with a `seed` draw from their
 request's own torch.Generator so their output does not depend on what else is batched.
 Logprobs are those of the model's raw distribution, as vLLM reports them.
@@ -32,7 +32,7 @@ class Sampler:
         params = [s.params for s in seqs]
         want_logprobs = [p.logprobs is not None for p in params]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
-        logits = self._apply_penalties(logits, seqs)
+        logits = self._apply_penalties(self._apply_logit_bias(logits, seqs), seqs)
 
         tokens = argmax(logits)
         if not all(p.greedy for p in params):
@@ -53,6 +53,19 @@ class Sampler:
                 values, ids = raw_logprobs[i].topk(p.logprobs)
                 top[i] = list(zip(ids.tolist(), values.tolist()))
         return SampleResult(token_list, chosen, top)
+
+    @staticmethod
+    def _apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """The logits plus each request's logit_bias (OpenAI's): a new tensor where any applies, else `logits`."""
+        if not any(seq.params.logit_bias for seq in seqs):
+            return logits
+        logits = logits.clone()
+        for i, seq in enumerate(seqs):
+            bias = seq.params.logit_bias
+            if bias:
+                ids = torch.tensor(list(bias), dtype=torch.long, device=logits.device)
+                logits[i].index_add_(0, ids, torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device))
+        return logits
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """The logits with penalties and min_tokens applied: a new tensor where any applies, else `logits`."""

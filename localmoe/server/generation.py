@@ -2,6 +2,9 @@
 
 Whatever ends the HTTP request early (client gone, an error in a sibling prompt, server shutdown)
 aborts every engine request still running, so their KV blocks are freed at once.
+
+A Generation takes its places in the engine's bound when it is made, synchronously, one per
+sequence (prompts x n), and gives each prompt's places back when that prompt ends for any reason.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import TypeVar
 
 from fastapi import Request
 
-from localmoe.engine.async_engine import AsyncEngine
+from localmoe.engine.async_engine import AsyncEngine, EngineDeadError
 from localmoe.engine.llm_engine import RequestError
 from localmoe.outputs import RequestOutput
 from localmoe.sampling_params import SamplingParams
@@ -33,7 +36,11 @@ class Prompt:
 class Generation:
     def __init__(self, aengine: AsyncEngine, metrics: ServerMetrics, base_id: str,
                  prompts: list[Prompt], params: list[SamplingParams], priority: int = 0) -> None:
-        if aengine.queue_full(len(prompts)):
+        num_seqs = sum(p.n for p in params)
+        if num_seqs > aengine.capacity:
+            raise APIError(f"this request asks for {num_seqs} sequences (prompts x n), more than the server ever "
+                           f"holds at once ({aengine.capacity}: max_num_seqs + max_waiting_requests)", param="n")
+        if not aengine.try_reserve(num_seqs):
             metrics.requests_rejected.labels(metrics.model_name).inc()
             raise APIError("The server is overloaded: its waiting queue is full. Retry shortly.",
                            HTTPStatus.SERVICE_UNAVAILABLE, headers={"Retry-After": "1"})
@@ -45,6 +52,7 @@ class Generation:
         self.base_id = base_id
         self.request_ids = [f"{base_id}-{i}" for i in range(len(prompts))]
         self.unfinished = set(self.request_ids)
+        self._reserved = {request_id: p.n for request_id, p in zip(self.request_ids, params)}
 
     async def stream(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Yield (prompt index, cumulative output) as any of the prompts progresses."""
@@ -73,10 +81,16 @@ class Generation:
         return [last[i] for i in range(len(self.prompts))]
 
     def abort_unfinished(self) -> None:
-        """Abort what is still running; safe to call more than once, and from any cleanup path."""
+        """Abort what is still running and give back every place; safe to call more than once, from any cleanup
+        path."""
         for request_id in sorted(self.unfinished):
             self.aengine.abort(request_id)
         self.unfinished.clear()
+        for request_id in list(self._reserved):
+            self._release(request_id)
+
+    def _release(self, request_id: str) -> None:
+        self.aengine.release(self._reserved.pop(request_id, 0))
 
     async def _pump(self, i: int, queue: asyncio.Queue[tuple[int, RequestOutput | Exception | None]]) -> None:
         request_id, prompt = self.request_ids[i], self.prompts[i]
@@ -89,10 +103,14 @@ class Generation:
                 queue.put_nowait((i, output))
         except RequestError as e:
             queue.put_nowait((i, APIError(str(e), param=e.param)))
+        except EngineDeadError as e:
+            queue.put_nowait((i, APIError(str(e), HTTPStatus.SERVICE_UNAVAILABLE)))
         except Exception as e:  # noqa: BLE001 -- handed to the consumer, which raises it
             queue.put_nowait((i, e))
         else:
             queue.put_nowait((i, None))
+        finally:
+            self._release(request_id)
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:

@@ -1,7 +1,8 @@
 """OpenAI request and response schema (plus vLLM's extras), as pydantic models.
 
-Requests ignore fields they do not know, as the OpenAI and vLLM servers do; ranges that the
-sampler cannot check itself (temperature up to 2, top_logprobs up to 20) are checked here.
+Requests ignore fields they do not know, as the OpenAI and vLLM servers do. Every string in a
+request must be text the tokenizer can encode (a lone surrogate such as "\\ud800" is refused here);
+ranges are checked by SamplingParams and the engine, which know the model's limits.
 """
 
 from __future__ import annotations
@@ -9,10 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
-
-# Per-token logprob dicts are limited to this many alternatives, as in OpenAI's API.
-MAX_TOP_LOGPROBS = 20
+from pydantic import BaseModel, Field, model_validator
 
 
 class ErrorInfo(BaseModel):
@@ -30,7 +28,41 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class SamplingRequest(BaseModel):
+class OpenAIRequest(BaseModel):
+    """A request body: any string in it, however deeply nested, must be encodable as UTF-8."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _encodable_text(cls, data: Any) -> Any:
+        where = _unencodable(data, ())
+        if where is not None:
+            path = ".".join(map(str, where)) or "body"
+            raise ValueError(f"{path} is not valid Unicode text (a lone surrogate cannot be encoded)")
+        return data
+
+
+def _unencodable(value: Any, path: tuple) -> tuple | None:
+    """The path of the first string under `value` that UTF-8 cannot encode, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    if isinstance(value, dict):
+        items = [(k, k) for k in value] + list(value.items())  # keys are text too
+    elif isinstance(value, list):
+        items = list(enumerate(value))
+    else:
+        return None
+    for key, item in items:
+        found = _unencodable(item, (*path, key))
+        if found is not None:
+            return found
+    return None
+
+
+class SamplingRequest(OpenAIRequest):
     """Sampling fields shared by completions and chat completions (OpenAI's, then vLLM's extras)."""
 
     model: str | None = None
@@ -50,6 +82,7 @@ class SamplingRequest(BaseModel):
     ignore_eos: bool = False
     min_tokens: int = 0
     stop_token_ids: list[int] | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string, OpenAI's form) -> bias in [-100, 100]
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     priority: int = 0  # lower is served first (vLLM's priority scheduling)
@@ -57,7 +90,7 @@ class SamplingRequest(BaseModel):
     def sampling_fields(self) -> dict[str, Any]:
         """The SamplingParams keyword arguments this request sets (None: keep the default)."""
         names = ("n", "temperature", "top_p", "presence_penalty", "frequency_penalty", "stop", "seed", "top_k",
-                 "min_p", "repetition_penalty", "ignore_eos", "min_tokens", "stop_token_ids",
+                 "min_p", "repetition_penalty", "ignore_eos", "min_tokens", "stop_token_ids", "logit_bias",
                  "skip_special_tokens", "include_stop_str_in_output")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
@@ -69,7 +102,7 @@ class SamplingRequest(BaseModel):
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    logprobs: int | None = Field(default=None, ge=0)
     echo: bool = False
 
 
@@ -90,7 +123,7 @@ class ChatCompletionRequest(SamplingRequest):
     max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
     max_completion_tokens: int | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: int | None = Field(default=None, ge=0)
     add_generation_prompt: bool = True
 
     @property
@@ -211,7 +244,7 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(OpenAIRequest):
     """vLLM's /tokenize: either a prompt or chat messages (rendered with the chat template)."""
 
     model: str | None = None
@@ -227,7 +260,7 @@ class TokenizeResponse(BaseModel):
     tokens: list[int]
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(OpenAIRequest):
     model: str | None = None
     tokens: list[int]
 

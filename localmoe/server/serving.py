@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -12,7 +13,6 @@ from typing import Any
 
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
-from jinja2 import TemplateError
 from pydantic import BaseModel
 from starlette.background import BackgroundTask
 
@@ -27,6 +27,8 @@ from localmoe.server.protocol import (
     ChatResponseMessage, ChatStreamChoice, CompletionChoice, CompletionLogprobs, CompletionRequest,
     CompletionResponse, DeltaMessage, SamplingRequest, TokenLogprob, TopLogprob, UsageInfo,
 )
+
+log = logging.getLogger(__name__)
 
 
 class OpenAIServing:
@@ -60,7 +62,7 @@ class OpenAIServing:
         try:
             return self.tokenizer.apply_chat_template(
                 [_message_dict(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt)
-        except (ValueError, TemplateError) as e:
+        except Exception as e:  # noqa: BLE001 -- the template runs on the request's messages: any failure is theirs
             raise APIError(f"cannot apply the chat template: {e}", param="messages") from e
 
     def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool) -> Prompt:
@@ -89,8 +91,11 @@ class OpenAIServing:
             raise APIError(f"This model's maximum context length is {limit} tokens. However, you requested "
                            f"{num_prompt + max_tokens} tokens ({num_prompt} in the input, {max_tokens} in the "
                            f"completion). Please reduce the length of the input or completion.", param="max_tokens")
+        fields = request.sampling_fields()
+        if "logit_bias" in fields:
+            fields["logit_bias"] = _token_keys(fields["logit_bias"])
         try:
-            return SamplingParams(**request.sampling_fields(), max_tokens=max_tokens, logprobs=logprobs)
+            return SamplingParams(**fields, max_tokens=max_tokens, logprobs=logprobs)
         except SamplingParamsError as e:
             raise APIError(str(e), param=e.param) from e
 
@@ -106,7 +111,7 @@ class OpenAIServing:
                                 request.priority)
         if request.stream:
             return _sse(self._completion_stream(request, generation), generation)
-        outputs = await unless_disconnected(raw_request, generation.final_outputs())
+        outputs = await _final_outputs(raw_request, generation)
         if outputs is None:
             return Response(status_code=499)
         choices = []
@@ -133,7 +138,7 @@ class OpenAIServing:
                                 request.priority)
         if request.stream:
             return _sse(self._chat_stream(request, generation), generation)
-        outputs = await unless_disconnected(raw_request, generation.final_outputs())
+        outputs = await _final_outputs(raw_request, generation)
         if outputs is None:
             return Response(status_code=499)
         choices = [ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text),
@@ -243,8 +248,18 @@ class _Progress:
         return _Delta(c.text[first_char:], first_char, first_token, c.finish_reason, c.stop_reason)
 
 
+async def _final_outputs(raw_request: Request, generation: Generation) -> list[RequestOutput] | None:
+    """The finished outputs, or None if the client left first; the generation's places are given back either way
+    (even when its task was cancelled before it ran)."""
+    try:
+        return await unless_disconnected(raw_request, generation.final_outputs())
+    finally:
+        generation.abort_unfinished()
+
+
 def _sse(events: AsyncIterator[str], generation: Generation) -> StreamingResponse:
-    """An SSE response ending in [DONE]; errors found mid-stream are sent as an error event first.
+    """An SSE response ending in [DONE]; an error found mid-stream is sent as an OpenAI error event first, so a
+    failed stream still ends the way clients expect.
 
     The background task runs after the stream ends for any reason, including a client that hung up
     while a chunk was being sent (when the generator itself may not see the cancellation).
@@ -256,12 +271,23 @@ def _sse(events: AsyncIterator[str], generation: Generation) -> StreamingRespons
                 yield event
         except APIError as e:
             yield _data(e.body())
+        except Exception as e:  # noqa: BLE001 -- the engine failed this request; the stream still ends cleanly
+            log.error("stream %s failed: %r", generation.base_id, e)
+            yield _data(APIError(str(e), HTTPStatus.INTERNAL_SERVER_ERROR).body())
         finally:
             generation.abort_unfinished()
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream",
                              background=BackgroundTask(generation.abort_unfinished))
+
+
+def _token_keys(bias: dict[str, float]) -> dict[int, float]:
+    """OpenAI's logit_bias names tokens by their id written as a string."""
+    try:
+        return {int(key): value for key, value in bias.items()}
+    except ValueError:
+        raise APIError("logit_bias keys must be token ids (integers written as strings)", param="logit_bias") from None
 
 
 def _data(model: BaseModel) -> str:
