@@ -13,7 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from checkpoints import make_checkpoint
 from localmoe.server.dashboard import cell_center
-from test_server import API_KEY, auth, running_server
+from server_process import API_KEY, auth
+from test_server import running_server
 
 HOT_PROMPT = "a" * 40  # one token over and over: its tokens mostly pick the same experts
 

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,50 +14,19 @@ import httpx
 import openai
 import pytest
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
-API_KEY = "sk-localmoe-test"
+from server_process import API_KEY, auth, scrape, serve
+
 MAX_MODEL_LEN = 4096  # the tiny checkpoint's max_position_embeddings
-REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
 def running_server(checkpoint: Path, log_dir: Path, *extra: str) -> Iterator[str]:
-    """A real `localmoe serve` process on a free loopback port; yields its base URL."""
-    port = free_port()
-    log = (log_dir / "server.log").open("w+")
-    command = [sys.executable, "-m", "localmoe.cli", "serve", "--model", str(checkpoint),
-               "--dtype", "float32", "--kv-cache-memory", "64000000", "--max-model-len", str(MAX_MODEL_LEN),
-               "--host", "127.0.0.1", "--port", str(port), "--api-key", API_KEY, "--log-level", "warning", *extra]
-    server = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if server.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"server exited with {server.returncode}:\n{log.read()}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("server did not become healthy")
-            time.sleep(0.2)
-        yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
+    """A real `localmoe serve` of `checkpoint` in float32; yields its base URL."""
+    with serve(log_dir, "--model", str(checkpoint), "--dtype", "float32", "--kv-cache-memory", "64000000",
+               "--max-model-len", str(MAX_MODEL_LEN), *extra) as server:
+        yield server.url
 
 
 @pytest.fixture(scope="module")
@@ -83,17 +48,6 @@ def model(client: openai.OpenAI) -> str:
 @pytest.fixture(scope="module")
 def tokenizer(tiny_mixtral_dir: Path):
     return AutoTokenizer.from_pretrained(tiny_mixtral_dir)
-
-
-def auth() -> dict[str, str]:
-    return {"Authorization": f"Bearer {API_KEY}"}
-
-
-def scrape(base_url: str) -> dict[str, float]:
-    """Every sample on /metrics, keyed by name (labels dropped: one model, one value each)."""
-    text = httpx.get(f"{base_url}/metrics", headers=auth()).text
-    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
-            if "finished_reason" not in s.labels and "le" not in s.labels}
 
 
 def sse_lines(base_url: str, path: str, body: dict) -> list[str]:

@@ -7,6 +7,7 @@ FastAPI alone would say 422), and no refusal disturbs the requests around it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from http import HTTPStatus
@@ -24,13 +25,17 @@ from localmoe.experts.stats import expert_stats
 from localmoe.server.auth import APIKeyMiddleware
 from localmoe.server.errors import APIError
 from localmoe.server.metrics import ServerMetrics
+from localmoe.server.openapi import install_openapi
 from localmoe.server.stats import memory_stats
 from localmoe.server.dashboard import DASHBOARD_PAGE
+from localmoe.server.drain import Drain, DrainMiddleware
 from localmoe.server.protocol import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
     TokenizeRequest, TokenizeResponse,
 )
 from localmoe.server.serving import OpenAIServing
+
+log = logging.getLogger(__name__)
 
 
 def build_app(aengine: AsyncEngine, config: Config) -> FastAPI:
@@ -49,13 +54,20 @@ def build_app(aengine: AsyncEngine, config: Config) -> FastAPI:
             aengine.shutdown()
 
     app = FastAPI(title="LocalMoE", version=__version__, lifespan=lifespan)
-    if config.server.api_key:
+    install_openapi(app)
+    app.state.drain = drain = Drain(aengine, config.server.shutdown_timeout)
+    app.add_middleware(DrainMiddleware, drain=drain)
+    if config.server.api_key:  # outermost: nothing is answered before the key is checked
         app.add_middleware(APIKeyMiddleware, api_key=config.server.api_key)
     _add_error_handlers(app)
 
     @app.get("/health")
     async def health() -> Response:
-        return Response(status_code=HTTPStatus.OK)
+        """Liveness: 503 when the engine thread is dead or wedged (and, by DrainMiddleware, while draining)."""
+        problem = aengine.health_problem()
+        if problem is not None:
+            log.warning("unhealthy: %s", problem)
+        return Response(status_code=HTTPStatus.OK if problem is None else HTTPStatus.SERVICE_UNAVAILABLE)
 
     @app.get("/version")
     async def server_version() -> dict[str, str]:
