@@ -240,3 +240,176 @@ def test_argmax_kernel_picks_the_first_largest_like_pytorch(rows, vocab):
         logits[1, -1] = 100.0  # in the tail past the last full 16 lanes
     assert torch.equal(kernels().argmax_rows(logits), logits.argmax(dim=-1))
     assert int(kernels().argmax_rows(logits)[0]) == vocab // 3
+
+
+BF16 = torch.bfloat16
+
+
+def test_an_empty_batch_gives_empty_results_without_calling_a_kernel(monkeypatch):
+    """The wrappers answer zero rows themselves (a prompt-chunk step where nothing samples runs none)."""
+    tiles = cpu_kernels.linear_tiles(torch.randn(200, 80).to(BF16))
+    w13, w2 = expert_tiles(torch.randn(4, 192, 64).to(BF16), torch.randn(4, 64, 96).to(BF16))
+    counts = torch.zeros(4, dtype=torch.long)
+    monkeypatch.setattr(cpu_kernels, "kernels", lambda: pytest.fail("a kernel was called on an empty batch"))
+    out = cpu_kernels.tiled_linear(torch.empty(0, 80, dtype=BF16), tiles, 200)
+    assert out.shape == (0, 200) and out.dtype == BF16
+    no_pairs = torch.empty(0, 2, dtype=torch.long), torch.empty(0, 2)
+    out = fused_moe(torch.empty(0, 64, dtype=BF16), *no_pairs, w13, w2, counts=counts)
+    assert out.shape == (0, 64) and out.dtype == BF16 and not counts.any()
+    assert fused_moe(torch.empty(0, 64, dtype=BF16), *no_pairs, w13, w2, float_out=True).dtype == torch.float32
+    tokens = cpu_kernels.argmax(torch.empty(0, 263))
+    assert tokens.shape == (0,) and tokens.dtype == torch.long
+    assert to_tiles(torch.empty(0, 6, dtype=BF16)).shape == (0, 6)
+
+
+def attention_args(batch=2, **change):
+    """Valid paged_attention arguments (2 kv heads, blocks of 4, head dim 16, 4 query heads); `change` replaces
+    some of them."""
+    args = dict(q=torch.randn(batch, 4, 16), k=torch.randn(batch, 2, 16), v=torch.randn(batch, 2, 16),
+                kv_cache=torch.zeros(2, 6, 2, 4, 16), block_tables=torch.tensor([[0, 1], [2, 3]])[:batch],
+                context_lens=torch.tensor([5, 8])[:batch], scale=0.25, window=0, sinks=None)
+    return list({**args, **change}.values())
+
+
+def moe_args(tokens=3, **change):
+    """Valid fused_moe arguments: 4 experts of 96 units (zero: the same in tiles), hidden size 64, top-2."""
+    args = dict(x=torch.randn(tokens, 64).to(BF16), ids=torch.zeros(tokens, 2, dtype=torch.long),
+                weights=torch.ones(tokens, 2), w13=torch.zeros(4, 192, 64, dtype=BF16),
+                w2=torch.zeros(4, 64, 96, dtype=BF16), float_out=False, counts=None)
+    return list({**args, **change}.values())
+
+
+def linear_args(tokens=3, **change):
+    """Valid tiled_linear arguments: 200 outputs (tiles padded to 208 rows), 80 inputs."""
+    args = dict(x=torch.randn(tokens, 80).to(BF16), w=torch.zeros(208, 80, dtype=BF16), n=200)
+    return list({**args, **change}.values())
+
+
+def norm_args(rows=3, **change):
+    args = dict(x=torch.randn(rows, 96), residual=None, weight=torch.ones(96), eps=1e-5)
+    return list({**args, **change}.values())
+
+
+def rotary_args(tokens=3, **change):
+    args = dict(x=torch.randn(tokens, 6, 64), cos=torch.randn(tokens, 64), signed_sin=torch.randn(tokens, 64))
+    return list({**args, **change}.values())
+
+
+@pytest.mark.parametrize("name,args,shape", [
+    ("argmax_rows", [torch.empty(0, 263)], (0,)),
+    ("tiled_linear", linear_args(0), (0, 200)),
+    ("fused_moe", moe_args(0), (0, 64)),
+    ("paged_attention", attention_args(0), (0, 4, 16)),
+    ("rms_norm", norm_args(0), (0, 96)),
+    ("rms_norm", norm_args(0, residual=torch.empty(0, 96)), (0, 96)),
+    ("rotary", rotary_args(0), (0, 6, 64)),
+    ("to_tiles", [torch.empty(0, 2, 6, dtype=BF16)], (0, 2, 6)),
+], ids=lambda value: value if isinstance(value, str) else None)
+def test_each_kernel_called_with_an_empty_batch_returns_an_empty_result(name, args, shape):
+    """The layers outside this module call some kernels directly (attention, norms, rotary): zero rows work."""
+    out = getattr(kernels(), name)(*args)
+    for tensor in out if isinstance(out, list) else [out]:
+        assert tensor.shape == shape
+
+
+@pytest.mark.parametrize("name,args", [
+    ("argmax_rows", [torch.randn(3, 263)]),
+    ("tiled_linear", linear_args()),
+    ("fused_moe", moe_args()),
+    ("paged_attention", attention_args()),
+    ("rms_norm", norm_args()),
+    ("rotary", rotary_args()),
+    ("to_tiles", [torch.randn(64, 6).to(BF16)]),
+], ids=lambda value: value if isinstance(value, str) else None)
+def test_the_arguments_the_refusals_start_from_are_taken(name, args):
+    getattr(kernels(), name)(*args)
+
+
+BAD_CALLS = {
+    "argmax_rows: 1-D": ("argmax_rows", [torch.randn(263)]),
+    "argmax_rows: float64": ("argmax_rows", [torch.randn(3, 263, dtype=torch.float64)]),
+    "argmax_rows: empty vocabulary": ("argmax_rows", [torch.empty(3, 0)]),
+    "tiled_linear: 1-D x": ("tiled_linear", linear_args(x=torch.randn(80).to(BF16))),
+    "tiled_linear: inner sizes differ": ("tiled_linear", linear_args(x=torch.randn(3, 64).to(BF16))),
+    "tiled_linear: more outputs than rows": ("tiled_linear", linear_args(n=220)),
+    "tiled_linear: rows not n rounded up": ("tiled_linear", linear_args(n=100)),
+    "tiled_linear: float32 x": ("tiled_linear", linear_args(x=torch.randn(3, 80))),
+    "tiled_linear: 3-D weight": ("tiled_linear", linear_args(w=torch.zeros(2, 208, 80, dtype=BF16))),
+    "fused_moe: 1-D x": ("fused_moe", moe_args(x=torch.randn(64).to(BF16))),
+    "fused_moe: ids for other tokens": ("fused_moe", moe_args(ids=torch.zeros(2, 2, dtype=torch.long))),
+    "fused_moe: weights and ids differ": ("fused_moe", moe_args(weights=torch.ones(3, 1))),
+    "fused_moe: float ids": ("fused_moe", moe_args(ids=torch.zeros(3, 2))),
+    "fused_moe: expert id out of range": ("fused_moe", moe_args(ids=torch.full((3, 2), 4))),
+    "fused_moe: hidden sizes differ": ("fused_moe", moe_args(x=torch.randn(3, 48).to(BF16))),
+    "fused_moe: w2 of other experts": ("fused_moe", moe_args(w2=torch.zeros(3, 64, 96, dtype=BF16))),
+    "fused_moe: 2-D w13": ("fused_moe", moe_args(w13=torch.zeros(192, 64, dtype=BF16))),
+    "fused_moe: float32 x": ("fused_moe", moe_args(x=torch.randn(3, 64))),
+    "fused_moe: counts of other experts": ("fused_moe", moe_args(counts=torch.zeros(3, dtype=torch.long))),
+    "paged_attention: 4-D cache": ("paged_attention", attention_args(kv_cache=torch.zeros(2, 6, 2, 4))),
+    "paged_attention: no kv heads": ("paged_attention", attention_args(kv_cache=torch.zeros(2, 6, 0, 4, 16))),
+    "paged_attention: heads not a multiple": ("paged_attention", attention_args(q=torch.randn(2, 3, 16))),
+    "paged_attention: head dim 8": ("paged_attention", attention_args(
+        q=torch.randn(2, 4, 8), k=torch.randn(2, 2, 8), v=torch.randn(2, 2, 8), kv_cache=torch.zeros(2, 6, 2, 4, 8))),
+    "paged_attention: head dim 0": ("paged_attention", attention_args(
+        q=torch.randn(2, 4, 0), k=torch.randn(2, 2, 0), v=torch.randn(2, 2, 0), kv_cache=torch.zeros(2, 6, 2, 4, 0))),
+    "paged_attention: k of other rows": ("paged_attention", attention_args(k=torch.randn(1, 2, 16))),
+    "paged_attention: 2-D q": ("paged_attention", attention_args(q=torch.randn(2, 64))),
+    "paged_attention: tables of other rows": ("paged_attention", attention_args(block_tables=torch.tensor([[0, 1]]))),
+    "paged_attention: keys past the table": ("paged_attention", attention_args(context_lens=torch.tensor([5, 9]))),
+    "paged_attention: no keys": ("paged_attention", attention_args(context_lens=torch.tensor([0, 8]))),
+    "paged_attention: block outside the cache": ("paged_attention", attention_args(
+        block_tables=torch.tensor([[0, 6], [2, 3]]))),
+    "paged_attention: negative block": ("paged_attention", attention_args(block_tables=torch.tensor([[0, -1], [2, 3]]))),
+    "paged_attention: float tables": ("paged_attention", attention_args(block_tables=torch.zeros(2, 2))),
+    "paged_attention: sinks of other heads": ("paged_attention", attention_args(sinks=torch.zeros(3))),
+    "paged_attention: float16 cache": ("paged_attention", attention_args(
+        kv_cache=torch.zeros(2, 6, 2, 4, 16, dtype=torch.float16))),
+    "rms_norm: weight of another size": ("rms_norm", norm_args(weight=torch.ones(64))),
+    "rms_norm: 0-D x": ("rms_norm", norm_args(x=torch.tensor(1.0))),
+    "rms_norm: empty rows": ("rms_norm", norm_args(x=torch.empty(3, 0), weight=torch.empty(0))),
+    "rms_norm: int64 x": ("rms_norm", norm_args(x=torch.ones(3, 96, dtype=torch.long))),
+    "rms_norm: residual of another shape": ("rms_norm", norm_args(residual=torch.randn(2, 96))),
+    "rotary: 2-D x": ("rotary", rotary_args(x=torch.randn(3, 64))),
+    "rotary: tables of other tokens": ("rotary", rotary_args(cos=torch.randn(2, 64))),
+    "rotary: flat tables": ("rotary", rotary_args(cos=torch.randn(3 * 64), signed_sin=torch.randn(3 * 64))),
+    "rotary: empty rows": ("rotary", rotary_args(x=torch.randn(3, 6, 0), cos=torch.randn(3, 0),
+                                                 signed_sin=torch.randn(3, 0))),
+    "rotary: tables in another dtype": ("rotary", rotary_args(cos=torch.randn(3, 64).to(BF16))),
+    "to_tiles: odd columns": ("to_tiles", [torch.randn(64, 5).to(BF16)]),
+    "to_tiles: 1-D": ("to_tiles", [torch.randn(64).to(BF16)]),
+    "to_tiles: float32": ("to_tiles", [torch.randn(64, 6)]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CALLS))
+def test_each_kernel_refuses_shapes_it_cannot_take_with_an_exception(case):
+    """A Python RuntimeError, before any memory is read: never a signal that takes the server down."""
+    name, args = BAD_CALLS[case]
+    with pytest.raises(RuntimeError):
+        getattr(kernels(), name)(*args)
+
+
+def test_a_step_of_prompt_chunks_where_nothing_samples_runs_on_the_bf16_kernels(tiny_mixtral_dir, monkeypatch):
+    """A prompt longer than the step's token budget: its first steps are chunks that end before the prompt does,
+    so no sequence samples and the output head must not run on zero rows (it had died of SIGFPE in tiled_linear).
+    The greedy tokens equal those of the same prompt in one step."""
+    from localmoe import LLM, SamplingParams
+
+    prompt = {"prompt_token_ids": [(7 * i) % 250 + 3 for i in range(40)]}
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    whole, chunked = (LLM(model=str(tiny_mixtral_dir), dtype="bfloat16", kv_cache_memory=2**23,
+                          max_num_batched_tokens=budget) for budget in (512, 16))
+    assert chunked.engine.model.lm_head.tiled  # the bf16 kernel path
+    sampled = []
+    execute = chunked.engine.runner.execute
+
+    def recording(batch):
+        logits = execute(batch)
+        sampled.append(tuple(logits.sample.shape))
+        return logits
+
+    monkeypatch.setattr(chunked.engine.runner, "execute", recording)
+    ours = chunked.generate(prompt, params)[0].outputs[0].token_ids
+    vocab = chunked.engine.model.lm_head.out_features
+    assert sampled[:3] == [(0, vocab), (0, vocab), (1, vocab)]
+    assert ours == whole.generate(prompt, params)[0].outputs[0].token_ids

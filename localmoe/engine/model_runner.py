@@ -84,6 +84,10 @@ class ModelRunner:
         hidden = self.model(
             torch.tensor(input_ids, device=self.device), torch.tensor(positions, device=self.device),
             self.kv_caches, meta)
-        rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
         prompt = {i: self.model.compute_logits(hidden[r.start:r.stop]).float() for i, r in prompt_rows.items()}
-        return StepLogits(self.model.compute_logits(hidden[rows]).float(), sampling, prompt)
+        if sampling:
+            rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+            sample = self.model.compute_logits(hidden[rows]).float()
+        else:  # only prompt chunks that end before their prompt does: nothing samples, no output head runs
+            sample = torch.empty(0, self.model.lm_head.out_features, dtype=torch.float32, device=self.device)
+        return StepLogits(sample, sampling, prompt)

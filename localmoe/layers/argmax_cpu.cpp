@@ -9,6 +9,8 @@
 
 #include <cfloat>
 
+#include "tensor_args.h"
+
 namespace {
 
 // The first index of the largest value of row[0, n).
@@ -35,6 +37,7 @@ int64_t argmax_row(const float* row, int64_t n) {
 
 // logits [S, V] float32 -> the index of each row's largest value [S] int64, the first where several tie.
 torch::Tensor argmax_rows(torch::Tensor logits) {
+  check_on_cpu("argmax_rows", {&logits});
   TORCH_CHECK(logits.scalar_type() == at::kFloat && logits.dim() == 2, "argmax_rows takes float32 [S, V]");
   TORCH_CHECK(logits.size(1) > 0 && logits.size(1) < (int64_t(1) << 31), "argmax_rows needs 0 < V < 2^31");
   logits = logits.contiguous();

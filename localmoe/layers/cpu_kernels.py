@@ -7,15 +7,27 @@
 - rotary_cpu.cpp: the rotary embedding of a step's query and key heads in one call;
 - argmax_cpu.cpp: the greedy token of each row of logits.
 
-They need a CPU with AVX512-BF16 and a C++ compiler; the extension is built once into PyTorch's
-extension cache (~40 s) by `torch.utils.cpp_extension`. Where any of that is missing, `kernels()`
-returns None and the layers run their PyTorch paths. LOCALMOE_CPU_KERNELS=0 turns them off.
+They need a CPU with AVX512-BF16 and a C++ compiler. Where any of that is missing, `kernels()` returns None and
+the layers run their PyTorch paths. LOCALMOE_CPU_KERNELS=0 turns them off.
+
+The first call of `kernels()` in a process builds the extension (~40 s) or loads it from our cache:
+$LOCALMOE_KERNEL_CACHE, else $XDG_CACHE_HOME/localmoe/kernels (~/.cache/localmoe/kernels), a directory per digest
+of what the library depends on (`cache_key`), so a `-march=native` build is never loaded on another CPU nor a stale
+one after an edit. Builds take an flock, which the kernel releases when its holder dies: a build killed midway
+never blocks the next process (torch's own lock file would, forever). The engine calls `kernels()` at start-up so
+that no request waits for a build.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import importlib.util
 import logging
 import os
+import subprocess
+import sys
+import time
 from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
@@ -26,35 +38,109 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
+NAME = "localmoe_cpu_kernels"  # the module's name in PYBIND11_MODULE (TORCH_EXTENSION_NAME) and its file's
 SOURCES = [HERE / name for name in ("cpu_kernels.cpp", "tiled_matmul_cpu.cpp", "paged_attention_cpu.cpp",
                                     "rms_norm_cpu.cpp", "rotary_cpu.cpp", "argmax_cpu.cpp")]
+HEADERS = sorted(HERE.glob("*.h"))
 # -fopenmp makes at::parallel_for (an inline header) split work over PyTorch's OpenMP threads; without it the
 # kernels run on one core. The libgomp linked is PyTorch's own (torch/lib is on the link path): one thread pool.
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-ffp-contract=off", "-fopenmp"]
 LINK_FLAGS = ["-lgomp"]
 TILE_ROWS = 64  # kTileRows in tiled_matmul_cpu.cpp
+BUILT = "built"  # in a cache directory: written once the library there is complete
+BUILD_LOCK = "build.lock"  # in a cache directory: flocked by the process building there
+TORCH_BATON = "lock"  # torch.utils.cpp_extension's own lock file in the build directory
 
 
 def cpu_has_avx512_bf16() -> bool:
+    return "avx512_bf16" in cpu_flags().split()
+
+
+def cpu_flags() -> str:
+    """The CPU's feature flags (the first `flags` line of /proc/cpuinfo), or "" where it cannot be read."""
     try:
-        return "avx512_bf16" in Path("/proc/cpuinfo").read_text()
+        with open("/proc/cpuinfo") as info:
+            return next((line.split(":", 1)[1].strip() for line in info if line.startswith("flags")), "")
     except OSError:
-        return False
+        return ""
+
+
+def compiler_version() -> str:
+    """The first line of `c++ --version` (the compiler torch builds with: $CXX, else c++), or "" if none runs."""
+    try:
+        found = subprocess.run([os.environ.get("CXX", "c++"), "--version"], capture_output=True, text=True,
+                               timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return found.stdout.partition("\n")[0]
+
+
+def cache_key() -> str:
+    """A digest of everything the built library depends on: the sources, the flags, torch and Python, the CPU
+    (-march=native) and the compiler."""
+    digest = hashlib.sha256()
+    for path in SOURCES + HEADERS:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for part in (NAME, *FLAGS, *LINK_FLAGS, torch.__version__, sys.implementation.cache_tag, cpu_flags(),
+                 compiler_version()):
+        digest.update(part.encode() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    """This library's directory in the kernel cache, created."""
+    base = os.environ.get("LOCALMOE_KERNEL_CACHE")
+    if not base:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "localmoe" / "kernels"
+    directory = Path(base) / cache_key()
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
 
 
 @lru_cache(maxsize=None)
 def kernels() -> ModuleType | None:
-    """The compiled extension, or None where it cannot run here."""
+    """The compiled extension, or None where it cannot run here. The first call builds it or loads it from the
+    cache; later calls return the same module."""
     if os.environ.get("LOCALMOE_CPU_KERNELS", "1") == "0" or not cpu_has_avx512_bf16():
         return None
-    from torch.utils.cpp_extension import load
-
     try:
-        return load("localmoe_cpu_kernels", [str(s) for s in SOURCES], extra_cflags=FLAGS,
-                    extra_ldflags=LINK_FLAGS, verbose=False)
+        return load_or_build(cache_dir())
     except Exception as error:  # noqa: BLE001 -- no compiler, headers, ...: the PyTorch paths serve
         log.warning("building the CPU kernels failed, using the PyTorch paths: %s", error)
         return None
+
+
+def load_or_build(directory: Path) -> ModuleType:
+    """The library in `directory`, built there first unless a finished build is there."""
+    if (directory / BUILT).exists():
+        return load_built(directory)
+    with open(directory / BUILD_LOCK, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process building the CPU kernels in %s", directory)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if (directory / BUILT).exists():  # that other process finished it
+            return load_built(directory)
+        # torch's lock file, left by a build killed midway; no one else builds here while we hold the flock
+        (directory / TORCH_BATON).unlink(missing_ok=True)
+        from torch.utils.cpp_extension import load
+
+        start = time.monotonic()
+        module = load(NAME, [str(s) for s in SOURCES], extra_cflags=FLAGS, extra_ldflags=LINK_FLAGS,
+                      build_directory=str(directory), verbose=False)
+        (directory / BUILT).touch()
+    log.info("CPU kernels built in %.0f s into %s", time.monotonic() - start, directory)
+    return module
+
+
+def load_built(directory: Path) -> ModuleType:
+    """Import a finished build directly: no ninja, no lock."""
+    spec = importlib.util.spec_from_file_location(NAME, directory / f"{NAME}.so")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    log.info("CPU kernels loaded from %s", directory)
+    return module
 
 
 def runs_here(*tensors: torch.Tensor) -> bool:
@@ -67,6 +153,8 @@ def to_tiles(weight: torch.Tensor) -> torch.Tensor:
     """weight [..., rows, k] (rows a multiple of 16, k even; bf16, or any 2-byte dtype) -> the same numbers in
     tiles, same shape: each run of TILE_ROWS rows (the last may be shorter) stored as [k / 2, rows, 2], the rows'
     column pairs side by side, which is what one vector load of the kernels takes (tiled_matmul_cpu.cpp)."""
+    if weight.numel() == 0:
+        return torch.empty_like(weight, memory_format=torch.contiguous_format)
     return kernels().to_tiles(weight)
 
 
@@ -87,12 +175,14 @@ def expert_tiles(w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, tor
 
 def tiled_linear(x: torch.Tensor, tiles: torch.Tensor, out_features: int) -> torch.Tensor:
     """x [T, K] @ weight.T for a weight in linear_tiles, in bf16."""
+    if x.shape[0] == 0:  # a step where no row needs it: no kernel is called on an empty batch
+        return x.new_empty(0, out_features)
     return kernels().tiled_linear(x, tiles, out_features)
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """logits.argmax(dim=-1) for float32 [S, V]: our kernel where it runs, else PyTorch's."""
-    if logits.dim() == 2 and logits.dtype == torch.float32 and logits.shape[-1] > 0 and runs_here(logits):
+    if logits.dim() == 2 and logits.dtype == torch.float32 and logits.numel() > 0 and runs_here(logits):
         return kernels().argmax_rows(logits)
     return logits.argmax(dim=-1)
 
@@ -102,4 +192,6 @@ def fused_moe(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, 
     """sum_k weights[t, k] * SwiGLU expert ids[t, k] applied to x[t], for experts in expert_tiles; see
     tiled_matmul_cpu.cpp. The sums are kept in float32; bf16 is returned unless `float_out` (for callers adding
     several partial sums). With `counts` (int64 [E]) the pairs routed to each expert are added to it."""
+    if x.shape[0] == 0:  # no tokens routed this step: no kernel call
+        return x.new_empty(x.shape, dtype=torch.float32 if float_out else torch.bfloat16)
     return kernels().fused_moe(x, expert_ids, weights, w13, w2, float_out, counts)

@@ -189,6 +189,24 @@ void paged_attention_impl(const torch::Tensor& q, const torch::Tensor& k, const 
   });
 }
 
+// Refuses a row whose keys run past its table, or whose table names a block outside the cache where it is read
+// (padding past a row's last block is never read, and may hold anything).
+void check_blocks_read(const torch::Tensor& block_tables, const torch::Tensor& context_lens, int64_t window,
+                       int64_t blocks, int64_t block_size) {
+  const int64_t batch = block_tables.size(0), width = block_tables.size(1);
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t ctx = lens[b];
+    TORCH_CHECK(ctx >= 1 && ctx <= width * block_size, "paged_attention: row ", b, " has ", ctx,
+                " keys, outside 1 .. its table's ", width * block_size);
+    const int64_t first = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
+    for (int64_t i = first / block_size; i <= (ctx - 1) / block_size; ++i)
+      TORCH_CHECK(tables[b * width + i] >= 0 && tables[b * width + i] < blocks, "paged_attention: row ", b,
+                  " reads block ", tables[b * width + i], ", outside the cache's ", blocks);
+  }
+}
+
 // t [B, heads, D] with each row's heads side by side, the rows at any stride (a step's q, k and v are views
 // into the one projection of its tokens): copied only where that does not hold.
 torch::Tensor rows_of_heads(const torch::Tensor& t) {
@@ -204,22 +222,37 @@ torch::Tensor rows_of_heads(const torch::Tensor& t) {
 torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor kv_cache,
                                torch::Tensor block_tables, torch::Tensor context_lens, double scale,
                                int64_t window, std::optional<torch::Tensor> sinks) {
+  check_on_cpu("paged_attention", {&q, &k, &v, &kv_cache, &block_tables, &context_lens});
+  if (sinks) check_on_cpu("paged_attention", {&*sinks});
   TORCH_CHECK(kv_cache.is_contiguous() && kv_cache.dim() == 5 && kv_cache.size(0) == 2,
               "paged_attention needs a contiguous [2, N, Hkv, S, D] cache");
+  TORCH_CHECK(kv_cache.scalar_type() == at::kBFloat16 || kv_cache.scalar_type() == at::kFloat,
+              "paged_attention takes a bfloat16 or float32 cache");
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "paged_attention takes q [B, H, D], k and v [B, Hkv, D]");
+  const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
+  const int64_t blocks = kv_cache.size(1), kv_heads = kv_cache.size(2), block_size = kv_cache.size(3);
+  TORCH_CHECK(kv_heads > 0 && block_size > 0 && heads > 0 && heads % kv_heads == 0,
+              "paged_attention needs query heads a positive multiple of the cache's kv heads, and blocks of > 0");
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == batch && k.size(1) == kv_heads && k.size(2) == dim &&
+              kv_cache.size(4) == dim, "paged_attention: q, k, v and the cache do not match");
+  TORCH_CHECK(dim % 16 == 0 && dim >= 16 && dim <= 128, "paged_attention takes head dims 16, 32, ..., 128");
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == batch && context_lens.dim() == 1 &&
+              context_lens.size(0) == batch && is_integer(block_tables) && is_integer(context_lens),
+              "paged_attention takes integer block_tables [B, W] and context_lens [B]");
+  TORCH_CHECK(!sinks || (sinks->dim() == 1 && sinks->size(0) == heads), "paged_attention takes sinks [H]");
+  TORCH_CHECK(window >= 0, "paged_attention takes a window >= 0 (0: full attention)");
+  auto out = torch::empty({batch, heads, dim}, q.options().dtype(kv_cache.scalar_type()));
+  if (batch == 0) return out;
+  block_tables = of_type(block_tables, at::kLong).contiguous();
+  context_lens = of_type(context_lens, at::kLong).contiguous();
+  check_blocks_read(block_tables, context_lens, window, blocks, block_size);
   q = rows_of_heads(of_type(q, kv_cache.scalar_type()));
   k = rows_of_heads(of_type(k, kv_cache.scalar_type()));
   v = rows_of_heads(of_type(v, kv_cache.scalar_type()));
-  block_tables = of_type(block_tables, at::kLong).contiguous();
-  context_lens = of_type(context_lens, at::kLong).contiguous();
   if (sinks) sinks = of_type(*sinks, at::kFloat).contiguous();
-  TORCH_CHECK(q.size(1) % kv_cache.size(2) == 0 && q.size(2) == kv_cache.size(4), "query and cache shapes differ");
-  TORCH_CHECK(q.size(2) % 16 == 0 && q.size(2) <= 128, "paged_attention takes head dims 16, 32, ..., 128");
-  auto out = torch::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   if (kv_cache.scalar_type() == at::kBFloat16)
     paged_attention_impl<at::BFloat16>(q, k, v, kv_cache, block_tables, context_lens, scale, window, sinks, out);
-  else if (kv_cache.scalar_type() == at::kFloat)
-    paged_attention_impl<float>(q, k, v, kv_cache, block_tables, context_lens, scale, window, sinks, out);
   else
-    TORCH_CHECK(false, "paged_attention takes bfloat16 or float32");
+    paged_attention_impl<float>(q, k, v, kv_cache, block_tables, context_lens, scale, window, sinks, out);
   return out;
 }

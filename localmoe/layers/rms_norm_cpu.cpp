@@ -51,8 +51,12 @@ void run(const torch::Tensor& x, const std::optional<torch::Tensor>& residual, c
 // returns [RMSNorm(x + residual), x + residual]: the residual add of a pre-norm layer and the next norm in one call.
 std::vector<torch::Tensor> rms_norm(torch::Tensor x, std::optional<torch::Tensor> residual, torch::Tensor weight,
                                     double eps) {
+  check_on_cpu("rms_norm", {&x, &weight});
+  if (residual) check_on_cpu("rms_norm", {&*residual});
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, "rms_norm takes bfloat16 or float32");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, "rms_norm takes x [..., D] with D > 0");
   const int64_t dim = x.size(-1);
-  TORCH_CHECK(weight.numel() == dim, "rms_norm weight and input sizes differ");
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == dim, "rms_norm takes a weight [D] for x [..., D]");
   x = x.contiguous();
   weight = of_type(weight, x.scalar_type()).contiguous();
   std::optional<torch::Tensor> sum;
@@ -65,9 +69,7 @@ std::vector<torch::Tensor> rms_norm(torch::Tensor x, std::optional<torch::Tensor
   auto out = torch::empty_like(x);
   if (x.scalar_type() == at::kBFloat16)
     run<at::BFloat16>(x, residual, weight, out, sum, eps);
-  else if (x.scalar_type() == at::kFloat)
-    run<float>(x, residual, weight, out, sum, eps);
   else
-    TORCH_CHECK(false, "rms_norm takes bfloat16 or float32");
+    run<float>(x, residual, weight, out, sum, eps);
   return sum ? std::vector<torch::Tensor>{out, *sum} : std::vector<torch::Tensor>{out};
 }

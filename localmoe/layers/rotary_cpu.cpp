@@ -10,6 +10,7 @@
 #include <cmath>
 
 #include "simd_math.h"
+#include "tensor_args.h"
 
 namespace {
 
@@ -59,12 +60,15 @@ void rotate(const torch::Tensor& x, const T* cos, const T* signed_sin, T* out) {
 // x [T, H, D] (each row contiguous, rows at any stride, e.g. the query and key heads of a merged projection);
 // cos and signed_sin [T, D] in x's dtype: x * cos + roll(x, D/2) * signed_sin, as a new [T, H, D] tensor.
 torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor signed_sin) {
-  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.size(2) % 2 == 0, "rotary takes [T, H, D] with contiguous rows");
+  check_on_cpu("rotary", {&x, &cos, &signed_sin});
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.size(2) > 0 && x.size(2) % 2 == 0,
+              "rotary takes x [T, H, D] with contiguous rows, D even");
   TORCH_CHECK(cos.scalar_type() == x.scalar_type() && signed_sin.scalar_type() == x.scalar_type(),
               "rotary needs its tables in x's dtype");
+  TORCH_CHECK(cos.dim() == 2 && cos.size(0) == x.size(0) && cos.size(1) == x.size(2) &&
+              signed_sin.sizes() == cos.sizes(), "rotary takes cos and signed_sin [T, D] for x [T, H, D]");
   cos = cos.contiguous();
   signed_sin = signed_sin.contiguous();
-  TORCH_CHECK(cos.numel() == x.size(0) * x.size(2) && signed_sin.numel() == cos.numel(), "rotary table shapes");
   auto out = torch::empty(x.sizes(), x.options());
   if (x.scalar_type() == at::kBFloat16)
     rotate<at::BFloat16>(x, cos.data_ptr<at::BFloat16>(), signed_sin.data_ptr<at::BFloat16>(),

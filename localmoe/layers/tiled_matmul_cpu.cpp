@@ -47,6 +47,7 @@ void tile_pass(const int32_t* const* x, int64_t pairs, const int32_t* w, Done& d
 // tokens of near-equal size (the tile stays in L2 between passes).
 template <int R, typename Done>
 void tile(const int32_t* const* x, int64_t n, int64_t pairs, const int32_t* w, Done&& done) {
+  if (n <= 0) return;  // no tokens, no passes (and no division by zero below)
   const int64_t passes = (n + kMaxTokens - 1) / kMaxTokens, size = (n + passes - 1) / passes;
   for (int64_t t0 = 0; t0 < n; t0 += size) {
     auto at = [&](int m, const __m512* sums) { done(t0 + m, sums); };
@@ -94,15 +95,30 @@ const int32_t* pairs_of(const at::BFloat16* row) { return reinterpret_cast<const
 // counts (int64 [E]), adds the pairs routed to each expert to it.
 torch::Tensor fused_moe(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor weights, torch::Tensor w13,
                         torch::Tensor w2, bool float_out, std::optional<torch::Tensor> counts) {
+  check_on_cpu("fused_moe", {&x, &expert_ids, &weights, &w13, &w2});
+  if (counts) check_on_cpu("fused_moe", {&*counts});
+  TORCH_CHECK(x.dim() == 2 && expert_ids.dim() == 2 && weights.dim() == 2 && w13.dim() == 3 && w2.dim() == 3,
+              "fused_moe takes x [T, D], expert_ids and weights [T, K], w13 [E, 2I, D] and w2 [E, D, I]");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w13.scalar_type() == at::kBFloat16 &&
               w2.scalar_type() == at::kBFloat16, "fused_moe takes bfloat16 activations and weights");
-  x = x.contiguous();
-  expert_ids = of_type(expert_ids, at::kLong).contiguous();
-  weights = of_type(weights, at::kFloat).contiguous();
+  TORCH_CHECK(is_integer(expert_ids) && at::isFloatingType(weights.scalar_type()),
+              "fused_moe takes integer expert ids and floating-point weights");
   TORCH_CHECK(w13.is_contiguous() && w2.is_contiguous(), "fused_moe needs contiguous expert weights");
   const int64_t tokens = x.size(0), dim = x.size(1), top_k = expert_ids.size(1);
   const int64_t num_experts = w13.size(0), inter = w2.size(2);
-  TORCH_CHECK(dim % 16 == 0 && inter % 16 == 0, "fused_moe needs hidden and expert sizes divisible by 16");
+  TORCH_CHECK(expert_ids.size(0) == tokens && weights.sizes() == expert_ids.sizes(),
+              "fused_moe needs an expert id and a weight for each of the K slots of each token");
+  TORCH_CHECK(w13.size(1) == 2 * inter && w13.size(2) == dim && w2.size(0) == num_experts && w2.size(1) == dim,
+              "fused_moe expert weights do not match x or each other: w13 [E, 2I, D], w2 [E, D, I]");
+  TORCH_CHECK(dim > 0 && inter > 0 && dim % 16 == 0 && inter % 16 == 0,
+              "fused_moe needs hidden and expert sizes that are positive multiples of 16");
+  TORCH_CHECK(!counts || (counts->scalar_type() == at::kLong && counts->is_contiguous() &&
+                          counts->numel() == num_experts),
+              "fused_moe counts must be a contiguous int64 tensor with one entry per expert");
+  if (tokens == 0) return torch::empty({0, dim}, x.options().dtype(float_out ? at::kFloat : at::kBFloat16));
+  x = x.contiguous();
+  expert_ids = of_type(expert_ids, at::kLong).contiguous();
+  weights = of_type(weights, at::kFloat).contiguous();
   const int64_t* ids = expert_ids.data_ptr<int64_t>();
   const float* mix = weights.data_ptr<float>();
 
@@ -118,8 +134,6 @@ torch::Tensor fused_moe(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor
     start[e + 1] += start[e];
   }
   if (counts) {  // the running per-expert statistics, counted here as the pairs are grouped
-    TORCH_CHECK(counts->scalar_type() == at::kLong && counts->is_contiguous() && counts->numel() == num_experts,
-                "fused_moe counts must be a contiguous int64 tensor with one entry per expert");
     int64_t* total = counts->data_ptr<int64_t>();
     for (int64_t e = 0; e < num_experts; ++e) total[e] += start[e + 1] - start[e];
   }
@@ -199,6 +213,7 @@ torch::Tensor fused_moe(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor
 // so a tile is a transpose of 4-byte elements: its rows are read 16 pairs (a cache line each) at a time. Offloaded
 // experts are laid out on every load; PyTorch's strided copy took ~9 ms for an 11 MB weight.
 torch::Tensor to_tiles(torch::Tensor weight) {
+  check_on_cpu("to_tiles", {&weight});
   TORCH_CHECK(weight.element_size() == 2 && weight.dim() >= 2 && weight.size(-1) % 2 == 0,
               "to_tiles takes a weight [..., rows, k] of a 2-byte dtype with k even");
   weight = weight.contiguous();
@@ -224,13 +239,17 @@ torch::Tensor to_tiles(torch::Tensor weight) {
 // x [T, K] @ w^T -> [T, N] bf16, float32 sums; w is [N', K] in tiles of 64 rows (N' is N rounded up to 16, the
 // extra rows zero): a linear layer at decode batch sizes, where reading the weight is the whole cost.
 torch::Tensor tiled_linear(torch::Tensor x, torch::Tensor w, int64_t n) {
+  check_on_cpu("tiled_linear", {&x, &w});
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "tiled_linear takes x [T, K] and a weight [N', K] in tiles");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && w.is_contiguous(),
               "tiled_linear takes bfloat16 input and a contiguous bfloat16 weight");
-  TORCH_CHECK(w.size(0) % 16 == 0 && w.size(0) >= n && w.size(1) % 2 == 0 && x.size(1) == w.size(1),
-              "tiled_linear needs a weight in tiles of 16-row multiples and an even inner size");
-  x = x.contiguous();
+  TORCH_CHECK(n >= 0 && w.size(0) == (n + 15) / 16 * 16 && w.size(1) % 2 == 0 && x.size(1) == w.size(1),
+              "tiled_linear needs x's inner size even and equal to the weight's, and the weight's rows n rounded "
+              "up to a multiple of 16");
   const int64_t tokens = x.size(0), k = x.size(1), padded = w.size(0);
   auto y = torch::empty({tokens, n}, x.options());
+  if (tokens == 0) return y;
+  x = x.contiguous();
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
   std::vector<const int32_t*> rows(tokens);
   for (int64_t t = 0; t < tokens; ++t) rows[t] = pairs_of(x.data_ptr<at::BFloat16>() + t * k);
