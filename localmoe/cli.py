@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import typing
 from collections.abc import Callable
 from dataclasses import fields
@@ -86,6 +87,15 @@ def fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
+def configure_logging(level: str) -> None:
+    """LocalMoE's own log lines (kernel builds, failed requests, health, drain) beside uvicorn's, at its level."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+    logger = logging.getLogger("localmoe")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if level == "trace" else level.upper())
+
+
 def load_engine(config: Config) -> LLMEngine:
     """The engine for `config`; a checkpoint that cannot be served ends the command with its reason."""
     try:
@@ -98,6 +108,7 @@ def load_engine(config: Config) -> LLMEngine:
 
 def run_server(config: Config) -> None:
     """Load the model, then serve it until a signal drains it (server/drain.py)."""
+    configure_logging(config.server.log_level)
     aengine = AsyncEngine(lambda: load_engine(config), config.server.engine_stall_timeout)
     host, port = config.server.host, config.server.port
     typer.echo(f"Serving {aengine.engine.model_name} at http://{host}:{port}/v1")

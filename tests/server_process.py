@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 API_KEY = "sk-localmoe-test"
 REPO = Path(__file__).resolve().parent.parent
 READY_TIMEOUT = 600  # only against a hang: a busy CI machine may be building the CPU kernels first
+SMALL_KV = ("--kv-cache-memory", str(64 * 2**20))  # a pool that is quick to allocate, for servers of small models
 
 
 @dataclass

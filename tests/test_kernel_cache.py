@@ -7,11 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
 from localmoe.layers import cpu_kernels
 from localmoe.layers.cpu_kernels import cpu_has_avx512_bf16
+from server_process import SMALL_KV, auth, serve
 
 ROOT = Path(__file__).resolve().parents[1]
 # a process taking the build flock, then touching torch's lock file as the build it stands for would
@@ -75,7 +77,8 @@ def load_kernels_in_a_new_process() -> subprocess.CompletedProcess:
 @pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="needs a CPU with AVX512-BF16")
 def test_a_build_killed_midway_does_not_block_the_next_process(tmp_path, monkeypatch):
     """The killed builder leaves torch's lock file behind (on which torch's own cache waited forever); its flock
-    went with it. The next process builds (a real build, minutes on 2 cores); the one after loads the build."""
+    went with it. The next server builds (a real build, minutes on 2 cores) and serves; a process after it loads
+    the build."""
     monkeypatch.setenv("LOCALMOE_KERNEL_CACHE", str(tmp_path))
     monkeypatch.delenv("LOCALMOE_CPU_KERNELS", raising=False)
     directory = cpu_kernels.cache_dir()
@@ -88,9 +91,12 @@ def test_a_build_killed_midway_does_not_block_the_next_process(tmp_path, monkeyp
         holder.wait(timeout=60)
     assert (directory / cpu_kernels.TORCH_BATON).exists()
 
-    first = load_kernels_in_a_new_process()
-    assert first.returncode == 0, first.stderr
-    assert "CPU kernels built in" in first.stderr and str(directory) in first.stderr
+    # the next `localmoe serve` builds the kernels before it reports ready, then serves on them
+    with serve(tmp_path, "--log-level", "info", *SMALL_KV, env={"LOCALMOE_KERNEL_CACHE": str(tmp_path)}) as server:
+        response = httpx.post(f"{server.url}/v1/completions", json={"prompt": "built", "max_tokens": 4},
+                              headers=auth(), timeout=300)
+        assert response.status_code == 200, response.text
+        assert "CPU kernels built in" in server.log() and str(directory) in server.log()
     second = load_kernels_in_a_new_process()
     assert second.returncode == 0, second.stderr
     assert f"CPU kernels loaded from {directory}" in second.stderr and "CPU kernels built" not in second.stderr

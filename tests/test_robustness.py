@@ -17,10 +17,9 @@ import pytest
 
 from localmoe.layers.cpu_kernels import cpu_has_avx512_bf16
 from localmoe.models.builtin import SHIPPED_DIR
-from server_process import ServerProcess, auth, healthy, scrape, serve
+from server_process import SMALL_KV, ServerProcess, auth, healthy, scrape, serve
 
 STEP_TOKENS = 256  # --max-num-batched-tokens here: 3x of it still fits the built-in model's 1024 positions
-SMALL_KV = ("--kv-cache-memory", str(64 * 2**20))
 TIMEOUT = 300  # per HTTP call, only against a hang
 
 
@@ -110,6 +109,8 @@ POISONS = [
     ("/v1/completions", {"prompt": "a", "logprobs": 21}),
     ("/v1/completions", {"prompt": "a", "logit_bias": {"99999": 5}}),
     ("/v1/completions", {"prompt": "a", "n": 10**6}),
+    ("/v1/completions", {"prompt": "a", "top_k": 10**6, "stream": True}),  # refused before the stream starts
+    ("/v1/completions", {"prompt": [[5, 6], [5, 10**6]], "stream": True}),
 ]
 
 

@@ -27,6 +27,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from localmoe.engine.llm_engine import LLMEngine, RequestError
+from localmoe.engine.sequence import Request
 from localmoe.outputs import RequestOutput
 from localmoe.sampling_params import SamplingParams
 
@@ -110,9 +111,15 @@ class AsyncEngine:
     async def generate(self, request_id: str, prompt: str | None, prompt_token_ids: list[int] | None,
                        params: SamplingParams, priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Yield the request's cumulative output after every step it takes part in."""
+        request = self.engine.make_request(request_id, prompt, prompt_token_ids, params, priority)
+        async for output in self.stream(request):
+            yield output
+
+    async def stream(self, request: Request) -> AsyncIterator[RequestOutput]:
+        """generate() for a request already made (and so validated) by the engine's make_request."""
+        request_id = request.request_id
         if request_id in self._streams:
             raise RequestError(f"request id {request_id!r} is already in use", "request_id")
-        request = self.engine.make_request(request_id, prompt, prompt_token_ids, params, priority)
         if self.fatal is not None or not self._thread.is_alive():
             raise EngineDeadError("the engine thread has stopped; this server cannot serve requests")
         stream: asyncio.Queue = asyncio.Queue()

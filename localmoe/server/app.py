@@ -146,7 +146,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, e: HTTPException) -> Response:
-        return APIError(str(e.detail), HTTPStatus(e.status_code)).response()
+        return APIError(str(e.detail), HTTPStatus(e.status_code), headers=e.headers).response()  # 405: Allow
 
     @app.exception_handler(Exception)
     async def internal_error(_: Request, e: Exception) -> Response:

@@ -36,6 +36,12 @@ class Prompt:
 class Generation:
     def __init__(self, aengine: AsyncEngine, metrics: ServerMetrics, base_id: str,
                  prompts: list[Prompt], params: list[SamplingParams], priority: int = 0) -> None:
+        self.request_ids = [f"{base_id}-{i}" for i in range(len(prompts))]
+        try:  # every field checked against the model before the request takes a place, let alone a stream
+            self.requests = [aengine.engine.make_request(request_id, prompt.text, prompt.token_ids, p, priority)
+                             for request_id, prompt, p in zip(self.request_ids, prompts, params)]
+        except RequestError as e:
+            raise APIError(str(e), param=e.param) from e
         num_seqs = sum(p.n for p in params)
         if num_seqs > aengine.capacity:
             raise APIError(f"this request asks for {num_seqs} sequences (prompts x n), more than the server ever "
@@ -45,12 +51,10 @@ class Generation:
             raise APIError("The server is overloaded: its waiting queue is full. Retry shortly.",
                            HTTPStatus.SERVICE_UNAVAILABLE, headers={"Retry-After": "1"})
         self.aengine = aengine
-        self.priority = priority
         self.metrics = metrics
         self.prompts = prompts
         self.params = params
         self.base_id = base_id
-        self.request_ids = [f"{base_id}-{i}" for i in range(len(prompts))]
         self.unfinished = set(self.request_ids)
         self._reserved = {request_id: p.n for request_id, p in zip(self.request_ids, params)}
 
@@ -93,10 +97,9 @@ class Generation:
         self.aengine.release(self._reserved.pop(request_id, 0))
 
     async def _pump(self, i: int, queue: asyncio.Queue[tuple[int, RequestOutput | Exception | None]]) -> None:
-        request_id, prompt = self.request_ids[i], self.prompts[i]
+        request_id = self.request_ids[i]
         try:
-            async for output in self.aengine.generate(request_id, prompt.text, prompt.token_ids, self.params[i],
-                                                      self.priority):
+            async for output in self.aengine.stream(self.requests[i]):
                 if output.finished:
                     self.unfinished.discard(request_id)
                     self.metrics.observe_finished(output)

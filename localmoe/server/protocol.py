@@ -10,7 +10,10 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# JSON types are taken as they are: `false` is no token id and `1.5` no count (pydantic would otherwise convert).
+STRICT = ConfigDict(strict=True)
 
 
 class ErrorInfo(BaseModel):
@@ -25,11 +28,15 @@ class ErrorResponse(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    model_config = STRICT
+
     include_usage: bool = False
 
 
 class OpenAIRequest(BaseModel):
     """A request body: any string in it, however deeply nested, must be encodable as UTF-8."""
+
+    model_config = STRICT
 
     @model_validator(mode="before")
     @classmethod
@@ -107,12 +114,14 @@ class CompletionRequest(SamplingRequest):
 
 
 class ContentPart(BaseModel):
+    model_config = STRICT
+
     type: str
     text: str | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = {"extra": "allow"}  # name, tool_calls, ... reach the chat template unchanged
+    model_config = ConfigDict(strict=True, extra="allow")  # name, tool_calls, ... reach the chat template unchanged
 
     role: str
     content: str | list[ContentPart] | None = None
