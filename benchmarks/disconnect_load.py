@@ -18,7 +18,6 @@ import asyncio
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,8 +30,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
+from serve_bench import running
 
-REPO = Path(__file__).resolve().parent.parent
 IDLE_GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")
 MB = 1024 * 1024
 
@@ -140,37 +139,18 @@ def served(args: argparse.Namespace) -> Iterator[str]:
     if args.url:
         yield args.url.rstrip("/")
         return
-    command = [sys.executable, "-m", "localmoe.cli", "serve", "--port", str(args.port), "--host", "127.0.0.1",
-               "--log-level", "warning", *(["--api-key", args.api_key] if args.api_key else [])]
-    log = tempfile.NamedTemporaryFile("w+", prefix="disconnect_load-", suffix=".log", delete=False)
-    server = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
     url = f"http://127.0.0.1:{args.port}"
-    try:
-        deadline = time.monotonic() + args.startup_timeout
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"the server exited with {server.returncode}; see {log.name}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not become healthy; see {log.name}")
-            time.sleep(0.5)
+    command = f"{sys.executable} -m localmoe.cli serve --host 127.0.0.1 --port {args.port} --log-level warning"
+    with tempfile.TemporaryDirectory(prefix="disconnect_load-") as log_dir, \
+            running("localmoe", url, command, Path(log_dir), args.startup_timeout):
         yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="a running server; without it one is started on --port")
     parser.add_argument("--port", type=int, default=8198)
-    parser.add_argument("--api-key", default=os.environ.get("LOCALMOE_API_KEY"))
+    parser.add_argument("--api-key", default=os.environ.get("LOCALMOE_API_KEY"), help="the --url server's key")
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=64)

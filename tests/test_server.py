@@ -37,7 +37,9 @@ def base_url(tiny_mixtral_dir: Path, tmp_path_factory) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def client(base_url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{base_url}/v1", api_key=API_KEY, max_retries=0)
+    # retries cover a kept-alive connection the server closed as the next request went out (uvicorn closes idle
+    # ones after 5 s); refusals (4xx) are never retried, so the error tests see them as sent
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key=API_KEY, max_retries=2)
 
 
 @pytest.fixture(scope="module")
