@@ -141,7 +141,8 @@ def _add_error_handlers(app: FastAPI) -> None:
             return APIError(f"invalid JSON body: {first['ctx']['error']}").response()
         where = first["loc"][1:]  # loc starts with "body"; then the field, then any nested position
         field = str(where[0]) if where else None
-        message = f"{'.'.join(map(str, where))}: {first['msg']}" if where else first["msg"]
+        text = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for our own validators' messages
+        message = f"{'.'.join(map(str, where))}: {text}" if where else text
         return APIError(message, param=field).response()
 
     @app.exception_handler(HTTPException)
