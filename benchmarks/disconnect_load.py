@@ -7,7 +7,7 @@ After --warmup streamed requests it samples the server's resident set size, then
 streaming completions (--prompt-len random token ids, --max-tokens tokens with EOS ignored) at
 --concurrency, where a seeded --disconnect-fraction of the clients hang up at a random token after
 their first. Once all clients are done it polls /metrics until no request runs or waits and the KV
-cache is empty, and samples the RSS again. It passes when that drain takes at most --max-drain-s and
+cache is empty and no sequence holds an admission place, and samples the RSS again. It passes when that drain takes at most --max-drain-s and
 the RSS grew by less than --max-rss-growth-mb. Writes JSON (default results/disconnect_load.json).
 """
 
@@ -32,7 +32,8 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 from serve_bench import running
 
-IDLE_GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")
+IDLE_GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+               "localmoe:num_sequences_admitted")
 MB = 1024 * 1024
 
 

@@ -142,13 +142,15 @@ def test_burst_past_the_bound_is_refused_with_503(tmp_path: Path) -> None:
     with serve(tmp_path, "--max-num-seqs", "4", "--max-waiting-requests", "4", *SMALL_KV) as server:
         url = server.url
         body = {"prompt": "The burst", "max_tokens": 300, "ignore_eos": True}
-        peak_waiting = 0
+        peak_waiting = peak_admitted = 0
         done = threading.Event()
 
         def watch() -> None:
-            nonlocal peak_waiting
+            nonlocal peak_waiting, peak_admitted
             while not done.is_set():
-                peak_waiting = max(peak_waiting, scrape(url)["vllm:num_requests_waiting"])
+                now = scrape(url)
+                peak_waiting = max(peak_waiting, now["vllm:num_requests_waiting"])
+                peak_admitted = max(peak_admitted, now["localmoe:num_sequences_admitted"])
                 time.sleep(0.05)
 
         watcher = threading.Thread(target=watch)
@@ -162,6 +164,7 @@ def test_burst_past_the_bound_is_refused_with_503(tmp_path: Path) -> None:
         assert len(admitted) + len(refused) == 24
         assert 4 <= len(admitted) <= 8 and peak_waiting <= 4
         assert all(r.headers["retry-after"] and r.json()["error"]["code"] == 503 for r in refused)
+        assert peak_admitted <= 8
         assert all(r.json()["usage"]["completion_tokens"] == 300 for r in admitted)
         assert scrape(url)["localmoe:requests_rejected_total"] == len(refused)
         # what could never be admitted is a client error, not "retry later"
@@ -172,6 +175,7 @@ def test_burst_past_the_bound_is_refused_with_503(tmp_path: Path) -> None:
         assert scrape(url)["localmoe:requests_rejected_total"] == len(refused)
         after = scrape(url)
         assert after["vllm:num_requests_running"] == after["vllm:num_requests_waiting"] == 0
+        assert after["localmoe:num_sequences_admitted"] == 0  # every place given back
 
 
 # ---- shutdown and liveness ------------------------------------------------------------------------

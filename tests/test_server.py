@@ -228,8 +228,9 @@ def test_client_disconnect_aborts_the_request(base_url: str, model: str) -> None
         during = scrape(base_url)
     assert during["vllm:num_requests_running"] == 1 and during["vllm:kv_cache_usage_perc"] > 0
     deadline = time.monotonic() + 2
-    while (after := scrape(base_url))["vllm:num_requests_running"] or after["vllm:kv_cache_usage_perc"]:
-        assert time.monotonic() < deadline, f"request still holds the KV cache: {after}"
+    while ((after := scrape(base_url))["vllm:num_requests_running"] or after["vllm:kv_cache_usage_perc"]
+           or after["localmoe:num_sequences_admitted"]):
+        assert time.monotonic() < deadline, f"request still holds the KV cache or its place: {after}"
         time.sleep(0.05)
     # Stopped by the abort, not by running out of tokens to generate.
     generated = after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"]
@@ -243,8 +244,9 @@ def test_client_timeout_aborts_a_non_streaming_request(base_url: str, model: str
     with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
         httpx.post(f"{base_url}/v1/completions", json=body, headers=auth(), timeout=0.5)
     deadline = time.monotonic() + 2
-    while (after := scrape(base_url))["vllm:num_requests_running"] or after["vllm:kv_cache_usage_perc"]:
-        assert time.monotonic() < deadline, f"request still holds the KV cache: {after}"
+    while ((after := scrape(base_url))["vllm:num_requests_running"] or after["vllm:kv_cache_usage_perc"]
+           or after["localmoe:num_sequences_admitted"]):
+        assert time.monotonic() < deadline, f"request still holds the KV cache or its place: {after}"
         time.sleep(0.05)
     assert after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"] < body["max_tokens"]
 

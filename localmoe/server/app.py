@@ -42,7 +42,7 @@ def build_app(aengine: AsyncEngine, config: Config) -> FastAPI:
     """An app serving `aengine`; the engine loop starts and stops with the app's lifespan."""
     engine = aengine.engine
     metrics = ServerMetrics(lambda: engine.stats, engine.model_name, engine.max_model_len,
-                            lambda: expert_stats(engine.model))
+                            lambda: expert_stats(engine.model), lambda: aengine.num_reserved)
     serving = OpenAIServing(aengine, metrics)
 
     @asynccontextmanager

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -108,7 +108,8 @@ class ServerMetrics:
     """One registry per app, so several apps (or tests) never share or clash over metrics."""
 
     def __init__(self, read_stats: Callable[[], Any], model_name: str, max_model_len: int,
-                 read_expert_stats: Callable[[], dict] | None = None) -> None:
+                 read_expert_stats: Callable[[], dict] | None = None,
+                 read_admitted: Callable[[], int] | None = None) -> None:
         self.registry = CollectorRegistry()
         self.model_name = model_name
         self.registry.register(EngineStatsCollector(read_stats, model_name))
@@ -119,6 +120,10 @@ class ServerMetrics:
         self.requests_rejected = Counter(
             "localmoe:requests_rejected", "Requests refused with 503 because the waiting queue was full.",
             labels, registry=self.registry)
+        if read_admitted is not None:
+            Gauge("localmoe:num_sequences_admitted",
+                  "Sequences (prompts x n) holding a place in the bound max_num_seqs + max_waiting_requests.",
+                  labels, registry=self.registry).labels(model_name).set_function(read_admitted)
         self.request_success = Counter(
             "vllm:request_success", "Count of successfully processed requests.",
             labels + ["finished_reason"], registry=self.registry)
