@@ -54,6 +54,10 @@ class ModelConfig:
             (self.capacity_factor is not None and self.routing == "soft_moe", "capacity_factor",
              "soft_moe routing drops no tokens; leave capacity_factor null"),
             (self.slots_per_expert < 1, "slots_per_expert", "slots_per_expert must be positive"),
+            (str(self.quantization_type).lower() not in ("none", ""), "quantization_type",
+             f"quantization_type {self.quantization_type!r} is not available yet for the built-in model; use none"),
+            (self.enable_compilation, "enable_compilation",
+             "compilation is not available yet (the CPU kernels already fuse the hot paths); use false"),
         ]
         for bad, key, message in refusals:
             if bad:
@@ -86,7 +90,7 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     max_chunked_prefill_tokens: int | None = None
     quantization: str | None = None
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # lets a checkpoint's tokenizer run its own code (the model never does)
     load_format: str = "auto"
     use_v2_block_manager: bool = True  # accepted for old configs; has no effect
     routing_trace: str | None = None  # file to append each token's chosen experts to (JSON lines)

@@ -55,6 +55,25 @@ def test_tensor_parallel_is_refused_with_a_reason(tmp_path: Path) -> None:
         load_config(write(tmp_path, "vllm:\n  tensor_parallel_size: 4\n"))
 
 
+@pytest.mark.parametrize("text, key", [("model:\n  quantization_type: int8\n", "quantization_type"),
+                                       ("model:\n  enable_compilation: true\n", "enable_compilation")])
+def test_model_keys_that_cannot_be_honoured_are_refused(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=f"model.{key}: .*not available"):
+        load_config(write(tmp_path, text))
+
+
+def test_trust_remote_code_reaches_the_tokenizer(tiny_mixtral_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from localmoe.engine import llm_engine
+
+    seen = []
+    real = llm_engine.AutoTokenizer.from_pretrained
+    monkeypatch.setattr(llm_engine.AutoTokenizer, "from_pretrained",
+                        lambda path, **kwargs: seen.append(kwargs["trust_remote_code"]) or real(path, **kwargs))
+    for trust in (False, True):
+        llm_engine.load_tokenizer(tiny_mixtral_dir, {"model_type": "mixtral"}, trust)
+    assert seen == [False, True]
+
+
 def serve_config(monkeypatch: pytest.MonkeyPatch, args: list[str]) -> Config:
     """Parse `localmoe serve ARGS` exactly as the console does, stopping short of loading a model."""
     seen: list[Config] = []

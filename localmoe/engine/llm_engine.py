@@ -57,11 +57,13 @@ class EngineStats:
     num_prefill_chunks_total: int
 
 
-def load_tokenizer(path: str | Path, hf_config: dict) -> PreTrainedTokenizerBase:
-    """The checkpoint's tokenizer. For our own architecture (a model_type transformers does not know) it gets
-    an empty model config, so it reads only the tokenizer files instead of warning about the model's."""
+def load_tokenizer(path: str | Path, hf_config: dict, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The checkpoint's tokenizer, running the checkpoint's own tokenizer code only with trust_remote_code (the
+    forward pass is always ours). For our own architecture (a model_type transformers does not know) it gets an
+    empty model config, so it reads only the tokenizer files instead of warning about the model's."""
     known = hf_config.get("model_type") in CONFIG_MAPPING
-    return AutoTokenizer.from_pretrained(path, **({} if known else {"config": PretrainedConfig()}))
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                         **({} if known else {"config": PretrainedConfig()}))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -84,7 +86,7 @@ class LLMEngine:
             kernels()  # built (or loaded from their cache) now, before the server is ready, never inside a request
         if packing_supported(self.dtype, self.device):
             pack_model(self.model)
-        self.tokenizer = load_tokenizer(config.tokenizer or model_dir, self.hf_config)
+        self.tokenizer = load_tokenizer(config.tokenizer or model_dir, self.hf_config, config.trust_remote_code)
         limit = self.hf_config["max_position_embeddings"]
         self.max_model_len = config.max_model_len or limit
         if self.max_model_len > limit:
