@@ -47,11 +47,7 @@ class SamplingParams:
         self.stop = [s for s in self.stop if s]
         if self.top_k == -1:
             self.top_k = 0
-        for param, message in self._problems():
-            raise SamplingParamsError(message, param)
-
-    def _problems(self) -> list[tuple[str, str]]:
-        """(field, message) for every value out of range; NaN fails every comparison, so it is refused too."""
+        # NaN fails every comparison, so it is refused too
         checks = [
             (self.n >= 1, "n", f"n must be at least 1, got {self.n}"),
             (0 <= self.temperature < math.inf, "temperature",
@@ -87,7 +83,9 @@ class SamplingParams:
             (all(-LOGIT_BIAS_LIMIT <= b <= LOGIT_BIAS_LIMIT for b in self.logit_bias.values()), "logit_bias",
              f"logit_bias values must be in [{-LOGIT_BIAS_LIMIT:g}, {LOGIT_BIAS_LIMIT:g}]"),
         ]
-        return [(param, message) for ok, param, message in checks if not ok]
+        for ok, param, message in checks:
+            if not ok:
+                raise SamplingParamsError(message, param)
 
     def token_ids(self) -> list[tuple[str, list[int]]]:
         """(field, ids) of every token id the request names, for the engine to check against the vocabulary."""

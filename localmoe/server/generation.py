@@ -53,7 +53,6 @@ class Generation:
         self.aengine = aengine
         self.metrics = metrics
         self.prompts = prompts
-        self.params = params
         self.base_id = base_id
         self.unfinished = set(self.request_ids)
         self._reserved = {request_id: p.n for request_id, p in zip(self.request_ids, params)}
