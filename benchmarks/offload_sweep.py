@@ -31,10 +31,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from localmoe import LLM, SamplingParams  # noqa: E402
-from localmoe.experts.cache import POLICIES, ExpertCache, attach_expert_caches  # noqa: E402
+from localmoe.experts.cache import POLICIES, ExpertCache  # noqa: E402
+from localmoe.experts.observer import RoutingObserver  # noqa: E402
+from localmoe.experts.offload import OffloadPlan, attach_caches  # noqa: E402
 from localmoe.experts.stats import expert_stats  # noqa: E402
 from localmoe.experts.store import ExpertStore  # noqa: E402
 from localmoe.experts.trace import read_trace  # noqa: E402
+from localmoe.layers.moe import moe_blocks  # noqa: E402
 
 TRACE = Path(__file__).resolve().parent / "traces" / "localmoe-builtin-heldout.jsonl"
 PROMPT = ("The expert cache keeps the experts a model uses most on the device and reads the others from host "
@@ -60,10 +63,10 @@ def memory_footprint(model: str, target: str | None, size: int, kv_bytes: int) -
     engine before would count that one's freed pages too), after it generated a few tokens."""
     code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
             "from offload_sweep import engine_for, decode_run\n"
-            "from localmoe.server.stats import memory_stats\n"
+            "from localmoe.server.stats import process_rss_bytes\n"
             f"llm = engine_for({model!r}, {target!r}, {kv_bytes}, {size})\n"
             "decode_run(llm, 8)\n"
-            "print(json.dumps(memory_stats(llm.engine)))\n")
+            "print(json.dumps({**llm.engine.snapshot.memory, 'process_rss_bytes': process_rss_bytes()}))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     stats = json.loads(out.stdout.strip().splitlines()[-1])
     result = {"target": target, "experts_per_layer": size, "process_rss_bytes": stats["process_rss_bytes"],
@@ -78,16 +81,18 @@ def sweep_target(llm: LLM, target: str, cold: bool, sizes: list[int], new_tokens
                  baseline: float) -> list[dict]:
     """Every (size, policy, prefetch) on one loaded engine: the store stays, caches are re-attached each time."""
     engine = llm.engine
-    store = engine.model.expert_store
+    store = engine.experts.store
     results = []
     for size in sizes:
         for policy in POLICIES:
             for prefetch in (False, True):
-                engine.expert_caches = attach_expert_caches(engine.model, size, policy, engine.device, prefetch)
+                plan = OffloadPlan(Path(), target, size, policy, prefetch)
+                engine.experts.caches = attach_caches(moe_blocks(engine.model), store, plan, engine.device)
+                engine.observer = RoutingObserver(engine.model)  # watching the new experts modules
                 if cold:
                     store.drop_page_cache()
                 speed, tokens = decode_run(llm, new_tokens)
-                totals = expert_stats(engine.model)["totals"]
+                totals = expert_stats(engine.observer)["totals"]
                 results.append({
                     "target": target, "page_cache": "cold" if cold else ("warm" if target == "disk" else None),
                     "experts_per_layer": size, "policy": policy, "prefetch": prefetch,
@@ -153,7 +158,7 @@ def main() -> None:
     results = []
     for target in args.targets:
         llm = engine_for(args.model, target, args.kv_cache_memory)
-        expert_bytes = llm.engine.expert_caches[0].expert_bytes
+        expert_bytes = llm.engine.experts.caches[0].expert_bytes
         # every expert in the cache: offloading on, nothing evicted after the first touches
         results += sweep_target(llm, target, False, [num_experts], args.new_tokens, reference, speed_before)
         results += sweep_target(llm, target, False, sizes, args.new_tokens, reference, speed_before)

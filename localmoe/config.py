@@ -7,6 +7,7 @@ the file, one flag per key; an unknown key is an error that names it.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,9 @@ class EngineConfig:
     seed: int = 0
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
-    kv_cache_memory: int = 2 * 1024**3  # bytes for the KV pool when the device is the CPU
+    # bytes for the KV pool when the device is the CPU (4294967296, 4GiB, 512M); default: 2 GiB, or a quarter
+    # of the memory left after loading where that is less (inside a container's limit), at least one sequence
+    kv_cache_memory: str | None = None
     max_model_len: int | None = None
     block_size: int = 16
     swap_space: float = 0.0  # GiB of host memory for swapped-out KV blocks; 0: preemption recomputes
@@ -96,6 +99,9 @@ class EngineConfig:
     routing_trace: str | None = None  # file to append each token's chosen experts to (JSON lines)
     # expert offloading (experts/): experts per MoE layer kept in cache slots on the compute device, 0: all resident
     expert_cache_size: int = 0
+    # or the cache's size in bytes over all MoE layers (512MiB, 4G, ...), or "auto": what the process's memory
+    # limit leaves (experts/memory_budget.py); excludes expert_cache_size
+    expert_cache_memory: str | None = None
     expert_cache_policy: str = "lru"  # lru | lfu | lfru
     expert_offload_target: str = "host"  # where the other experts live: host memory or the checkpoint on disk
     expert_prefetch: bool = False  # load the next layer's likely experts while this layer computes
@@ -120,6 +126,8 @@ class EngineConfig:
              "max_model_len must be positive"),
             (self.expert_cache_size < 0, "expert_cache_size",
              "expert_cache_size must not be negative (0 keeps every expert resident)"),
+            (self.expert_cache_size > 0 and self.expert_cache_memory is not None, "expert_cache_memory",
+             "give expert_cache_size (experts per layer) or expert_cache_memory (bytes), not both"),
             (self.expert_cache_policy not in EXPERT_CACHE_POLICIES, "expert_cache_policy",
              f"expert_cache_policy {self.expert_cache_policy!r} is not one of {', '.join(EXPERT_CACHE_POLICIES)}"),
             (self.expert_offload_target not in EXPERT_OFFLOAD_TARGETS, "expert_offload_target",
@@ -129,6 +137,36 @@ class EngineConfig:
         for bad, key, message in refusals:
             if bad:
                 raise ConfigError(f"{key}: {message}")
+        self.expert_cache_bytes  # noqa: B018 -- parsed now, so a bad value is refused at start
+        if self.kv_cache_bytes == "auto":
+            raise ConfigError("kv_cache_memory: give bytes, or leave it unset for the default")
+
+    @property
+    def expert_cache_bytes(self) -> int | str | None:
+        """expert_cache_memory in bytes, "auto", or None."""
+        return parse_memory(self.expert_cache_memory, "expert_cache_memory")
+
+    @property
+    def kv_cache_bytes(self) -> int | str | None:
+        """kv_cache_memory in bytes, or None for the default (engine/model_runner.py)."""
+        return parse_memory(self.kv_cache_memory, "kv_cache_memory")
+
+    @property
+    def offloads_experts(self) -> bool:
+        return self.expert_cache_size > 0 or self.expert_cache_memory is not None
+
+
+def parse_memory(value: int | str | None, key: str) -> int | str | None:
+    """Bytes given as a number, or with a binary unit (512MiB, 4G, 1.5GiB), or "auto"."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        return None if value is None else "auto"
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", str(value), re.IGNORECASE)
+    if match is None or isinstance(value, bool):
+        raise ConfigError(f"{key}: {value!r} is not a number of bytes (e.g. 4294967296, 4GiB, 512M) or auto")
+    number = float(match[1]) * 1024 ** ("kmgt".index(match[2].lower()) + 1 if match[2] else 0)
+    if number < 1:
+        raise ConfigError(f"{key}: {value!r} must be at least one byte")
+    return int(number)
 
 
 @dataclass(frozen=True)

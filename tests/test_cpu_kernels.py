@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from unittest.mock import patch
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from localmoe.experts.cpu import OneDNNExperts, TiledExperts
+from localmoe.experts.observer import RoutingObserver
+from localmoe.experts.runtime import convert_experts
 from localmoe.layers import cpu_kernels
 from localmoe.layers.attention import AttentionMetadata, paged_attention
 from localmoe.layers.cpu_kernels import cpu_has_avx512_bf16, expert_tiles, fused_moe, kernels, to_tiles
@@ -54,9 +59,9 @@ def test_kernel_is_no_less_accurate_than_pytorch_bf16(tokens, hidden, inter):
     x = torch.randn(tokens, hidden).to(torch.bfloat16)
     with torch.inference_mode():
         weights, ids = softmax_topk(moe.gate(x), 2, True)
-        expected = reference(x, ids, weights, moe.w13, moe.w2)
-        ours = fused_moe(x, ids, weights, *expert_tiles(moe.w13, moe.w2)).float()
-        pytorch = moe.mix(weights, moe.pair_outputs(x, ids)).float()
+        expected = reference(x, ids, weights, moe.experts.w13, moe.experts.w2)
+        ours = fused_moe(x, ids, weights, *expert_tiles(moe.experts.w13, moe.experts.w2)).float()
+        pytorch = moe.experts(x, weights, ids).float()
     assert ours.shape == expected.shape
     assert (ours - expected).abs().max() <= max((pytorch - expected).abs().max(), 1e-2)
 
@@ -81,23 +86,30 @@ def test_packed_bf16_experts_are_tiled_and_every_step_runs_the_kernel():
         for p in moe.parameters():
             p.normal_(0, 0.1)
     x = torch.randn(200, 64).to(torch.bfloat16)
+    grouped = RoutingObserver(moe)
     with torch.inference_mode():
         expected = moe(x).float()
-        moe.pack()
-        assert moe.tiled and moe.packed is None
-        ours = moe(x).float()
-        moe(x[:3])
+        grouped.end_step()
+        convert_experts(moe, torch.device("cpu"), packing=True)
+        assert isinstance(moe.experts, TiledExperts)
+        tiled = RoutingObserver(moe)  # observers watch the experts module the model has when they attach
+        with patch("localmoe.experts.cpu.fused_moe", wraps=fused_moe) as kernel:
+            ours = moe(x).float()
+            tiled.end_step()
+            moe(x[:3])
+            tiled.end_step()
         routed = [torch.bincount(moe.route(x)[1].flatten(), minlength=4) for x in (x, x, x[:3])]
-    assert moe.fused_calls == 2
-    # the first call counted in PyTorch, the others in the kernel
-    assert torch.equal(moe.tokens_per_expert, sum(routed)) and int(moe.tokens_per_expert.sum()) == 2 * 403
+    assert kernel.call_count == 2
+    # the ids routed to the grouped experts and to the kernel are seen alike
+    counted = grouped.tokens[0] + tiled.tokens[0]
+    assert torch.equal(counted, sum(routed)) and int(counted.sum()) == 2 * 403
     assert (ours - expected).abs().max() <= 0.02 * expected.abs().max()
 
 
 def test_float32_experts_keep_the_onednn_layout():
     moe = SparseMoE(64, 96, num_experts=4, top_k=2)
-    moe.pack()
-    assert not moe.tiled and moe.packed is not None and moe.packed[0][0].is_mkldnn
+    convert_experts(moe, torch.device("cpu"), packing=True)
+    assert isinstance(moe.experts, OneDNNExperts) and moe.experts.packed[0][0].is_mkldnn
 
 
 def dense_decode_attention(q, kv_cache, tables, lens, scale, window, sinks):

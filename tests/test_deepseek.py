@@ -15,10 +15,12 @@ from checkpoints import make_checkpoint
 from family_parity import (check_batched_prompt_logits, check_bfloat16_bar, check_feature_matters,
                            check_greedy_with_shared_prefix,
                            check_requests_joining_mid_batch, moe_layers, no_renormalization)
+from localmoe.experts.cpu import TiledExperts
 from localmoe.layers.attention import AttentionMetadata
 from localmoe.layers.cpu_kernels import kernels
 from localmoe.layers.mla import MultiHeadLatentAttention, softmax_scale
 from localmoe.layers.rotary import rotary_embedding
+from localmoe.models.args import ModelArgs
 from localmoe.models.deepseek import DeepseekV3ForCausalLM, DeepseekV3MoE
 from localmoe.models.loader import load_model
 
@@ -103,9 +105,10 @@ def no_correction_bias(model: nn.Module) -> None:
 
 
 def no_yarn(model: nn.Module) -> None:
-    plain = {**model.config, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
+    plain = {"rope_type": "default", "rope_theta": 10000.0}
     for attention in mla_layers(model):
-        attention.rotary = rotary_embedding(attention.rope_dim, plain, attention.rotary.interleaved)
+        attention.rotary = rotary_embedding(attention.rope_dim, model.config.max_position_embeddings, plain,
+                                            attention.rotary.interleaved)
         attention.scale = softmax_scale(plain, attention.nope_dim + attention.rope_dim)
 
 
@@ -116,7 +119,8 @@ def no_yarn_softmax_correction(model: nn.Module) -> None:
 
 def adjacent_pair_rope(model: nn.Module) -> None:
     for attention in mla_layers(model):
-        attention.rotary = rotary_embedding(attention.rope_dim, model.config, interleaved=True)
+        attention.rotary = rotary_embedding(attention.rope_dim, model.config.max_position_embeddings,
+                                            model.config.rope, interleaved=True)
 
 
 SWITCHED_OFF = {
@@ -144,7 +148,7 @@ def test_moe_layer_freq_skips_layers(tmp_path):
     """DeepSeek's own code makes layer i sparse only past the dense ones and when i % moe_layer_freq == 0
     (every released checkpoint has 1; transformers ignores the field)."""
     cfg = json.loads((checkpoint(tmp_path, "v3-direct-q-half-split-rope") / "config.json").read_text())
-    model = DeepseekV3ForCausalLM({**cfg, "num_hidden_layers": 5, "moe_layer_freq": 2})
+    model = DeepseekV3ForCausalLM(ModelArgs.from_hf({**cfg, "num_hidden_layers": 5, "moe_layer_freq": 2}))
     assert [isinstance(layer.mlp, DeepseekV3MoE) for layer in model.layers] == [False, False, True, False, True]
 
 
@@ -186,4 +190,4 @@ def test_bfloat16_smoke(tmp_path):
     directory = checkpoint(tmp_path, "v3-lora-q-grouped-yarn", seed=11)
     llm = check_bfloat16_bar(directory, [18, 5], new=8)
     if kernels() is not None:
-        assert all(m.fused_calls > 0 for m in moe_layers(llm.engine.model))
+        assert all(isinstance(m.experts, TiledExperts) for m in moe_layers(llm.engine.model))

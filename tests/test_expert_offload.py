@@ -14,6 +14,7 @@ from checkpoints import make_checkpoint
 from family_parity import engine, prompts_of, record_logits
 from localmoe import SamplingParams
 from localmoe.experts.cache import ExpertCache
+from localmoe.experts.cpu import TiledExperts
 from localmoe.experts.store import ExpertStore
 from localmoe.layers.cpu_kernels import kernels
 from localmoe.layers.moe import SparseMoE
@@ -55,7 +56,7 @@ def run(directory: Path, **offload) -> tuple[list[list[int]], list[torch.Tensor]
 
     def step():  # the cache's own accounting after every engine step
         out = hook()
-        budgets.extend((c.resident_bytes, c.budget_bytes) for c in llm.engine.expert_caches)
+        budgets.extend((c.resident_bytes, c.budget_bytes) for c in llm.engine.experts.caches)
         return out
 
     llm.engine.step = step
@@ -83,16 +84,20 @@ def test_offloaded_experts_give_the_resident_outputs(checkpoint, resident, targe
     assert tokens == resident[0]
     for ours, theirs in zip(steps, resident[1]):
         assert (ours - theirs).abs().max() <= 1e-4
-    caches = core.expert_caches
+    caches = core.experts.caches
     assert len(caches) == 3 and all(c.capacity == size for c in caches)
     assert all(int(c.stats.misses.sum()) > 0 and c.stats.bytes_loaded > 0 for c in caches)
     # the model itself holds only the slots: no full copy of the experts on the compute device
     moe = next(m for m in core.model.modules() if isinstance(m, SparseMoE))
-    assert moe.w13.shape[0] == size and moe.w13.data_ptr() == caches[0].slots["w13"].data_ptr()
+    compute = moe.experts.compute
+    assert compute.w13.shape[0] == size and compute.w13.data_ptr() == caches[0].slots["w13"].data_ptr()
     if prefetch:
         assert sum(c.stats.prefetched for c in caches) > 0 and sum(c.stats.prefetch_used for c in caches) > 0
-    if target == "disk":  # nothing in host memory: each miss read one expert's bytes from the file
-        assert core.model.expert_store.host_bytes() == 0
+    if target == "disk":  # nothing in host memory: each miss read one expert's w13 and w2 from the expert file
+        assert core.experts.store.host_bytes() == 0
+        file = core.experts.store.file
+        loads = sum(int(c.stats.misses.sum()) + c.stats.prefetched for c in caches)
+        assert file.direct_reads + file.buffered_reads == 2 * loads
         for c in caches:
             assert c.stats.bytes_loaded == (int(c.stats.misses.sum()) + c.stats.prefetched) * c.expert_bytes
 
@@ -100,7 +105,7 @@ def test_offloaded_experts_give_the_resident_outputs(checkpoint, resident, targe
 def test_disk_reads_one_experts_rows_of_a_stacked_tensor(fused_checkpoint, resident):
     tokens, _, core = run(fused_checkpoint, expert_cache_size=2, expert_offload_target="disk")
     assert tokens == resident[0]
-    cache = core.expert_caches[0]
+    cache = core.experts.caches[0]
     assert cache.stats.bytes_loaded == int(cache.stats.misses.sum()) * cache.expert_bytes
 
 
@@ -119,10 +124,11 @@ def test_bfloat16_offloaded_matches_bfloat16_resident(checkpoint, prompt_len, ta
         outputs.append((llm.generate(prompt, params)[0].outputs[0].token_ids, torch.cat(steps)))
     assert outputs[0][0] == outputs[1][0]
     assert torch.equal(outputs[0][1], outputs[1][1])
-    caches = llm.engine.expert_caches
+    caches = llm.engine.experts.caches
     assert all(int(c.stats.misses.sum()) > 3 for c in caches)  # experts were evicted and loaded again
     if kernels() is not None:
-        assert all(m.tiled and m.fused_calls > 0 for m in llm.engine.model.modules() if isinstance(m, SparseMoE))
+        assert all(isinstance(m.experts.compute, TiledExperts) for m in llm.engine.model.modules()
+                   if isinstance(m, SparseMoE))
 
 
 class FakeStore(ExpertStore):
@@ -200,7 +206,7 @@ def test_every_family_offloads_to_disk(tmp_path, arch):
         runs.append(([o.outputs[0].token_ids for o in llm.generate(prompts, params)], torch.cat(steps)))
     assert runs[0][0] == runs[1][0]
     assert (runs[0][1] - runs[1][1]).abs().max() <= 1e-4
-    assert all(int(c.stats.misses.sum()) > 0 for c in llm.engine.expert_caches)
+    assert all(int(c.stats.misses.sum()) > 0 for c in llm.engine.experts.caches)
 
 
 @pytest.mark.gpu
@@ -213,8 +219,64 @@ def test_cuda_offloading_with_side_stream_prefetch(checkpoint, target):
     tokens, _, core = run(checkpoint, device="cuda", expert_cache_size=2, expert_offload_target=target,
                           expert_prefetch=True)
     assert tokens == resident_tokens
-    caches = core.expert_caches
+    caches = core.experts.caches
     assert all(c.slots["w13"].is_cuda and c.copy_stream is not None for c in caches)
     assert sum(c.stats.prefetched for c in caches) > 0
     if target == "host":
-        assert core.model.expert_store.layers[caches[0].path].host["w13"].is_pinned()
+        assert core.experts.store.layers[caches[0].path].host["w13"].is_pinned()
+
+
+def test_cache_size_in_bytes_is_split_over_the_layers(checkpoint):
+    """expert_cache_memory: a byte budget over all MoE layers, split evenly, whole experts per layer; it and
+    expert_cache_size exclude each other, and a budget below one expert a layer is refused naming the minimum."""
+    from localmoe.config import ConfigError
+
+    probe = engine(checkpoint, expert_cache_size=1, expert_offload_target="disk")
+    expert_bytes, layers = probe.engine.experts.caches[0].expert_bytes, len(probe.engine.experts.caches)
+    llm = engine(checkpoint, expert_cache_memory=str(layers * 3 * expert_bytes + expert_bytes),
+                 expert_offload_target="disk")
+    caches = llm.engine.experts.caches
+    assert [c.capacity for c in caches] == [3] * layers
+    out = llm.generate({"prompt_token_ids": prompts_of([9], seed=3)[0]}, SamplingParams(max_tokens=3))[0]
+    assert len(out.outputs[0].token_ids) == 3 and all(int(c.stats.misses.sum()) > 0 for c in caches)
+    assert llm.engine.snapshot.memory["expert_cache"]["experts_per_layer"] == 3
+    with pytest.raises(ConfigError, match="not both"):
+        engine(checkpoint, expert_cache_size=2, expert_cache_memory="1GiB")
+    with pytest.raises(ConfigError, match="expert_cache_memory"):
+        engine(checkpoint, expert_cache_memory="plenty")
+    with pytest.raises(ValueError, match=f"at least {layers * expert_bytes} bytes"):
+        engine(checkpoint, expert_cache_memory=str(layers * expert_bytes - 1))
+
+
+def test_auto_cache_size_takes_what_the_memory_limit_leaves(checkpoint, monkeypatch):
+    """expert_cache_memory auto: the process's limit (here a pretend cgroup) less what it holds and what is still
+    to come (KV pool, swap space, the runtime reserve), in whole experts per layer."""
+    from localmoe.experts import memory_budget
+
+    probe = engine(checkpoint, expert_cache_size=1, expert_offload_target="disk")
+    expert_bytes, layers = probe.engine.experts.caches[0].expert_bytes, len(probe.engine.experts.caches)
+    kv = 8 * 2**20  # family_parity.engine's pool
+    held = memory_budget.resident_bytes()
+    limit = held + kv + memory_budget.RUNTIME_RESERVE + layers * 5 * expert_bytes + 100
+    monkeypatch.setattr(memory_budget, "cgroup_limit", lambda: limit)
+    monkeypatch.setattr(memory_budget, "resident_bytes", lambda: held)
+    llm = engine(checkpoint, expert_cache_memory="auto", expert_offload_target="disk", swap_space=0)
+    assert [c.capacity for c in llm.engine.experts.caches] == [5] * layers
+    monkeypatch.setattr(memory_budget, "cgroup_limit", lambda: held + kv)  # nothing left for experts
+    with pytest.raises(ValueError, match="less than one expert"):
+        engine(checkpoint, expert_cache_memory="auto", expert_offload_target="disk", swap_space=0)
+
+
+def test_cgroup_limits_are_read_for_v1_and_v2(tmp_path):
+    from localmoe.experts.memory_budget import cgroup_limit
+
+    (tmp_path / "memory" / "bench").mkdir(parents=True)
+    (tmp_path / "memory" / "bench" / "memory.limit_in_bytes").write_text("1258291200\n")
+    assert cgroup_limit("4:cpu:/\n7:memory:/bench\n", tmp_path) == 1258291200
+    (tmp_path / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    assert cgroup_limit("7:memory:/\n", tmp_path) is None  # v1's "no limit"
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "memory.max").write_text("max\n")
+    assert cgroup_limit("0::/app\n", tmp_path) is None
+    (tmp_path / "app" / "memory.max").write_text("629145600\n")
+    assert cgroup_limit("0::/app\n", tmp_path) == 629145600

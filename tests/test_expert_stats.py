@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -114,3 +115,55 @@ def test_dashboard_draws_the_hot_expert_hotter(offload_url, tmp_path):
     assert luminance(hot_pixel) > luminance(cold_pixel) + 60, (hot_pixel, cold_pixel)
     # every expert of every layer has a cell: the last layer's last cell is drawn too (not page background)
     assert image.getpixel(cell_center(len(layers) - 1, 7)) != image.getpixel((5, 590))
+
+
+def expert_metrics(url: str) -> dict[str, float]:
+    """Each localmoe:expert_* counter summed over layers and experts, and the engine's vllm:* counters."""
+    text = httpx.get(f"{url}/metrics", headers=auth()).text
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if (sample.name.startswith("localmoe:expert_") and sample.name.endswith("_total")) or sample.name in (
+                    "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:request_success_total"):
+                totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    return totals
+
+
+def test_statistics_read_under_load_are_snapshots_that_add_up(offload_url):
+    """Read /v1/stats/experts and /metrics over and over while 8 requests stream: every reading is one moment of
+    the engine (every layer has routed the same tokens), counters never go back, and at the end the tokens routed
+    are exactly the tokens computed (prompt plus output, less each request's last token, never fed back) times
+    top-k in every layer, on both routes."""
+    model = httpx.get(f"{offload_url}/v1/models", headers=auth()).json()["data"][0]["id"]
+
+    def complete(seed: int) -> None:
+        response = httpx.post(f"{offload_url}/v1/completions", headers=auth(), timeout=120, json={
+            "model": model, "prompt": f"request {seed}: " + "tokens " * seed, "max_tokens": 24,
+            "ignore_eos": True, "temperature": 1.0, "seed": seed})
+        assert response.status_code == 200
+
+    keys = ("tokens_routed", "cache_hits", "cache_misses", "bytes_loaded")
+    readings, scrapes = [], []
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(complete, seed) for seed in range(8)]
+        while not all(f.done() for f in futures):
+            experts = stats(offload_url, "experts")
+            assert len({sum(layer["tokens"]) for layer in experts["layers"]}) == 1  # one moment, whole
+            readings.append(experts["totals"])
+            scrapes.append(expert_metrics(offload_url))
+        for f in futures:
+            f.result()
+    assert len(readings) >= 3
+    for earlier, later in zip(readings, readings[1:]):
+        assert all(later[key] >= earlier[key] for key in keys)
+    for earlier, later in zip(scrapes, scrapes[1:]):
+        assert all(later[name] >= value for name, value in earlier.items())
+
+    experts, metrics = stats(offload_url, "experts"), expert_metrics(offload_url)
+    layers = experts["layers"]
+    computed = (metrics["vllm:prompt_tokens_total"] + metrics["vllm:generation_tokens_total"]
+                - metrics["vllm:request_success_total"])
+    assert experts["totals"]["tokens_routed"] == len(layers) * layers[0]["top_k"] * computed
+    assert metrics["localmoe:expert_tokens_total"] == experts["totals"]["tokens_routed"]
+    assert metrics["localmoe:expert_cache_misses_total"] == experts["totals"]["cache_misses"]
+    assert metrics["localmoe:expert_cache_hits_total"] == experts["totals"]["cache_hits"]

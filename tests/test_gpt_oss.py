@@ -14,6 +14,7 @@ from checkpoints import make_checkpoint
 from family_parity import (check_batched_prompt_logits, check_bfloat16_bar, check_greedy_with_shared_prefix,
                            check_requests_joining_mid_batch, engine, prompts_of, record_logits)
 from localmoe import LLM, SamplingParams
+from localmoe.experts.cpu import OneDNNExperts
 from localmoe.layers.moe import SparseMoE
 
 # Three layers: sliding, full, sliding (transformers' default layer_types), a window shorter than the prompts;
@@ -86,4 +87,4 @@ def test_bfloat16_smoke(checkpoint):
     no further from transformers' float32 ones than twice transformers' own bf16 run is."""
     llm = check_bfloat16_bar(checkpoint, [5, 13, 22], new=4)
     moes = [m for m in llm.engine.model.modules() if isinstance(m, SparseMoE)]
-    assert moes and not any(m.uses_kernel() or m.fused_calls for m in moes)
+    assert moes and all(isinstance(m.experts, OneDNNExperts) for m in moes)  # not the kernel's tiles

@@ -18,7 +18,7 @@ def test_sharded_checkpoint_loads(tmp_path):
     assert len(list(directory.glob("*.safetensors"))) > 1
     model, _ = load_model(directory, "float32")
     ref = reference_model(directory)
-    assert torch.equal(model.layers[1].mlp.w2[3], ref.model.layers[1].mlp.experts.down_proj[3])
+    assert torch.equal(model.layers[1].mlp.experts.w2[3], ref.model.layers[1].mlp.experts.down_proj[3])
 
 
 def test_fused_expert_tensors_load(tmp_path):
@@ -61,7 +61,7 @@ def test_broken_checkpoints_fail_with_the_problem_named(tmp_path):
     state = load_file(str(weights))
     del state["model.layers.0.block_sparse_moe.experts.1.w2.weight"]
     save_file(state, str(weights))
-    with pytest.raises(ValueError, match=r"missing weight layers\.0\.mlp\.w2"):
+    with pytest.raises(ValueError, match=r"missing weight layers\.0\.mlp\.experts\.w2"):
         load_model(directory)
     state["model.layers.0.block_sparse_moe.experts.1.w2.weight"] = torch.zeros(3, 3)
     save_file(state, str(weights))
@@ -87,5 +87,5 @@ def test_a_missing_piece_of_a_merged_weight_is_named(tmp_path):
     state["model.layers.1.self_attn.k_proj.weight"] = k_proj
     del state["model.layers.0.block_sparse_moe.experts.2.w3.weight"]
     save_file(state, str(weights))
-    with pytest.raises(ValueError, match=r"missing weight layers\.0\.mlp\.w13"):
+    with pytest.raises(ValueError, match=r"missing weight layers\.0\.mlp\.experts\.w13"):
         load_model(directory)

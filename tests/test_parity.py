@@ -14,6 +14,7 @@ from family_parity import (check_batched_prompt_logits, check_bfloat16_bar, chec
 from localmoe import SamplingParams
 from localmoe.layers.linear import Linear, packing_supported
 from localmoe.layers.cpu_kernels import kernels
+from localmoe.experts.cpu import OneDNNExperts, TiledExperts
 from localmoe.layers.moe import SparseMoE
 
 @pytest.mark.parametrize("arch,overrides", [
@@ -27,7 +28,7 @@ def test_batched_prompt_logits_match(tmp_path, arch, overrides):
     if packing_supported(torch.float32, torch.device("cpu")):  # the packed CPU weight layout is what ran
         modules = list(llm.engine.model.modules())
         assert all(m.weight.is_mkldnn for m in modules if isinstance(m, Linear))
-        assert all(m.packed is not None for m in modules if isinstance(m, SparseMoE))
+        assert all(isinstance(m.experts, OneDNNExperts) for m in modules if isinstance(m, SparseMoE))
 
 
 @pytest.mark.parametrize("prefix_caching", [False, True])
@@ -80,4 +81,4 @@ def test_bfloat16_logits_no_further_from_float32_than_transformers_bfloat16(tmp_
     directory = make_checkpoint(tmp_path, "mixtral", seed=11, hidden_size=128, intermediate_size=256)
     llm = check_bfloat16_bar(directory, [7, 30, 18, 2, 11, 25, 4, 16], new=32)
     if kernels() is not None:
-        assert all(m.fused_calls > 0 for m in llm.engine.model.modules() if isinstance(m, SparseMoE))
+        assert all(isinstance(m.experts, TiledExperts) for m in llm.engine.model.modules() if isinstance(m, SparseMoE))

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from family_parity import engine, prompts_of, record_logits
 from localmoe import LLM, SamplingParams
 from localmoe.config import ConfigError, load_config
-from localmoe.experts.stats import expert_stats
+from localmoe.experts.observer import RoutingObserver
 from localmoe.layers.routing import drop_over_capacity, expert_choice, hash_topk, soft_moe_weights
 from localmoe.layers.segments import Segments
 from localmoe.models.loader import load_model
@@ -100,8 +100,7 @@ def test_expert_choice_gives_every_expert_the_same_tokens_per_sequence(checkpoin
     # through the engine: one prompt, one step, and the statistics see each expert take ceil(21 * 2 / 4) tokens
     llm = engine(checkpoints["expert_choice"])
     llm.generate({"prompt_token_ids": prompts_of([21])[0]}, SamplingParams(max_tokens=1))
-    for layer in llm.engine.model.layers:
-        assert layer.mlp.tokens_per_expert.tolist() == [11] * NUM_EXPERTS
+    assert llm.engine.observer.tokens.tolist() == [[11] * NUM_EXPERTS] * len(llm.engine.model.layers)
 
 
 def test_hash_routing_follows_the_token_id(checkpoints):
@@ -115,7 +114,7 @@ def test_hash_routing_follows_the_token_id(checkpoints):
     llm = engine(checkpoints["hash"])
     prompt = prompts_of([40])[0]
     llm.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=1))
-    counts = [layer.mlp.tokens_per_expert.tolist() for layer in llm.engine.model.layers]
+    counts = llm.engine.observer.tokens.tolist()
     expected = torch.bincount(hash_topk(torch.tensor(prompt), NUM_EXPERTS, TOP_K)[1].flatten(), minlength=NUM_EXPERTS)
     assert all(c == expected.tolist() for c in counts)  # every layer routes by the token alone
     assert sum(c > 0 for c in counts[0]) >= NUM_EXPERTS // 2
@@ -133,13 +132,14 @@ def test_soft_moe_mixes_tokens_into_slots_convexly():
 
 
 def expert_ffn(block: LocalMoEBlock, e: int, x: torch.Tensor) -> torch.Tensor:
-    gate, up = (x @ block.w13[e].T).chunk(2, dim=-1)
-    return (F.silu(gate) * up) @ block.w2[e].T
+    gate, up = (x @ block.experts.w13[e].T).chunk(2, dim=-1)
+    return (F.silu(gate) * up) @ block.experts.w2[e].T
 
 
 def test_soft_moe_block_is_the_papers_formula_per_sequence(checkpoints):
     model, _ = load_model(checkpoints["soft_moe"], "float32")
     block = model.layers[0].mlp
+    observer = RoutingObserver(model)
     lengths = [6, 2]
     x = torch.randn(sum(lengths), HIDDEN, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -152,7 +152,8 @@ def test_soft_moe_block_is_the_papers_formula_per_sequence(checkpoints):
             slots_out = torch.stack([expert_ffn(block, i // 2, s) for i, s in enumerate(slots_in)])
             assert torch.allclose(out[start:start + n], torch.softmax(logits, dim=1) @ slots_out, atol=1e-5)
             start += n
-    assert block.tokens_per_expert.tolist() == [2 * 2] * NUM_EXPERTS  # slots run: 2 sequences x 2 slots
+    observer.end_step()
+    assert observer.tokens[0].tolist() == [2 * 2] * NUM_EXPERTS  # slots run: 2 sequences x 2 slots
 
 
 def test_capacity_factor_drops_tokens_past_capacity():
@@ -166,15 +167,17 @@ def test_capacity_factor_drops_tokens_past_capacity():
 def test_a_token_every_expert_dropped_passes_through_on_the_residual(checkpoints):
     model, _ = load_model(checkpoints["capacity"], "float32")
     block = model.layers[0].mlp
+    observer = RoutingObserver(model)
     x = torch.randn(16, HIDDEN, generator=torch.Generator().manual_seed(4))
     segments = segments_of([16])
     with torch.no_grad():
         out = block(x, torch.zeros(16, dtype=torch.long), segments)
+        observer.end_step()
         _, ids = block.route(x)
     _, kept = drop_over_capacity(torch.ones(16, TOP_K), ids, segments, NUM_EXPERTS, 0.5)
     capacity = math.ceil(0.5 * 16 * TOP_K / NUM_EXPERTS)
     routed = torch.bincount(ids.flatten(), minlength=NUM_EXPERTS)
-    assert block.tokens_per_expert.tolist() == routed.clamp(max=capacity).tolist()  # the kept pairs are counted
+    assert observer.tokens[0].tolist() == routed.clamp(max=capacity).tolist()  # the kept pairs are counted
     dropped = (kept < 0).all(dim=1)
     assert 0 < dropped.sum() < 16
     assert (out[dropped] == 0).all() and (out[~dropped] != 0).any(dim=1).all()  # so h + mlp(h) == h for those
@@ -235,7 +238,7 @@ def test_each_routing_is_live_end_to_end_from_the_config(tmp_path):
         assert hf["architectures"][0] == ("MixtralForCausalLM" if name == "topk_softmax" else "LocalMoEForCausalLM")
         out = llm.generate(prompt, params)[0]
         assert len(out.outputs[0].token_ids) == 4
-        assert expert_stats(llm.engine.model)["totals"]["tokens_routed"] > 0
+        assert llm.engine.snapshot.experts["totals"]["tokens_routed"] > 0
         logprobs[name] = torch.tensor([e[t].logprob for t, e in zip(out.prompt_token_ids[1:], out.prompt_logprobs[1:])])
     names = list(logprobs)
     for i, a in enumerate(names):

@@ -165,13 +165,18 @@ class AsyncEngine:
             self._deliver_all([(request_id, dead) for request_id in list(self._streams)])
 
     def _run(self) -> None:
+        idle = False
         while not self._stopped:
             self._heartbeat = time.monotonic()
             self._drain_inbox()
             if not self.engine.has_unfinished_requests():
+                if not idle:  # the statistics of the engine at rest (after aborts, too)
+                    self.engine.publish_stats()
+                    idle = True
                 self._wakeup.wait(timeout=1.0)
                 self._wakeup.clear()
                 continue
+            idle = False
             _inject_fault()
             try:
                 outputs = self.engine.step()

@@ -1,4 +1,9 @@
-"""The synchronous engine: requests in, one scheduled forward pass per step(), outputs out."""
+"""The synchronous engine: requests in, one scheduled forward pass per step(), outputs out.
+
+The engine validates requests (the one place that does: the server and the offline API both call make_request),
+schedules, runs the model runner, samples, and hands sampled tokens to the output processor. The runner owns
+the model and the KV pool; the output processor owns text, stops and logprobs; statistics go out as snapshots.
+"""
 
 from __future__ import annotations
 
@@ -7,27 +12,26 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import CONFIG_MAPPING, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
-from localmoe.config import Config, ConfigError, EngineConfig
+from localmoe.config import Config, EngineConfig
 from localmoe.engine.block_manager import BlockManager
-from localmoe.engine.detokenizer import IncrementalDetokenizer
-from localmoe.engine.model_runner import ModelRunner, kv_block_bytes
+from localmoe.engine.model_runner import ModelRunner
+from localmoe.engine.output_processor import OutputProcessor
 from localmoe.engine.sampler import Sampler
 from localmoe.engine.scheduler import Scheduler
 from localmoe.engine.sequence import Request, Sequence
-from localmoe.experts.cache import attach_expert_caches
-from localmoe.experts.trace import RoutingTrace
-from localmoe.layers.cpu_kernels import kernels
-from localmoe.layers.linear import pack_model, packing_supported
-from localmoe.layers.moe import SparseMoE
+from localmoe.engine.stats import (
+    PUBLISH_INTERVAL_S, EngineStats, MemoryAccount, StatsSnapshot, tensor_bytes, weights_bytes,
+)
+from localmoe.experts.observer import RoutingObserver
+from localmoe.experts.stats import expert_stats
+from localmoe.experts.trace import RoutingTrace, TracedTokens
 from localmoe.models.builtin import resolve_model
-from localmoe.models.loader import load_model, resolve_dtype
-from localmoe.outputs import CompletionOutput, Logprob, RequestOutput
+from localmoe.outputs import RequestOutput
 from localmoe.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -41,22 +45,6 @@ class RequestError(ValueError):
         self.param = param
 
 
-@dataclass
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float
-    num_blocks_total: int
-    num_free_blocks: int
-    prompt_tokens_total: int
-    generation_tokens_total: int
-    prefix_cache_queries: int
-    prefix_cache_hits: int
-    num_preemptions_total: int
-    num_swapped_out_total: int
-    num_prefill_chunks_total: int
-
-
 def load_tokenizer(path: str | Path, hf_config: dict, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The checkpoint's tokenizer, running the checkpoint's own tokenizer code only with trust_remote_code (the
     forward pass is always ours). For our own architecture (a model_type transformers does not know) it gets an
@@ -66,53 +54,34 @@ def load_tokenizer(path: str | Path, hf_config: dict, trust_remote_code: bool = 
                                          **({} if known else {"config": PretrainedConfig()}))
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig, model_dir: str | Path, served_model_name: str) -> None:
         self.config = config
         self.model_name = served_model_name
-        self.device = resolve_device(config.device)
-        offload = config.expert_offload_target if config.expert_cache_size > 0 else None
-        self.model, self.hf_config = load_model(model_dir, config.dtype, self.device, offload)
-        self.dtype = resolve_dtype(config.dtype, self.hf_config, self.device)
-        self.expert_caches = attach_expert_caches(self.model, config.expert_cache_size, config.expert_cache_policy,
-                                                  self.device, config.expert_prefetch) if offload else []
-        if self.device.type == "cpu":
-            kernels()  # built (or loaded from their cache) now, before the server is ready, never inside a request
-        if packing_supported(self.dtype, self.device):
-            pack_model(self.model)
-        self.tokenizer = load_tokenizer(config.tokenizer or model_dir, self.hf_config, config.trust_remote_code)
-        limit = self.hf_config["max_position_embeddings"]
-        self.max_model_len = config.max_model_len or limit
-        if self.max_model_len > limit:
-            raise ConfigError(f"max_model_len {self.max_model_len} exceeds the model's "
-                              f"max_position_embeddings {limit}")
-
-        block_bytes = kv_block_bytes(self.model, config.block_size, self.dtype)
-        num_blocks = self._kv_budget() // block_bytes
-        if num_blocks * config.block_size < self.max_model_len:
-            raise ConfigError(f"the KV cache budget holds {num_blocks * config.block_size} tokens, fewer than "
-                              f"max_model_len {self.max_model_len}; raise kv_cache_memory / "
-                              f"gpu_memory_utilization or lower max_model_len")
-        num_swap_blocks = int(config.swap_space * 2**30) // block_bytes
+        model_dir = Path(model_dir)
+        self.runner = ModelRunner(config, model_dir)
+        self.model, self.hf_config, self.device = self.runner.model, self.runner.hf_config, self.runner.device
+        self.experts = self.runner.experts  # offloaded experts' store and caches (experts/runtime.py)
+        self.max_model_len = self.runner.max_model_len
+        num_blocks, num_swap_blocks = self.runner.allocate_kv_cache()
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                           num_swap_blocks)
         self.scheduler = Scheduler(config, self.block_manager)
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.device, self.dtype,
-                                  num_swap_blocks)
-        self.sampler = Sampler(self._eos_token_ids(Path(model_dir)))
-        moe_layers = [m for m in self.model.modules() if isinstance(m, SparseMoE)]
-        self.trace = RoutingTrace(config.routing_trace, moe_layers) if config.routing_trace else None
+        self.tokenizer = load_tokenizer(config.tokenizer or model_dir, self.hf_config, config.trust_remote_code)
+        eos_token_ids = self._eos_token_ids(model_dir)
+        self.sampler = Sampler(eos_token_ids)
+        self.output = OutputProcessor(self.tokenizer, eos_token_ids, self.max_model_len)
+        self.observer = RoutingObserver(self.model)
+        self.trace = RoutingTrace(config.routing_trace, self.observer.blocks) if config.routing_trace else None
+        self.memory = MemoryAccount(self.device, weights_bytes(self.model, self.experts),
+                                    tensor_bytes(self.runner.kv_caches), tensor_bytes(self.runner.swap_caches),
+                                    self.experts)
         self.requests: dict[str, Request] = {}
         self.failures: dict[str, Exception] = {}  # requests that failed in a step, until take_failures()
-        self.detokenizers: dict[int, IncrementalDetokenizer] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.snapshot = StatsSnapshot()  # the latest published statistics (see engine/stats.py)
+        self.publish_stats()
         torch.manual_seed(config.seed)
         # Loading leaves hundreds of thousands of long-lived objects (modules, tokenizer, imports); the cyclic
         # collector would walk them all again every few steps (~7% of a decode step's time on two cores). Frozen,
@@ -124,12 +93,6 @@ class LLMEngine:
     def from_config(cls, config: Config) -> "LLMEngine":
         model_dir, name = resolve_model(config.engine.model_name, config.model)
         return cls(config.engine, model_dir, config.engine.served_model_name or name)
-
-    def _kv_budget(self) -> int:
-        if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            return int(total * self.config.gpu_memory_utilization) - (total - free)
-        return self.config.kv_cache_memory
 
     def _eos_token_ids(self, model_dir: Path) -> set[int]:
         ids: set[int] = set()
@@ -157,10 +120,7 @@ class LLMEngine:
             bad = next((t for t in ids if not 0 <= t < vocab), None)
             if bad is not None:
                 raise RequestError(f"{param}: token id {bad} is out of vocabulary (size {vocab})", param)
-        if len(prompt_token_ids) > self.max_model_len:
-            raise RequestError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt "
-                f"has {len(prompt_token_ids)} tokens. Please reduce the length of the prompt.", "prompt")
+        self._check_context(len(prompt_token_ids), params.max_tokens)
         if not self.config.enable_chunked_prefill and len(prompt_token_ids) > self.config.max_num_batched_tokens:
             raise RequestError(f"the prompt has {len(prompt_token_ids)} tokens, more than max_num_batched_tokens "
                                f"{self.config.max_num_batched_tokens} (enable chunked prefill)", "prompt")
@@ -170,6 +130,17 @@ class LLMEngine:
             request.generator = torch.Generator(self.device).manual_seed(params.seed)
         request.seqs = [Sequence(request, i, list(prompt_token_ids), len(prompt_token_ids)) for i in range(params.n)]
         return request
+
+    def _check_context(self, num_prompt: int, max_tokens: int | None) -> None:
+        """The prompt leaves room for at least one token, and for max_tokens of them when that is given."""
+        limit = self.max_model_len
+        if num_prompt >= limit:
+            raise RequestError(f"This model's maximum context length is {limit} tokens. However, your request has "
+                               f"{num_prompt} input tokens. Please reduce the length of the input.", "prompt")
+        if max_tokens is not None and num_prompt + max_tokens > limit:
+            raise RequestError(f"This model's maximum context length is {limit} tokens. However, you requested "
+                               f"{num_prompt + max_tokens} tokens ({num_prompt} in the input, {max_tokens} in the "
+                               f"completion). Please reduce the length of the input or completion.", "max_tokens")
 
     def _check_limits(self, params: SamplingParams, vocab: int) -> None:
         """The sampling settings whose range depends on the model or the engine's settings."""
@@ -192,9 +163,8 @@ class LLMEngine:
             raise RequestError(f"request id {request.request_id!r} is already in use", "request_id")
         self.requests[request.request_id] = request
         self.prompt_tokens_total += len(request.prompt_token_ids)
+        self.output.add(request)
         for seq in request.seqs:
-            self.detokenizers[seq.seq_id] = IncrementalDetokenizer(
-                self.tokenizer, request.prompt_token_ids, request.params.skip_special_tokens)
             self.scheduler.add(seq)
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int] | None,
@@ -233,10 +203,14 @@ class LLMEngine:
             for seq in batch.seqs:
                 self._fail(seq.request, error)
             return []
-        if self.trace is not None:
-            self.trace.write(batch)
+        routed = self.observer.end_step()
+        if self.trace is not None and routed is not None:
+            self.trace.write(routed, [TracedTokens(seq.request.request_id, seq.index, seq.num_computed_tokens,
+                                                   seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + n])
+                                      for seq, n in zip(batch.seqs, batch.num_tokens)])
         for i, logits_of_prompt in logits.prompt.items():
-            self._guarded(batch.seqs[i].request, self._record_prompt_logprobs, batch.seqs[i], logits_of_prompt)
+            self._guarded(batch.seqs[i].request, self.output.record_prompt_logprobs, batch.seqs[i],
+                          logits_of_prompt)
         for seq, n in zip(batch.seqs, batch.num_tokens):
             if seq.request.request_id in self.requests:
                 seq.num_computed_tokens += n
@@ -263,7 +237,8 @@ class LLMEngine:
             if request.finished:
                 request.finished_time = now
                 del self.requests[request.request_id]
-            outputs.append(self._output(request))
+            outputs.append(self.output.request_output(request))
+        self.publish_stats(force=not self.requests)
         return outputs
 
     def take_failures(self) -> dict[str, Exception]:
@@ -315,84 +290,23 @@ class LLMEngine:
 
     def _append_token(self, seq: Sequence, token: int, logprob: float | None,
                       top: list[tuple[int, float]] | None) -> None:
-        seq.token_ids.append(token)
         self.generation_tokens_total += 1
-        params = seq.params
-        if logprob is not None:
-            seq.cumulative_logprob += logprob
-            entry = {token: Logprob(logprob, self.tokenizer.decode([token]))}
-            for alt, value in top or []:
-                entry.setdefault(alt, Logprob(value, self.tokenizer.decode([alt])))
-            seq.logprobs = (seq.logprobs or []) + [entry]
-        previous = len(seq.text)
-        seq.text += self.detokenizers[seq.seq_id].step(token)
-        if not params.ignore_eos and token in self.sampler.eos_token_ids:
-            seq.finish_reason = "stop"
-        elif token in params.stop_token_ids:
-            seq.finish_reason, seq.stop_reason = "stop", token
-        elif params.stop and self._find_stop_string(seq, previous):
-            seq.finish_reason = "stop"
-        elif params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
-            seq.finish_reason = "length"
-        elif seq.num_tokens >= self.max_model_len:
-            seq.finish_reason = "length"
-        if seq.finish_reason is not None:
-            if seq.stop_reason is None or isinstance(seq.stop_reason, int):
-                seq.text += self.detokenizers[seq.seq_id].flush()
+        if self.output.append_token(seq, token, logprob, top):
             self._release(seq)
-
-    def _record_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> None:
-        """Logprob of each prompt token given the ones before it (the first token has none)."""
-        request = seq.request
-        if seq.index != 0:
-            return
-        if request.prompt_logprobs is None:
-            request.prompt_logprobs = [None]
-        logprobs = torch.log_softmax(logits, dim=-1)
-        top_n = seq.params.prompt_logprobs
-        for row, position in enumerate(range(seq.num_computed_tokens, seq.num_computed_tokens + len(logits))):
-            if position + 1 != len(request.prompt_logprobs) or position + 1 >= seq.num_prompt_tokens:
-                continue  # already recorded before a preemption, or the last prompt token (it predicts output)
-            target = seq.token_ids[position + 1]
-            entry = {target: Logprob(float(logprobs[row, target]), self.tokenizer.decode([target]))}
-            if top_n:
-                values, ids = logprobs[row].topk(top_n)
-                for alt, value in zip(ids.tolist(), values.tolist()):
-                    entry.setdefault(alt, Logprob(value, self.tokenizer.decode([alt])))
-            request.prompt_logprobs.append(entry)
-
-    def _find_stop_string(self, seq: Sequence, previous: int) -> bool:
-        """Look for a stop string overlapping the new text; cut the text there."""
-        params = seq.params
-        for stop in params.stop:
-            at = seq.text.find(stop, max(0, previous - len(stop) + 1))
-            if at != -1:
-                seq.text = seq.text[:at + (len(stop) if params.include_stop_str_in_output else 0)]
-                seq.stop_reason = stop
-                return True
-        return False
 
     def _release(self, seq: Sequence) -> None:
         self.scheduler.remove(seq)
-        self.detokenizers.pop(seq.seq_id, None)
+        self.output.release(seq)
 
-    def _output(self, request: Request) -> RequestOutput:
-        outputs = [
-            CompletionOutput(
-                index=s.index, text=s.text, token_ids=list(s.output_token_ids),
-                cumulative_logprob=s.cumulative_logprob if s.params.logprobs is not None else None,
-                logprobs=list(s.logprobs) if s.logprobs is not None else None,
-                finish_reason=s.finish_reason, stop_reason=s.stop_reason)
-            for s in request.seqs
-        ]
-        metrics = {"arrival_time": request.arrival_time}
-        if request.first_token_time is not None:
-            metrics["first_token_time"] = request.first_token_time
-        if request.finished_time is not None:
-            metrics["finished_time"] = request.finished_time
-        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outputs,
-                             request.finished, num_cached_tokens=max(s.num_cached_tokens for s in request.seqs),
-                             prompt_logprobs=request.prompt_logprobs, metrics=metrics)
+    def publish_stats(self, force: bool = True) -> None:
+        """Replace the published snapshot by a new one (unless one was published less than PUBLISH_INTERVAL_S ago
+        and not `force`). Call on the engine's thread."""
+        now = time.monotonic()
+        if not force and now - self.snapshot.at < PUBLISH_INTERVAL_S:
+            return
+        bm = self.block_manager
+        self.snapshot = StatsSnapshot(self.stats, expert_stats(self.observer),
+                                      self.memory.snapshot(bm.num_blocks, bm.num_free_blocks, bm.usage), now)
 
     @property
     def stats(self) -> EngineStats:

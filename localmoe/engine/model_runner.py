@@ -1,4 +1,10 @@
-"""Turns a scheduled batch into one flat forward pass over the paged KV cache.
+"""The model on its device: loaded, its experts set up for serving, its KV pool allocated; each step it turns a
+scheduled batch into one flat forward pass over the paged KV cache.
+
+Loading (models/loader.py) gives the plain single-device model; the experts pass (experts/runtime.py) then
+decides how each MoE layer's experts are kept and run (offloaded, the CPU kernel's tiles, oneDNN's layout),
+and pack_model lays the other weights out for their matmuls. The KV pool takes what the budget allows
+(`kv_cache_memory` on CPU, `gpu_memory_utilization` of the device on CUDA, measured after loading).
 
 The step's tokens from every sequence are concatenated ([T]); attention metadata says where each
 token's K/V goes and which blocks each sequence reads. Logits are computed only for sequences
@@ -9,18 +15,43 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from localmoe.config import ConfigError, EngineConfig
 from localmoe.engine.scheduler import ScheduledBatch
+from localmoe.experts.memory_budget import auto_cache_bytes, memory_left
+from localmoe.experts.offload import OffloadPlan, offloaded_weight
+from localmoe.experts.runtime import convert_experts
 from localmoe.layers.attention import AttentionMetadata
+from localmoe.layers.cpu_kernels import kernels
 from localmoe.layers.huge_pages import huge_page_zeros
+from localmoe.layers.linear import pack_model, packing_supported
+from localmoe.models.loader import load_model, resolve_dtype
+
+
+DEFAULT_KV_BYTES = 2 * 2**30  # the CPU KV pool where memory allows
+
+
+def context_length(config: EngineConfig, hf_config: dict) -> int:
+    """max_model_len: as configured, at most the model's max_position_embeddings; by default that."""
+    limit = hf_config["max_position_embeddings"]
+    if config.max_model_len is not None and config.max_model_len > limit:
+        raise ConfigError(f"max_model_len {config.max_model_len} exceeds the model's max_position_embeddings {limit}")
+    return config.max_model_len or limit
 
 
 def kv_block_bytes(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
     """Bytes one KV block takes over all layers (each attention kind says what it caches per token)."""
     return sum(math.prod(layer.self_attn.kv_cache_shape(1, block_size)) for layer in model.layers) * dtype.itemsize
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 @dataclass
@@ -31,22 +62,77 @@ class StepLogits:
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, device: torch.device,
-                 dtype: torch.dtype, num_swap_blocks: int = 0) -> None:
-        self.model = model
-        self.block_size = block_size
-        self.device = device
+    def __init__(self, config: EngineConfig, model_dir: Path) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.model, self.hf_config = load_model(model_dir, config.dtype, self.device,
+                                                unread=offloaded_weight if config.offloads_experts else None)
+        self.dtype = resolve_dtype(config.dtype, self.hf_config, self.device)
+        self.max_model_len = context_length(config, self.hf_config)
+        self.block_bytes = kv_block_bytes(self.model, config.block_size, self.dtype)
+        self.swap_bytes = int(config.swap_space * 2**30)
+        # on CPU the KV pool's size is known before the experts are: an auto-sized expert cache takes what it leaves
+        self.kv_bytes = self._host_kv_bytes() if self.device.type == "cpu" else None
+        if self.device.type == "cpu":
+            kernels()  # built (or loaded from their cache) now, before the server is ready, never inside a request
+        packing = packing_supported(self.dtype, self.device)
+        self.experts = convert_experts(self.model, self.device, packing, self._offload_plan(model_dir))
+        if packing:
+            pack_model(self.model)
+        self.block_size = config.block_size
+        self.kv_caches: list[torch.Tensor] = []
+        self.swap_caches: list[torch.Tensor] = []
+
+    def _offload_plan(self, model_dir: Path) -> OffloadPlan | None:
+        config = self.config
+        if not config.offloads_experts:
+            return None
+        memory = config.expert_cache_bytes
+        if memory == "auto":
+            if self.device.type != "cpu":
+                raise ConfigError("expert_cache_memory: auto sizes a cache in host memory; on "
+                                  f"{self.device.type} give the cache's bytes")
+            # the weights that stay resident are loaded; the KV pool and swap space come next
+            memory = auto_cache_bytes(self.kv_bytes + self.swap_bytes)
+        return OffloadPlan(model_dir, config.expert_offload_target, config.expert_cache_size or None,
+                           config.expert_cache_policy, config.expert_prefetch, memory)
+
+    def _host_kv_bytes(self) -> int:
+        """kv_cache_memory; by default 2 GiB, or a quarter of what the process may still use where that is less
+        (never below one sequence of max_model_len tokens: less is refused in allocate_kv_cache)."""
+        configured = self.config.kv_cache_bytes
+        if configured is not None:
+            return configured
+        one_sequence = -(-self.max_model_len // self.config.block_size) * self.block_bytes
+        return max(one_sequence, min(DEFAULT_KV_BYTES, memory_left() // 4))
+
+    def allocate_kv_cache(self) -> tuple[int, int]:
+        """Allocate the KV pool the budget allows, and its host swap space; returns (blocks, swap blocks). Refuses
+        a budget that cannot hold one sequence of max_model_len tokens."""
+        config = self.config
+        num_blocks = (self.kv_bytes if self.kv_bytes is not None else self._device_kv_bytes()) // self.block_bytes
+        if num_blocks * config.block_size < self.max_model_len:
+            raise ConfigError(f"the KV cache budget holds {num_blocks * config.block_size} tokens, fewer than "
+                              f"max_model_len {self.max_model_len}; raise kv_cache_memory / "
+                              f"gpu_memory_utilization or lower max_model_len")
+        num_swap_blocks = self.swap_bytes // self.block_bytes
         # a layer's cache is [parts, blocks, ...]: block ids index dimension 1 whatever the attention kind.
         # Zero-filled, so every page is mapped now: the block manager hands blocks out across the whole pool
         # (LRU, for the prefix cache), and first touches during serving cost a page fault each, some of them
         # milliseconds on a virtual machine (lazily mapped, a 2 GiB pool took 4.5x the system time under load
         # and served 8% fewer tokens/s at concurrency 16). On CPU, on huge pages (layers/huge_pages.py): attention
         # reads blocks from all over the pool.
-        shapes = [layer.self_attn.kv_cache_shape(num_blocks, block_size) for layer in model.layers]
-        self.kv_caches = [huge_page_zeros(shape, dtype) if device.type == "cpu"
-                          else torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
-        self.swap_caches = [torch.zeros((shape[0], num_swap_blocks, *shape[2:]), dtype=dtype)
+        shapes = [layer.self_attn.kv_cache_shape(num_blocks, config.block_size) for layer in self.model.layers]
+        self.kv_caches = [huge_page_zeros(shape, self.dtype) if self.device.type == "cpu"
+                          else torch.zeros(shape, dtype=self.dtype, device=self.device) for shape in shapes]
+        self.swap_caches = [torch.zeros((shape[0], num_swap_blocks, *shape[2:]), dtype=self.dtype)
                             for shape in shapes]
+        return num_blocks, num_swap_blocks
+
+    def _device_kv_bytes(self) -> int:
+        """On CUDA, gpu_memory_utilization of the device less what loading took."""
+        free, total = torch.cuda.mem_get_info(self.device)
+        return int(total * self.config.gpu_memory_utilization) - (total - free)
 
     def swap(self, batch: ScheduledBatch) -> None:
         """Copy preempted sequences' blocks to host memory, then swapped-in ones back (in that order:

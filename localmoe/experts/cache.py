@@ -6,10 +6,10 @@ misses, loaded into slots freed by the eviction policy. When a step needs more e
 expert the step still needs), then the misses a slot-load at a time. The slots are allocated once, so the
 bytes the cache holds never exceed `capacity * expert_bytes`.
 
-Prefetch (optional): the MoE layer before this one applies this layer's router to its own input, guesses the
-experts this layer will want and loads them on a background thread while it computes (disk reads and copies
-release the GIL; on CUDA the copies run on a side stream from pinned host memory); this layer waits for that
-load before it looks at its slots.
+Prefetch (optional, see experts/offload.py): the MoE layer before this one guesses the experts this layer will
+want and has them loaded on a background thread while it computes (disk reads and copies release the GIL; on
+CUDA the copies run on a side stream from pinned host memory); this layer waits for that load before it looks
+at its slots.
 
 Policies: lru evicts the least recently used expert; lfu the least often used (ties: least recent); lfru ranks by
 an exponentially decayed use count, so an expert that was hot long ago fades (frequency weighted by recency).
@@ -22,11 +22,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from localmoe.config import EXPERT_CACHE_POLICIES as POLICIES
 from localmoe.experts.store import ExpertStore
-from localmoe.layers.moe import SparseMoE
+from localmoe.layers.huge_pages import page_aligned_zeros
 
 LFRU_DECAY = 0.9  # per access of the layer: a use 7 steps ago weighs about half a use now
 
@@ -74,7 +73,9 @@ class ExpertCache:
         self.path, self.store, self.policy = path, store, policy
         self.num_experts = layer.num_experts
         self.capacity = min(capacity, layer.num_experts)
-        self.slots = {kind: torch.zeros(self.capacity, *shape, dtype=store.dtype, device=device)
+        # on CPU page-aligned, so the store can read straight into a slot (direct I/O, experts/expert_file.py)
+        self.slots = {kind: page_aligned_zeros((self.capacity, *shape), store.dtype) if device.type == "cpu"
+                      else torch.zeros(self.capacity, *shape, dtype=store.dtype, device=device)
                       for kind, shape in layer.shapes.items()}
         self.expert_bytes = store.expert_bytes(path)
         self.slot_expert = [-1] * self.capacity  # which expert each slot holds
@@ -188,16 +189,3 @@ class ExpertCache:
 
     def _decayed_score(self, expert: int) -> float:
         return self.score[expert] * LFRU_DECAY ** (self.clock - self.last_use[expert])
-
-
-def attach_expert_caches(model: nn.Module, capacity: int, policy: str, device: torch.device,
-                         prefetch: bool = False) -> list[ExpertCache]:
-    """Give every MoE layer of a model loaded with expert offloading (model.expert_store) its cache; with
-    `prefetch`, each layer prefetches for the next one on a shared background thread."""
-    layers = [(path, m) for path, m in model.named_modules() if isinstance(m, SparseMoE)]
-    prefetcher = ThreadPoolExecutor(1, thread_name_prefix="expert-prefetch") if prefetch else None
-    caches = [ExpertCache(path, model.expert_store, capacity, policy, device, prefetcher) for path, _ in layers]
-    for i, ((_, layer), cache) in enumerate(zip(layers, caches)):
-        following = layers[i + 1][1] if prefetch and i + 1 < len(layers) else None
-        layer.attach_cache(cache, prefetch_for=following)
-    return caches

@@ -1,27 +1,18 @@
 """Expert statistics: what every MoE layer's experts did since the model loaded.
 
 Per layer and expert: tokens routed, and with offloading the cache's hits, misses, bytes moved and prefetch
-accuracy; per layer the load imbalance, max over mean tokens per expert (1.0 is perfectly even). Read by
-/v1/stats/experts, the Prometheus collector and the dashboard, from the counters the layers keep anyway.
+accuracy; per layer the load imbalance, max over mean tokens per expert (1.0 is perfectly even). Built on the
+engine thread from the routing observer's counts and the caches' own (the engine publishes it in its stats
+snapshot), read by /v1/stats/experts, the Prometheus collector and the dashboard.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
-from torch import nn
-
 from localmoe.experts.cache import ExpertCache
-from localmoe.layers.moe import SparseMoE
-
-_LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
-
-
-def moe_layers(model: nn.Module) -> list[tuple[int, SparseMoE]]:
-    """(decoder layer index, its MoE block), in depth order."""
-    return [(int(_LAYER_INDEX.search(path + ".")[1]), module) for path, module in model.named_modules()
-            if isinstance(module, SparseMoE)]
+from localmoe.experts.observer import RoutingObserver
+from localmoe.experts.offload import OffloadedExperts
 
 
 def load_imbalance(tokens: list[int]) -> float:
@@ -39,7 +30,7 @@ def cache_stats(cache: ExpertCache) -> dict[str, Any]:
     stats = cache.stats
     hits, misses = stats.hits.tolist(), stats.misses.tolist()
     return {
-        "capacity": cache.capacity, "policy": cache.policy,
+        "capacity": cache.capacity, "policy": cache.policy, "steps": cache.clock,
         "hits": hits, "misses": misses, "hit_rate": stats.hit_rate,
         "bytes_loaded_per_expert": stats.loaded_bytes.tolist(),
         "prefetched_per_expert": stats.prefetches.tolist(), "prefetch_used_per_expert": stats.prefetch_hits.tolist(),
@@ -51,13 +42,14 @@ def cache_stats(cache: ExpertCache) -> dict[str, Any]:
     }
 
 
-def expert_stats(model: nn.Module) -> dict[str, Any]:
+def expert_stats(observer: RoutingObserver) -> dict[str, Any]:
     layers = []
-    for index, moe in moe_layers(model):
-        tokens = moe.tokens_per_expert.tolist()
+    for index, moe, tokens in zip(observer.layer_indices, observer.blocks, observer.tokens.tolist()):
+        tokens = tokens[:moe.num_experts]
+        experts = moe.experts
         layers.append({"layer": index, "num_experts": moe.num_experts, "top_k": moe.top_k, "tokens": tokens,
                        "load_imbalance": load_imbalance(tokens),
-                       "cache": cache_stats(moe.cache) if moe.cache is not None else None})
+                       "cache": cache_stats(experts.cache) if isinstance(experts, OffloadedExperts) else None})
     caches = [layer["cache"] for layer in layers if layer["cache"] is not None]
     hits = sum(sum(c["hits"]) for c in caches)
     misses = sum(sum(c["misses"]) for c in caches)

@@ -3,32 +3,29 @@
 Offloading keeps each MoE layer's stacked expert parameters (w13, w2) out of the model; the store holds them
 instead, in one of two places:
 - `host`: a copy in host memory (pinned on CUDA, so copies to the device can overlap compute);
-- `disk`: nothing but where each expert's bytes sit in the checkpoint's safetensors files. A miss reads
-  exactly those byte ranges (os.pread), never a whole file, and casts them to the serving dtype.
+- `disk`: nothing in memory. Where each expert's bytes sit in the checkpoint's safetensors files is noted at
+  start, and `lay_out_on_disk` writes every expert once, in the serving dtype and layout, to a local
+  ExpertFile (experts/expert_file.py) that each miss then reads directly into its slot.
 
-The loader hands every checkpoint tensor that lands in an offloaded parameter to `add`, with the model's own
-name mapping already applied to a shape-only (meta) copy of it, so the store knows which expert, and which rows
-of it, the tensor fills; `read` later replays that mapping on the real bytes of one expert.
+The loader leaves offloaded experts unread; `fill` then goes over the checkpoint's tensors itself, applying the
+model's own name mapping to a shape-only (meta) copy of each, so the store knows which expert, and which rows
+of it, a tensor fills (and a host store reads those tensors); `_assemble` replays that mapping on the real
+bytes of one expert, read by offset (os.pread), never a whole file.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from localmoe.config import EXPERT_OFFLOAD_TARGETS as OFFLOAD_TARGETS
-
-SAFETENSORS_DTYPES = {
-    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+from localmoe.experts.expert_file import ExpertFile
+from localmoe.models.checkpoint import TensorLocation, safetensors_files, safetensors_locations
 
 # (checkpoint tensor name, tensor) -> [(parameter name, value, where in the parameter)]: the model's map_weight
 WeightMap = Callable[[str, torch.Tensor], Iterable[tuple[str, torch.Tensor, object]]]
@@ -36,40 +33,14 @@ WeightMap = Callable[[str, torch.Tensor], Iterable[tuple[str, torch.Tensor, obje
 Layout = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
+def _layout_name(layout: Layout | None) -> str | None:
+    return None if layout is None else f"{layout.__module__}.{layout.__qualname__}"
+
+
 def _lay_out(layout: Layout, experts: dict[str, torch.Tensor], dest: dict[str, torch.Tensor]) -> None:
     """Copy `experts` ("w13"/"w2" -> tensors) into `dest`, rearranged by `layout` (dest may be experts itself)."""
     for kind, value in zip(("w13", "w2"), layout(experts["w13"], experts["w2"])):
         dest[kind].copy_(value)
-
-
-@dataclass(frozen=True)
-class TensorLocation:
-    """A tensor's bytes inside a safetensors file."""
-
-    path: Path
-    offset: int  # of its first byte, from the start of the file
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-    def rows(self, first: int, count: int) -> "TensorLocation":
-        """Rows [first, first + count) along dimension 0: contiguous bytes in a row-major file."""
-        row_bytes = self.dtype.itemsize * int(torch.Size(self.shape[1:]).numel())
-        return TensorLocation(self.path, self.offset + first * row_bytes, self.dtype, (count, *self.shape[1:]))
-
-    @property
-    def nbytes(self) -> int:
-        return self.dtype.itemsize * int(torch.Size(self.shape).numel())
-
-
-def safetensors_locations(path: Path) -> dict[str, TensorLocation]:
-    """Every tensor's location in one safetensors file, from its header (8-byte length, then JSON)."""
-    with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
-    base = 8 + header_len
-    return {name: TensorLocation(path, base + info["data_offsets"][0], SAFETENSORS_DTYPES[info["dtype"]],
-                                 tuple(info["shape"]))
-            for name, info in header.items() if name != "__metadata__"}
 
 
 @dataclass
@@ -100,6 +71,7 @@ class ExpertStore:
         self.pin_memory = pin_memory
         self.layers: dict[str, _Layer] = {}  # MoE module path -> its experts
         self._files: dict[Path, int] = {}  # disk target: descriptors, open for the store's lifetime
+        self.file: ExpertFile | None = None  # disk target: the experts laid out for serving (lay_out_on_disk)
 
     def add_layer(self, path: str, num_experts: int, shapes: dict[str, tuple[int, ...]]) -> None:
         layer = _Layer(num_experts, shapes)
@@ -135,10 +107,28 @@ class ExpertStore:
         for expert in range(layer.num_experts) if stacked else [index]:
             layer.pieces[expert].append(_Piece(name, source.rows(expert, 1) if stacked else source, stacked))
 
+    def fill(self, model_dir: Path, ignored: Callable[[str], bool]) -> None:
+        """Take every checkpoint tensor that fills an expert of the layers added (`ignored`: names the model
+        skips): for a disk store, where its bytes are; for a host store, its values, read now."""
+        for file in safetensors_files(model_dir):
+            with safe_open(str(file), framework="pt") as f:
+                for name, location in safetensors_locations(file).items():
+                    if ignored(name):
+                        continue
+                    mapped = [m for m in self.weight_map(name, location.stand_in()) if self.owns(m[0])]
+                    if mapped and self.target == "host":
+                        mapped = [m for m in self.weight_map(name, f.get_tensor(name)) if self.owns(m[0])]
+                    for param, value, where in mapped:
+                        self.add(param, value, where, name, location)
+
     def set_layout(self, path: str, layout: Layout) -> None:
         """Serve this layer's experts rearranged by `layout` ((w13, w2) -> (w13, w2), same shapes; the CPU kernel's
-        tiles): host copies are rearranged once, here; experts read from disk as they are read."""
+        tiles): host copies are rearranged once, here; experts read from disk as they are read. Set once."""
         layer = self.layers[path]
+        if layer.layout is not None:
+            if layer.layout is not layout:
+                raise ValueError(f"{path}: the experts are laid out for another compute already")
+            return
         layer.layout = layout
         if self.target == "host":
             _lay_out(layout, layer.host, layer.host)  # in place: the copies stay pinned
@@ -154,18 +144,42 @@ class ExpertStore:
             for kind, slot in dest.items():
                 slot.copy_(layer.host[kind][expert], non_blocking=True)
             return self.expert_bytes(path)
-        moved = 0
-        target = dest if layer.layout is None else {kind: torch.empty_like(slot) for kind, slot in dest.items()}
+        if self.file is not None:
+            return self.file.read_into(path, expert, dest)
+        for kind, value in self._assemble(path, expert).items():
+            dest[kind].copy_(value)
+        return self.expert_bytes(path)
+
+    def lay_out_on_disk(self, root: Path) -> None:
+        """Disk target: write every expert once, laid out for its compute, to an ExpertFile under `root` (or find
+        it there from an earlier start); later reads come from it."""
+        layers = {path: (layer.num_experts, {kind: int(torch.Size(shape).numel()) * self.dtype.itemsize
+                                             for kind, shape in layer.shapes.items()})
+                  for path, layer in self.layers.items()}
+        sources = sorted({p.source.path.resolve() for layer in self.layers.values() for pieces in layer.pieces
+                          for p in pieces})
+        key = ExpertFile.key({
+            "version": 1, "dtype": str(self.dtype),
+            "layers": [[path, layer.num_experts, layer.shapes, _layout_name(layer.layout)]
+                       for path, layer in self.layers.items()],
+            "sources": [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in sources]})
+        file = ExpertFile(root / key / "experts.bin", layers)
+        file.build(self._assemble, lambda _: self.drop_page_cache())
+        self.file = file
+
+    def _assemble(self, path: str, expert: int) -> dict[str, torch.Tensor]:
+        """One expert read from the checkpoint: each piece mapped into place, cast, then laid out."""
+        layer = self.layers[path]
+        out = {kind: torch.empty(shape, dtype=self.dtype) for kind, shape in layer.shapes.items()}
         for piece in layer.pieces[expert]:
             raw = self._pread(piece.source)
-            moved += piece.source.nbytes
             for param, value, where in self.weight_map(piece.name, raw):
                 rows = where[1:] if isinstance(where, tuple) else ()  # within the expert
                 # one expert's row of a stacked tensor is mapped with its dimension 0 (of size 1) kept
-                target[param.rpartition(".")[2]][rows].copy_(value[0] if piece.stacked else value)
+                out[param.rpartition(".")[2]][rows].copy_(value[0] if piece.stacked else value)
         if layer.layout is not None:
-            _lay_out(layer.layout, target, dest)
-        return moved
+            _lay_out(layer.layout, out, out)
+        return out
 
     def _pread(self, loc: TensorLocation) -> torch.Tensor:
         fd = self._files.get(loc.path)

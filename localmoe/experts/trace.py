@@ -9,29 +9,39 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from localmoe.engine.scheduler import ScheduledBatch
 from localmoe.layers.moe import SparseMoE
 
 
+@dataclass(frozen=True)
+class TracedTokens:
+    """One sequence's share of a step: `tokens` computed from position `start`."""
+
+    request_id: str
+    index: int  # the sequence's index among its request's n
+    start: int
+    tokens: list[int]
+
+
 class RoutingTrace:
-    def __init__(self, path: str | Path, moe_layers: list[SparseMoE]) -> None:
-        self.layers = moe_layers
-        for layer in moe_layers:
-            layer.record_routing = True
+    def __init__(self, path: str | Path, blocks: list[SparseMoE]) -> None:
+        if not all(moe.token_choice for moe in blocks):
+            mixing = next(moe for moe in blocks if not moe.token_choice)
+            raise ValueError(f"routing_trace: a routing trace records token-choice routing, not that of "
+                             f"{type(mixing).__name__} ({getattr(mixing, 'routing', '')})")
         self.file = open(path, "a", encoding="utf-8")
 
-    def write(self, batch: ScheduledBatch) -> None:
-        """Call after the forward pass, before the sequences' computed counts advance."""
-        experts = torch.stack([layer.last_expert_ids for layer in self.layers]).cpu()  # [L, T, k]
+    def write(self, experts: torch.Tensor, pieces: list[TracedTokens]) -> None:
+        """One line per piece; `experts` [L, T, k] are the step's choices, the pieces' tokens in order."""
         offset = 0
-        for seq, n in zip(batch.seqs, batch.num_tokens):
-            start = seq.num_computed_tokens
-            record = {"request_id": seq.request.request_id, "index": seq.index, "start": start,
-                      "tokens": seq.token_ids[start:start + n], "experts": experts[:, offset:offset + n].tolist()}
+        for piece in pieces:
+            n = len(piece.tokens)
+            record = {"request_id": piece.request_id, "index": piece.index, "start": piece.start,
+                      "tokens": piece.tokens, "experts": experts[:, offset:offset + n].tolist()}
             self.file.write(json.dumps(record, separators=(",", ":")) + "\n")
             offset += n
         self.file.flush()

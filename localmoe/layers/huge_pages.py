@@ -44,3 +44,13 @@ def on_huge_pages(tensor: torch.Tensor) -> torch.Tensor:
 def huge_page_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """huge_page_empty filled with zeros, every page touched (mapped) now."""
     return huge_page_empty(shape, dtype).zero_()
+
+
+def page_aligned_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Zeros starting on a page boundary, for buffers that direct I/O reads into: huge_page_zeros when large,
+    else an anonymous mapping of their own (zero-filled, page-aligned)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes >= HUGE_PAGE or nbytes == 0:
+        return huge_page_zeros(shape, dtype)
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(region, dtype=torch.uint8, count=nbytes).view(dtype).view(shape)

@@ -73,7 +73,7 @@ class MergedLinear(Linear):
 
 
 def pack_model(model: nn.Module) -> None:
-    """Move every packable weight (Linear layers, stacked experts) into the packed layout."""
+    """Move every Linear layer's weight into the packed layout (experts: experts/runtime.py)."""
     for module in list(model.modules()):
         if hasattr(module, "pack"):
             module.pack()

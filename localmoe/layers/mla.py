@@ -24,29 +24,29 @@ from torch import nn
 from localmoe.layers.attention import AttentionMetadata
 from localmoe.layers.linear import Linear
 from localmoe.layers.norm import RMSNorm
-from localmoe.layers.rotary import rope_parameters, rotary_embedding, yarn_mscale
+from localmoe.layers.rotary import rotary_embedding, yarn_mscale
+from localmoe.models.args import ModelArgs
 
 
-def softmax_scale(cfg: dict, head_dim: int) -> float:
+def softmax_scale(rope: dict, head_dim: int) -> float:
     """1/sqrt(d), times YaRN's temperature correction where the context is stretched. DeepSeek applies that
     correction to the whole score, position-free part included, so it lives here rather than in cos/sin (which
     reach only the rotary dims): mscale(factor, mscale_all_dim) once for the query and once for the key."""
-    params = rope_parameters(cfg)
     scale = head_dim**-0.5
-    if params["rope_type"] != "default" and params.get("mscale_all_dim"):
-        scale *= yarn_mscale(params["factor"], params["mscale_all_dim"]) ** 2
+    if rope["rope_type"] != "default" and rope.get("mscale_all_dim"):
+        scale *= yarn_mscale(rope["factor"], rope["mscale_all_dim"]) ** 2
     return scale
 
 
 class MultiHeadLatentAttention(nn.Module):
-    def __init__(self, cfg: dict, interleaved_rope: bool) -> None:
+    def __init__(self, args: ModelArgs, interleaved_rope: bool) -> None:
         super().__init__()
-        d, bias = cfg["hidden_size"], bool(cfg.get("attention_bias", False))
-        self.num_heads = cfg["num_attention_heads"]
-        self.latent_dim, self.rope_dim = cfg["kv_lora_rank"], cfg["qk_rope_head_dim"]
-        self.nope_dim, self.v_dim = cfg["qk_nope_head_dim"], cfg["v_head_dim"]
+        d, bias = args.hidden_size, args.attention_bias
+        self.num_heads = args.num_attention_heads
+        self.latent_dim, self.rope_dim = args.kv_lora_rank, args.qk_rope_head_dim
+        self.nope_dim, self.v_dim = args.qk_nope_head_dim, args.v_head_dim
         q_size = self.num_heads * (self.nope_dim + self.rope_dim)
-        q_lora_rank = cfg.get("q_lora_rank")
+        q_lora_rank = args.q_lora_rank
         self.low_rank_queries = bool(q_lora_rank)
         if q_lora_rank:  # queries through their own low-rank bottleneck
             self.q_a_proj = Linear(d, q_lora_rank, bias=bias)
@@ -59,8 +59,8 @@ class MultiHeadLatentAttention(nn.Module):
         # stays row-major (never packed): decode steps read each head's W_uk_h and W_uv_h out of it
         self.kv_b_proj = nn.Linear(self.latent_dim, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = Linear(self.num_heads * self.v_dim, d, bias=bias)
-        self.rotary = rotary_embedding(self.rope_dim, cfg, interleaved=interleaved_rope)
-        self.scale = softmax_scale(cfg, self.nope_dim + self.rope_dim)
+        self.rotary = rotary_embedding(self.rope_dim, args.max_position_embeddings, args.rope, interleaved_rope)
+        self.scale = softmax_scale(args.rope, self.nope_dim + self.rope_dim)
         self.sliding_window = None
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:

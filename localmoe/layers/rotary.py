@@ -97,10 +97,9 @@ class RotaryEmbedding:
 _shared: dict[str, RotaryEmbedding] = {}
 
 
-def rotary_embedding(dim: int, hf_config: dict, interleaved: bool = False) -> RotaryEmbedding:
-    """The rotary embedding of a model (one instance per rotary shape and scaling, shared by its layers)."""
-    params = rope_parameters(hf_config)
-    max_positions = hf_config["max_position_embeddings"]
+def rotary_embedding(dim: int, max_positions: int, params: dict, interleaved: bool = False) -> RotaryEmbedding:
+    """The rotary embedding of a model (one instance per rotary shape and scaling, shared by its layers);
+    `params` as rope_parameters gives them."""
     key = json.dumps([dim, max_positions, interleaved, params], sort_keys=True)
     if key not in _shared:
         _shared[key] = RotaryEmbedding(dim, max_positions, params, interleaved)

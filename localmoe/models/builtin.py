@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from localmoe.config import ModelConfig
+from localmoe.models.args import ModelArgs
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 CHAT_TEMPLATE = (
@@ -94,12 +95,11 @@ def builtin_hf_config(cfg: ModelConfig, vocab_size: int) -> dict:
     }
 
 
-def _random_weights(hf: dict, seed: int) -> dict[str, torch.Tensor]:
+def _random_weights(args: ModelArgs, seed: int) -> dict[str, torch.Tensor]:
     """Seeded N(0, 0.02) weights with hub tensor names; norms near 1 so activations stay sane."""
     g = torch.Generator().manual_seed(seed)
-    d, i, v = hf["hidden_size"], hf["intermediate_size"], hf["vocab_size"]
-    hd = hf["head_dim"]
-    q, kv = hf["num_attention_heads"] * hd, hf["num_key_value_heads"] * hd
+    d, i, v = args.hidden_size, args.intermediate_size, args.vocab_size
+    q, kv = args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
 
     def normal(*shape: int) -> torch.Tensor:
         return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
@@ -108,7 +108,7 @@ def _random_weights(hf: dict, seed: int) -> dict[str, torch.Tensor]:
         return (1 + 0.1 * torch.randn(d, generator=g)).to(torch.bfloat16)
 
     w = {"model.embed_tokens.weight": normal(v, d)}
-    for layer in range(hf["num_hidden_layers"]):
+    for layer in range(args.num_hidden_layers):
         p = f"model.layers.{layer}."
         w[p + "input_layernorm.weight"] = norm()
         w[p + "self_attn.q_proj.weight"] = normal(q, d)
@@ -116,8 +116,8 @@ def _random_weights(hf: dict, seed: int) -> dict[str, torch.Tensor]:
         w[p + "self_attn.v_proj.weight"] = normal(kv, d)
         w[p + "self_attn.o_proj.weight"] = normal(d, q)
         w[p + "post_attention_layernorm.weight"] = norm()
-        w[p + "block_sparse_moe.gate.weight"] = normal(hf["num_local_experts"], d)
-        for e in range(hf["num_local_experts"]):
+        w[p + "block_sparse_moe.gate.weight"] = normal(args.num_local_experts, d)
+        for e in range(args.num_local_experts):
             w[p + f"block_sparse_moe.experts.{e}.w1.weight"] = normal(i, d)
             w[p + f"block_sparse_moe.experts.{e}.w2.weight"] = normal(d, i)
             w[p + f"block_sparse_moe.experts.{e}.w3.weight"] = normal(i, d)
@@ -125,13 +125,12 @@ def _random_weights(hf: dict, seed: int) -> dict[str, torch.Tensor]:
     w["lm_head.weight"] = normal(v, d)
     # LocalMoE's other routers: hash routing has no gate, soft MoE its Phi in the gate's place (gates are drawn
     # anyway, so a seed gives the same experts whatever the routing)
-    routing, slots = hf.get("routing"), hf["num_local_experts"] * hf.get("slots_per_expert", 1)
-    for layer in range(hf["num_hidden_layers"]):
+    for layer in range(args.num_hidden_layers):
         p = f"model.layers.{layer}.block_sparse_moe."
-        if routing in ("hash", "soft_moe"):
+        if args.routing in ("hash", "soft_moe"):
             del w[p + "gate.weight"]
-        if routing == "soft_moe":
-            w[p + "phi"] = normal(d, slots)
+        if args.routing == "soft_moe":
+            w[p + "phi"] = normal(d, args.num_local_experts * args.slots_per_expert)
     return w
 
 
@@ -160,7 +159,8 @@ def ensure_random_checkpoint(cfg: ModelConfig) -> Path:
     hf = builtin_hf_config(cfg, vocab_size)
     (tmp / "config.json").write_text(json.dumps(hf, indent=2))
     (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
-    save_file(_random_weights(hf, cfg.seed), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    save_file(_random_weights(ModelArgs.from_hf(hf), cfg.seed), str(tmp / "model.safetensors"),
+              metadata={"format": "pt"})
     try:
         tmp.rename(directory)
     except OSError:  # another process won the race; its copy is identical

@@ -18,16 +18,15 @@ from localmoe.layers.attention import AttentionMetadata, paged_attention
 from localmoe.layers.linear import Linear, MergedLinear
 from localmoe.layers.norm import RMSNorm
 from localmoe.layers.rotary import rotary_embedding
+from localmoe.models.args import ModelArgs
 
 
-def layer_sliding_window(cfg: dict, layer: int) -> int | None:
+def layer_sliding_window(args: ModelArgs, layer: int) -> int | None:
     """The attention window of one layer: `layer_types` names it per layer (transformers 5, gpt-oss);
     otherwise `sliding_window` applies to every layer unless `use_sliding_window` is false (Qwen)."""
-    if "layer_types" in cfg:
-        return cfg.get("sliding_window") if cfg["layer_types"][layer] == "sliding_attention" else None
-    if cfg.get("use_sliding_window") is False:
-        return None
-    return cfg.get("sliding_window")
+    if args.layer_types is not None:
+        return args.sliding_window if args.layer_types[layer] == "sliding_attention" else None
+    return args.sliding_window if args.use_sliding_window else None
 
 
 class Attention(nn.Module):
@@ -35,14 +34,12 @@ class Attention(nn.Module):
     queries and keys before rotary, over each head ("head", Qwen3) or the whole projection ("full", OLMoE);
     q, k and v clamped to +-clip_qkv after it (OLMoE's config)."""
 
-    def __init__(self, cfg: dict, layer: int, sinks: bool = False, qkv_bias: bool | None = None,
+    def __init__(self, args: ModelArgs, layer: int, sinks: bool = False, qkv_bias: bool | None = None,
                  qk_norm: Literal["head", "full"] | None = None) -> None:
         super().__init__()
-        d = cfg["hidden_size"]
-        self.num_heads = cfg["num_attention_heads"]
-        self.num_kv_heads = cfg.get("num_key_value_heads") or self.num_heads
-        self.head_dim = cfg.get("head_dim") or d // self.num_heads
-        bias = bool(cfg.get("attention_bias", False))
+        d, bias = args.hidden_size, args.attention_bias
+        self.num_heads, self.num_kv_heads = args.num_attention_heads, args.num_key_value_heads
+        self.head_dim = args.head_dim
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_sizes = [q_size, kv_size, kv_size]
         self.qkv_proj = MergedLinear(d, {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size},
@@ -50,13 +47,12 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.num_heads * self.head_dim, d, bias=bias)
         self.q_norm = self.k_norm = None
         if qk_norm:
-            eps = cfg.get("rms_norm_eps", 1e-6)
-            self.q_norm = RMSNorm(self.head_dim if qk_norm == "head" else q_size, eps)
-            self.k_norm = RMSNorm(self.head_dim if qk_norm == "head" else kv_size, eps)
-        self.clip_qkv: float | None = cfg.get("clip_qkv")
-        self.rotary = rotary_embedding(self.head_dim, cfg)
+            self.q_norm = RMSNorm(self.head_dim if qk_norm == "head" else q_size, args.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim if qk_norm == "head" else kv_size, args.rms_norm_eps)
+        self.clip_qkv = args.clip_qkv
+        self.rotary = rotary_embedding(self.head_dim, args.max_position_embeddings, args.rope)
         self.scale = self.head_dim**-0.5
-        self.sliding_window = layer_sliding_window(cfg, layer)
+        self.sliding_window = layer_sliding_window(args, layer)
         # a learned logit per head joining the softmax (gpt-oss's attention sinks, see layers/attention.py)
         self.sinks = nn.Parameter(torch.empty(self.num_heads)) if sinks else None
 
@@ -103,12 +99,11 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: dict, layer: int, mlp: nn.Module, attention: nn.Module | None = None) -> None:
+    def __init__(self, args: ModelArgs, layer: int, mlp: nn.Module, attention: nn.Module | None = None) -> None:
         super().__init__()
-        eps = cfg.get("rms_norm_eps", 1e-6)
-        self.input_layernorm = RMSNorm(cfg["hidden_size"], eps)
-        self.self_attn = Attention(cfg, layer) if attention is None else attention
-        self.post_attention_layernorm = RMSNorm(cfg["hidden_size"], eps)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = Attention(args, layer) if attention is None else attention
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = mlp
 
     def forward(self, positions: torch.Tensor, h: torch.Tensor, residual: torch.Tensor | None, kv_cache: torch.Tensor,
@@ -122,15 +117,18 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: dict) -> None:
+    # config.json fields this family cannot do without beyond every decoder's (ModelArgs.from_hf checks them)
+    required_fields: tuple[str, ...] = ()
+
+    def __init__(self, args: ModelArgs) -> None:
         super().__init__()
-        self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg["vocab_size"], cfg["hidden_size"])
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, self.make_mlp(cfg, i), self.make_attention(cfg, i))
-                                    for i in range(cfg["num_hidden_layers"]))
-        self.norm = RMSNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6))
-        self.tie_word_embeddings = bool(cfg.get("tie_word_embeddings", False))
-        self.lm_head = Linear(cfg["hidden_size"], cfg["vocab_size"], bias=False)
+        self.config = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, i, self.make_mlp(args, i), self.make_attention(args, i))
+                                    for i in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.tie_word_embeddings = args.tie_word_embeddings
+        self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
         self.tie_weights()
         # (parent module, checkpoint projection name) -> (merged module, its rows), e.g.
         # ("layers.0.self_attn", "k_proj") -> ("layers.0.self_attn.qkv_proj", slice(512, 768))
@@ -145,11 +143,11 @@ class LlamaForCausalLM(nn.Module):
         if self.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def make_attention(self, cfg: dict, layer: int) -> nn.Module:
-        return Attention(cfg, layer)
+    def make_attention(self, args: ModelArgs, layer: int) -> nn.Module:
+        return Attention(args, layer)
 
-    def make_mlp(self, cfg: dict, layer: int) -> nn.Module:
-        return MLP(cfg["hidden_size"], cfg["intermediate_size"], bool(cfg.get("mlp_bias", False)))
+    def make_mlp(self, args: ModelArgs, layer: int) -> nn.Module:
+        return MLP(args.hidden_size, args.intermediate_size, args.mlp_bias)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:

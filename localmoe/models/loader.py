@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from unittest.mock import patch
@@ -19,8 +19,8 @@ from rich.progress import Progress
 from safetensors import safe_open
 from torch import nn
 
-from localmoe.experts.store import ExpertStore, TensorLocation, safetensors_locations
-from localmoe.layers.moe import SparseMoE
+from localmoe.models.args import ModelArgs
+from localmoe.models.checkpoint import TensorLocation, safetensors_files, safetensors_locations
 from localmoe.models.registry import model_class
 
 DTYPES = {
@@ -51,63 +51,56 @@ def resolve_dtype(dtype: str, hf_config: dict, device: torch.device) -> torch.dt
     return DTYPES[dtype]
 
 
-def safetensors_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        missing = [s for s in shards if not (model_dir / s).exists()]
-        if missing:
-            raise ValueError(f"{index} names shard {missing[0]}, which is missing")
-        return [model_dir / s for s in shards]
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"{model_dir} holds no *.safetensors weights")
-    return files
-
-
 def load_model(model_dir: str | Path, dtype: str = "auto", device: str | torch.device = "cpu",
-               expert_offload: str | None = None) -> tuple[nn.Module, dict]:
+               unread: Callable[[str], bool] | None = None) -> tuple[nn.Module, dict]:
     """Build the architecture named by config.json and fill it from the checkpoint's tensors.
 
-    With `expert_offload` ("host" or "disk") the MoE layers' experts go to an ExpertStore (`model.expert_store`)
-    instead of the model: a host-memory copy, or only the experts' places in the files (nothing read now)."""
+    Parameters for which `unread(name)` holds are left shape-only, on the meta device, for another owner to fill
+    (expert offloading keeps experts out of the model): the checkpoint tensors that only fill them are checked
+    for name and shape but never read."""
     model_dir = Path(model_dir)
     device = torch.device(device)
     hf_config = read_hf_config(model_dir)
     cls = model_class(hf_config)
+    source = f"{model_dir}/config.json"
+    args = ModelArgs.from_hf(hf_config, cls.required_fields, source)
     torch_dtype = resolve_dtype(dtype, hf_config, device)
     try:
         with _uninitialized(torch_dtype, device):
-            model = cls(hf_config)
-    except KeyError as e:
-        raise ValueError(f"{model_dir}/config.json lacks the field {e.args[0]!r}") from e
-    store = None
-    if expert_offload is not None:
-        store = model.expert_store = ExpertStore(expert_offload, torch_dtype, model.map_weight,
-                                                 pin_memory=device.type == "cuda")
-        for path, module in model.named_modules():
-            if isinstance(module, SparseMoE):
-                module.offload(path, store)
+            model = cls(args)
+    except KeyError as e:  # a field inside one, e.g. rope_parameters' original_max_position_embeddings
+        raise ValueError(f"{source} lacks the field {e.args[0]!r}") from e
+    left_out = {name for name, _ in model.named_parameters() if unread is not None and unread(name)}
+    _to_meta(model, left_out)
     params = dict(model.named_parameters())
     loaded: dict[str, dict] = {}  # parameter -> {piece: elements}
     files = safetensors_files(model_dir)
     with Progress(transient=True, disable=not sys.stderr.isatty()) as progress:
         for path in files:
-            locations = safetensors_locations(path) if store is not None else {}
+            locations = safetensors_locations(path) if left_out else {}
             with safe_open(str(path), framework="pt") as f:
                 names = list(f.keys())
                 task = progress.add_task(f"Loading {path.name}", total=len(names))
                 for name in names:
-                    tensor = _offloaded_only(model, store, name, locations)
-                    if tensor is None:
-                        tensor = f.get_tensor(name)
-                    _load_tensor(model, params, loaded, name, tensor, path, store, locations.get(name))
+                    if not model.ignored_weight(name):
+                        tensor = _stand_in(model, left_out, locations.get(name), name)
+                        _load_tensor(model, params, loaded, name, f.get_tensor(name) if tensor is None else tensor,
+                                     path, left_out)
                     progress.advance(task)
     complete = _complete(params, loaded)
     missing = [n for n in params if n not in complete]
     if missing:
         raise ValueError(f"checkpoint {model_dir} is missing weight {missing[0]} ({len(missing)} missing in all)")
     return model.eval(), hf_config
+
+
+def _to_meta(model: nn.Module, names: set[str]) -> None:
+    """Replace these parameters by shape-only ones (their memory is never touched)."""
+    for name in names:
+        path, _, leaf = name.rpartition(".")
+        module = model.get_submodule(path)
+        value = getattr(module, leaf)
+        setattr(module, leaf, nn.Parameter(torch.empty(value.shape, dtype=value.dtype, device="meta"), False))
 
 
 @contextmanager
@@ -128,23 +121,19 @@ def _skip(self: nn.Module) -> None:
     pass
 
 
-def _offloaded_only(model: nn.Module, store: ExpertStore | None, name: str,
-                    locations: dict[str, TensorLocation]) -> torch.Tensor | None:
-    """A shape-only stand-in for a tensor that only fills experts a disk store leaves in the file, so it is
-    never read at load; None where the real tensor is needed."""
-    if store is None or store.needs_data or model.ignored_weight(name):
+def _stand_in(model: nn.Module, left_out: set[str], location: TensorLocation | None,
+              name: str) -> torch.Tensor | None:
+    """A shape-only stand-in for a tensor that fills only parameters left unread, so it is never read; None where
+    the real tensor is needed."""
+    if location is None:
         return None
-    loc = locations[name]
-    stand_in = torch.empty(loc.shape, dtype=loc.dtype, device="meta")
+    stand_in = location.stand_in()
     mapped = list(model.map_weight(name, stand_in))
-    return stand_in if mapped and all(store.owns(target) for target, _, _ in mapped) else None
+    return stand_in if mapped and all(target in left_out for target, _, _ in mapped) else None
 
 
 def _load_tensor(model: nn.Module, params: dict[str, nn.Parameter], loaded: dict[str, dict], name: str,
-                 tensor: torch.Tensor, path: Path, store: ExpertStore | None = None,
-                 location: TensorLocation | None = None) -> None:
-    if model.ignored_weight(name):
-        return
+                 tensor: torch.Tensor, path: Path, left_out: set[str]) -> None:
     for target, value, where in model.map_weight(name, tensor):
         if target not in params:
             raise ValueError(f"{path.name}: unexpected tensor {name!r} for {type(model).__name__}")
@@ -152,9 +141,7 @@ def _load_tensor(model: nn.Module, params: dict[str, nn.Parameter], loaded: dict
         if dest.shape != value.shape:
             raise ValueError(f"{path.name}: tensor {name!r} has shape {tuple(value.shape)}, "
                              f"expected {tuple(dest.shape)}")
-        if store is not None and store.owns(target):
-            store.add(target, value, where, name, location)
-        else:
+        if target not in left_out:
             dest.copy_(value)
         loaded.setdefault(target, {})[repr(where)] = dest.numel()
 

@@ -23,11 +23,11 @@ import torch
 from torch import nn
 
 from localmoe.config import ROUTINGS
-from localmoe.experts.store import ExpertStore
 from localmoe.layers.attention import AttentionMetadata
 from localmoe.layers.moe import SparseMoE
 from localmoe.layers.routing import drop_over_capacity, expert_choice, hash_topk, soft_moe_weights
 from localmoe.layers.segments import Segments
+from localmoe.models.args import ModelArgs
 from localmoe.models.mixtral import MixtralForCausalLM
 
 TOKEN_MIXING = ("expert_choice", "soft_moe")  # routings where one token's route depends on the others
@@ -36,12 +36,11 @@ TOKEN_MIXING = ("expert_choice", "soft_moe")  # routings where one token's route
 class LocalMoEBlock(SparseMoE):
     """Shapes: T tokens, D hidden, E experts, S slots per expert (soft MoE), B sequences in the step."""
 
-    def __init__(self, cfg: dict) -> None:
-        super().__init__(cfg["hidden_size"], cfg["intermediate_size"], cfg["num_local_experts"],
-                         cfg["num_experts_per_tok"])
-        self.routing: str = cfg.get("routing", "topk_softmax")
-        self.capacity_factor: float | None = cfg.get("capacity_factor")
-        self.slots_per_expert = int(cfg.get("slots_per_expert", 1))
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__(args.hidden_size, args.intermediate_size, args.num_local_experts, args.num_experts_per_tok)
+        self.routing = args.routing
+        self.capacity_factor = args.capacity_factor
+        self.slots_per_expert = args.slots_per_expert
         if self.routing not in ROUTINGS:
             raise ValueError(f"config.json routing {self.routing!r} is not one of {', '.join(ROUTINGS)}")
         if self.capacity_factor is not None and (self.routing == "soft_moe" or self.capacity_factor <= 0):
@@ -49,23 +48,15 @@ class LocalMoEBlock(SparseMoE):
         if self.routing in ("hash", "soft_moe"):
             self.gate = None
         if self.routing == "soft_moe":  # Phi: one learned vector per slot
-            self.phi = nn.Parameter(torch.empty(cfg["hidden_size"], self.num_experts * self.slots_per_expert))
+            self.phi = nn.Parameter(torch.empty(args.hidden_size, self.num_experts * self.slots_per_expert))
 
     @property
-    def record_routing(self) -> bool:
-        return self._record_routing
+    def token_choice(self) -> bool:
+        return self.routing not in TOKEN_MIXING
 
-    @record_routing.setter
-    def record_routing(self, on: bool) -> None:
-        if on and self.routing in TOKEN_MIXING:
-            raise ValueError(f"routing_trace: a routing trace records token-choice routing, not {self.routing}")
-        self._record_routing = on
-
-    def offload(self, path: str, store: ExpertStore) -> None:
-        if self.routing != "topk_softmax" or self.capacity_factor is not None:
-            raise ValueError(f"expert_cache_size: expert offloading serves topk_softmax routing without "
-                             f"capacity_factor, not {self.routing} routing (capacity_factor {self.capacity_factor})")
-        super().offload(path, store)
+    @property
+    def plain_top_k(self) -> bool:
+        return self.routing == "topk_softmax" and self.capacity_factor is None
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor, segments: Segments) -> torch.Tensor:
         if self.routing == "soft_moe":
@@ -89,15 +80,14 @@ class LocalMoEBlock(SparseMoE):
         slot_inputs = torch.bmm(to_slots.to(x.dtype), segments.pad(x, 0.0)).flatten(0, 1)  # [B*E*S, D]
         slot_experts = torch.arange(self.num_experts, device=x.device).repeat_interleave(self.slots_per_expert)
         slot_experts = slot_experts.repeat(num_seqs)[:, None]  # [B*E*S, 1]
-        self.count_routed(slot_experts)
         ones = torch.ones(slot_experts.shape, dtype=torch.float32, device=x.device)
-        slot_outputs = self.run_experts(slot_inputs, ones, slot_experts).view(num_seqs, -1, x.shape[1])
+        slot_outputs = self.experts(slot_inputs, ones, slot_experts).view(num_seqs, -1, x.shape[1])
         return torch.bmm(from_slots.to(x.dtype).unsqueeze(1), slot_outputs[segments.seq]).squeeze(1)
 
 
 class LocalMoEForCausalLM(MixtralForCausalLM):
-    def make_mlp(self, cfg: dict, layer: int) -> nn.Module:
-        return LocalMoEBlock(cfg)
+    def make_mlp(self, args: ModelArgs, layer: int) -> nn.Module:
+        return LocalMoEBlock(args)
 
     def mlp_inputs(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> tuple:
         """Hash routing reads the token ids; routers that compare tokens do it within each sequence."""

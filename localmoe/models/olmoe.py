@@ -11,19 +11,21 @@ import torch
 from torch import nn
 
 from localmoe.layers.moe import SparseMoE
+from localmoe.models.args import ModelArgs
 from localmoe.models.llama import Attention, LlamaForCausalLM, Piece
 from localmoe.models.mixtral import map_expert_weight
-from localmoe.models.qwen_moe import num_experts
 
 
 class OlmoeForCausalLM(LlamaForCausalLM):
-    def make_attention(self, cfg: dict, layer: int) -> Attention:
-        return Attention(cfg, layer, qk_norm="full")
+    required_fields = ("num_experts", "num_experts_per_tok")
 
-    def make_mlp(self, cfg: dict, layer: int) -> nn.Module:
-        return SparseMoE(cfg["hidden_size"], cfg["intermediate_size"], num_experts(cfg), cfg["num_experts_per_tok"],
-                         renormalize=bool(cfg.get("norm_topk_prob", False)))
+    def make_attention(self, args: ModelArgs, layer: int) -> Attention:
+        return Attention(args, layer, qk_norm="full")
+
+    def make_mlp(self, args: ModelArgs, layer: int) -> nn.Module:
+        return SparseMoE(args.hidden_size, args.intermediate_size, args.num_experts, args.num_experts_per_tok,
+                         renormalize=args.norm_topk_prob)
 
     def map_weight(self, name: str, tensor: torch.Tensor) -> Iterable[tuple[str, torch.Tensor, Piece]]:
         name = name.removeprefix("model.")
-        return map_expert_weight(name, tensor, self.config["intermediate_size"]) or super().map_weight(name, tensor)
+        return map_expert_weight(name, tensor, self.config.intermediate_size) or super().map_weight(name, tensor)

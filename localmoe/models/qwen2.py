@@ -3,9 +3,10 @@ value projections (none on the output projection)."""
 
 from __future__ import annotations
 
+from localmoe.models.args import ModelArgs
 from localmoe.models.llama import Attention, LlamaForCausalLM
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
-    def make_attention(self, cfg: dict, layer: int) -> Attention:
-        return Attention(cfg, layer, qkv_bias=True)
+    def make_attention(self, args: ModelArgs, layer: int) -> Attention:
+        return Attention(args, layer, qkv_bias=True)

@@ -15,41 +15,38 @@ import torch
 from torch import nn
 
 from localmoe.layers.moe import SparseMoE
+from localmoe.models.args import ModelArgs
 from localmoe.models.llama import MLP, Attention, LlamaForCausalLM, Piece
 from localmoe.models.mixtral import map_expert_weight
 
 
-def num_experts(cfg: dict) -> int:
-    """The hub's configs say `num_experts`; transformers' Qwen3-MoE config writes `num_local_experts`."""
-    return cfg["num_experts"] if "num_experts" in cfg else cfg["num_local_experts"]
-
-
-def is_sparse_layer(cfg: dict, layer: int) -> bool:
-    step = cfg.get("decoder_sparse_step") or 1
-    return layer not in (cfg.get("mlp_only_layers") or []) and (layer + 1) % step == 0
+def is_sparse_layer(args: ModelArgs, layer: int) -> bool:
+    return layer not in args.mlp_only_layers and (layer + 1) % args.decoder_sparse_step == 0
 
 
 class Qwen2MoeForCausalLM(LlamaForCausalLM):
-    def make_attention(self, cfg: dict, layer: int) -> Attention:
-        return Attention(cfg, layer, qkv_bias=cfg.get("qkv_bias", True))
+    required_fields = ("num_experts", "num_experts_per_tok", "moe_intermediate_size")
 
-    def make_mlp(self, cfg: dict, layer: int) -> nn.Module:
-        d = cfg["hidden_size"]
-        if not is_sparse_layer(cfg, layer):
-            return MLP(d, cfg["intermediate_size"])
-        shared_size = cfg.get("shared_expert_intermediate_size")
-        return SparseMoE(d, cfg["moe_intermediate_size"], num_experts(cfg), cfg["num_experts_per_tok"],
-                         renormalize=bool(cfg.get("norm_topk_prob", False)),
+    def make_attention(self, args: ModelArgs, layer: int) -> Attention:
+        return Attention(args, layer, qkv_bias=args.qkv_bias)
+
+    def make_mlp(self, args: ModelArgs, layer: int) -> nn.Module:
+        d = args.hidden_size
+        if not is_sparse_layer(args, layer):
+            return MLP(d, args.intermediate_size)
+        shared_size = args.shared_expert_intermediate_size
+        return SparseMoE(d, args.moe_intermediate_size, args.num_experts, args.num_experts_per_tok,
+                         renormalize=args.norm_topk_prob,
                          shared_expert=MLP(d, shared_size) if shared_size else None,
                          shared_expert_gate=bool(shared_size))
 
     def map_weight(self, name: str, tensor: torch.Tensor) -> Iterable[tuple[str, torch.Tensor, Piece]]:
         name = name.removeprefix("model.")
-        return map_expert_weight(name, tensor, self.config["moe_intermediate_size"]) or super().map_weight(name, tensor)
+        return map_expert_weight(name, tensor, self.config.moe_intermediate_size) or super().map_weight(name, tensor)
 
 
 class Qwen3MoeForCausalLM(Qwen2MoeForCausalLM):
     """Its configs name no shared expert, so make_mlp builds none; attention_bias covers q/k/v and o."""
 
-    def make_attention(self, cfg: dict, layer: int) -> Attention:
-        return Attention(cfg, layer, qk_norm="head")
+    def make_attention(self, args: ModelArgs, layer: int) -> Attention:
+        return Attention(args, layer, qk_norm="head")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from torch import nn
-
 from localmoe.models.deepseek import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from localmoe.models.gpt_oss import GptOssForCausalLM
 from localmoe.models.llama import LlamaForCausalLM
@@ -13,7 +11,7 @@ from localmoe.models.olmoe import OlmoeForCausalLM
 from localmoe.models.qwen2 import Qwen2ForCausalLM
 from localmoe.models.qwen_moe import Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
 
-ARCHITECTURES: dict[str, type[nn.Module]] = {
+ARCHITECTURES: dict[str, type[LlamaForCausalLM]] = {
     "MixtralForCausalLM": MixtralForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -28,7 +26,7 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
 }
 
 
-def model_class(hf_config: dict) -> type[nn.Module]:
+def model_class(hf_config: dict) -> type[LlamaForCausalLM]:
     archs = hf_config.get("architectures") or []
     if not archs:
         raise ValueError(f"config.json has no 'architectures' entry; supported: {', '.join(ARCHITECTURES)}")

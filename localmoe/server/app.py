@@ -21,12 +21,11 @@ from starlette.exceptions import HTTPException
 from localmoe import __version__
 from localmoe.config import Config
 from localmoe.engine.async_engine import AsyncEngine
-from localmoe.experts.stats import expert_stats
 from localmoe.server.auth import APIKeyMiddleware
 from localmoe.server.errors import APIError
 from localmoe.server.metrics import ServerMetrics
 from localmoe.server.openapi import install_openapi
-from localmoe.server.stats import memory_stats
+from localmoe.server.stats import process_rss_bytes
 from localmoe.server.dashboard import DASHBOARD_PAGE
 from localmoe.server.drain import Drain, DrainMiddleware
 from localmoe.server.protocol import (
@@ -41,8 +40,8 @@ log = logging.getLogger(__name__)
 def build_app(aengine: AsyncEngine, config: Config) -> FastAPI:
     """An app serving `aengine`; the engine loop starts and stops with the app's lifespan."""
     engine = aengine.engine
-    metrics = ServerMetrics(lambda: engine.stats, engine.model_name, engine.max_model_len,
-                            lambda: expert_stats(engine.model), lambda: aengine.num_reserved)
+    metrics = ServerMetrics(lambda: engine.snapshot.engine, engine.model_name, engine.max_model_len,
+                            lambda: engine.snapshot.experts, lambda: aengine.num_reserved)
     serving = OpenAIServing(aengine, metrics)
 
     @asynccontextmanager
@@ -79,11 +78,11 @@ def build_app(aengine: AsyncEngine, config: Config) -> FastAPI:
 
     @app.get("/v1/stats/experts")
     async def stats_experts() -> dict:
-        return expert_stats(engine.model)
+        return engine.snapshot.experts
 
     @app.get("/v1/stats/memory")
     async def stats_memory() -> dict:
-        return memory_stats(engine)
+        return {**engine.snapshot.memory, "process_rss_bytes": process_rss_bytes()}
 
     @app.get("/v1/stats/performance")
     async def stats_performance() -> dict:

@@ -29,7 +29,7 @@ T = TypeVar("T")
 
 @dataclass
 class Prompt:
-    text: str
+    text: str | None  # None for a prompt given as token ids
     token_ids: list[int]
 
 

@@ -1,7 +1,7 @@
 """Prometheus metrics under vLLM's names, so existing vLLM dashboards and alerts work unchanged.
 
-Gauges and counters kept by the engine (EngineStats) are read when Prometheus scrapes, so they
-never drift from the engine; per-request histograms are observed by the server as requests finish.
+Gauges and counters kept by the engine are read from its latest stats snapshot (engine/stats.py) when Prometheus
+scrapes; per-request histograms are observed by the server as requests finish.
 """
 
 from __future__ import annotations

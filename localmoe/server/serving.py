@@ -55,8 +55,11 @@ class OpenAIServing:
             raise APIError(f"token id {bad[0]} is out of vocabulary (size {vocab_size})", param=param)
 
     def token_prompt(self, token_ids: list[int]) -> Prompt:
-        self.check_token_ids(token_ids, "prompt")
-        return Prompt(self.tokenizer.decode(token_ids), list(token_ids))
+        """Checked by the engine with the rest of the request (make_request), decoded only for an echo."""
+        return Prompt(None, list(token_ids))
+
+    def prompt_text(self, prompt: Prompt) -> str:
+        return prompt.text if prompt.text is not None else self.tokenizer.decode(prompt.token_ids)
 
     def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool) -> str:
         try:
@@ -76,21 +79,10 @@ class OpenAIServing:
             raise APIError("prompt must not be empty", param="prompt")
         return [self.text_prompt(p) if isinstance(p, str) else self.token_prompt(p) for p in items]
 
-    def sampling_params(self, request: SamplingRequest, prompt: Prompt, max_tokens: int | None,
+    def sampling_params(self, request: SamplingRequest, max_tokens: int | None,
                         logprobs: int | None) -> SamplingParams:
-        """SamplingParams for one prompt; max_tokens None means all the room the context leaves."""
-        limit, num_prompt = self.max_model_len, len(prompt.token_ids)
-        if num_prompt == 0:
-            raise APIError("the prompt must contain at least one token", param="prompt")
-        if num_prompt >= limit:
-            raise APIError(f"This model's maximum context length is {limit} tokens. However, your request has "
-                           f"{num_prompt} input tokens. Please reduce the length of the input.", param="prompt")
-        if max_tokens is None:
-            max_tokens = limit - num_prompt
-        elif num_prompt + max_tokens > limit:
-            raise APIError(f"This model's maximum context length is {limit} tokens. However, you requested "
-                           f"{num_prompt + max_tokens} tokens ({num_prompt} in the input, {max_tokens} in the "
-                           f"completion). Please reduce the length of the input or completion.", param="max_tokens")
+        """SamplingParams as the request gives them (max_tokens None: all the room the context leaves); the
+        engine checks them against the prompt and the model when the Generation makes its requests."""
         fields = request.sampling_fields()
         if "logit_bias" in fields:
             fields["logit_bias"] = _token_keys(fields["logit_bias"])
@@ -104,7 +96,7 @@ class OpenAIServing:
     async def create_completion(self, request: CompletionRequest, raw_request: Request) -> Response:
         self.check_model(request.model)
         prompts = self.completion_prompts(request.prompt)
-        params = [self.sampling_params(request, p, request.max_tokens, request.logprobs) for p in prompts]
+        params = [self.sampling_params(request, request.max_tokens, request.logprobs) for _ in prompts]
         if request.echo and request.logprobs is not None:  # the echoed prompt comes with its tokens' logprobs
             params = [dataclasses.replace(p, prompt_logprobs=request.logprobs) for p in params]
         generation = Generation(self.aengine, self.metrics, f"cmpl-{uuid.uuid4().hex}", prompts, params,
@@ -116,7 +108,7 @@ class OpenAIServing:
             return Response(status_code=499)
         choices = []
         for i, output in enumerate(outputs):
-            echo = prompts[i].text if request.echo else ""
+            echo = self.prompt_text(prompts[i]) if request.echo else ""
             for c in output.outputs:
                 logprobs = None
                 if request.logprobs is not None:
@@ -133,7 +125,7 @@ class OpenAIServing:
     async def create_chat_completion(self, request: ChatCompletionRequest, raw_request: Request) -> Response:
         self.check_model(request.model)
         prompt = self.chat_prompt(request.messages, request.add_generation_prompt)
-        params = self.sampling_params(request, prompt, request.max_new_tokens, request.num_logprobs)
+        params = self.sampling_params(request, request.max_new_tokens, request.num_logprobs)
         generation = Generation(self.aengine, self.metrics, f"chatcmpl-{uuid.uuid4().hex}", [prompt], [params],
                                 request.priority)
         if request.stream:
@@ -175,7 +167,7 @@ class OpenAIServing:
         sent = _Progress()
         last: dict[int, RequestOutput] = {}
         async for i, output in generation.stream():
-            echo = generation.prompts[i].text if request.echo else ""
+            echo = self.prompt_text(generation.prompts[i]) if request.echo else ""
             if request.echo and i not in last:  # the prompt first, once it is computed (its logprobs with it)
                 logprobs = self._prompt_logprobs(output) if request.logprobs is not None else None
                 for j in range(n):

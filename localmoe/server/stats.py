@@ -1,8 +1,9 @@
 """LocalMoE's own statistics routes: /v1/stats/experts, /v1/stats/memory and /v1/stats/performance.
 
-Memory is counted from the tensors themselves (weights, KV pool, swap space, expert cache slots, the expert
-store's host copy) beside the process's resident set size as the OS reports it. Performance is a window over
-the most recent finished requests: throughput, and TTFT / TPOT / end-to-end percentiles.
+Experts and memory come from the engine's latest stats snapshot (engine/stats.py: memory counted from the
+tensors themselves, weights, KV pool, swap space, expert cache slots, the expert store's host copy), with the
+process's resident set size as the OS reports it added here. Performance is a window over the most recent
+finished requests: throughput, and TTFT / TPOT / end-to-end percentiles.
 """
 
 from __future__ import annotations
@@ -14,16 +15,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from localmoe.engine.llm_engine import LLMEngine
 from localmoe.outputs import RequestOutput
 
 PERCENTILES = (50, 90, 99)
-
-
-def tensor_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def process_rss_bytes() -> int | None:
@@ -33,38 +27,6 @@ def process_rss_bytes() -> int | None:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError):
         return None
-
-
-def memory_stats(engine: LLMEngine) -> dict[str, Any]:
-    model = engine.model
-    caches = engine.expert_caches
-    slots = {s.data_ptr() for c in caches for s in c.slots.values()}  # MoE layers' w13/w2 are views of these
-    weights = {id(t) if t.is_mkldnn else t.data_ptr(): t for t in (*model.parameters(), *model.buffers())
-               if t.device.type != "meta" and (t.is_mkldnn or t.data_ptr() not in slots)}.values()
-    store = getattr(model, "expert_store", None)
-    kv = engine.runner.kv_caches
-    device: dict[str, Any] = {"type": engine.device.type}
-    if engine.device.type == "cuda":
-        device |= {"allocated_bytes": torch.cuda.memory_allocated(engine.device),
-                   "reserved_bytes": torch.cuda.memory_reserved(engine.device)}
-    return {
-        "object": "memory_stats",
-        "device": device,
-        "weights_bytes": tensor_bytes(weights),
-        "kv_cache": {"bytes": tensor_bytes(kv), "num_blocks": engine.block_manager.num_blocks,
-                     "num_free_blocks": engine.block_manager.num_free_blocks, "usage": engine.block_manager.usage,
-                     "swap_bytes": tensor_bytes(engine.runner.swap_caches)},
-        "expert_cache": {
-            "enabled": bool(caches),
-            "experts_per_layer": engine.config.expert_cache_size,
-            "policy": engine.config.expert_cache_policy if caches else None,
-            "offload_target": store.target if store is not None else None,
-            "budget_bytes": sum(c.budget_bytes for c in caches),
-            "resident_bytes": sum(c.resident_bytes for c in caches),
-            "store_host_bytes": store.host_bytes() if store is not None else 0,
-        },
-        "process_rss_bytes": process_rss_bytes(),
-    }
 
 
 @dataclass

@@ -1,0 +1,157 @@
+"""Offloaded experts: a MoE layer's experts live in an ExpertStore (host memory or the checkpoint on disk) and
+a step's experts are brought into an ExpertCache's slots on the compute device and run there.
+
+`offload_experts` is the pass that does it to a loaded model (the loader left the experts unread, see
+`offloaded_weight`): one store for the model, one cache per MoE layer, and each layer's GroupedExperts replaced by
+OffloadedExperts. The compute over the slots is the CPU kernel's where it serves (the store lays each expert out
+in its tiles as it comes in), else the grouped path. With prefetch, each layer guesses the next layer's experts
+by applying that layer's router to its own input, and has them loaded on a background thread while it computes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from localmoe.experts.cache import ExpertCache
+from localmoe.experts.cpu import TiledExperts, kernel_serves
+from localmoe.experts.store import ExpertStore
+from localmoe.layers.cpu_kernels import expert_tiles
+from localmoe.layers.moe import Activation, Experts, GroupedExperts, SparseMoE
+from localmoe.models.builtin import cache_root
+
+EXPERT_PARAMS = ("w13", "w2")  # GroupedExperts' stacked weights: what offloading keeps out of the model
+
+
+@dataclass(frozen=True)
+class OffloadPlan:
+    model_dir: Path  # the checkpoint the experts are read from
+    target: str  # "host" or "disk" (experts/store.py)
+    capacity: int | None  # cache slots per MoE layer; None: as many as `memory` holds
+    policy: str  # eviction policy (experts/cache.py)
+    prefetch: bool
+    memory: int | None = None  # bytes of slots over all MoE layers, split evenly between them
+
+    def slots_per_layer(self, num_layers: int, expert_bytes: int) -> int:
+        if self.capacity is not None:
+            return self.capacity
+        per_layer = self.memory // max(num_layers, 1)
+        if per_layer < expert_bytes:
+            raise ValueError(f"expert_cache_memory: {self.memory} bytes give each of the {num_layers} MoE layers "
+                             f"{per_layer} bytes, less than one expert ({expert_bytes} bytes); the cache needs at "
+                             f"least {num_layers * expert_bytes} bytes")
+        return per_layer // expert_bytes
+
+
+def offloaded_weight(name: str) -> bool:
+    """Is this parameter one that offloading keeps out of the model (for the loader's `unread`)?"""
+    path, _, leaf = name.rpartition(".")
+    return path.endswith(".experts") and leaf in EXPERT_PARAMS
+
+
+class OffloadedExperts(Experts):
+    """Experts served from `cache`: each step runs wave by wave of the cache (experts/cache.py), `compute` (whose
+    weights are the cache's slots) on slot ids in place of expert ids. Partial results add up exactly and are
+    rounded once, so the output is the resident one (exactly, for top-2). Biases stay resident, by expert."""
+
+    def __init__(self, cache: ExpertCache, activation: Activation,
+                 biases: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        super().__init__()
+        self.num_experts = cache.num_experts
+        self.cache = cache
+        self.activation = activation
+        self.biases = biases
+        self.compute = _slot_compute(cache, activation, biases)
+        self.prefetch: Callable[[torch.Tensor], None] | None = None  # guesses the next layer's experts (see above)
+
+    def partial(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if self.prefetch is not None:
+            self.prefetch(x)
+        total = None
+        for slots in self.cache.waves(ids):
+            if self.biases is not None:  # each slot's biases are its expert's
+                held = torch.tensor(self.cache.slot_expert).clamp(min=0).to(self.biases[0].device)
+                self.compute.w13_bias.copy_(self.biases[0][held])
+                self.compute.w2_bias.copy_(self.biases[1][held])
+            part = self.compute.partial(x, weights, slots)
+            total = part if total is None else total + part
+        return total
+
+    def combine(self, weights: torch.Tensor, total: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.compute.combine(weights, total, dtype)
+
+
+def offload_experts(model: nn.Module, blocks: list[tuple[str, SparseMoE]], plan: OffloadPlan,
+                    device: torch.device) -> tuple[ExpertStore, list[ExpertCache]]:
+    """Give every MoE layer of `model` (loaded with offloaded_weight left unread) OffloadedExperts over one
+    ExpertStore filled from the checkpoint; returns the store and the layers' caches in depth order."""
+    for _, moe in blocks:
+        if not moe.plain_top_k:
+            raise ValueError(f"expert_cache_size: expert offloading serves plain top-k routing, not the routing of "
+                             f"{type(moe).__name__} ({getattr(moe, 'routing', '')})")
+    dtype = blocks[0][1].experts.w13.dtype if blocks else torch.get_default_dtype()
+    store = ExpertStore(plan.target, dtype, model.map_weight, pin_memory=device.type == "cuda")
+    for path, moe in blocks:
+        experts = moe.experts
+        store.add_layer(f"{path}.experts", experts.num_experts,
+                        {kind: tuple(getattr(experts, kind).shape[1:]) for kind in EXPERT_PARAMS})
+    store.fill(plan.model_dir, model.ignored_weight)
+    caches = attach_caches(blocks, store, plan, device)  # they set each layer's layout
+    if plan.target == "disk":
+        store.lay_out_on_disk(cache_root() / "experts")
+    return store, caches
+
+
+def attach_caches(blocks: list[tuple[str, SparseMoE]], store: ExpertStore, plan: OffloadPlan,
+                  device: torch.device) -> list[ExpertCache]:
+    """Give each MoE layer (offloaded to `store`, or about to be) a new, empty cache as `plan` says, and its
+    OffloadedExperts; returns the caches in depth order. Called again, it replaces the caches (a sweep of cache
+    settings on one loaded model)."""
+    prefetcher = ThreadPoolExecutor(1, thread_name_prefix="expert-prefetch") if plan.prefetch else None
+    caches = []
+    for path, moe in blocks:
+        capacity = plan.slots_per_layer(len(blocks), store.expert_bytes(f"{path}.experts"))
+        cache = ExpertCache(f"{path}.experts", store, capacity, plan.policy, device, prefetcher)
+        moe.experts = OffloadedExperts(cache, moe.experts.activation, _resident_biases(moe.experts))
+        caches.append(cache)
+    if prefetcher is not None:
+        for (_, moe), (_, following) in zip(blocks, blocks[1:]):
+            moe.experts.prefetch = _prefetch_for(following)
+    return caches
+
+
+def _slot_compute(cache: ExpertCache, activation: Activation,
+                  biases: tuple[torch.Tensor, torch.Tensor] | None) -> Experts:
+    """The experts module that runs on the cache's slots."""
+    w13, w2 = cache.slots["w13"], cache.slots["w2"]
+    hidden_size, intermediate_size = w2.shape[1:]
+    if kernel_serves(activation, biases is not None, w13.dtype, w13.device, hidden_size, intermediate_size):
+        cache.store.set_layout(cache.path, expert_tiles)
+        return TiledExperts(w13, w2)
+    with torch.device("meta"):  # shapes only: its weights are the slots, its biases filled per wave
+        compute = GroupedExperts(cache.capacity, hidden_size, intermediate_size, biases is not None, activation)
+    compute.w13, compute.w2 = nn.Parameter(w13, False), nn.Parameter(w2, False)
+    if biases is not None:
+        compute.w13_bias, compute.w2_bias = (nn.Parameter(b.new_zeros(cache.capacity, b.shape[1]), False)
+                                             for b in biases)
+    return compute
+
+
+def _resident_biases(experts: Experts) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if isinstance(experts, OffloadedExperts):
+        return experts.biases
+    return None if experts.w13_bias is None else (experts.w13_bias.data, experts.w2_bias.data)
+
+
+def _prefetch_for(following: SparseMoE) -> Callable[[torch.Tensor], None]:
+    """Guess `following`'s experts from an input (its router applied to it) and have its cache load them."""
+    cache = following.experts.cache
+
+    def prefetch(x: torch.Tensor) -> None:
+        cache.prefetch(torch.unique(following.route(x)[1]).tolist())
+    return prefetch

@@ -1,0 +1,46 @@
+"""How a loaded model's experts are kept and run while serving, decided in one pass after loading.
+
+The model files build, and the loader fills, plain GroupedExperts on one device (gpt-fast's model.py). This pass
+(gpt-fast's `convert_for_runtime`, `apply_tp`) swaps in, per MoE layer:
+- OffloadedExperts (experts/offload.py) when offloading is asked for: experts in a store, a cache of slots;
+- else TiledExperts (experts/cpu.py) where our CPU kernel serves them;
+- else OneDNNExperts where oneDNN's layouts are supported (CPU), else the GroupedExperts stay.
+Quantized and expert-parallel experts are further choices of the same pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from localmoe.experts.cache import ExpertCache
+from localmoe.experts.cpu import OneDNNExperts, TiledExperts, grouped_kernel_serves
+from localmoe.experts.offload import OffloadPlan, offload_experts
+from localmoe.experts.store import ExpertStore
+from localmoe.layers.moe import GroupedExperts, moe_blocks
+
+
+@dataclass
+class ServingExperts:
+    """What the pass set up beside the model: the store and caches of offloaded experts (none when resident)."""
+
+    store: ExpertStore | None = None
+    caches: list[ExpertCache] = field(default_factory=list)
+
+
+def convert_experts(model: nn.Module, device: torch.device, packing: bool,
+                    offload: OffloadPlan | None = None) -> ServingExperts:
+    """Give every MoE layer of `model` its serving experts; `packing`: oneDNN layouts are supported here."""
+    blocks = moe_blocks(model)
+    if offload is not None:
+        return ServingExperts(*offload_experts(model, blocks, offload, device))
+    for _, moe in blocks:
+        if not isinstance(moe.experts, GroupedExperts):
+            continue
+        if grouped_kernel_serves(moe.experts):
+            moe.experts = TiledExperts.of(moe.experts)
+        elif packing:
+            moe.experts = OneDNNExperts(moe.experts)
+    return ServingExperts()
