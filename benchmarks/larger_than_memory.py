@@ -217,8 +217,13 @@ def main() -> None:
             }
             for system, (command, expected) in systems.items():
                 print(f"fraction {fraction}, concurrency {concurrency}: {system}", flush=True)
-                result = run_level(system, command, url, MemoryLimit(f"localmoe-bench-{os.getpid()}", limit),
-                                   prompts, args, log_dir, expected)
+                try:
+                    result = run_level(system, command, url, MemoryLimit(f"localmoe-bench-{os.getpid()}", limit),
+                                       prompts, args, log_dir, expected)
+                except RuntimeError as error:  # it did not start under this limit: its own words say why
+                    log_tail = (log_dir / f"{system}.log").read_text().strip().splitlines()[-3:]
+                    result = {"system": system, "command": command, "decode_tokens_per_s": None,
+                              "error": f"{error}: {' | '.join(log_tail)}"}
                 levels.append({"fraction": fraction, "limit_bytes": limit, "concurrency": concurrency, **result})
                 print(json.dumps(levels[-1]), flush=True)
 
@@ -226,11 +231,9 @@ def main() -> None:
     for fraction in args.fractions:
         for concurrency in args.concurrency:
             pair = {r["system"]: r for r in levels if r["fraction"] == fraction and r["concurrency"] == concurrency}
-            peer = pair["llama.cpp"]["decode_tokens_per_s"]
-            ratios.append({"fraction": fraction, "concurrency": concurrency,
-                           "localmoe_tokens_per_s": pair["localmoe"]["decode_tokens_per_s"],
-                           "llama_cpp_tokens_per_s": peer,
-                           "ratio": pair["localmoe"]["decode_tokens_per_s"] / peer if peer else None})
+            ours, peer = pair["localmoe"]["decode_tokens_per_s"], pair["llama.cpp"]["decode_tokens_per_s"]
+            ratios.append({"fraction": fraction, "concurrency": concurrency, "localmoe_tokens_per_s": ours,
+                           "llama_cpp_tokens_per_s": peer, "ratio": ours / peer if ours and peer else None})
     report = {"model": args.model, "checkpoint_bytes": checkpoint_bytes, "machine": platform.node(),
               "cpus": os.cpu_count(), "input_len": args.input_len, "output_len": args.output_len,
               "deadline_s": args.deadline, "levels": levels, "ratios": ratios, "log_dir": str(log_dir)}
