@@ -77,7 +77,7 @@ class EngineConfig:
     seed: int = 0
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
-    # bytes for the KV pool when the device is the CPU (4294967296, 4GiB, 512M); default: 2 GiB, or a quarter
+    # bytes for the KV pool when the device is the CPU (4294967296, 4GiB, 512M); default: 2 GiB, or an eighth
     # of the memory left after loading where that is less (inside a container's limit), at least one sequence
     kv_cache_memory: str | None = None
     max_model_len: int | None = None

@@ -98,13 +98,13 @@ class ModelRunner:
                            config.expert_cache_policy, config.expert_prefetch, memory)
 
     def _host_kv_bytes(self) -> int:
-        """kv_cache_memory; by default 2 GiB, or a quarter of what the process may still use where that is less
+        """kv_cache_memory; by default 2 GiB, or an eighth of what the process may still use where that is less
         (never below one sequence of max_model_len tokens: less is refused in allocate_kv_cache)."""
         configured = self.config.kv_cache_bytes
         if configured is not None:
             return configured
         one_sequence = -(-self.max_model_len // self.config.block_size) * self.block_bytes
-        return max(one_sequence, min(DEFAULT_KV_BYTES, memory_left() // 4))
+        return max(one_sequence, min(DEFAULT_KV_BYTES, memory_left() // 8))
 
     def allocate_kv_cache(self) -> tuple[int, int]:
         """Allocate the KV pool the budget allows, and its host swap space; returns (blocks, swap blocks). Refuses
