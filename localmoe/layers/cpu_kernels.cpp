@@ -6,7 +6,7 @@
 
 torch::Tensor argmax_rows(torch::Tensor logits);
 torch::Tensor fused_moe(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor weights, torch::Tensor w13,
-                        torch::Tensor w2, bool float_out, std::optional<torch::Tensor> counts);
+                        torch::Tensor w2, bool float_out);
 torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor kv_cache,
                                torch::Tensor block_tables, torch::Tensor context_lens, double scale,
                                int64_t window, std::optional<torch::Tensor> sinks);

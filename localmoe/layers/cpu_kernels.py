@@ -188,10 +188,10 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
 
 
 def fused_moe(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
-              w2: torch.Tensor, float_out: bool = False, counts: torch.Tensor | None = None) -> torch.Tensor:
+              w2: torch.Tensor, float_out: bool = False) -> torch.Tensor:
     """sum_k weights[t, k] * SwiGLU expert ids[t, k] applied to x[t], for experts in expert_tiles; see
     tiled_matmul_cpu.cpp. The sums are kept in float32; bf16 is returned unless `float_out` (for callers adding
-    several partial sums). With `counts` (int64 [E]) the pairs routed to each expert are added to it."""
+    several partial sums; for top-2, adding those gives exactly the one call's sums)."""
     if x.shape[0] == 0:  # no tokens routed this step: no kernel call
         return x.new_empty(x.shape, dtype=torch.float32 if float_out else torch.bfloat16)
-    return kernels().fused_moe(x, expert_ids, weights, w13, w2, float_out, counts)
+    return kernels().fused_moe(x, expert_ids, weights, w13, w2, float_out)

@@ -91,12 +91,13 @@ const int32_t* pairs_of(const at::BFloat16* row) { return reinterpret_cast<const
 // x [T, D] bf16; expert_ids [T, K] int64 (-1: the pair adds nothing); weights [T, K] float32; w13 [E, 2I, D]
 // bf16 in tiles of 32 gate rows and their 32 up rows; w2 [E, D, I] bf16 in tiles of 64 rows
 // (layers/cpu_kernels.py makes both). Returns
-// sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) as [T, D] bf16, or as the float32 sums with float_out. With
-// counts (int64 [E]), adds the pairs routed to each expert to it.
+// sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) as [T, D] bf16, or as the float32 sums with float_out. Each pair's
+// weighted output is rounded to float32 before it is added (a multiply, then an add: no fused multiply-add), so for
+// top-2 the sum is the same whether both pairs run in one call or in two whose float32 results are then added (the
+// expert cache's waves, experts/offload.py): round(round(a) + round(b)) either way.
 torch::Tensor fused_moe(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor weights, torch::Tensor w13,
-                        torch::Tensor w2, bool float_out, std::optional<torch::Tensor> counts) {
+                        torch::Tensor w2, bool float_out) {
   check_on_cpu("fused_moe", {&x, &expert_ids, &weights, &w13, &w2});
-  if (counts) check_on_cpu("fused_moe", {&*counts});
   TORCH_CHECK(x.dim() == 2 && expert_ids.dim() == 2 && weights.dim() == 2 && w13.dim() == 3 && w2.dim() == 3,
               "fused_moe takes x [T, D], expert_ids and weights [T, K], w13 [E, 2I, D] and w2 [E, D, I]");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w13.scalar_type() == at::kBFloat16 &&
@@ -112,9 +113,6 @@ torch::Tensor fused_moe(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor
               "fused_moe expert weights do not match x or each other: w13 [E, 2I, D], w2 [E, D, I]");
   TORCH_CHECK(dim > 0 && inter > 0 && dim % 16 == 0 && inter % 16 == 0,
               "fused_moe needs hidden and expert sizes that are positive multiples of 16");
-  TORCH_CHECK(!counts || (counts->scalar_type() == at::kLong && counts->is_contiguous() &&
-                          counts->numel() == num_experts),
-              "fused_moe counts must be a contiguous int64 tensor with one entry per expert");
   if (tokens == 0) return torch::empty({0, dim}, x.options().dtype(float_out ? at::kFloat : at::kBFloat16));
   x = x.contiguous();
   expert_ids = of_type(expert_ids, at::kLong).contiguous();
@@ -132,10 +130,6 @@ torch::Tensor fused_moe(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor
   for (int64_t e = 0; e < num_experts; ++e) {
     if (start[e + 1]) active.push_back(e);
     start[e + 1] += start[e];
-  }
-  if (counts) {  // the running per-expert statistics, counted here as the pairs are grouped
-    int64_t* total = counts->data_ptr<int64_t>();
-    for (int64_t e = 0; e < num_experts; ++e) total[e] += start[e + 1] - start[e];
   }
   std::vector<int64_t> fill(start.begin(), start.end() - 1), order(start[num_experts]);
   for (int64_t p = 0; p < tokens * top_k; ++p)
@@ -191,7 +185,7 @@ torch::Tensor fused_moe(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor
           float* o = sums.data() + pair / top_k * kTileRows;
           const __m512 scale = _mm512_set1_ps(mix[pair]);
           for (int64_t r = 0; r < rows / 16; ++r)
-            _mm512_storeu_ps(o + 16 * r, _mm512_fmadd_ps(scale, s[r], _mm512_loadu_ps(o + 16 * r)));
+            _mm512_storeu_ps(o + 16 * r, _mm512_add_ps(_mm512_mul_ps(scale, s[r]), _mm512_loadu_ps(o + 16 * r)));
         });
       }
       for (int64_t t = 0; t < tokens; ++t)
