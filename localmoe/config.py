@@ -137,9 +137,7 @@ class EngineConfig:
         for bad, key, message in refusals:
             if bad:
                 raise ConfigError(f"{key}: {message}")
-        self.expert_cache_bytes  # noqa: B018 -- parsed now, so a bad value is refused at start
-        if self.kv_cache_bytes == "auto":
-            raise ConfigError("kv_cache_memory: give bytes, or leave it unset for the default")
+        self.expert_cache_bytes, self.kv_cache_bytes  # noqa: B018 -- parsed now: a bad value is refused at start
 
     @property
     def expert_cache_bytes(self) -> int | str | None:
@@ -149,20 +147,21 @@ class EngineConfig:
     @property
     def kv_cache_bytes(self) -> int | str | None:
         """kv_cache_memory in bytes, or None for the default (engine/model_runner.py)."""
-        return parse_memory(self.kv_cache_memory, "kv_cache_memory")
+        return parse_memory(self.kv_cache_memory, "kv_cache_memory", auto=False)
 
     @property
     def offloads_experts(self) -> bool:
         return self.expert_cache_size > 0 or self.expert_cache_memory is not None
 
 
-def parse_memory(value: int | str | None, key: str) -> int | str | None:
-    """Bytes given as a number, or with a binary unit (512MiB, 4G, 1.5GiB), or "auto"."""
-    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+def parse_memory(value: int | str | None, key: str, auto: bool = True) -> int | str | None:
+    """Bytes given as a number, or with a binary unit (512MiB, 4G, 1.5GiB), or (where `auto`) "auto"."""
+    if value is None or (auto and isinstance(value, str) and value.strip().lower() == "auto"):
         return None if value is None else "auto"
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", str(value), re.IGNORECASE)
     if match is None or isinstance(value, bool):
-        raise ConfigError(f"{key}: {value!r} is not a number of bytes (e.g. 4294967296, 4GiB, 512M) or auto")
+        raise ConfigError(f"{key}: {value!r} is not a number of bytes (e.g. 4294967296, 4GiB, 512M)"
+                          + (" or auto" if auto else ""))
     number = float(match[1]) * 1024 ** ("kmgt".index(match[2].lower()) + 1 if match[2] else 0)
     if number < 1:
         raise ConfigError(f"{key}: {value!r} must be at least one byte")

@@ -114,3 +114,17 @@ def test_refused_flag_exits_2_with_the_reason(monkeypatch: pytest.MonkeyPatch) -
     result = CliRunner().invoke(cli.app, ["serve", "--tensor-parallel-size", "4"])
     assert result.exit_code == 2
     assert "tensor_parallel_size" in result.output
+
+
+def test_memory_sizes_take_units_and_auto_only_where_it_means_something(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("vllm:\n  kv_cache_memory: 512MiB\n  expert_cache_memory: 1.5G\n")
+    engine = load_config(path).engine
+    assert (engine.kv_cache_bytes, engine.expert_cache_bytes) == (512 * 2**20, 3 * 2**29)
+    assert EngineConfig(kv_cache_memory=67108864).kv_cache_bytes == 2**26  # YAML gives plain numbers as ints
+    assert EngineConfig(expert_cache_memory="auto").expert_cache_bytes == "auto"
+    for text, key in (("kv_cache_memory: auto", "kv_cache_memory"), ("expert_cache_memory: 0", "expert_cache_memory"),
+                      ("expert_cache_memory: 4 parsecs", "expert_cache_memory")):
+        path.write_text(f"vllm:\n  {text}\n")
+        with pytest.raises(ConfigError, match=key):
+            load_config(path)
