@@ -164,6 +164,23 @@ def test_eviction_policies():
     assert resident_after("lfru", burst) == {0, 2, 3}
 
 
+def test_a_failed_read_fails_its_step_and_leaves_the_cache_whole():
+    """A read that raises (a disk error) fails the step that needed it; its slot is free again, not lost, so the
+    next steps load into it (with one slot, a lost slot would fail every step after)."""
+    store = FakeStore()
+    cache = ExpertCache("moe", store, 1, "lru", torch.device("cpu"))
+    list(cache.waves(torch.tensor([[2]])))
+    read = store.read
+    store.read = lambda *args: (_ for _ in ()).throw(OSError("EIO"))
+    with pytest.raises(OSError):
+        list(cache.waves(torch.tensor([[4]])))
+    assert cache.slot_expert == [-1] and cache.expert_slot == {}
+    store.read = read
+    for slots in cache.waves(torch.tensor([[4]])):
+        assert cache.slots["w13"][slots[slots >= 0], 0].tolist() == [4.0]
+    assert cache.slot_expert == [4] and cache.resident_bytes <= cache.budget_bytes
+
+
 def test_budget_below_top_k_runs_in_waves():
     cache = ExpertCache("moe", FakeStore(), 1, "lru", torch.device("cpu"))
     waves = list(cache.waves(torch.tensor([[4, 5], [5, 2]])))

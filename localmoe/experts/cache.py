@@ -170,7 +170,9 @@ class ExpertCache:
             candidates = [e for e in self.expert_slot if e not in keep]
             victim = min(candidates, key=self._rank)
             slot = self.expert_slot.pop(victim)
-        self.stats.loaded_bytes[expert] += self.store.read(self.path, expert, {k: s[slot] for k, s in self.slots.items()})
+            self.slot_expert[slot] = -1  # free until the read succeeds: a failed read leaves a free slot
+        moved = self.store.read(self.path, expert, {k: s[slot] for k, s in self.slots.items()})
+        self.stats.loaded_bytes[expert] += moved
         self.slot_expert[slot] = expert
         self.expert_slot[expert] = slot
 
