@@ -100,7 +100,7 @@ class ExpertFile:
                 self.buffered_reads += 1
                 fd = self._buffered_fd()
                 data = bytearray(nbytes)
-                _read_fully(fd, memoryview(data), offset)
+                read_fully(fd, memoryview(data), offset)
                 os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
                 slot.copy_(torch.frombuffer(data, dtype=slot.dtype).view(slot.shape))
             moved += nbytes
@@ -116,7 +116,7 @@ class ExpertFile:
         if self._direct < 0:
             return False
         try:
-            _read_fully(self._direct, _bytes_view(slot), offset)
+            read_fully(self._direct, _bytes_view(slot), offset)
             return True
         except OSError:  # EINVAL: the filesystem took the flag at open but does not do direct reads
             os.close(self._direct)
@@ -134,10 +134,11 @@ class ExpertFile:
         return self._buffered
 
 
-def _read_fully(fd: int, view: memoryview, offset: int) -> None:
+def read_fully(fd: int, view: memoryview, offset: int) -> None:
+    """Fill `view` from the file at `offset` (a pread may return less than asked)."""
     done = 0
-    while done < len(view):  # pread may return less than asked
+    while done < len(view):
         got = os.preadv(fd, [view[done:]], offset + done)
         if got == 0:
-            raise OSError(f"unexpected end of the expert file at byte {offset + done}")
+            raise OSError(f"unexpected end of file at byte {offset + done}")
         done += got

@@ -50,6 +50,7 @@ def available_ram() -> int:
 
 
 def resident_bytes() -> int:
+    """This process's resident set size (Linux /proc)."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 

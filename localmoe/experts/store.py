@@ -24,7 +24,7 @@ import torch
 from safetensors import safe_open
 
 from localmoe.config import EXPERT_OFFLOAD_TARGETS as OFFLOAD_TARGETS
-from localmoe.experts.expert_file import ExpertFile
+from localmoe.experts.expert_file import ExpertFile, read_fully
 from localmoe.models.checkpoint import TensorLocation, safetensors_files, safetensors_locations
 
 # (checkpoint tensor name, tensor) -> [(parameter name, value, where in the parameter)]: the model's map_weight
@@ -83,14 +83,9 @@ class ExpertStore:
         self.layers[path] = layer
 
     def owns(self, param: str) -> bool:
-        """Is `param` (e.g. "layers.3.mlp.w13") a stacked expert parameter this store holds?"""
+        """Is `param` (e.g. "layers.3.mlp.experts.w13") a stacked expert parameter this store holds?"""
         path, _, kind = param.rpartition(".")
         return path in self.layers and kind in self.layers[path].shapes
-
-    @property
-    def needs_data(self) -> bool:
-        """Whether the loader must read offloaded tensors now (host) or only note where they are (disk)."""
-        return self.target == "host"
 
     def add(self, param: str, value: torch.Tensor, where: object, name: str, source: TensorLocation) -> None:
         """Take one mapped checkpoint tensor for an offloaded parameter. `where` is as in map_weight: an expert
@@ -138,16 +133,12 @@ class ExpertStore:
         return sum(int(torch.Size(s).numel()) for s in self.layers[path].shapes.values()) * self.dtype.itemsize
 
     def read(self, path: str, expert: int, dest: dict[str, torch.Tensor]) -> int:
-        """Copy one expert's weights into `dest` ("w13"/"w2" -> one slot's tensors); returns the bytes moved."""
-        layer = self.layers[path]
-        if self.target == "host":
-            for kind, slot in dest.items():
-                slot.copy_(layer.host[kind][expert], non_blocking=True)
-            return self.expert_bytes(path)
-        if self.file is not None:
+        """Copy one expert's weights into `dest` ("w13"/"w2" -> one slot's tensors); returns the bytes moved. A
+        disk store reads from its expert file (lay_out_on_disk)."""
+        if self.target == "disk":
             return self.file.read_into(path, expert, dest)
-        for kind, value in self._assemble(path, expert).items():
-            dest[kind].copy_(value)
+        for kind, slot in dest.items():
+            slot.copy_(self.layers[path].host[kind][expert], non_blocking=True)
         return self.expert_bytes(path)
 
     def lay_out_on_disk(self, root: Path) -> None:
@@ -186,9 +177,7 @@ class ExpertStore:
         if fd is None:
             fd = self._files[loc.path] = os.open(loc.path, os.O_RDONLY)
         data = bytearray(loc.nbytes)
-        view, done = memoryview(data), 0
-        while done < loc.nbytes:  # pread may return less than asked
-            done += os.preadv(fd, [view[done:]], loc.offset + done)
+        read_fully(fd, memoryview(data), loc.offset)
         return torch.frombuffer(data, dtype=loc.dtype).view(loc.shape)
 
     def drop_page_cache(self) -> None:

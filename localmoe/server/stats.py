@@ -8,13 +8,13 @@ finished requests: throughput, and TTFT / TPOT / end-to-end percentiles.
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from localmoe.experts.memory_budget import resident_bytes
 from localmoe.outputs import RequestOutput
 
 PERCENTILES = (50, 90, 99)
@@ -23,8 +23,7 @@ PERCENTILES = (50, 90, 99)
 def process_rss_bytes() -> int | None:
     """Resident set size of this process (Linux /proc), None where unknown."""
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        return resident_bytes()
     except (OSError, ValueError):
         return None
 
