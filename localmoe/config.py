@@ -8,11 +8,13 @@ the file, one flag per key; an unknown key is an error that names it.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from localmoe.quant.scheme import LOAD_TIME, QuantScheme, quant_scheme
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "config.yaml"
 
@@ -25,6 +27,9 @@ class ConfigError(ValueError):
 ROUTINGS = ("topk_softmax", "expert_choice", "soft_moe", "hash")
 EXPERT_CACHE_POLICIES = ("lru", "lfu", "lfru")
 EXPERT_OFFLOAD_TARGETS = ("host", "disk")
+# model.quantization_type values that name an unquantized dtype (the original guide's "fp16"): they set the dtype
+QUANTIZATION_DTYPES = {"fp16": "float16", "float16": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16",
+                       "fp32": "float32", "float32": "float32"}
 
 
 @dataclass(frozen=True)
@@ -55,8 +60,9 @@ class ModelConfig:
             (self.capacity_factor is not None and self.routing == "soft_moe", "capacity_factor",
              "soft_moe routing drops no tokens; leave capacity_factor null"),
             (self.slots_per_expert < 1, "slots_per_expert", "slots_per_expert must be positive"),
-            (str(self.quantization_type).lower() not in ("none", ""), "quantization_type",
-             f"quantization_type {self.quantization_type!r} is not available yet for the built-in model; use none"),
+            (str(self.quantization_type).lower() not in (*QUANTIZATION_DTYPES, *LOAD_TIME, "none", ""),
+             "quantization_type", f"quantization_type {self.quantization_type!r} is not one of none, "
+             f"{', '.join(QUANTIZATION_DTYPES)}, {', '.join(LOAD_TIME)}"),
             (self.enable_compilation, "enable_compilation",
              "compilation is not available yet (the CPU kernels already fuse the hot paths); use false"),
         ]
@@ -92,7 +98,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     max_chunked_prefill_tokens: int | None = None
-    quantization: str | None = None
+    quantization: str | None = None  # int8, int4, experts_int8: weights quantized at load (quant/scheme.py)
+    quantize_experts_only: bool = False  # int8/int4 for the experts alone; dense layers keep the checkpoint's dtype
     trust_remote_code: bool = False  # lets a checkpoint's tokenizer run its own code (the model never does)
     load_format: str = "auto"
     use_v2_block_manager: bool = True  # accepted for old configs; has no effect
@@ -110,8 +117,6 @@ class EngineConfig:
         refusals = [
             (self.tensor_parallel_size != 1, "tensor_parallel_size",
              "tensor parallelism is not available yet; use tensor_parallel_size: 1"),
-            (self.quantization not in (None, "", "none"), "quantization",
-             f"quantization {self.quantization!r} is not supported yet"),
             (self.swap_space < 0, "swap_space", "swap_space must not be negative"),
             (self.load_format not in ("auto", "safetensors"), "load_format",
              f"load_format {self.load_format!r} is not supported (auto, safetensors)"),
@@ -137,7 +142,15 @@ class EngineConfig:
         for bad, key, message in refusals:
             if bad:
                 raise ConfigError(f"{key}: {message}")
+        self.quant_scheme  # noqa: B018 -- a name we do not serve is refused at start
         self.expert_cache_bytes, self.kv_cache_bytes  # noqa: B018 -- parsed now: a bad value is refused at start
+
+    @property
+    def quant_scheme(self) -> QuantScheme | None:
+        try:
+            return quant_scheme(self.quantization, self.quantize_experts_only)
+        except ValueError as error:
+            raise ConfigError(f"quantization: {error}") from None
 
     @property
     def expert_cache_bytes(self) -> int | str | None:
@@ -225,5 +238,25 @@ def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, A
         server=_build(ServerConfig, sections["server"], "server"),
     )
     config.model.validate()
+    config = with_quantization_type(config)
     config.engine.validate()
+    return config
+
+
+def with_quantization_type(config: Config) -> Config:
+    """model.quantization_type applied to the engine: a dtype name sets `dtype`, a quantization `quantization`;
+    it must agree with what the engine section sets itself."""
+    wanted = str(config.model.quantization_type).lower()
+    engine = config.engine
+    if wanted in QUANTIZATION_DTYPES:
+        key, value, unset = "dtype", QUANTIZATION_DTYPES[wanted], engine.dtype == "auto"
+    elif wanted in LOAD_TIME:
+        key, value, unset = "quantization", wanted, engine.quantization in (None, "", "none")
+    else:
+        return config
+    if unset:
+        return replace(config, engine=replace(engine, **{key: value}))
+    if getattr(engine, key) != value:
+        raise ConfigError(f"model.quantization_type {wanted!r} asks for {key} {value}, the vllm section sets "
+                          f"{getattr(engine, key)}: set one of them")
     return config

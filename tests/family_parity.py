@@ -54,9 +54,11 @@ def reference_greedy(ref, prompt: list[int], new: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-def check_batched_prompt_logits(directory: Path, lengths: list[int] = [5, 13, 22, 1], **kwargs) -> LLM:
-    """All prompts in one step; each one's last-token logits match the reference's."""
-    ref = reference_model(directory)
+def check_batched_prompt_logits(directory: Path, lengths: list[int] = [5, 13, 22, 1], reference: Path | None = None,
+                                **kwargs) -> LLM:
+    """All prompts in one step; each one's last-token logits match the reference's (transformers on the weights
+    in `reference`, by default the same checkpoint)."""
+    ref = reference_model(reference or directory)
     llm = engine(directory, **kwargs)
     steps = record_logits(llm)
     prompts = prompts_of(lengths)
@@ -69,11 +71,12 @@ def check_batched_prompt_logits(directory: Path, lengths: list[int] = [5, 13, 22
     return llm
 
 
-def check_greedy_with_shared_prefix(directory: Path, prefix_caching: bool, new: int = 32) -> None:
+def check_greedy_with_shared_prefix(directory: Path, prefix_caching: bool, new: int = 32, reference: Path | None = None,
+                                    **kwargs) -> None:
     """Four prompts sharing a 19-token prefix, the first alone then three batched: greedy tokens equal the
     reference's, the prefix cache is hit exactly when it is on, and every decode step's logits match."""
-    ref = reference_model(directory)
-    llm = engine(directory, enable_prefix_caching=prefix_caching)
+    ref = reference_model(reference or directory)
+    llm = engine(directory, enable_prefix_caching=prefix_caching, **kwargs)
     steps = record_logits(llm)
     shared = prompts_of([19], seed=7)[0]
     prompts = [shared + tail for tail in prompts_of([3, 6, 1], seed=8)]
@@ -144,14 +147,15 @@ def no_attention_bias(model: nn.Module) -> None:
         layer.self_attn.qkv_proj.bias = layer.self_attn.o_proj.bias = None
 
 
-def check_bfloat16_bar(directory: Path, lengths: list[int], new: int) -> LLM:
+def check_bfloat16_bar(directory: Path, lengths: list[int], new: int, reference: Path | None = None,
+                       **kwargs) -> LLM:
     """The bar for reduced precision: run in bf16, our logits may differ from transformers' fp32 ones by at most
     twice what transformers' own bf16 run differs by, at every prefill and decode position of the batched
     requests. The maximum is set by the rare token whose router nearly ties and flips an expert in a bf16 run;
     the median shows the everyday rounding, so both are held to the bar."""
-    ref32 = reference_model(directory)
-    ref16 = reference_model(directory).to(torch.bfloat16)
-    llm = engine(directory, dtype="bfloat16")
+    ref32 = reference_model(reference or directory)
+    ref16 = reference_model(reference or directory).to(torch.bfloat16)
+    llm = engine(directory, dtype="bfloat16", **kwargs)
     steps = record_logits(llm)
     prompts = prompts_of(lengths, seed=12)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],

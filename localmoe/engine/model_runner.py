@@ -2,8 +2,9 @@
 scheduled batch into one flat forward pass over the paged KV cache.
 
 Loading (models/loader.py) gives the plain single-device model; the experts pass (experts/runtime.py) then
-decides how each MoE layer's experts are kept and run (offloaded, the CPU kernel's tiles, oneDNN's layout),
-and pack_model lays the other weights out for their matmuls. The KV pool takes what the budget allows
+decides how each MoE layer's experts are kept and run (offloaded, quantized, the CPU kernel's tiles, oneDNN's
+layout), a quantization asked for replaces the dense linear layers (layers/quant_linear.py), and pack_model lays
+the other weights out for their matmuls. The KV pool takes what the budget allows
 (`kv_cache_memory` on CPU, `gpu_memory_utilization` of the device on CUDA, measured after loading).
 
 The step's tokens from every sequence are concatenated ([T]); attention metadata says where each
@@ -29,6 +30,7 @@ from localmoe.layers.attention import AttentionMetadata
 from localmoe.layers.cpu_kernels import kernels
 from localmoe.layers.huge_pages import huge_page_zeros
 from localmoe.layers.linear import pack_model, packing_supported
+from localmoe.layers.quant_linear import quantize_linears
 from localmoe.models.loader import load_model, resolve_dtype
 
 
@@ -76,7 +78,13 @@ class ModelRunner:
         if self.device.type == "cpu":
             kernels()  # built (or loaded from their cache) now, before the server is ready, never inside a request
         packing = packing_supported(self.dtype, self.device)
-        self.experts = convert_experts(self.model, self.device, packing, self._offload_plan(model_dir))
+        quant = config.quant_scheme
+        try:
+            self.experts = convert_experts(self.model, self.device, packing, self._offload_plan(model_dir), quant)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        if quant is not None and not quant.experts_only:
+            quantize_linears(self.model, quant)
         if packing:
             pack_model(self.model)
         self.block_size = config.block_size

@@ -3,9 +3,10 @@
 The model files build, and the loader fills, plain GroupedExperts on one device (gpt-fast's model.py). This pass
 (gpt-fast's `convert_for_runtime`, `apply_tp`) swaps in, per MoE layer:
 - OffloadedExperts (experts/offload.py) when offloading is asked for: experts in a store, a cache of slots;
+- else QuantTiledExperts / QuantGroupedExperts (experts/quantized.py) when a quantization is asked for;
 - else TiledExperts (experts/cpu.py) where our CPU kernel serves them;
 - else OneDNNExperts where oneDNN's layouts are supported (CPU), else the GroupedExperts stay.
-Quantized and expert-parallel experts are further choices of the same pass.
+Expert-parallel experts are a further choice of the same pass.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from torch import nn
 from localmoe.experts.cache import ExpertCache
 from localmoe.experts.cpu import OneDNNExperts, TiledExperts, grouped_kernel_serves
 from localmoe.experts.offload import OffloadPlan, offload_experts
+from localmoe.experts.quantized import quantize_experts
 from localmoe.experts.store import ExpertStore
 from localmoe.layers.moe import GroupedExperts, moe_blocks
+from localmoe.quant.scheme import QuantScheme
 
 
 @dataclass
@@ -30,16 +33,22 @@ class ServingExperts:
     caches: list[ExpertCache] = field(default_factory=list)
 
 
-def convert_experts(model: nn.Module, device: torch.device, packing: bool,
-                    offload: OffloadPlan | None = None) -> ServingExperts:
-    """Give every MoE layer of `model` its serving experts; `packing`: oneDNN layouts are supported here."""
+def convert_experts(model: nn.Module, device: torch.device, packing: bool, offload: OffloadPlan | None = None,
+                    quant: QuantScheme | None = None) -> ServingExperts:
+    """Give every MoE layer of `model` its serving experts; `packing`: oneDNN layouts are supported here; `quant`:
+    the experts are quantized by it."""
     blocks = moe_blocks(model)
     if offload is not None:
+        if quant is not None:
+            raise ValueError(f"quantization {quant.name!r} with expert offloading is not available yet: offloaded "
+                             "experts are served in the checkpoint's dtype")
         return ServingExperts(*offload_experts(model, blocks, offload, device))
     for _, moe in blocks:
         if not isinstance(moe.experts, GroupedExperts):
             continue
-        if grouped_kernel_serves(moe.experts):
+        if quant is not None:
+            moe.experts = quantize_experts(moe.experts, quant)
+        elif grouped_kernel_serves(moe.experts):
             moe.experts = TiledExperts.of(moe.experts)
         elif packing:
             moe.experts = OneDNNExperts(moe.experts)

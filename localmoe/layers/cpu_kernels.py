@@ -1,7 +1,8 @@
 """Our CPU kernels, C++ built on first use into one extension:
 
 - tiled_matmul_cpu.cpp: bf16 matmuls on weights stored in tiles (`to_tiles`): the MoE feed-forward (`fused_moe`)
-  and linear layers (`tiled_linear`), at every batch size;
+  and linear layers (`tiled_linear`), at every batch size; the same on 8- and 4-bit weights (`QuantTiles`),
+  dequantized in registers;
 - paged_attention_cpu.cpp: attention straight over the paged KV cache, a row per query token;
 - rms_norm_cpu.cpp: RMSNorm in one call;
 - rotary_cpu.cpp: the rotary embedding of a step's query and key heads in one call;
@@ -28,12 +29,15 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
 
 import torch
 import torch.nn.functional as F
+
+from localmoe.quant.weight import QuantizedWeight
 
 log = logging.getLogger(__name__)
 
@@ -163,14 +167,53 @@ def linear_tiles(weight: torch.Tensor) -> torch.Tensor:
     return to_tiles(F.pad(weight, (0, 0, 0, -weight.shape[0] % 16)))
 
 
-def expert_tiles(w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stacked experts in the layout of fused_moe: w13 [.., 2I, D] with each 32 gate rows followed by their 32 up
-    rows (so one tile holds both halves of SwiGLU for 32 units), then both in tiles."""
+def gate_up_paired(w13: torch.Tensor) -> torch.Tensor:
+    """w13 [.., 2I, X] (gate rows, then up rows) with each 32 gate rows followed by their 32 up rows, so that one
+    tile of fused_moe holds both halves of SwiGLU for 32 units (X: any row contents, e.g. scales)."""
     inter = w13.shape[-2] // 2
     gate, up = w13[..., :inter, :], w13[..., inter:, :]
     units = TILE_ROWS // 2
-    paired = [half[..., first:first + units, :] for first in range(0, inter, units) for half in (gate, up)]
-    return to_tiles(torch.cat(paired, dim=-2)), to_tiles(w2)
+    return torch.cat([half[..., first:first + units, :] for first in range(0, inter, units) for half in (gate, up)],
+                     dim=-2)
+
+
+def expert_tiles(w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacked experts in the layout of fused_moe: w13 [.., 2I, D] in gate_up_paired order, then both in tiles."""
+    return to_tiles(gate_up_paired(w13)), to_tiles(w2)
+
+
+@dataclass
+class QuantTiles:
+    """A QuantizedWeight [.., N, K] in the tiles of the quantized kernels: q [.., N, K bits / 8] uint8 (quant_tiles
+    in tiled_matmul_cpu.cpp), scales and zeros float32 [.., K / group, N] (a group's scales of 16 rows are one
+    vector load)."""
+
+    q: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    bits: int
+
+    @classmethod
+    def of(cls, weight: QuantizedWeight, rows_in=lambda t: t) -> "QuantTiles":
+        """`rows_in` reorders the rows first (gate_up_paired for experts' w13)."""
+        q = kernels().quant_tiles(rows_in(weight.values()), weight.bits)
+        scales, zeros = (rows_in(t).transpose(-1, -2).contiguous() for t in (weight.scales, weight.zeros))
+        return cls(q, scales, zeros, weight.bits)
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.q, self.scales, self.zeros
+
+
+def quant_linear_tiles(weight: QuantizedWeight) -> QuantTiles:
+    """A dense quantized weight [N, K] in tiles, its rows padded to a multiple of 16 (zero scales: they add 0)."""
+    pad = -weight.shape[0] % 16
+    return QuantTiles.of(QuantizedWeight(*(F.pad(t, (0, 0, 0, pad)) for t in (weight.packed, weight.scales,
+                                                                              weight.zeros)), weight.bits))
+
+
+def quant_kernel_serves(weight: QuantizedWeight) -> bool:
+    """Whether the quantized kernels take this weight: its rows in groups of a multiple of 16 columns."""
+    return weight.group_size % 16 == 0 and weight.shape[-1] % 16 == 0 and kernels() is not None
 
 
 def tiled_linear(x: torch.Tensor, tiles: torch.Tensor, out_features: int) -> torch.Tensor:
@@ -180,6 +223,13 @@ def tiled_linear(x: torch.Tensor, tiles: torch.Tensor, out_features: int) -> tor
     return kernels().tiled_linear(x, tiles, out_features)
 
 
+def tiled_linear_quant(x: torch.Tensor, tiles: QuantTiles, out_features: int) -> torch.Tensor:
+    """x [T, K] @ weight.T for a quantized weight in quant_linear_tiles, bf16 activations."""
+    if x.shape[0] == 0:
+        return x.new_empty(0, out_features)
+    return kernels().tiled_linear_quant(x, *tiles.tensors(), tiles.bits, out_features)
+
+
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """logits.argmax(dim=-1) for float32 [S, V]: our kernel where it runs, else PyTorch's."""
     if logits.dim() == 2 and logits.dtype == torch.float32 and logits.numel() > 0 and runs_here(logits):
@@ -187,11 +237,14 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
-def fused_moe(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
-              w2: torch.Tensor, float_out: bool = False) -> torch.Tensor:
-    """sum_k weights[t, k] * SwiGLU expert ids[t, k] applied to x[t], for experts in expert_tiles; see
-    tiled_matmul_cpu.cpp. The sums are kept in float32; bf16 is returned unless `float_out` (for callers adding
-    several partial sums; for top-2, adding those gives exactly the one call's sums)."""
+def fused_moe(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor | QuantTiles,
+              w2: torch.Tensor | QuantTiles, float_out: bool = False) -> torch.Tensor:
+    """sum_k weights[t, k] * SwiGLU expert ids[t, k] applied to x[t], for experts in expert_tiles (or QuantTiles of
+    both, w13's rows gate_up_paired); see tiled_matmul_cpu.cpp. The sums are kept in float32; bf16 is returned
+    unless `float_out` (for callers adding several partial sums; for top-2, adding those gives exactly the one
+    call's sums)."""
     if x.shape[0] == 0:  # no tokens routed this step: no kernel call
         return x.new_empty(x.shape, dtype=torch.float32 if float_out else torch.bfloat16)
+    if isinstance(w13, QuantTiles):
+        return kernels().fused_moe_quant(x, expert_ids, weights, *w13.tensors(), *w2.tensors(), w13.bits, float_out)
     return kernels().fused_moe(x, expert_ids, weights, w13, w2, float_out)

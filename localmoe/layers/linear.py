@@ -46,6 +46,7 @@ class Linear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__(in_features, out_features, bias=bias)
         self.tiled = False  # the weight is in tiles for our kernel (see pack)
+        self.keep_dense = False  # set where the weight must stay as it is: routers, weights read by others
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tiled:

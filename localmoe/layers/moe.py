@@ -133,6 +133,9 @@ class SparseMoE(nn.Module):
         self.experts: Experts = GroupedExperts(num_experts, hidden_size, intermediate_size, expert_bias, activation)
         self.shared_expert = shared_expert
         self.shared_expert_gate = Linear(hidden_size, 1, bias=False) if shared_expert_gate else None
+        for router in (self.gate, self.shared_expert_gate):  # routing decides everything after it: never quantized
+            if router is not None:
+                router.keep_dense = True
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Routing weights [T, K] (float32) and expert ids [T, K]; families with other routers override this."""

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "simd_math.h"
@@ -23,9 +24,38 @@ namespace {
 constexpr int64_t kTileRows = 64;  // 4 registers of 16 row sums
 constexpr int64_t kTileUnits = kTileRows / 2;  // an expert tile: this many gate rows, then their up rows
 constexpr int64_t kMaxTokens = 6;  // 6 x 4 sums + 4 weight registers + the broadcast token fit the 32 registers
+constexpr int64_t kMaxQuantTokens = 3;  // 2 x 3 x 4 sums (a group's, the total) + the block being converted
 
-// done(m, sums) with the 16R row sums of token m, for the M tokens x[m] (rows as column pairs) against one tile of
-// 16R rows, `pairs` = k / 2. The sums are locals so that they live in registers (as an output parameter they
+// pass(std::integral_constant<int, M>{}, t0) for the n tokens in passes of M <= Max tokens of near-equal size, the
+// first at t0 (the tile stays in L2 between passes).
+template <int M, int Max, typename Pass>
+void pass_of(int64_t size, int64_t t0, Pass& pass) {
+  if constexpr (M < Max) {
+    if (size > M) return pass_of<M + 1, Max>(size, t0, pass);
+  }
+  pass(std::integral_constant<int, M>{}, t0);
+}
+
+template <int Max, typename Pass>
+void in_passes(int64_t n, Pass&& pass) {
+  if (n <= 0) return;  // no tokens, no passes (and no division by zero below)
+  const int64_t passes = (n + Max - 1) / Max, size = (n + passes - 1) / passes;
+  for (int64_t t0 = 0; t0 < n; t0 += size) pass_of<1, Max>(std::min(size, n - t0), t0, pass);
+}
+
+// f(std::integral_constant<int, R>{}) for a tile of 16R rows (16, 32, 48 or 64).
+template <typename F>
+void with_rows(int64_t rows, F&& f) {
+  switch (rows / 16) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, 4>{}); break;
+  }
+}
+
+// done(m, sums) with the 16R row sums of token m, for the M tokens x[m] (rows as column pairs) against one bf16 tile
+// of 16R rows, `pairs` = k / 2. The sums are locals so that they live in registers (as an output parameter they
 // had been stored to memory every iteration).
 template <int R, int M, typename Done>
 void tile_pass(const int32_t* const* x, int64_t pairs, const int32_t* w, Done& done) {
@@ -43,35 +73,97 @@ void tile_pass(const int32_t* const* x, int64_t pairs, const int32_t* w, Done& d
   for (int m = 0; m < M; ++m) done(m, acc[m]);
 }
 
-// done(m, sums) for each of the n tokens x[m] against one tile of 16R rows, in passes of at most kMaxTokens
-// tokens of near-equal size (the tile stays in L2 between passes).
-template <int R, typename Done>
-void tile(const int32_t* const* x, int64_t n, int64_t pairs, const int32_t* w, Done&& done) {
-  if (n <= 0) return;  // no tokens, no passes (and no division by zero below)
-  const int64_t passes = (n + kMaxTokens - 1) / kMaxTokens, size = (n + passes - 1) / passes;
-  for (int64_t t0 = 0; t0 < n; t0 += size) {
-    auto at = [&](int m, const __m512* sums) { done(t0 + m, sums); };
-    switch (std::min(size, n - t0)) {
-      case 1: tile_pass<R, 1>(x + t0, pairs, w, at); break;
-      case 2: tile_pass<R, 2>(x + t0, pairs, w, at); break;
-      case 3: tile_pass<R, 3>(x + t0, pairs, w, at); break;
-      case 4: tile_pass<R, 4>(x + t0, pairs, w, at); break;
-      case 5: tile_pass<R, 5>(x + t0, pairs, w, at); break;
-      default: tile_pass<R, 6>(x + t0, pairs, w, at); break;
+// tile_pass for a tile of Bits-bit unsigned integers q with a scale s and zero point z per row and group of `group`
+// columns: w = s (q - z). Each 32 bytes hold 16 rows of one column pair (int8) or two (int4: the low nibbles the
+// first pair, the high ones the next). The integers become exact bf16 in registers: int8 through float32; int4 by
+// or-ing the nibble into the bits of 128.0, which gives 128 + q. A group's dot products sum x (q [+ 128]); its
+// column sum xsum[m][g] of x times the zero point [+ 128] is taken off, then the scale applied:
+// sum_g s (sum x q - z sum x). Two sets of sums (the group's and the total) hold at most 3 tokens in registers.
+template <int Bits, int R, int M, typename Done>
+void quant_tile_pass(const int32_t* const* x, const float* const* xsum, int64_t k, int64_t group, const uint8_t* w,
+                     const float* scales, const float* zeros, int64_t stride, Done& done) {
+  constexpr int64_t kPairsPerBlock = Bits == 8 ? 1 : 2;
+  const __m512i nibble = _mm512_set1_epi16(0x000F), bf16_128 = _mm512_set1_epi16(0x4300);
+  const __m512 offset = _mm512_set1_ps(Bits == 8 ? 0.0f : 128.0f);
+  __m512 total[M][R], acc[M][R];
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) total[m][r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < k / group; ++g) {
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+    for (int64_t p = g * group / 2; p < (g + 1) * group / 2; p += kPairsPerBlock) {
+      const uint8_t* block = w + p / kPairsPerBlock * R * 32;
+      for (int r = 0; r < R; ++r) {
+        if constexpr (Bits == 8) {
+          const __m128i* q = reinterpret_cast<const __m128i*>(block + r * 32);
+          const __m512 low = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(q)));
+          const __m512 high = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(q + 1)));
+          const __m512bh wv = _mm512_cvtne2ps_pbh(high, low);
+          for (int m = 0; m < M; ++m)
+            acc[m][r] = _mm512_dpbf16_ps(acc[m][r], wv, (__m512bh)_mm512_set1_epi32(x[m][p]));
+        } else {
+          const __m512i q = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + r * 32)));
+          const __m512bh first = (__m512bh)_mm512_ternarylogic_epi32(q, nibble, bf16_128, 0xEA);  // (q & 15) | 128.0
+          const __m512bh second = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(q, 4), bf16_128);
+          for (int m = 0; m < M; ++m) {
+            acc[m][r] = _mm512_dpbf16_ps(acc[m][r], first, (__m512bh)_mm512_set1_epi32(x[m][p]));
+            acc[m][r] = _mm512_dpbf16_ps(acc[m][r], second, (__m512bh)_mm512_set1_epi32(x[m][p + 1]));
+          }
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512 s = _mm512_loadu_ps(scales + g * stride + 16 * r);
+      const __m512 z = _mm512_add_ps(_mm512_loadu_ps(zeros + g * stride + 16 * r), offset);
+      for (int m = 0; m < M; ++m)
+        total[m][r] = _mm512_fmadd_ps(s, _mm512_fnmadd_ps(z, _mm512_set1_ps(xsum[m][g]), acc[m][r]), total[m][r]);
     }
   }
+  for (int m = 0; m < M; ++m) done(m, total[m]);
 }
 
-// tile() with R picked at run time from the tile's row count (16, 32, 48 or 64).
-template <typename Done>
-void tile_rows(int64_t rows, const int32_t* const* x, int64_t n, int64_t pairs, const int32_t* w, Done&& done) {
-  switch (rows / 16) {
-    case 1: tile<1>(x, n, pairs, w, done); break;
-    case 2: tile<2>(x, n, pairs, w, done); break;
-    case 3: tile<3>(x, n, pairs, w, done); break;
-    default: tile<4>(x, n, pairs, w, done); break;
+// A weight [rows, k] in bf16 tiles (to_tiles). tile(first, rows, x, sums, n, done): done(m, sums) for each of the n
+// tokens x[m] against the tile of `rows` rows from row `first`.
+struct Bf16Weight {
+  static constexpr bool kQuantized = false;
+  const at::BFloat16* w;
+  int64_t k;
+
+  template <typename Done>
+  void tile(int64_t first, int64_t rows, const int32_t* const* x, const float* const*, int64_t n, Done&& done) const {
+    const int32_t* t = reinterpret_cast<const int32_t*>(w + first * k);
+    with_rows(rows, [&](auto r) {
+      in_passes<kMaxTokens>(n, [&](auto m, int64_t t0) {
+        auto at = [&](int i, const __m512* s) { done(t0 + i, s); };
+        tile_pass<decltype(r)::value, decltype(m)::value>(x + t0, k / 2, t, at);
+      });
+    });
   }
-}
+};
+
+// A weight [rows, k] of Bits-bit integers in tiles (quant_tiles), scales and zero points [k / group, stride]
+// (stride: the rows of the matrix they belong to). tile() also takes each token's column sums per group.
+template <int Bits>
+struct QuantWeight {
+  static constexpr bool kQuantized = true;
+  const uint8_t* q;
+  const float* scales;
+  const float* zeros;
+  int64_t k, stride, group;
+
+  template <typename Done>
+  void tile(int64_t first, int64_t rows, const int32_t* const* x, const float* const* sums, int64_t n,
+            Done&& done) const {
+    const uint8_t* t = q + first * k * Bits / 8;
+    with_rows(rows, [&](auto r) {
+      in_passes<kMaxQuantTokens>(n, [&](auto m, int64_t t0) {
+        auto at = [&](int i, const __m512* s) { done(t0 + i, s); };
+        quant_tile_pass<Bits, decltype(r)::value, decltype(m)::value>(
+            x + t0, sums + t0, k, group, t, scales + first, zeros + first, stride, at);
+      });
+    });
+  }
+};
 
 inline void store_bf16(at::BFloat16* out, __m512 v, __mmask16 lanes = 0xffff) {
   _mm256_mask_storeu_epi16(out, lanes, (__m256i)_mm512_cvtneps_pbh(v));
@@ -86,33 +178,48 @@ struct AlignedBF16 {
 
 const int32_t* pairs_of(const at::BFloat16* row) { return reinterpret_cast<const int32_t*>(row); }
 
-}  // namespace
+// Each row's column sums per group of `group` columns (a multiple of 16): sums[g] = sum of row[g group, (g + 1) group).
+void group_sums(const at::BFloat16* row, int64_t k, int64_t group, float* sums) {
+  for (int64_t g = 0; g < k / group; ++g) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t c = g * group; c < (g + 1) * group; c += 16) acc = _mm512_add_ps(acc, load16(row + c));
+    sums[g] = _mm512_reduce_add_ps(acc);
+  }
+}
 
-// x [T, D] bf16; expert_ids [T, K] int64 (-1: the pair adds nothing); weights [T, K] float32; w13 [E, 2I, D]
-// bf16 in tiles of 32 gate rows and their 32 up rows; w2 [E, D, I] bf16 in tiles of 64 rows
-// (layers/cpu_kernels.py makes both). Returns
-// sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) as [T, D] bf16, or as the float32 sums with float_out. Each pair's
-// weighted output is rounded to float32 before it is added (a multiply, then an add: no fused multiply-add), so for
-// top-2 the sum is the same whether both pairs run in one call or in two whose float32 results are then added (the
-// expert cache's waves, experts/offload.py): round(round(a) + round(b)) either way.
-torch::Tensor fused_moe(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor weights, torch::Tensor w13,
-                        torch::Tensor w2, bool float_out) {
-  check_on_cpu("fused_moe", {&x, &expert_ids, &weights, &w13, &w2});
-  TORCH_CHECK(x.dim() == 2 && expert_ids.dim() == 2 && weights.dim() == 2 && w13.dim() == 3 && w2.dim() == 3,
-              "fused_moe takes x [T, D], expert_ids and weights [T, K], w13 [E, 2I, D] and w2 [E, D, I]");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w13.scalar_type() == at::kBFloat16 &&
-              w2.scalar_type() == at::kBFloat16, "fused_moe takes bfloat16 activations and weights");
+// The column sums per group of each of `count` rows (row(i) gives row i) where the weight W is quantized
+// (quant_tile_pass takes them off); pointers to each row's sums in `rows`.
+template <typename W, typename Row>
+std::vector<float> sums_if_quantized(const W& weight, int64_t count, Row row, std::vector<const float*>& rows) {
+  std::vector<float> sums;
+  if constexpr (W::kQuantized) {
+    const int64_t groups = weight.k / weight.group;
+    sums.resize(count * groups);
+    for (int64_t i = 0; i < count; ++i) {
+      group_sums(row(i), weight.k, weight.group, sums.data() + i * groups);
+      rows[i] = sums.data() + i * groups;
+    }
+  }
+  return sums;
+}
+
+// The checks that every fused_moe takes: x [T, D] bf16, expert ids and routing weights [T, K].
+void check_routing(const torch::Tensor& x, const torch::Tensor& expert_ids, const torch::Tensor& weights) {
+  TORCH_CHECK(x.dim() == 2 && expert_ids.dim() == 2 && weights.dim() == 2,
+              "fused_moe takes x [T, D], expert_ids and weights [T, K]");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16, "fused_moe takes bfloat16 activations");
   TORCH_CHECK(is_integer(expert_ids) && at::isFloatingType(weights.scalar_type()),
               "fused_moe takes integer expert ids and floating-point weights");
-  TORCH_CHECK(w13.is_contiguous() && w2.is_contiguous(), "fused_moe needs contiguous expert weights");
-  const int64_t tokens = x.size(0), dim = x.size(1), top_k = expert_ids.size(1);
-  const int64_t num_experts = w13.size(0), inter = w2.size(2);
-  TORCH_CHECK(expert_ids.size(0) == tokens && weights.sizes() == expert_ids.sizes(),
+  TORCH_CHECK(expert_ids.size(0) == x.size(0) && weights.sizes() == expert_ids.sizes(),
               "fused_moe needs an expert id and a weight for each of the K slots of each token");
-  TORCH_CHECK(w13.size(1) == 2 * inter && w13.size(2) == dim && w2.size(0) == num_experts && w2.size(1) == dim,
-              "fused_moe expert weights do not match x or each other: w13 [E, 2I, D], w2 [E, D, I]");
-  TORCH_CHECK(dim > 0 && inter > 0 && dim % 16 == 0 && inter % 16 == 0,
-              "fused_moe needs hidden and expert sizes that are positive multiples of 16");
+}
+
+// The MoE feed-forward of fused_moe for experts whose w13 and w2 are w13_of(e) and w2_of(e) (Bf16Weight or
+// QuantWeight), num_experts of `inter` units each.
+template <typename Of13, typename Of2>
+torch::Tensor moe(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor weights, int64_t num_experts,
+                  int64_t inter, Of13 w13_of, Of2 w2_of, bool float_out) {
+  const int64_t tokens = x.size(0), dim = x.size(1), top_k = expert_ids.size(1);
   if (tokens == 0) return torch::empty({0, dim}, x.options().dtype(float_out ? at::kFloat : at::kBFloat16));
   x = x.contiguous();
   expert_ids = of_type(expert_ids, at::kLong).contiguous();
@@ -136,25 +243,28 @@ torch::Tensor fused_moe(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor
     if (ids[p] >= 0) order[fill[ids[p]]++] = p;
 
   const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
-  std::vector<const int32_t*> x_rows(order.size()), act_rows(order.size());
-  AlignedBF16 act(static_cast<int64_t>(order.size()) * inter);  // SwiGLU output of each pair, by expert
-  for (size_t i = 0; i < order.size(); ++i) {
+  const int64_t pairs = static_cast<int64_t>(order.size());
+  std::vector<const int32_t*> x_rows(pairs), act_rows(pairs);
+  AlignedBF16 act(pairs * inter);  // SwiGLU output of each pair, by expert
+  for (int64_t i = 0; i < pairs; ++i) {
     x_rows[i] = pairs_of(xp + order[i] / top_k * dim);
     act_rows[i] = pairs_of(act.data() + i * inter);
   }
+  std::vector<const float*> x_sums(pairs), act_sums(pairs);
+  const auto x_sum_data = sums_if_quantized(w13_of(0), pairs, [&](int64_t i) { return xp + order[i] / top_k * dim; },
+                                            x_sums);
   const int64_t n_active = static_cast<int64_t>(active.size());
 
   // gate and up: tile u of every active expert (kTileUnits intermediate units, the last may have 16), tile-major so
   // that each thread takes a range of tiles of every expert
-  const at::BFloat16* w13p = w13.data_ptr<at::BFloat16>();
   const int64_t unit_tiles = (inter + kTileUnits - 1) / kTileUnits;
   at::parallel_for(0, unit_tiles * n_active, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t u = i / n_active, e = active[i % n_active];
       const int64_t units = std::min(kTileUnits, inter - kTileUnits * u);
       const int64_t first = start[e];
-      const int32_t* w = pairs_of(w13p + (e * 2 * inter + kTileRows * u) * dim);
-      tile_rows(2 * units, x_rows.data() + first, start[e + 1] - first, dim / 2, w, [&](int64_t m, const __m512* s) {
+      w13_of(e).tile(kTileRows * u, 2 * units, x_rows.data() + first, x_sums.data() + first, start[e + 1] - first,
+                     [&](int64_t m, const __m512* s) {
         at::BFloat16* out = act.data() + (first + m) * inter + kTileUnits * u;
         for (int64_t h = 0; h < units / 16; ++h) {
           const __m512 gate = s[h], up = s[units / 16 + h];
@@ -165,13 +275,14 @@ torch::Tensor fused_moe(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor
       });
     }
   });
+  const auto act_sum_data = sums_if_quantized(w2_of(0), pairs, [&](int64_t i) { return act.data() + i * inter; },
+                                              act_sums);
 
   // down: each thread owns a range of output tiles, for every expert: it adds each pair's rows into its token's
   // sums, then writes the tile's rows out (float32 sums, or rounded to bf16)
   auto result = torch::empty({tokens, dim}, x.options().dtype(float_out ? at::kFloat : at::kBFloat16));
   float* out_float = float_out ? result.data_ptr<float>() : nullptr;
   at::BFloat16* out_bf16 = float_out ? nullptr : result.data_ptr<at::BFloat16>();
-  const at::BFloat16* w2p = w2.data_ptr<at::BFloat16>();
   at::parallel_for(0, (dim + kTileRows - 1) / kTileRows, 1, [&](int64_t j0, int64_t j1) {
     std::vector<float> sums;  // [tokens, kTileRows]
     for (int64_t j = j0; j < j1; ++j) {
@@ -179,8 +290,8 @@ torch::Tensor fused_moe(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor
       sums.assign(tokens * kTileRows, 0.0f);
       for (const int64_t e : active) {
         const int64_t first = start[e];
-        const int32_t* w = pairs_of(w2p + (e * dim + j * kTileRows) * inter);
-        tile_rows(rows, act_rows.data() + first, start[e + 1] - first, inter / 2, w, [&](int64_t m, const __m512* s) {
+        w2_of(e).tile(j * kTileRows, rows, act_rows.data() + first, act_sums.data() + first, start[e + 1] - first,
+                      [&](int64_t m, const __m512* s) {
           const int64_t pair = order[first + m];
           float* o = sums.data() + pair / top_k * kTileRows;
           const __m512 scale = _mm512_set1_ps(mix[pair]);
@@ -200,6 +311,112 @@ torch::Tensor fused_moe(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor
     }
   });
   return result;
+}
+
+// x [T, K] @ w^T -> [T, n] bf16 for a weight W of `padded` rows (n rounded up to 16, the extra rows zero).
+template <typename W>
+torch::Tensor linear(torch::Tensor x, const W& weight, int64_t n, int64_t padded) {
+  const int64_t tokens = x.size(0), k = x.size(1);
+  auto y = torch::empty({tokens, n}, x.options());
+  if (tokens == 0) return y;
+  x = x.contiguous();
+  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
+  std::vector<const int32_t*> rows(tokens);
+  for (int64_t t = 0; t < tokens; ++t) rows[t] = pairs_of(xp + t * k);
+  std::vector<const float*> row_sums(tokens);
+  const auto sum_data = sums_if_quantized(weight, tokens, [&](int64_t t) { return xp + t * k; }, row_sums);
+  at::parallel_for(0, (padded + kTileRows - 1) / kTileRows, 1, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t first = j * kTileRows, count = std::min(kTileRows, padded - first);
+      weight.tile(first, count, rows.data(), row_sums.data(), tokens, [&](int64_t m, const __m512* s) {
+        for (int64_t r = 0; r < count / 16; ++r) {
+          const int64_t row = first + 16 * r, left = std::min<int64_t>(16, n - row);
+          if (left > 0) store_bf16(yp + m * n + row, s[r], static_cast<__mmask16>((1u << left) - 1));
+        }
+      });
+    }
+  });
+  return y;
+}
+
+// The group size of quantized weights [.., rows, k * bits / 8] with scales and zero points [.., k / group, rows].
+int64_t checked_group(const char* kernel, const torch::Tensor& q, const torch::Tensor& scales,
+                      const torch::Tensor& zeros, int64_t bits, int64_t k) {
+  TORCH_CHECK(bits == 4 || bits == 8, kernel, " takes 4- or 8-bit weights");
+  TORCH_CHECK(q.scalar_type() == at::kByte && q.is_contiguous() && q.size(-1) * 8 == k * bits, kernel,
+              " takes contiguous uint8 weights of k * bits / 8 bytes a row");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && zeros.scalar_type() == at::kFloat && scales.is_contiguous() &&
+              zeros.is_contiguous() && scales.sizes() == zeros.sizes() && scales.dim() == q.dim(), kernel,
+              " takes contiguous float32 scales and zero points of one shape [.., groups, rows]");
+  TORCH_CHECK(scales.size(-1) == q.size(-2) && scales.size(-2) > 0 && k % scales.size(-2) == 0, kernel,
+              " needs scales and zero points [.., k / group, rows] for the weight's rows");
+  const int64_t group = k / scales.size(-2);
+  TORCH_CHECK(group % 16 == 0, kernel, " needs a group size that is a multiple of 16");
+  for (int64_t d = 0; d + 2 < q.dim(); ++d)
+    TORCH_CHECK(scales.size(d) == q.size(d), kernel, " needs scales and zero points for each matrix");
+  return group;
+}
+
+}  // namespace
+
+// x [T, D] bf16; expert_ids [T, K] int64 (-1: the pair adds nothing); weights [T, K] float32; w13 [E, 2I, D]
+// bf16 in tiles of 32 gate rows and their 32 up rows; w2 [E, D, I] bf16 in tiles of 64 rows
+// (layers/cpu_kernels.py makes both). Returns
+// sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) as [T, D] bf16, or as the float32 sums with float_out. Each pair's
+// weighted output is rounded to float32 before it is added (a multiply, then an add: no fused multiply-add), so for
+// top-2 the sum is the same whether both pairs run in one call or in two whose float32 results are then added (the
+// expert cache's waves, experts/offload.py): round(round(a) + round(b)) either way.
+torch::Tensor fused_moe(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor weights, torch::Tensor w13,
+                        torch::Tensor w2, bool float_out) {
+  check_on_cpu("fused_moe", {&x, &expert_ids, &weights, &w13, &w2});
+  check_routing(x, expert_ids, weights);
+  TORCH_CHECK(w13.dim() == 3 && w2.dim() == 3, "fused_moe takes w13 [E, 2I, D] and w2 [E, D, I]");
+  TORCH_CHECK(w13.scalar_type() == at::kBFloat16 && w2.scalar_type() == at::kBFloat16,
+              "fused_moe takes bfloat16 weights");
+  TORCH_CHECK(w13.is_contiguous() && w2.is_contiguous(), "fused_moe needs contiguous expert weights");
+  const int64_t dim = x.size(1), num_experts = w13.size(0), inter = w2.size(2);
+  TORCH_CHECK(w13.size(1) == 2 * inter && w13.size(2) == dim && w2.size(0) == num_experts && w2.size(1) == dim,
+              "fused_moe expert weights do not match x or each other: w13 [E, 2I, D], w2 [E, D, I]");
+  TORCH_CHECK(dim > 0 && inter > 0 && dim % 16 == 0 && inter % 16 == 0,
+              "fused_moe needs hidden and expert sizes that are positive multiples of 16");
+  const at::BFloat16* w13p = w13.data_ptr<at::BFloat16>();
+  const at::BFloat16* w2p = w2.data_ptr<at::BFloat16>();
+  return moe(x, expert_ids, weights, num_experts, inter,
+             [&](int64_t e) { return Bf16Weight{w13p + e * 2 * inter * dim, dim}; },
+             [&](int64_t e) { return Bf16Weight{w2p + e * dim * inter, inter}; }, float_out);
+}
+
+// fused_moe on experts of `bits`-bit unsigned integers in tiles (quant_tiles, rows ordered as fused_moe's), w13 [E,
+// 2I, D bits / 8] and w2 [E, D, I bits / 8] uint8, each with float32 scales and zero points per group of columns,
+// [E, D / group, 2I] and [E, I / group, D]: w = scale (q - zero).
+torch::Tensor fused_moe_quant(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor weights, torch::Tensor w13,
+                              torch::Tensor s13, torch::Tensor z13, torch::Tensor w2, torch::Tensor s2,
+                              torch::Tensor z2, int64_t bits, bool float_out) {
+  check_on_cpu("fused_moe_quant", {&x, &expert_ids, &weights, &w13, &s13, &z13, &w2, &s2, &z2});
+  check_routing(x, expert_ids, weights);
+  TORCH_CHECK(w13.dim() == 3 && w2.dim() == 3 && w2.size(0) == w13.size(0) && w2.size(1) == x.size(1) &&
+              w13.size(1) % 32 == 0 && w13.size(1) > 0 && x.size(1) % 16 == 0 && x.size(1) > 0,
+              "fused_moe_quant takes w13 [E, 2I, D bits / 8] and w2 [E, D, I bits / 8], D and I multiples of 16");
+  const int64_t dim = x.size(1), num_experts = w13.size(0), inter = w13.size(1) / 2;
+  const int64_t group13 = checked_group("fused_moe_quant", w13, s13, z13, bits, dim);
+  const int64_t group2 = checked_group("fused_moe_quant", w2, s2, z2, bits, inter);
+  const uint8_t *q13 = w13.data_ptr<uint8_t>(), *q2 = w2.data_ptr<uint8_t>();
+  const float *sc13 = s13.data_ptr<float>(), *ze13 = z13.data_ptr<float>();
+  const float *sc2 = s2.data_ptr<float>(), *ze2 = z2.data_ptr<float>();
+  const int64_t size13 = 2 * inter * dim, size2 = dim * inter;  // values per expert
+  auto run = [&](auto of13, auto of2) { return moe(x, expert_ids, weights, num_experts, inter, of13, of2, float_out); };
+  auto experts = [&](auto bits_constant) {
+    constexpr int B = decltype(bits_constant)::value;
+    return run([&](int64_t e) {
+      return QuantWeight<B>{q13 + e * size13 * B / 8, sc13 + e * size13 / group13, ze13 + e * size13 / group13,
+                            dim, 2 * inter, group13};
+    }, [&](int64_t e) {
+      return QuantWeight<B>{q2 + e * size2 * B / 8, sc2 + e * size2 / group2, ze2 + e * size2 / group2, inter, dim,
+                            group2};
+    });
+  };
+  return bits == 8 ? experts(std::integral_constant<int, 8>{}) : experts(std::integral_constant<int, 4>{});
 }
 
 // weight [..., rows, k] of a 2-byte dtype (k even) -> the same numbers in tiles (layers/cpu_kernels.py, to_tiles):
@@ -230,6 +447,44 @@ torch::Tensor to_tiles(torch::Tensor weight) {
   return out;
 }
 
+// values [..., rows, k] uint8, each an unsigned integer of `bits` bits (rows a multiple of 16, k of 4) -> the tiles
+// quant_tile_pass reads, [..., rows, k bits / 8] uint8: in each run of kTileRows rows (n of them), the 32 bytes of
+// 16 rows of a column pair (int8) or of two (int4: pair 2b in the low nibbles, 2b + 1 in the high ones), so that
+// byte 2r + c of block b holds row r, column 2b + c [and 2b + 2 + c]: at b * 2n + 2r + c of the tile.
+torch::Tensor quant_tiles(torch::Tensor values, int64_t bits) {
+  check_on_cpu("quant_tiles", {&values});
+  TORCH_CHECK(bits == 4 || bits == 8, "quant_tiles takes 4- or 8-bit values");
+  TORCH_CHECK(values.scalar_type() == at::kByte && values.dim() >= 2 && values.size(-1) % 4 == 0 &&
+              values.size(-2) % 16 == 0, "quant_tiles takes uint8 values [..., rows, k], rows a multiple of 16 and "
+              "k of 4");
+  values = values.contiguous();
+  std::vector<int64_t> shape = values.sizes().vec();
+  const int64_t rows = shape.back() ? values.size(-2) : 0, k = values.size(-1);
+  shape.back() = k * bits / 8;
+  auto out = torch::empty(shape, values.options());
+  const int64_t mats = rows * k ? values.numel() / (rows * k) : 0, tiles = (rows + kTileRows - 1) / kTileRows;
+  const int64_t per_block = bits == 8 ? 2 : 4;  // columns a block of 16 rows holds
+  const uint8_t* in = values.data_ptr<uint8_t>();
+  uint8_t* tiled = out.data_ptr<uint8_t>();
+  at::parallel_for(0, mats * tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t first = t / tiles * rows + t % tiles * kTileRows;
+      const int64_t n = std::min(kTileRows, rows - t % tiles * kTileRows);
+      const uint8_t* src = in + first * k;
+      uint8_t* dst = tiled + first * k * bits / 8;
+      for (int64_t b = 0; b < k / per_block; ++b)
+        for (int64_t r = 0; r < n; ++r)
+          for (int64_t c = 0; c < 2; ++c) {
+            const uint8_t* v = src + r * k + b * per_block + c;
+            TORCH_CHECK(v[0] >> bits == 0 && (bits == 8 || v[2] >> bits == 0), "quant_tiles: a value has more than ",
+                        bits, " bits");
+            dst[b * 2 * n + 2 * r + c] = bits == 8 ? v[0] : static_cast<uint8_t>(v[0] | v[2] << 4);
+          }
+    }
+  });
+  return out;
+}
+
 // x [T, K] @ w^T -> [T, N] bf16, float32 sums; w is [N', K] in tiles of 64 rows (N' is N rounded up to 16, the
 // extra rows zero): a linear layer at decode batch sizes, where reading the weight is the whole cost.
 torch::Tensor tiled_linear(torch::Tensor x, torch::Tensor w, int64_t n) {
@@ -240,24 +495,21 @@ torch::Tensor tiled_linear(torch::Tensor x, torch::Tensor w, int64_t n) {
   TORCH_CHECK(n >= 0 && w.size(0) == (n + 15) / 16 * 16 && w.size(1) % 2 == 0 && x.size(1) == w.size(1),
               "tiled_linear needs x's inner size even and equal to the weight's, and the weight's rows n rounded "
               "up to a multiple of 16");
-  const int64_t tokens = x.size(0), k = x.size(1), padded = w.size(0);
-  auto y = torch::empty({tokens, n}, x.options());
-  if (tokens == 0) return y;
-  x = x.contiguous();
-  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
-  std::vector<const int32_t*> rows(tokens);
-  for (int64_t t = 0; t < tokens; ++t) rows[t] = pairs_of(x.data_ptr<at::BFloat16>() + t * k);
-  const at::BFloat16* wp = w.data_ptr<at::BFloat16>();
-  at::parallel_for(0, (padded + kTileRows - 1) / kTileRows, 1, [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; ++j) {
-      const int64_t first = j * kTileRows, count = std::min(kTileRows, padded - first);
-      tile_rows(count, rows.data(), tokens, k / 2, pairs_of(wp + first * k), [&](int64_t m, const __m512* s) {
-        for (int64_t r = 0; r < count / 16; ++r) {
-          const int64_t row = first + 16 * r, left = std::min<int64_t>(16, n - row);
-          if (left > 0) store_bf16(yp + m * n + row, s[r], static_cast<__mmask16>((1u << left) - 1));
-        }
-      });
-    }
-  });
-  return y;
+  return linear(x, Bf16Weight{w.data_ptr<at::BFloat16>(), w.size(1)}, n, w.size(0));
+}
+
+// tiled_linear on a weight [N', K bits / 8] of `bits`-bit integers in tiles (quant_tiles) with float32 scales and
+// zero points [K / group, N']: w = scale (q - zero).
+torch::Tensor tiled_linear_quant(torch::Tensor x, torch::Tensor w, torch::Tensor scales, torch::Tensor zeros,
+                                 int64_t bits, int64_t n) {
+  check_on_cpu("tiled_linear_quant", {&x, &w, &scales, &zeros});
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.size(1) % 16 == 0,
+              "tiled_linear_quant takes bfloat16 x [T, K], K a multiple of 16, and a weight [N', K bits / 8]");
+  TORCH_CHECK(n >= 0 && w.size(0) == (n + 15) / 16 * 16, "tiled_linear_quant needs the weight's rows n rounded up to "
+              "a multiple of 16");
+  const int64_t k = x.size(1), group = checked_group("tiled_linear_quant", w, scales, zeros, bits, k);
+  const uint8_t* q = w.data_ptr<uint8_t>();
+  const float *s = scales.data_ptr<float>(), *z = zeros.data_ptr<float>();
+  return bits == 8 ? linear(x, QuantWeight<8>{q, s, z, k, w.size(0), group}, n, w.size(0))
+                   : linear(x, QuantWeight<4>{q, s, z, k, w.size(0), group}, n, w.size(0));
 }

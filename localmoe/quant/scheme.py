@@ -1,0 +1,63 @@
+"""Quantization asked for by name (`--quantization`, vLLM's names) and what each name means here.
+
+Weight-only schemes quantized at load from a bf16/fp32 checkpoint:
+- int8: 8 bits, one symmetric scale per output row (vLLM's experts_int8 is the same for the experts alone);
+- int4: 4 bits, a scale and zero point per row and group of 128 columns (asymmetric, as AWQ and GPTQ store them).
+Dense linear layers and experts are quantized alike unless `experts_only`. The output head keeps 8 bits under int4
+(llama.cpp's Q4_K_M keeps it at 6): it is one matrix, read once a step, and the most sensitive one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from localmoe.quant.weight import QuantizedWeight, quantize
+
+LOAD_TIME = ("int8", "int4", "experts_int8")
+CHECKPOINT_FORMATS = ("awq", "gptq", "compressed-tensors", "fp8", "gguf")  # refused until they are read
+NONE = (None, "", "none")
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    name: str
+    bits: int
+    group_size: int | None  # columns per scale; None: the whole row
+    symmetric: bool
+    experts_only: bool = False
+
+    def for_head(self) -> "QuantScheme":
+        return self if self.bits == 8 else INT8
+
+    def group_for(self, columns: int) -> int | None:
+        """The group size for a weight of `columns` columns: group_size where it divides them, else the largest
+        multiple of 16 below it that does (what the kernels take), else the whole row."""
+        if self.group_size is None or columns % self.group_size == 0:
+            return self.group_size
+        return next((g for g in range(self.group_size - 16, 0, -16) if columns % g == 0), None)
+
+    def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
+        return quantize(weight, self.bits, self.group_for(weight.shape[-1]), self.symmetric)
+
+
+INT8 = QuantScheme("int8", 8, None, True)
+INT4 = QuantScheme("int4", 4, 128, False)
+
+
+def quant_scheme(name: str | None, experts_only: bool = False) -> QuantScheme | None:
+    """The scheme `name` asks for (None: no quantization); ValueError for a name we do not serve, naming it."""
+    if name in NONE:
+        if experts_only:
+            raise ValueError("quantize_experts_only needs a quantization (int8 or int4)")
+        return None
+    if name == "experts_int8":
+        return QuantScheme("experts_int8", 8, None, True, experts_only=True)
+    if name in ("int8", "int4"):
+        base = INT8 if name == "int8" else INT4
+        return QuantScheme(name, base.bits, base.group_size, base.symmetric, experts_only)
+    if name in CHECKPOINT_FORMATS:
+        raise ValueError(f"quantization {name!r}: loading {name} checkpoints is not available yet; quantize a "
+                         f"bf16 checkpoint at load with {', '.join(LOAD_TIME)}")
+    raise ValueError(f"quantization {name!r} is not one of {', '.join(LOAD_TIME)}")

@@ -1,0 +1,221 @@
+"""Weights quantized at load (--quantization int8 / int4 / experts_int8): the integers, the kernels on them, and
+the engine against transformers on the dequantized weights."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from checkpoints import make_checkpoint
+from family_parity import check_batched_prompt_logits, check_bfloat16_bar, check_greedy_with_shared_prefix, engine
+from localmoe import SamplingParams
+from localmoe.config import ConfigError, load_config
+from localmoe.experts.quantized import QuantGroupedExperts, QuantTiledExperts
+from localmoe.layers import cpu_kernels
+from localmoe.layers.cpu_kernels import QuantTiles, cpu_has_avx512_bf16, expert_tiles, fused_moe, gate_up_paired
+from localmoe.layers.moe import moe_blocks
+from localmoe.layers.quant_linear import QuantLinear
+from localmoe.quant.scheme import quant_scheme
+from localmoe.quant.weight import QuantizedWeight, quantize
+
+BF16 = torch.bfloat16
+avx512_bf16 = [pytest.mark.avx512_bf16,
+               pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="needs a CPU with AVX512-BF16")]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_weight_holds_exactly_the_integers_scales_and_zeros_it_was_given(bits):
+    g = torch.Generator().manual_seed(bits)
+    values = torch.randint(0, 2 ** bits, (3, 32, 64), generator=g).to(torch.uint8)
+    scales, zeros = torch.rand(3, 32, 2, generator=g), torch.randint(0, 2 ** bits, (3, 32, 2), generator=g).float()
+    weight = QuantizedWeight.of(values, scales, zeros, bits)
+    assert weight.packed.shape == (3, 32, 64 * bits // 8) and weight.group_size == 32
+    assert torch.equal(weight.values(), values)
+    expected = scales.repeat_interleave(32, -1) * (values.float() - zeros.repeat_interleave(32, -1))
+    assert torch.equal(weight.dequantize(), expected)
+    with pytest.raises(ValueError, match="bits"):
+        QuantizedWeight.of(values | 16 if bits == 4 else values, scales, zeros, 2)
+
+
+@pytest.mark.parametrize("bits,group,symmetric", [(8, None, True), (4, 32, False), (4, 64, True)])
+def test_round_to_nearest_quantization_is_within_half_a_step(bits, group, symmetric):
+    w = torch.randn(48, 128)
+    weight = quantize(w, bits, group, symmetric)
+    steps = weight.scales.repeat_interleave(weight.group_size, -1)
+    assert ((weight.dequantize() - w).abs() <= steps / 2 + 1e-6).all()
+    assert int(weight.values().max()) < 2 ** bits
+
+
+def test_schemes_by_name_and_refusals():
+    assert quant_scheme("int4").group_size == 128 and not quant_scheme("int4").symmetric
+    assert quant_scheme("experts_int8").experts_only and quant_scheme("int8", experts_only=True).experts_only
+    assert quant_scheme("int4").group_for(96) == 96 and quant_scheme("int4").group_for(640) == 128
+    assert quant_scheme("int4").for_head().bits == 8
+    assert quant_scheme(None) is None
+    with pytest.raises(ValueError, match="'awq'.*not available yet"):
+        quant_scheme("awq")
+    with pytest.raises(ValueError, match="'int3' is not one of"):
+        quant_scheme("int3")
+
+
+def test_the_config_takes_quantization_and_the_model_sections_quantization_type(tmp_path):
+    assert load_config(None, {"engine": {"quantization": "int4"}}).engine.quant_scheme.bits == 4
+    config = tmp_path / "config.yaml"
+    config.write_text("model:\n  quantization_type: int8\n")
+    assert load_config(config).engine.quantization == "int8"
+    config.write_text("model:\n  quantization_type: fp16\n")
+    assert load_config(config).engine.dtype == "float16"
+    config.write_text("model:\n  quantization_type: int8\nvllm:\n  quantization: int4\n")
+    with pytest.raises(ConfigError, match="quantization_type 'int8'.*int4"):
+        load_config(config)
+    for bad in ({"quantization": "gptq"}, {"quantize_experts_only": True}):
+        with pytest.raises(ConfigError, match="quantization"):
+            load_config(None, {"engine": bad})
+
+
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 128), (4, 32)])
+@pytest.mark.parametrize("tokens", [1, 3, 4, 17])
+def test_the_quantized_linear_kernel_equals_dequantize_then_matmul(bits, group, tokens):
+    if not cpu_has_avx512_bf16():
+        pytest.skip("needs a CPU with AVX512-BF16")
+    torch.manual_seed(tokens)
+    weight = quantize(0.05 * torch.randn(200, 256), bits, group, symmetric=bits == 8)
+    x = torch.randn(tokens, 256).to(BF16)
+    exact = x.float() @ weight.dequantize().T
+    pytorch_bf16 = (x @ weight.dequantize(BF16).T).float()
+    ours = cpu_kernels.tiled_linear_quant(x, cpu_kernels.quant_linear_tiles(weight), 200).float()
+    assert ours.shape == (tokens, 200)
+    assert (ours - exact).abs().max() <= max((pytorch_bf16 - exact).abs().max(), 1e-2)
+
+
+def perturbed(weight: QuantizedWeight, part: str, index: tuple[int, ...]) -> QuantizedWeight:
+    """`weight` with the scale (+0.5) or zero point (+5) at `index` (matrix, row, group) changed."""
+    changed = {name: getattr(weight, name).clone() for name in ("packed", "scales", "zeros")}
+    changed[part][index] += 0.5 if part == "scales" else 5
+    return QuantizedWeight(**changed, bits=weight.bits)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("part", ["scales", "zeros"])
+def test_the_linear_kernel_reads_every_scale_and_zero_point(bits, part):
+    """One scale or zero point of one row changed: that output column alone moves."""
+    if not cpu_has_avx512_bf16():
+        pytest.skip("needs a CPU with AVX512-BF16")
+    weight = quantize(0.05 * torch.randn(80, 128), bits, 64, symmetric=False)
+    x = torch.randn(2, 128).to(BF16)
+    before = cpu_kernels.tiled_linear_quant(x, cpu_kernels.quant_linear_tiles(weight), 80)
+    after = cpu_kernels.tiled_linear_quant(x, cpu_kernels.quant_linear_tiles(perturbed(weight, part, (37, 1))), 80)
+    moved = (before != after).any(dim=0)
+    assert moved[37] and moved.sum() == 1
+
+
+def moe_reference(x, ids, weights, w13: QuantizedWeight, w2: QuantizedWeight) -> torch.Tensor:
+    """The MoE feed-forward in float32 on the dequantized experts, token by token."""
+    out = torch.zeros(x.shape)
+    for t in range(x.shape[0]):
+        for k in range(ids.shape[1]):
+            gate, up = (w13.dequantize()[ids[t, k]] @ x[t].float()).chunk(2)
+            out[t] += weights[t, k] * (w2.dequantize()[ids[t, k]] @ (torch.nn.functional.silu(gate) * up))
+    return out
+
+
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 16)])
+@pytest.mark.parametrize("tokens", [1, 5, 19])
+def test_the_quantized_moe_kernel_is_no_less_accurate_than_the_bf16_kernel_on_dequantized_experts(bits, group,
+                                                                                                   tokens):
+    """Shapes with a tile of 16 rows after full ones (hidden 80, 48 units) and several passes per expert."""
+    if not cpu_has_avx512_bf16():
+        pytest.skip("needs a CPU with AVX512-BF16")
+    torch.manual_seed(tokens)
+    x = torch.randn(tokens, 80).to(BF16)
+    ids, weights = torch.stack([torch.randperm(4)[:2] for _ in range(tokens)]), torch.rand(tokens, 2)
+    w13, w2 = (quantize(0.1 * torch.randn(4, *shape), bits, group, False) for shape in ((96, 80), (80, 48)))
+    reference = moe_reference(x, ids, weights, w13, w2)
+    bf16 = fused_moe(x, ids, weights, *expert_tiles(w13.dequantize(BF16), w2.dequantize(BF16))).float()
+    ours = fused_moe(x, ids, weights, QuantTiles.of(w13, gate_up_paired), QuantTiles.of(w2)).float()
+    assert (ours - reference).abs().max() <= max((bf16 - reference).abs().max(), 1e-2)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_the_moe_kernel_reads_each_experts_own_scales_and_zero_points(bits):
+    """A scale of expert 1's up half (w13) and a zero point of expert 2's w2 changed: only the tokens routed there
+    move, and for w2 only that output column."""
+    if not cpu_has_avx512_bf16():
+        pytest.skip("needs a CPU with AVX512-BF16")
+    torch.manual_seed(bits)
+    w13, w2 = (quantize(0.1 * torch.randn(4, *shape), bits, 32, False) for shape in ((192, 64), (64, 96)))
+    x, weights = torch.randn(4, 64).to(BF16), torch.rand(4, 2)
+    ids = torch.tensor([[0, 1], [2, 3], [1, 3], [0, 3]])
+    run = lambda a, b: fused_moe(x, ids, weights, QuantTiles.of(a, gate_up_paired), QuantTiles.of(b), float_out=True)
+    before = run(w13, w2)
+    moved = (run(perturbed(w13, "scales", (1, 100, 1)), w2) != before).any(dim=1)
+    assert moved.tolist() == [True, False, True, False]
+    moved = run(w13, perturbed(w2, "zeros", (2, 9, 0))) != before
+    assert moved.any(dim=1).tolist() == [False, True, False, False] and moved.any(dim=0).nonzero().flatten().tolist() == [9]
+
+
+def dequantized_checkpoint(source: Path, target: Path, name: str) -> Path:
+    """A float32 copy of `source` whose weights are what --quantization `name` serves, dequantized: what
+    transformers runs as the reference. Quantization is per row, so each checkpoint tensor quantizes as its rows do
+    stacked."""
+    scheme = quant_scheme(name)
+    shutil.copytree(source, target)
+    tensors = load_file(source / "model.safetensors")
+    for key, tensor in tensors.items():
+        dense = not any(part in key for part in ("embed_tokens", "norm", ".gate."))
+        if tensor.dim() == 2 and (".experts." in key or (dense and not scheme.experts_only)):
+            layer_scheme = scheme.for_head() if key.startswith("lm_head") else scheme
+            tensors[key] = layer_scheme.quantize(tensor).dequantize(torch.float32)
+        else:
+            tensors[key] = tensor.float()
+    save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
+    return target
+
+
+@pytest.fixture(scope="module")
+def quantized_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """A bf16 checkpoint (as deployed: the float32 and the bf16 engine then quantize the same numbers) and the
+    dequantized float32 references."""
+    root = tmp_path_factory.mktemp("quantized")
+    source = make_checkpoint(root / "bf16", seed=3)
+    weights = source / "model.safetensors"
+    save_file({k: t.to(BF16) for k, t in load_file(weights).items()}, weights, metadata={"format": "pt"})
+    refs = {name: dequantized_checkpoint(source, root / name, name) for name in ("int8", "int4", "experts_int8")}
+    return {"source": source, **refs}
+
+
+@pytest.mark.parametrize("name", ["int8", "int4", "experts_int8"])
+def test_float32_logits_and_greedy_tokens_equal_transformers_on_the_dequantized_weights(quantized_checkpoints, name):
+    source, reference = quantized_checkpoints["source"], quantized_checkpoints[name]
+    llm = check_batched_prompt_logits(source, reference=reference, quantization=name)
+    model = llm.engine.model
+    assert all(isinstance(moe.experts, QuantGroupedExperts) for _, moe in moe_blocks(model))
+    linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(linears) == (0 if name == "experts_int8" else 2 * len(model.layers) + 1)  # qkv, o; the head
+    check_greedy_with_shared_prefix(source, True, new=16, reference=reference, quantization=name)
+
+
+def test_quantization_changes_the_logits(quantized_checkpoints):
+    """The reference checks above compare against quantized weights, not the checkpoint's own."""
+    prompt, params = {"prompt_token_ids": list(range(3, 25))}, SamplingParams(max_tokens=1, temperature=0, logprobs=5)
+    outs = [engine(quantized_checkpoints["source"], enable_prefix_caching=False, quantization=q).generate(prompt, params)
+            for q in (None, "int4")]
+    plain, quantized = (out[0].outputs[0].logprobs[0] for out in outs)
+    assert plain != quantized
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_bf16_on_the_quantized_kernels_meets_the_bf16_bar_against_the_dequantized_weights(quantized_checkpoints,
+                                                                                          name):
+    if not cpu_has_avx512_bf16():
+        pytest.skip("needs a CPU with AVX512-BF16")
+    llm = check_bfloat16_bar(quantized_checkpoints["source"], [7, 30, 18, 2, 11], new=16,
+                             reference=quantized_checkpoints[name], quantization=name)
+    model = llm.engine.model
+    assert all(isinstance(moe.experts, QuantTiledExperts) for _, moe in moe_blocks(model))
+    assert all(m.kernel for m in model.modules() if isinstance(m, QuantLinear))
