@@ -12,6 +12,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -24,7 +25,7 @@ namespace {
 constexpr int64_t kTileRows = 64;  // 4 registers of 16 row sums
 constexpr int64_t kTileUnits = kTileRows / 2;  // an expert tile: this many gate rows, then their up rows
 constexpr int64_t kMaxTokens = 6;  // 6 x 4 sums + 4 weight registers + the broadcast token fit the 32 registers
-constexpr int64_t kMaxQuantTokens = 3;  // 2 x 3 x 4 sums (a group's, the total) + the block being converted
+constexpr int64_t kMaxQuantTokens = 3;  // 2 x 3 x 4 sums (a block's, the total) + the weights being widened
 
 // pass(std::integral_constant<int, M>{}, t0) for the n tokens in passes of M <= Max tokens of near-equal size, the
 // first at t0 (the tile stays in L2 between passes).
@@ -73,50 +74,57 @@ void tile_pass(const int32_t* const* x, int64_t pairs, const int32_t* w, Done& d
   for (int m = 0; m < M; ++m) done(m, acc[m]);
 }
 
+// Most columns of a quantized weight whose products are summed in int32 before they are scaled: with int16
+// activations (below) and 8-bit weights, 64 column pairs stay below 2^31. A block is the largest multiple of 16
+// up to this that divides the weight's group (quant_block).
+constexpr int64_t kQuantBlock = 128;
+
+int64_t quant_block(int64_t group) {
+  int64_t block = kQuantBlock;
+  while (group % block) block -= 16;
+  return block;
+}
+
 // tile_pass for a tile of Bits-bit unsigned integers q with a scale s and zero point z per row and group of `group`
-// columns: w = s (q - z). Each 32 bytes hold 16 rows of one column pair (int8) or two (int4: the low nibbles the
-// first pair, the high ones the next). The integers become exact bf16 in registers: int8 through float32; int4 by
-// or-ing the nibble into the bits of 128.0, which gives 128 + q. A group's dot products sum x (q [+ 128]); its
-// column sum xsum[m][g] of x times the zero point [+ 128] is taken off, then the scale applied:
-// sum_g s (sum x q - z sum x). Two sets of sums (the group's and the total) hold at most 3 tokens in registers.
+// columns: w = s (q - z). The activations come as int16 (quantize_row): per row and block (quant_block) of columns,
+// x = scale_b * xq. Each 32 bytes hold 16 rows of one column pair (int8) or two (int4: the low nibbles the first
+// pair, the high ones the next), widened to int16 and multiplied in pairs with vpdpwssd into exact int32 sums;
+// each block then adds s scale_b (sum q xq - z sum xq) to the float32 sums. Two sets of sums (the block's and the
+// total) hold at most 3 tokens in registers. xinfo[m] is token m's (scale, sum xq) per block.
 template <int Bits, int R, int M, typename Done>
-void quant_tile_pass(const int32_t* const* x, const float* const* xsum, int64_t k, int64_t group, const uint8_t* w,
-                     const float* scales, const float* zeros, int64_t stride, Done& done) {
+void quant_tile_pass(const int32_t* const* x, const float* const* xinfo, int64_t k, int64_t group, int64_t block_size,
+                     const uint8_t* w, const float* scales, const float* zeros, int64_t stride, Done& done) {
   constexpr int64_t kPairsPerBlock = Bits == 8 ? 1 : 2;
-  const __m512i nibble = _mm512_set1_epi16(0x000F), bf16_128 = _mm512_set1_epi16(0x4300);
-  const __m512 offset = _mm512_set1_ps(Bits == 8 ? 0.0f : 128.0f);
-  __m512 total[M][R], acc[M][R];
+  const __m512i nibble = _mm512_set1_epi16(0x000F);
+  __m512 total[M][R];
+  __m512i acc[M][R];
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < R; ++r) total[m][r] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < k / group; ++g) {
+  for (int64_t b = 0; b < k / block_size; ++b) {
     for (int m = 0; m < M; ++m)
-      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
-    for (int64_t p = g * group / 2; p < (g + 1) * group / 2; p += kPairsPerBlock) {
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_si512();
+    for (int64_t p = b * block_size / 2; p < (b + 1) * block_size / 2; p += kPairsPerBlock) {
       const uint8_t* block = w + p / kPairsPerBlock * R * 32;
       for (int r = 0; r < R; ++r) {
+        const __m512i q = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + r * 32)));
         if constexpr (Bits == 8) {
-          const __m128i* q = reinterpret_cast<const __m128i*>(block + r * 32);
-          const __m512 low = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(q)));
-          const __m512 high = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(q + 1)));
-          const __m512bh wv = _mm512_cvtne2ps_pbh(high, low);
-          for (int m = 0; m < M; ++m)
-            acc[m][r] = _mm512_dpbf16_ps(acc[m][r], wv, (__m512bh)_mm512_set1_epi32(x[m][p]));
+          for (int m = 0; m < M; ++m) acc[m][r] = _mm512_dpwssd_epi32(acc[m][r], q, _mm512_set1_epi32(x[m][p]));
         } else {
-          const __m512i q = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + r * 32)));
-          const __m512bh first = (__m512bh)_mm512_ternarylogic_epi32(q, nibble, bf16_128, 0xEA);  // (q & 15) | 128.0
-          const __m512bh second = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(q, 4), bf16_128);
+          const __m512i first = _mm512_and_si512(q, nibble), second = _mm512_srli_epi16(q, 4);
           for (int m = 0; m < M; ++m) {
-            acc[m][r] = _mm512_dpbf16_ps(acc[m][r], first, (__m512bh)_mm512_set1_epi32(x[m][p]));
-            acc[m][r] = _mm512_dpbf16_ps(acc[m][r], second, (__m512bh)_mm512_set1_epi32(x[m][p + 1]));
+            acc[m][r] = _mm512_dpwssd_epi32(acc[m][r], first, _mm512_set1_epi32(x[m][p]));
+            acc[m][r] = _mm512_dpwssd_epi32(acc[m][r], second, _mm512_set1_epi32(x[m][p + 1]));
           }
         }
       }
     }
+    const int64_t g = b * block_size / group;
     for (int r = 0; r < R; ++r) {
-      const __m512 s = _mm512_loadu_ps(scales + g * stride + 16 * r);
-      const __m512 z = _mm512_add_ps(_mm512_loadu_ps(zeros + g * stride + 16 * r), offset);
-      for (int m = 0; m < M; ++m)
-        total[m][r] = _mm512_fmadd_ps(s, _mm512_fnmadd_ps(z, _mm512_set1_ps(xsum[m][g]), acc[m][r]), total[m][r]);
+      const __m512 s = _mm512_loadu_ps(scales + g * stride + 16 * r), z = _mm512_loadu_ps(zeros + g * stride + 16 * r);
+      for (int m = 0; m < M; ++m) {
+        const __m512 sums = _mm512_fnmadd_ps(z, _mm512_set1_ps(xinfo[m][2 * b + 1]), _mm512_cvtepi32_ps(acc[m][r]));
+        total[m][r] = _mm512_fmadd_ps(_mm512_mul_ps(s, _mm512_set1_ps(xinfo[m][2 * b])), sums, total[m][r]);
+      }
     }
   }
   for (int m = 0; m < M; ++m) done(m, total[m]);
@@ -159,7 +167,7 @@ struct QuantWeight {
       in_passes<kMaxQuantTokens>(n, [&](auto m, int64_t t0) {
         auto at = [&](int i, const __m512* s) { done(t0 + i, s); };
         quant_tile_pass<Bits, decltype(r)::value, decltype(m)::value>(
-            x + t0, sums + t0, k, group, t, scales + first, zeros + first, stride, at);
+            x + t0, sums + t0, k, group, quant_block(group), t, scales + first, zeros + first, stride, at);
       });
     });
   }
@@ -178,29 +186,53 @@ struct AlignedBF16 {
 
 const int32_t* pairs_of(const at::BFloat16* row) { return reinterpret_cast<const int32_t*>(row); }
 
-// Each row's column sums per group of `group` columns (a multiple of 16): sums[g] = sum of row[g group, (g + 1) group).
-void group_sums(const at::BFloat16* row, int64_t k, int64_t group, float* sums) {
-  for (int64_t g = 0; g < k / group; ++g) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t c = g * group; c < (g + 1) * group; c += 16) acc = _mm512_add_ps(acc, load16(row + c));
-    sums[g] = _mm512_reduce_add_ps(acc);
+// A row of bf16 activations as int16 for quant_tile_pass: per block of `block` columns, x = 2^e xq with e such
+// that the block's largest |x| is below 2^15 (a power of two: the larger values, whose 8 significant bits fit,
+// are exact), and info = (2^e, sum xq) per block.
+void quantize_row(const at::BFloat16* row, int64_t k, int64_t block, int16_t* xq, float* info) {
+  for (int64_t b = 0; b < k / block; ++b) {
+    const at::BFloat16* x = row + b * block;
+    __m512 top = _mm512_setzero_ps();
+    for (int64_t c = 0; c < block; c += 16) top = _mm512_max_ps(top, _mm512_abs_ps(load16(x + c)));
+    int exponent = 0;
+    std::frexp(_mm512_reduce_max_ps(top), &exponent);  // largest |x| < 2^exponent
+    const __m512 up = _mm512_set1_ps(std::ldexp(1.0f, 15 - exponent));
+    __m512i sum = _mm512_setzero_si512();
+    for (int64_t c = 0; c < block; c += 16) {
+      const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(load16(x + c), up));  // rounds to nearest
+      sum = _mm512_add_epi32(sum, v);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + b * block + c), _mm512_cvtsepi32_epi16(v));
+    }
+    info[2 * b] = std::ldexp(1.0f, exponent - 15);
+    info[2 * b + 1] = static_cast<float>(_mm512_reduce_add_epi32(sum));
   }
 }
 
-// The column sums per group of each of `count` rows (row(i) gives row i) where the weight W is quantized
-// (quant_tile_pass takes them off); pointers to each row's sums in `rows`.
+// The int16 form of `count` rows (row(i) gives row i) where the weight W is quantized: `rows` and `infos` are pointed
+// at each row's int16 column pairs and block info (their storage is returned); unquantized weights read the rows as
+// they are.
+struct QuantizedRows {
+  std::vector<int16_t> values;
+  std::vector<float> info;
+};
+
 template <typename W, typename Row>
-std::vector<float> sums_if_quantized(const W& weight, int64_t count, Row row, std::vector<const float*>& rows) {
-  std::vector<float> sums;
+QuantizedRows quantize_rows_for(const W& weight, int64_t count, Row row, std::vector<const int32_t*>& rows,
+                                std::vector<const float*>& infos) {
+  QuantizedRows out;
   if constexpr (W::kQuantized) {
-    const int64_t groups = weight.k / weight.group;
-    sums.resize(count * groups);
+    const int64_t k = weight.k, block = quant_block(weight.group), blocks = k / block;
+    out.values.resize(count * k);
+    out.info.resize(count * 2 * blocks);
+    at::parallel_for(0, count, 16, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) quantize_row(row(i), k, block, out.values.data() + i * k, out.info.data() + i * 2 * blocks);
+    });
     for (int64_t i = 0; i < count; ++i) {
-      group_sums(row(i), weight.k, weight.group, sums.data() + i * groups);
-      rows[i] = sums.data() + i * groups;
+      rows[i] = reinterpret_cast<const int32_t*>(out.values.data() + i * k);
+      infos[i] = out.info.data() + i * 2 * blocks;
     }
   }
-  return sums;
+  return out;
 }
 
 // The checks that every fused_moe takes: x [T, D] bf16, expert ids and routing weights [T, K].
@@ -250,9 +282,16 @@ torch::Tensor moe(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor weigh
     x_rows[i] = pairs_of(xp + order[i] / top_k * dim);
     act_rows[i] = pairs_of(act.data() + i * inter);
   }
-  std::vector<const float*> x_sums(pairs), act_sums(pairs);
-  const auto x_sum_data = sums_if_quantized(w13_of(0), pairs, [&](int64_t i) { return xp + order[i] / top_k * dim; },
-                                            x_sums);
+  // quantized experts read int16 activations: each token's once, its pairs point there
+  std::vector<const int32_t*> x_tokens(tokens);
+  std::vector<const float*> x_token_info(tokens), x_info(pairs), act_info(pairs);
+  const auto x_quantized = quantize_rows_for(w13_of(0), tokens, [&](int64_t t) { return xp + t * dim; }, x_tokens,
+                                             x_token_info);
+  if (!x_quantized.values.empty())
+    for (int64_t i = 0; i < pairs; ++i) {
+      x_rows[i] = x_tokens[order[i] / top_k];
+      x_info[i] = x_token_info[order[i] / top_k];
+    }
   const int64_t n_active = static_cast<int64_t>(active.size());
 
   // gate and up: tile u of every active expert (kTileUnits intermediate units, the last may have 16), tile-major so
@@ -263,7 +302,7 @@ torch::Tensor moe(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor weigh
       const int64_t u = i / n_active, e = active[i % n_active];
       const int64_t units = std::min(kTileUnits, inter - kTileUnits * u);
       const int64_t first = start[e];
-      w13_of(e).tile(kTileRows * u, 2 * units, x_rows.data() + first, x_sums.data() + first, start[e + 1] - first,
+      w13_of(e).tile(kTileRows * u, 2 * units, x_rows.data() + first, x_info.data() + first, start[e + 1] - first,
                      [&](int64_t m, const __m512* s) {
         at::BFloat16* out = act.data() + (first + m) * inter + kTileUnits * u;
         for (int64_t h = 0; h < units / 16; ++h) {
@@ -275,8 +314,8 @@ torch::Tensor moe(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor weigh
       });
     }
   });
-  const auto act_sum_data = sums_if_quantized(w2_of(0), pairs, [&](int64_t i) { return act.data() + i * inter; },
-                                              act_sums);
+  const auto act_quantized = quantize_rows_for(w2_of(0), pairs, [&](int64_t i) { return act.data() + i * inter; },
+                                               act_rows, act_info);
 
   // down: each thread owns a range of output tiles, for every expert: it adds each pair's rows into its token's
   // sums, then writes the tile's rows out (float32 sums, or rounded to bf16)
@@ -290,7 +329,7 @@ torch::Tensor moe(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor weigh
       sums.assign(tokens * kTileRows, 0.0f);
       for (const int64_t e : active) {
         const int64_t first = start[e];
-        w2_of(e).tile(j * kTileRows, rows, act_rows.data() + first, act_sums.data() + first, start[e + 1] - first,
+        w2_of(e).tile(j * kTileRows, rows, act_rows.data() + first, act_info.data() + first, start[e + 1] - first,
                       [&](int64_t m, const __m512* s) {
           const int64_t pair = order[first + m];
           float* o = sums.data() + pair / top_k * kTileRows;
@@ -324,12 +363,12 @@ torch::Tensor linear(torch::Tensor x, const W& weight, int64_t n, int64_t padded
   const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
   std::vector<const int32_t*> rows(tokens);
   for (int64_t t = 0; t < tokens; ++t) rows[t] = pairs_of(xp + t * k);
-  std::vector<const float*> row_sums(tokens);
-  const auto sum_data = sums_if_quantized(weight, tokens, [&](int64_t t) { return xp + t * k; }, row_sums);
+  std::vector<const float*> row_info(tokens);
+  const auto quantized = quantize_rows_for(weight, tokens, [&](int64_t t) { return xp + t * k; }, rows, row_info);
   at::parallel_for(0, (padded + kTileRows - 1) / kTileRows, 1, [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t first = j * kTileRows, count = std::min(kTileRows, padded - first);
-      weight.tile(first, count, rows.data(), row_sums.data(), tokens, [&](int64_t m, const __m512* s) {
+      weight.tile(first, count, rows.data(), row_info.data(), tokens, [&](int64_t m, const __m512* s) {
         for (int64_t r = 0; r < count / 16; ++r) {
           const int64_t row = first + 16 * r, left = std::min<int64_t>(16, n - row);
           if (left > 0) store_bf16(yp + m * n + row, s[r], static_cast<__mmask16>((1u << left) - 1));
