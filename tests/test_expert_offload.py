@@ -131,6 +131,32 @@ def test_bfloat16_offloaded_matches_bfloat16_resident(checkpoint, prompt_len, ta
                    if isinstance(m, SparseMoE))
 
 
+@pytest.mark.avx512_bf16
+@pytest.mark.parametrize("quantization,target", [("int4", "disk"), ("int8", "host"), ("experts_int8", "disk")])
+def test_quantized_offloaded_experts_give_the_quantized_resident_outputs(checkpoint, quantization, target):
+    """Offloaded experts kept quantized (the store, the expert file and the slots hold the kernel's 8- or 4-bit
+    tiles): the logits are the resident quantized model's bit for bit, and a slot and a miss are that much
+    smaller than bf16's."""
+    if kernels() is None:
+        pytest.skip("needs the CPU kernels")
+    prompt = {"prompt_token_ids": prompts_of([11], seed=4)[0]}
+    params = SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True)
+    outputs = []
+    for offload in ({}, {"expert_cache_size": 3, "expert_offload_target": target}):
+        llm = engine(checkpoint, dtype="bfloat16", quantization=quantization, **offload)
+        steps = record_logits(llm)
+        outputs.append((llm.generate(prompt, params)[0].outputs[0].token_ids, torch.cat(steps)))
+    assert outputs[0][0] == outputs[1][0]
+    assert torch.equal(outputs[0][1], outputs[1][1])
+    caches = llm.engine.experts.caches
+    assert all(int(c.stats.misses.sum()) > 3 for c in caches)
+    bf16_bytes = (2 * 96 * 64 + 64 * 96) * 2  # one expert's w13 [2I, D] and w2 [D, I] in bf16
+    bits = 4 if quantization == "int4" else 8
+    assert caches[0].slots["w13_q"].dtype == torch.uint8
+    assert caches[0].expert_bytes < bf16_bytes * bits / 16 * 1.25  # the integers, and scales per group
+    assert all(c.stats.bytes_loaded == int(c.stats.misses.sum()) * c.expert_bytes for c in caches)
+
+
 class FakeStore(ExpertStore):
     """A host store of 6 one-number experts, to watch what the policies evict."""
 

@@ -74,9 +74,9 @@ class ExpertCache:
         self.num_experts = layer.num_experts
         self.capacity = min(capacity, layer.num_experts)
         # on CPU page-aligned, so the store can read straight into a slot (direct I/O, experts/expert_file.py)
-        self.slots = {kind: page_aligned_zeros((self.capacity, *shape), store.dtype) if device.type == "cpu"
-                      else torch.zeros(self.capacity, *shape, dtype=store.dtype, device=device)
-                      for kind, shape in layer.shapes.items()}
+        self.slots = {kind: page_aligned_zeros((self.capacity, *shape), dtype) if device.type == "cpu"
+                      else torch.zeros(self.capacity, *shape, dtype=dtype, device=device)
+                      for kind, (shape, dtype) in layer.form.tensors.items()}
         self.expert_bytes = store.expert_bytes(path)
         self.slot_expert = [-1] * self.capacity  # which expert each slot holds
         self.expert_slot: dict[int, int] = {}

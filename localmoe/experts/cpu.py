@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from localmoe.layers.cpu_kernels import expert_tiles, fused_moe, kernels
+from localmoe.layers.cpu_kernels import QuantTiles, expert_tiles, fused_moe, kernels
 from localmoe.layers.huge_pages import on_huge_pages
 from localmoe.layers.linear import pack_weight
-from localmoe.layers.moe import Activation, Experts, ExpertWeights, GroupedExperts, mix, pair_outputs, swiglu
+from localmoe.layers.moe import Activation, Experts, GroupedExperts, GroupedPathExperts, swiglu
 
 
 def kernel_serves(activation: Activation, bias: bool, dtype: torch.dtype, device: torch.device,
@@ -33,13 +33,19 @@ def grouped_kernel_serves(experts: GroupedExperts) -> bool:
 
 class TiledExperts(Experts):
     """Experts in the kernel's tiles: w13 and w2 as expert_tiles lays them out (or cache slots in that layout,
-    for offloaded experts). Partial sums are the kernel's float32 sums, rounded once in combine."""
+    for offloaded experts), or as QuantTiles (experts/quantized.py), whose tensors are then this module's buffers.
+    Partial sums are the kernel's float32 sums, rounded once in combine."""
 
-    def __init__(self, w13: torch.Tensor, w2: torch.Tensor) -> None:
+    def __init__(self, w13: torch.Tensor | QuantTiles, w2: torch.Tensor | QuantTiles) -> None:
         super().__init__()
-        self.num_experts = w13.shape[0]
-        self.register_buffer("w13", w13, persistent=False)
-        self.register_buffer("w2", w2, persistent=False)
+        for name, weight in (("w13", w13), ("w2", w2)):
+            if isinstance(weight, QuantTiles):
+                setattr(self, name, weight)
+                for part, tensor in zip(("q", "scales", "zeros"), weight.tensors()):
+                    self.register_buffer(f"{name}_{part}", tensor, persistent=False)
+            else:
+                self.register_buffer(name, weight, persistent=False)
+        self.num_experts = len(w13.q if isinstance(w13, QuantTiles) else w13)
 
     @classmethod
     def of(cls, experts: GroupedExperts) -> "TiledExperts":
@@ -55,7 +61,7 @@ class TiledExperts(Experts):
         return total.to(dtype)
 
 
-class OneDNNExperts(Experts):
+class OneDNNExperts(GroupedPathExperts):
     """Each expert's w13 and w2 in oneDNN's blocked layout; the biases stay as they were."""
 
     def __init__(self, experts: GroupedExperts) -> None:
@@ -65,17 +71,8 @@ class OneDNNExperts(Experts):
         self.packed = [(pack_weight(experts.w13[e]), pack_weight(experts.w2[e])) for e in range(self.num_experts)]
         self.w13_bias, self.w2_bias = experts.w13_bias, experts.w2_bias
 
-    def expert(self, index: int) -> ExpertWeights:
-        w13, w2 = self.packed[index]
-        if self.w13_bias is None:
-            return w13, w2, None, None
-        return w13, w2, self.w13_bias[index], self.w2_bias[index]
-
-    def partial(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return pair_outputs(x, ids, self.num_experts, self.expert, self.activation)
-
-    def combine(self, weights: torch.Tensor, total: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return mix(weights, total)
+    def weights_of(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.packed[index]
 
 
 def packed_bytes(experts: nn.Module) -> int:

@@ -20,10 +20,12 @@ from torch import nn
 
 from localmoe.experts.cache import ExpertCache
 from localmoe.experts.cpu import TiledExperts, kernel_serves
-from localmoe.experts.store import ExpertStore
+from localmoe.experts.quantized import quant_form, slot_tiles
+from localmoe.experts.store import ExpertForm, ExpertStore
 from localmoe.layers.cpu_kernels import expert_tiles
 from localmoe.layers.moe import Activation, Experts, GroupedExperts, SparseMoE
 from localmoe.models.builtin import cache_root
+from localmoe.quant.scheme import QuantScheme
 
 EXPERT_PARAMS = ("w13", "w2")  # GroupedExperts' stacked weights: what offloading keeps out of the model
 
@@ -36,6 +38,7 @@ class OffloadPlan:
     policy: str  # eviction policy (experts/cache.py)
     prefetch: bool
     memory: int | None = None  # bytes of slots over all MoE layers, split evenly between them
+    quant: QuantScheme | None = None  # the experts are kept quantized (experts/quantized.py)
 
     def slots_per_layer(self, num_layers: int, expert_bytes: int) -> int:
         if self.capacity is not None:
@@ -59,14 +62,14 @@ class OffloadedExperts(Experts):
     weights are the cache's slots) on slot ids in place of expert ids. Partial results add up exactly and are
     rounded once, so the output is the resident one (exactly, for top-2). Biases stay resident, by expert."""
 
-    def __init__(self, cache: ExpertCache, activation: Activation,
-                 biases: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    def __init__(self, cache: ExpertCache, activation: Activation, biases: tuple[torch.Tensor, torch.Tensor] | None,
+                 compute: Experts) -> None:
         super().__init__()
         self.num_experts = cache.num_experts
         self.cache = cache
         self.activation = activation
         self.biases = biases
-        self.compute = _slot_compute(cache, activation, biases)
+        self.compute = compute
         self.prefetch: Callable[[torch.Tensor], None] | None = None  # guesses the next layer's experts (see above)
 
     def partial(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -115,9 +118,11 @@ def attach_caches(blocks: list[tuple[str, SparseMoE]], store: ExpertStore, plan:
     prefetcher = ThreadPoolExecutor(1, thread_name_prefix="expert-prefetch") if plan.prefetch else None
     caches = []
     for path, moe in blocks:
+        activation, biases = moe.experts.activation, _resident_biases(moe.experts)
+        slot_compute = _slot_compute(store, f"{path}.experts", activation, biases, device, plan.quant)
         capacity = plan.slots_per_layer(len(blocks), store.expert_bytes(f"{path}.experts"))
         cache = ExpertCache(f"{path}.experts", store, capacity, plan.policy, device, prefetcher)
-        moe.experts = OffloadedExperts(cache, moe.experts.activation, _resident_biases(moe.experts))
+        moe.experts = OffloadedExperts(cache, activation, biases, slot_compute(cache))
         caches.append(cache)
     if prefetcher is not None:
         for (_, moe), (_, following) in zip(blocks, blocks[1:]):
@@ -125,21 +130,34 @@ def attach_caches(blocks: list[tuple[str, SparseMoE]], store: ExpertStore, plan:
     return caches
 
 
-def _slot_compute(cache: ExpertCache, activation: Activation,
-                  biases: tuple[torch.Tensor, torch.Tensor] | None) -> Experts:
-    """The experts module that runs on the cache's slots."""
-    w13, w2 = cache.slots["w13"], cache.slots["w2"]
-    hidden_size, intermediate_size = w2.shape[1:]
-    if kernel_serves(activation, biases is not None, w13.dtype, w13.device, hidden_size, intermediate_size):
-        cache.store.set_layout(cache.path, expert_tiles)
-        return TiledExperts(w13, w2)
-    with torch.device("meta"):  # shapes only: its weights are the slots, its biases filled per wave
-        compute = GroupedExperts(cache.capacity, hidden_size, intermediate_size, biases is not None, activation)
-    compute.w13, compute.w2 = nn.Parameter(w13, False), nn.Parameter(w2, False)
-    if biases is not None:
-        compute.w13_bias, compute.w2_bias = (nn.Parameter(b.new_zeros(cache.capacity, b.shape[1]), False)
-                                             for b in biases)
-    return compute
+def _slot_compute(store: ExpertStore, path: str, activation: Activation,
+                  biases: tuple[torch.Tensor, torch.Tensor] | None, device: torch.device,
+                  quant: QuantScheme | None) -> Callable[[ExpertCache], Experts]:
+    """Decide how layer `path`'s experts are kept (the store's form for it, set here) and return what makes the
+    experts module that runs on a cache's slots: the CPU kernel's tiles, quantized or not, where it serves them,
+    else the grouped path on the checkpoint's w13 and w2."""
+    hidden_size, intermediate_size = store.layers[path].shapes["w2"]
+    kernel = kernel_serves(activation, biases is not None, store.dtype, device, hidden_size, intermediate_size)
+    if quant is not None:
+        if not kernel:
+            raise ValueError(f"quantization {quant.name!r} of offloaded experts needs the CPU kernel (bf16 SwiGLU "
+                             "experts without biases on a CPU with AVX512-BF16)")
+        store.set_form(path, quant_form(store.layers[path].shapes, quant))
+        return lambda cache: TiledExperts(*slot_tiles(cache.slots, quant.bits))
+    if kernel:
+        store.set_form(path, ExpertForm("tiles", store.layers[path].form.tensors,
+                                        lambda w13, w2: dict(zip(("w13", "w2"), expert_tiles(w13, w2)))))
+        return lambda cache: TiledExperts(cache.slots["w13"], cache.slots["w2"])
+
+    def grouped(cache: ExpertCache) -> Experts:
+        with torch.device("meta"):  # shapes only: its weights are the slots, its biases filled per wave
+            compute = GroupedExperts(cache.capacity, hidden_size, intermediate_size, biases is not None, activation)
+        compute.w13, compute.w2 = nn.Parameter(cache.slots["w13"], False), nn.Parameter(cache.slots["w2"], False)
+        if biases is not None:
+            compute.w13_bias, compute.w2_bias = (nn.Parameter(b.new_zeros(cache.capacity, b.shape[1]), False)
+                                                 for b in biases)
+        return compute
+    return grouped
 
 
 def _resident_biases(experts: Experts) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -1,44 +1,27 @@
 """Experts quantized at load (quant/), swapped in for GroupedExperts by the experts pass (experts/runtime.py).
 
-- `QuantTiledExperts`: our CPU kernel on the 8- or 4-bit tiles (`fused_moe` on QuantTiles): a decode step reads
-  its experts' integers and scales, dequantized in registers.
+- `TiledExperts` (experts/cpu.py) on QuantTiles: our CPU kernel on the 8- or 4-bit tiles: a decode step reads its
+  experts' integers and scales, never a bf16 copy.
 - `QuantGroupedExperts`: the reference path (float32 activations, CUDA, shapes the kernel does not take): each
   active expert dequantized when a step needs it, then the grouped path.
+- `quant_form`: offloaded experts kept quantized (experts/store.py's ExpertForm): the store, the expert file and
+  the cache's slots hold the kernel's tiles, so a cache of N bytes holds 2x (int8) or 4x (int4) the experts and
+  a miss reads that much less.
 """
 
 from __future__ import annotations
 
 import torch
 
-from localmoe.layers.cpu_kernels import QuantTiles, fused_moe, gate_up_paired, quant_kernel_serves
-from localmoe.layers.moe import Experts, ExpertWeights, GroupedExperts, mix, pair_outputs
-from localmoe.experts.cpu import grouped_kernel_serves
+from localmoe.experts.cpu import TiledExperts, grouped_kernel_serves
+from localmoe.experts.store import ExpertForm
+from localmoe.layers.cpu_kernels import QuantTiles, gate_up_paired, quant_kernel_serves
+from localmoe.layers.moe import Experts, GroupedExperts, GroupedPathExperts
 from localmoe.quant.scheme import QuantScheme
 from localmoe.quant.weight import QuantizedWeight
 
 
-class QuantTiledExperts(Experts):
-    """w13 (rows gate_up_paired) and w2 as QuantTiles; their tensors are this module's buffers."""
-
-    def __init__(self, w13: QuantTiles, w2: QuantTiles) -> None:
-        super().__init__()
-        self.num_experts = w13.q.shape[0]
-        self.w13, self.w2 = w13, w2
-        for name, tiles in (("w13", w13), ("w2", w2)):
-            for part, tensor in zip(("q", "scales", "zeros"), tiles.tensors()):
-                self.register_buffer(f"{name}_{part}", tensor, persistent=False)
-
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return fused_moe(x, ids, weights, self.w13, self.w2)
-
-    def partial(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return fused_moe(x, ids, weights, self.w13, self.w2, float_out=True)
-
-    def combine(self, weights: torch.Tensor, total: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return total.to(dtype)
-
-
-class QuantGroupedExperts(Experts):
+class QuantGroupedExperts(GroupedPathExperts):
     """GroupedExperts whose w13 and w2 are QuantizedWeights, dequantized per active expert in the activations'
     dtype; biases and activation as they were."""
 
@@ -53,26 +36,46 @@ class QuantGroupedExperts(Experts):
             for part in ("packed", "scales", "zeros"):
                 self.register_buffer(f"{name}_{part}", getattr(weight, part), persistent=False)
 
-    def weight(self, name: str, index: int) -> torch.Tensor:
-        parts = (getattr(self, f"{name}_{part}")[index] for part in ("packed", "scales", "zeros"))
-        return QuantizedWeight(*parts, self.bits).dequantize(self.dtype)
+    def weights_of(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        def weight(name: str) -> torch.Tensor:
+            parts = (getattr(self, f"{name}_{part}")[index] for part in ("packed", "scales", "zeros"))
+            return QuantizedWeight(*parts, self.bits).dequantize(self.dtype)
 
-    def expert(self, index: int) -> ExpertWeights:
-        w13, w2 = self.weight("w13", index), self.weight("w2", index)
-        if self.w13_bias is None:
-            return w13, w2, None, None
-        return w13, w2, self.w13_bias[index], self.w2_bias[index]
-
-    def partial(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return pair_outputs(x, ids, self.num_experts, self.expert, self.activation)
-
-    def combine(self, weights: torch.Tensor, total: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return mix(weights, total)
+        return weight("w13"), weight("w2")
 
 
 def quantize_experts(experts: GroupedExperts, scheme: QuantScheme) -> Experts:
     """`experts` quantized by `scheme`: on the kernel where it serves them, else the reference path."""
     w13, w2 = (scheme.quantize(w.data) for w in (experts.w13, experts.w2))
     if grouped_kernel_serves(experts) and quant_kernel_serves(w13) and quant_kernel_serves(w2):
-        return QuantTiledExperts(QuantTiles.of(w13, gate_up_paired), QuantTiles.of(w2))
+        return TiledExperts(QuantTiles.of(w13, gate_up_paired), QuantTiles.of(w2))
     return QuantGroupedExperts(experts, w13, w2)
+
+
+PARTS = ("q", "scales", "zeros")  # a QuantTiles' tensors, as slot kinds w13_q, w13_scales, ...
+
+
+def quant_form(shapes: dict[str, tuple[int, ...]], scheme: QuantScheme) -> ExpertForm:
+    """Experts kept as the quantized kernel's tiles (`shapes`: one expert's w13 and w2 in the checkpoint)."""
+    tensors = {}
+    for name, (rows, columns) in shapes.items():
+        group = scheme.group_for(columns) or columns
+        if group % 16 or columns % 16:
+            raise ValueError(f"quantization {scheme.name!r}: the kernel takes experts whose rows split into groups "
+                             f"of a multiple of 16 columns, not {columns}")
+        tensors[f"{name}_q"] = ((rows, columns * scheme.bits // 8), torch.uint8)
+        tensors[f"{name}_scales"] = tensors[f"{name}_zeros"] = ((columns // group, rows), torch.float32)
+
+    def make(w13: torch.Tensor, w2: torch.Tensor) -> dict[str, torch.Tensor]:
+        made = {}
+        for name, weight, rows_in in (("w13", w13, gate_up_paired), ("w2", w2, lambda t: t)):
+            tiles = QuantTiles.of(scheme.quantize(weight), rows_in)
+            made.update({f"{name}_{part}": t for part, t in zip(PARTS, tiles.tensors())})
+        return made
+    name = f"quantized:{scheme.bits}:{scheme.group_size}:{'sym' if scheme.symmetric else 'asym'}"
+    return ExpertForm(name, tensors, make)
+
+
+def slot_tiles(slots: dict[str, torch.Tensor], bits: int) -> tuple[QuantTiles, QuantTiles]:
+    """w13 and w2 as QuantTiles over a cache's slots in quant_form."""
+    return tuple(QuantTiles(*(slots[f"{name}_{part}"] for part in PARTS), bits) for name in ("w13", "w2"))

@@ -3,7 +3,7 @@
 The model files build, and the loader fills, plain GroupedExperts on one device (gpt-fast's model.py). This pass
 (gpt-fast's `convert_for_runtime`, `apply_tp`) swaps in, per MoE layer:
 - OffloadedExperts (experts/offload.py) when offloading is asked for: experts in a store, a cache of slots;
-- else QuantTiledExperts / QuantGroupedExperts (experts/quantized.py) when a quantization is asked for;
+- else quantized experts (experts/quantized.py) when a quantization is asked for;
 - else TiledExperts (experts/cpu.py) where our CPU kernel serves them;
 - else OneDNNExperts where oneDNN's layouts are supported (CPU), else the GroupedExperts stay.
 Expert-parallel experts are a further choice of the same pass.
@@ -11,7 +11,7 @@ Expert-parallel experts are a further choice of the same pass.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -39,10 +39,7 @@ def convert_experts(model: nn.Module, device: torch.device, packing: bool, offlo
     the experts are quantized by it."""
     blocks = moe_blocks(model)
     if offload is not None:
-        if quant is not None:
-            raise ValueError(f"quantization {quant.name!r} with expert offloading is not available yet: offloaded "
-                             "experts are served in the checkpoint's dtype")
-        return ServingExperts(*offload_experts(model, blocks, offload, device))
+        return ServingExperts(*offload_experts(model, blocks, replace(offload, quant=quant), device))
     for _, moe in blocks:
         if not isinstance(moe.experts, GroupedExperts):
             continue

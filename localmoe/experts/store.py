@@ -4,8 +4,12 @@ Offloading keeps each MoE layer's stacked expert parameters (w13, w2) out of the
 instead, in one of two places:
 - `host`: a copy in host memory (pinned on CUDA, so copies to the device can overlap compute);
 - `disk`: nothing in memory. Where each expert's bytes sit in the checkpoint's safetensors files is noted at
-  start, and `lay_out_on_disk` writes every expert once, in the serving dtype and layout, to a local
-  ExpertFile (experts/expert_file.py) that each miss then reads directly into its slot.
+  start, and `lay_out_on_disk` writes every expert once, in its serving form, to a local ExpertFile
+  (experts/expert_file.py) that each miss then reads directly into its slot.
+
+Each layer's experts are kept in the form its compute reads (`ExpertForm`): w13 and w2 as the checkpoint has
+them, in the kernel's tiles, or quantized (experts/quantized.py), so a cache slot holds what the compute reads
+and a quantized expert moves a quarter or an eighth of its bf16 bytes.
 
 The loader leaves offloaded experts unread; `fill` then goes over the checkpoint's tensors itself, applying the
 model's own name mapping to a shape-only (meta) copy of each, so the store knows which expert, and which rows
@@ -29,18 +33,27 @@ from localmoe.models.checkpoint import TensorLocation, safetensors_files, safete
 
 # (checkpoint tensor name, tensor) -> [(parameter name, value, where in the parameter)]: the model's map_weight
 WeightMap = Callable[[str, torch.Tensor], Iterable[tuple[str, torch.Tensor, object]]]
-# (w13, w2) of one or all experts -> the same, rearranged for the compute that reads them
-Layout = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def _layout_name(layout: Layout | None) -> str | None:
-    return None if layout is None else f"{layout.__module__}.{layout.__qualname__}"
+@dataclass(frozen=True)
+class ExpertForm:
+    """How a layer's compute keeps one expert: its tensors (kind -> shape and dtype of one expert's) and `make`,
+    which turns the checkpoint's w13 and w2 (of one expert or stacked, in the serving dtype) into them."""
+
+    name: str
+    tensors: dict[str, tuple[tuple[int, ...], torch.dtype]]
+    make: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of one expert in this form."""
+        return sum(int(torch.Size(shape).numel()) * dtype.itemsize for shape, dtype in self.tensors.values())
 
 
-def _lay_out(layout: Layout, experts: dict[str, torch.Tensor], dest: dict[str, torch.Tensor]) -> None:
-    """Copy `experts` ("w13"/"w2" -> tensors) into `dest`, rearranged by `layout` (dest may be experts itself)."""
-    for kind, value in zip(("w13", "w2"), layout(experts["w13"], experts["w2"])):
-        dest[kind].copy_(value)
+def plain_form(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) -> ExpertForm:
+    """w13 and w2 as the checkpoint has them, in the serving dtype."""
+    return ExpertForm("plain", {kind: (shape, dtype) for kind, shape in shapes.items()},
+                      lambda w13, w2: {"w13": w13, "w2": w2})
 
 
 @dataclass
@@ -55,10 +68,10 @@ class _Piece:
 @dataclass
 class _Layer:
     num_experts: int
-    shapes: dict[str, tuple[int, ...]]  # "w13"/"w2" -> one expert's shape
-    host: dict[str, torch.Tensor] = field(default_factory=dict)  # host target: stacked copies
+    shapes: dict[str, tuple[int, ...]]  # "w13"/"w2" -> one expert's shape in the checkpoint
+    form: ExpertForm  # how the layer's compute keeps each expert (see set_form)
+    host: dict[str, torch.Tensor] = field(default_factory=dict)  # host target: stacked copies, in `form`
     pieces: list[list[_Piece]] = field(default_factory=list)  # disk target: per expert
-    layout: Layout | None = None  # how the layer's compute wants each expert laid out (see set_layout)
 
 
 class ExpertStore:
@@ -74,7 +87,7 @@ class ExpertStore:
         self.file: ExpertFile | None = None  # disk target: the experts laid out for serving (lay_out_on_disk)
 
     def add_layer(self, path: str, num_experts: int, shapes: dict[str, tuple[int, ...]]) -> None:
-        layer = _Layer(num_experts, shapes)
+        layer = _Layer(num_experts, shapes, plain_form(shapes, self.dtype))
         if self.target == "host":
             layer.host = {kind: torch.empty(num_experts, *shape, dtype=self.dtype, pin_memory=self.pin_memory)
                           for kind, shape in shapes.items()}
@@ -116,21 +129,23 @@ class ExpertStore:
                     for param, value, where in mapped:
                         self.add(param, value, where, name, location)
 
-    def set_layout(self, path: str, layout: Layout) -> None:
-        """Serve this layer's experts rearranged by `layout` ((w13, w2) -> (w13, w2), same shapes; the CPU kernel's
-        tiles): host copies are rearranged once, here; experts read from disk as they are read. Set once."""
+    def set_form(self, path: str, form: ExpertForm) -> None:
+        """Serve this layer's experts in `form`: host copies are converted once, here; experts read from disk as
+        they are laid out (lay_out_on_disk). Set once, before any cache reads the layer."""
         layer = self.layers[path]
-        if layer.layout is not None:
-            if layer.layout is not layout:
-                raise ValueError(f"{path}: the experts are laid out for another compute already")
+        if layer.form.name == form.name:
             return
-        layer.layout = layout
+        if layer.form.name != "plain":
+            raise ValueError(f"{path}: the experts are kept for another compute already ({layer.form.name})")
+        layer.form = form
         if self.target == "host":
-            _lay_out(layout, layer.host, layer.host)  # in place: the copies stay pinned
+            made = form.make(layer.host["w13"], layer.host["w2"])
+            layer.host = {}  # the plain copies go before the new ones are pinned
+            layer.host = {kind: _pinned(value, self.pin_memory) for kind, value in made.items()}
 
     def expert_bytes(self, path: str) -> int:
-        """Bytes of one expert of this layer in the serving dtype (what a cache slot holds)."""
-        return sum(int(torch.Size(s).numel()) for s in self.layers[path].shapes.values()) * self.dtype.itemsize
+        """Bytes of one expert of this layer in its serving form (what a cache slot holds)."""
+        return self.layers[path].form.nbytes
 
     def read(self, path: str, expert: int, dest: dict[str, torch.Tensor]) -> int:
         """Copy one expert's weights into `dest` ("w13"/"w2" -> one slot's tensors); returns the bytes moved. A
@@ -144,14 +159,15 @@ class ExpertStore:
     def lay_out_on_disk(self, root: Path) -> None:
         """Disk target: write every expert once, laid out for its compute, to an ExpertFile under `root` (or find
         it there from an earlier start); later reads come from it."""
-        layers = {path: (layer.num_experts, {kind: int(torch.Size(shape).numel()) * self.dtype.itemsize
-                                             for kind, shape in layer.shapes.items()})
+        layers = {path: (layer.num_experts, {kind: int(torch.Size(shape).numel()) * dtype.itemsize
+                                             for kind, (shape, dtype) in layer.form.tensors.items()})
                   for path, layer in self.layers.items()}
         sources = sorted({p.source.path.resolve() for layer in self.layers.values() for pieces in layer.pieces
                           for p in pieces})
         key = ExpertFile.key({
-            "version": 1, "dtype": str(self.dtype),
-            "layers": [[path, layer.num_experts, layer.shapes, _layout_name(layer.layout)]
+            "version": 2, "dtype": str(self.dtype),
+            "layers": [[path, layer.num_experts, layer.shapes, layer.form.name,
+                        {kind: [shape, str(dtype)] for kind, (shape, dtype) in layer.form.tensors.items()}]
                        for path, layer in self.layers.items()],
             "sources": [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in sources]})
         file = ExpertFile(root / key / "experts.bin", layers)
@@ -159,7 +175,7 @@ class ExpertStore:
         self.file = file
 
     def _assemble(self, path: str, expert: int) -> dict[str, torch.Tensor]:
-        """One expert read from the checkpoint: each piece mapped into place, cast, then laid out."""
+        """One expert read from the checkpoint: each piece mapped into place, cast, then made into its form."""
         layer = self.layers[path]
         out = {kind: torch.empty(shape, dtype=self.dtype) for kind, shape in layer.shapes.items()}
         for piece in layer.pieces[expert]:
@@ -168,9 +184,7 @@ class ExpertStore:
                 rows = where[1:] if isinstance(where, tuple) else ()  # within the expert
                 # one expert's row of a stacked tensor is mapped with its dimension 0 (of size 1) kept
                 out[param.rpartition(".")[2]][rows].copy_(value[0] if piece.stacked else value)
-        if layer.layout is not None:
-            _lay_out(layer.layout, out, out)
-        return out
+        return layer.form.make(out["w13"], out["w2"])
 
     def _pread(self, loc: TensorLocation) -> torch.Tensor:
         fd = self._files.get(loc.path)
@@ -193,3 +207,10 @@ class ExpertStore:
 
     def host_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers.values() for t in layer.host.values())
+
+
+def _pinned(tensor: torch.Tensor, pin: bool) -> torch.Tensor:
+    """`tensor` contiguous, in pinned memory where asked (CUDA copies from it can then overlap compute)."""
+    if not pin:
+        return tensor.contiguous()
+    return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor)

@@ -56,10 +56,36 @@ class Experts(nn.Module):
         return self.combine(weights, self.partial(x, weights, ids), x.dtype)
 
 
-class GroupedExperts(Experts):
-    """The plain PyTorch experts: the pairs are grouped by expert, each active expert runs once over its tokens,
-    the activation once over all pairs in between. Partial results are the pairs' outputs (exact: each pair is
-    computed once, zero elsewhere), mixed by the routing weights in combine."""
+class GroupedPathExperts(Experts):
+    """Experts run by the grouped path (pair_outputs): the pairs are grouped by expert, each active expert runs
+    once over its tokens, the activation once over all pairs in between. Partial results are the pairs' outputs
+    (exact: each pair is computed once, zero elsewhere), mixed by the routing weights in combine. Subclasses keep
+    the weights (`weights_of(index)` gives expert index's w13 and w2); `activation`, `w13_bias` and `w2_bias` are
+    the experts' own."""
+
+    activation: Activation
+    w13_bias: torch.Tensor | None
+    w2_bias: torch.Tensor | None
+
+    def weights_of(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def expert(self, index: int) -> ExpertWeights:
+        """(w13, w2, w13 bias, w2 bias) of expert `index`."""
+        w13, w2 = self.weights_of(index)
+        if self.w13_bias is None:
+            return w13, w2, None, None
+        return w13, w2, self.w13_bias[index], self.w2_bias[index]
+
+    def partial(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return pair_outputs(x, ids, self.num_experts, self.expert, self.activation)
+
+    def combine(self, weights: torch.Tensor, total: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return mix(weights, total)
+
+
+class GroupedExperts(GroupedPathExperts):
+    """The plain PyTorch experts, stacked (what the model files build and the loader fills)."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, bias: bool = False,
                  activation: Activation = swiglu) -> None:
@@ -71,17 +97,8 @@ class GroupedExperts(Experts):
         self.w13_bias = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size)) if bias else None
         self.w2_bias = nn.Parameter(torch.empty(num_experts, hidden_size)) if bias else None
 
-    def expert(self, index: int) -> ExpertWeights:
-        """(w13, w2, w13 bias, w2 bias) of expert `index`."""
-        if self.w13_bias is None:
-            return self.w13[index], self.w2[index], None, None
-        return self.w13[index], self.w2[index], self.w13_bias[index], self.w2_bias[index]
-
-    def partial(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return pair_outputs(x, ids, self.num_experts, self.expert, self.activation)
-
-    def combine(self, weights: torch.Tensor, total: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return mix(weights, total)
+    def weights_of(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.w13[index], self.w2[index]
 
 
 def pair_outputs(x: torch.Tensor, ids: torch.Tensor, num_experts: int, expert: Callable[[int], ExpertWeights],

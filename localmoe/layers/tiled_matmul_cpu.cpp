@@ -225,7 +225,8 @@ QuantizedRows quantize_rows_for(const W& weight, int64_t count, Row row, std::ve
     out.values.resize(count * k);
     out.info.resize(count * 2 * blocks);
     at::parallel_for(0, count, 16, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) quantize_row(row(i), k, block, out.values.data() + i * k, out.info.data() + i * 2 * blocks);
+      for (int64_t i = i0; i < i1; ++i)
+        quantize_row(row(i), k, block, out.values.data() + i * k, out.info.data() + i * 2 * blocks);
     });
     for (int64_t i = 0; i < count; ++i) {
       rows[i] = reinterpret_cast<const int32_t*>(out.values.data() + i * k);
