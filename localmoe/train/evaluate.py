@@ -5,6 +5,7 @@ its figure can be reproduced anywhere:
 
     python -m localmoe.train.evaluate            # the built-in model on its shipped sample
     python -m localmoe.train.evaluate --model DIR --corpus corpus   # any checkpoint, whole held-out split
+    python -m localmoe.train.evaluate --dtype bfloat16 --quantization int4   # what quantization costs
 """
 
 from __future__ import annotations
@@ -54,9 +55,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", type=Path, default=SHIPPED_DIR)
     parser.add_argument("--corpus", type=Path, help="use the whole heldout.txt of this corpus")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--quantization", help="int8, int4 or experts_int8 (quant/scheme.py)")
     args = parser.parse_args(argv)
     texts = read_documents(args.corpus / "heldout.txt" if args.corpus else args.model / SAMPLE_FILE)
-    llm = LLM(model=str(args.model), dtype=args.dtype)
+    llm = LLM(model=str(args.model), dtype=args.dtype, quantization=args.quantization)
     windows = token_windows(llm.get_tokenizer(), texts)
     print(f"held-out perplexity {perplexity(llm, windows):.2f} "
           f"({sum(len(w) - 1 for w in windows)} predicted tokens in {len(windows)} windows of <= {WINDOW})")
