@@ -68,7 +68,8 @@ class ModelRunner:
         self.config = config
         self.device = resolve_device(config.device)
         self.model, self.hf_config = load_model(model_dir, config.dtype, self.device,
-                                                unread=offloaded_weight if config.offloads_experts else None)
+                                                unread=offloaded_weight if config.offloads_experts else None,
+                                                quantization=config.quantization)
         self.dtype = resolve_dtype(config.dtype, self.hf_config, self.device)
         self.max_model_len = context_length(config, self.hf_config)
         self.block_bytes = kv_block_bytes(self.model, config.block_size, self.dtype)
@@ -78,7 +79,8 @@ class ModelRunner:
         if self.device.type == "cpu":
             kernels()  # built (or loaded from their cache) now, before the server is ready, never inside a request
         packing = packing_supported(self.dtype, self.device)
-        quant = config.quant_scheme
+        # a quantization asked for at load, or the checkpoint's own integers
+        quant = config.quant_scheme or self.model.quantized_checkpoint
         try:
             self.experts = convert_experts(self.model, self.device, packing, self._offload_plan(model_dir), quant)
         except ValueError as error:

@@ -17,7 +17,7 @@ from localmoe.experts.cpu import TiledExperts, grouped_kernel_serves
 from localmoe.experts.store import ExpertForm
 from localmoe.layers.cpu_kernels import QuantTiles, gate_up_paired, quant_kernel_serves
 from localmoe.layers.moe import Experts, GroupedExperts, GroupedPathExperts
-from localmoe.quant.scheme import QuantScheme
+from localmoe.quant.scheme import QuantScheme, Quantizer
 from localmoe.quant.weight import QuantizedWeight
 
 
@@ -44,9 +44,12 @@ class QuantGroupedExperts(GroupedPathExperts):
         return weight("w13"), weight("w2")
 
 
-def quantize_experts(experts: GroupedExperts, scheme: QuantScheme) -> Experts:
-    """`experts` quantized by `scheme`: on the kernel where it serves them, else the reference path."""
-    w13, w2 = (scheme.quantize(w.data) for w in (experts.w13, experts.w2))
+def quantize_experts(experts: GroupedExperts, path: str, quantizer: Quantizer) -> Experts | None:
+    """`experts` (module `path`) quantized: on the kernel where it serves them, else the reference path; None where
+    the quantizer keeps either weight dense."""
+    w13, w2 = (quantizer.weight_for(f"{path}.{name}", getattr(experts, name).data) for name in ("w13", "w2"))
+    if w13 is None or w2 is None or w13.bits != w2.bits:
+        return None
     if grouped_kernel_serves(experts) and quant_kernel_serves(w13) and quant_kernel_serves(w2):
         return TiledExperts(QuantTiles.of(w13, gate_up_paired), QuantTiles.of(w2))
     return QuantGroupedExperts(experts, w13, w2)

@@ -22,7 +22,7 @@ from localmoe.experts.offload import OffloadPlan, offload_experts
 from localmoe.experts.quantized import quantize_experts
 from localmoe.experts.store import ExpertStore
 from localmoe.layers.moe import GroupedExperts, moe_blocks
-from localmoe.quant.scheme import QuantScheme
+from localmoe.quant.scheme import Quantizer
 
 
 @dataclass
@@ -34,17 +34,18 @@ class ServingExperts:
 
 
 def convert_experts(model: nn.Module, device: torch.device, packing: bool, offload: OffloadPlan | None = None,
-                    quant: QuantScheme | None = None) -> ServingExperts:
+                    quant: Quantizer | None = None) -> ServingExperts:
     """Give every MoE layer of `model` its serving experts; `packing`: oneDNN layouts are supported here; `quant`:
-    the experts are quantized by it."""
+    the experts are quantized by it (offloaded ones only by a QuantScheme, which quantizes each as it is read)."""
     blocks = moe_blocks(model)
     if offload is not None:
         return ServingExperts(*offload_experts(model, blocks, replace(offload, quant=quant), device))
-    for _, moe in blocks:
+    for path, moe in blocks:
         if not isinstance(moe.experts, GroupedExperts):
             continue
-        if quant is not None:
-            moe.experts = quantize_experts(moe.experts, quant)
+        quantized = quantize_experts(moe.experts, f"{path}.experts", quant) if quant is not None else None
+        if quantized is not None:
+            moe.experts = quantized
         elif grouped_kernel_serves(moe.experts):
             moe.experts = TiledExperts.of(moe.experts)
         elif packing:

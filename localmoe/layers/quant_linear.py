@@ -13,7 +13,7 @@ from torch import nn
 
 from localmoe.layers import cpu_kernels
 from localmoe.layers.linear import Linear
-from localmoe.quant.scheme import QuantScheme
+from localmoe.quant.scheme import Quantizer
 from localmoe.quant.weight import QuantizedWeight
 
 
@@ -51,12 +51,17 @@ class QuantLinear(nn.Module):
         return F.linear(x, weight, self.bias)
 
 
-def quantize_linears(model: nn.Module, scheme: QuantScheme) -> None:
-    """Replace each of the model's Linear layers by a QuantLinear of its weight (the output head by
-    scheme.for_head()), except those that keep_dense (routers). Layers built as torch's own nn.Linear (MLA's
-    kv_b_proj, whose weight attention reads directly) are not ours and stay."""
-    for parent in list(model.modules()):
+def quantize_linears(model: nn.Module, quantizer: Quantizer) -> int:
+    """Replace each of the model's Linear layers the quantizer quantizes by a QuantLinear, except those that
+    keep_dense (routers); returns how many. Layers built as torch's own nn.Linear (MLA's kv_b_proj, whose weight
+    attention reads directly) are not ours and stay."""
+    replaced = 0
+    for path, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, Linear) and not child.keep_dense:
-                layer_scheme = scheme.for_head() if name == "lm_head" else scheme
-                setattr(parent, name, QuantLinear.of(child, layer_scheme.quantize(child.weight.data)))
+                param = f"{path}.{name}.weight" if path else f"{name}.weight"
+                weight = quantizer.weight_for(param, child.weight.data)
+                if weight is not None:
+                    setattr(parent, name, QuantLinear.of(child, weight))
+                    replaced += 1
+    return replaced

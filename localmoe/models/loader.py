@@ -2,7 +2,9 @@
 
 Weights come from safetensors (one file or a sharded index), memory-mapped, tensor by tensor,
 cast to the serving dtype. Any missing, unexpected or misshapen tensor stops the load with a
-message naming it.
+message naming it. A quantized checkpoint (config.json's quantization_config: AWQ, GPTQ, compressed-tensors,
+fp8) fills the same dense parameters, dequantized, and keeps its own integers beside them for the quantization
+pass (models/quantized_checkpoint.py), as `model.quantized_checkpoint`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from torch import nn
 
 from localmoe.models.args import ModelArgs
 from localmoe.models.checkpoint import TensorLocation, safetensors_files, safetensors_locations
+from localmoe.models.quantized_checkpoint import QuantizedCheckpoint
 from localmoe.models.registry import model_class
+from localmoe.quant.formats import checkpoint_format
 
 DTYPES = {
     "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
@@ -52,12 +56,14 @@ def resolve_dtype(dtype: str, hf_config: dict, device: torch.device) -> torch.dt
 
 
 def load_model(model_dir: str | Path, dtype: str = "auto", device: str | torch.device = "cpu",
-               unread: Callable[[str], bool] | None = None) -> tuple[nn.Module, dict]:
+               unread: Callable[[str], bool] | None = None,
+               quantization: str | None = None) -> tuple[nn.Module, dict]:
     """Build the architecture named by config.json and fill it from the checkpoint's tensors.
 
     Parameters for which `unread(name)` holds are left shape-only, on the meta device, for another owner to fill
     (expert offloading keeps experts out of the model): the checkpoint tensors that only fill them are checked
-    for name and shape but never read."""
+    for name and shape but never read. `quantization` (the --quantization asked for) must agree with a quantized
+    checkpoint's own."""
     model_dir = Path(model_dir)
     device = torch.device(device)
     hf_config = read_hf_config(model_dir)
@@ -70,7 +76,12 @@ def load_model(model_dir: str | Path, dtype: str = "auto", device: str | torch.d
             model = cls(args)
     except KeyError as e:  # a field inside one, e.g. rope_parameters' original_max_position_embeddings
         raise ValueError(f"{source} lacks the field {e.args[0]!r}") from e
+    fmt = checkpoint_format(hf_config.get("quantization_config"), quantization)
+    quantized = QuantizedCheckpoint(fmt) if fmt is not None else None
     left_out = {name for name, _ in model.named_parameters() if unread is not None and unread(name)}
+    if quantized is not None and left_out:
+        raise ValueError(f"expert offloading of a {fmt.method} checkpoint is not available yet; offload a bf16 "
+                         "checkpoint, with --quantization int8 or int4 to keep its experts quantized")
     _to_meta(model, left_out)
     params = dict(model.named_parameters())
     loaded: dict[str, dict] = {}  # parameter -> {piece: elements}
@@ -82,11 +93,17 @@ def load_model(model_dir: str | Path, dtype: str = "auto", device: str | torch.d
                 names = list(f.keys())
                 task = progress.add_task(f"Loading {path.name}", total=len(names))
                 for name in names:
-                    if not model.ignored_weight(name):
+                    held = quantized is not None and quantized.take(name, lambda: f.get_tensor(name))
+                    if not held and not model.ignored_weight(name):
                         tensor = _stand_in(model, left_out, locations.get(name), name)
                         _load_tensor(model, params, loaded, name, f.get_tensor(name) if tensor is None else tensor,
                                      path, left_out)
                     progress.advance(task)
+    if quantized is not None:
+        for name, tensor, weight in quantized.weights():
+            for target, value, where in _load_tensor(model, params, loaded, name, tensor, model_dir, left_out):
+                quantized.record(target, where, weight if value is tensor else None)
+    model.quantized_checkpoint = quantized
     complete = _complete(params, loaded)
     missing = [n for n in params if n not in complete]
     if missing:
@@ -133,8 +150,10 @@ def _stand_in(model: nn.Module, left_out: set[str], location: TensorLocation | N
 
 
 def _load_tensor(model: nn.Module, params: dict[str, nn.Parameter], loaded: dict[str, dict], name: str,
-                 tensor: torch.Tensor, path: Path, left_out: set[str]) -> None:
-    for target, value, where in model.map_weight(name, tensor):
+                 tensor: torch.Tensor, path: Path, left_out: set[str]) -> list[tuple[str, torch.Tensor, object]]:
+    """Copy one checkpoint tensor into the parameters it fills; returns model.map_weight's (target, value, where)."""
+    mapped = list(model.map_weight(name, tensor))
+    for target, value, where in mapped:
         if target not in params:
             raise ValueError(f"{path.name}: unexpected tensor {name!r} for {type(model).__name__}")
         dest = params[target].data if where is None else params[target].data[where]
@@ -144,6 +163,7 @@ def _load_tensor(model: nn.Module, params: dict[str, nn.Parameter], loaded: dict
         if target not in left_out:
             dest.copy_(value)
         loaded.setdefault(target, {})[repr(where)] = dest.numel()
+    return mapped
 
 
 def _complete(params: dict[str, nn.Parameter], loaded: dict[str, dict]) -> set[str]:

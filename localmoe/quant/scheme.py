@@ -5,19 +5,36 @@ Weight-only schemes quantized at load from a bf16/fp32 checkpoint:
 - int4: 4 bits, a scale and zero point per row and group of 128 columns (asymmetric, as AWQ and GPTQ store them).
 Dense linear layers and experts are quantized alike unless `experts_only`. The output head keeps 8 bits under int4
 (llama.cpp's Q4_K_M keeps it at 6): it is one matrix, read once a step, and the most sensitive one.
+
+The names of checkpoint formats (awq, gptq, compressed-tensors, fp8, ...; quant/formats.py) ask for no rounding
+here: the checkpoint's own integers are served (models/quantized_checkpoint.py), and the loader checks that the
+checkpoint is what the name says.
+
+Both kinds answer the quantization pass's one question (`Quantizer.weight_for`): this parameter, quantized, or
+None to keep it dense.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from localmoe.quant.weight import QuantizedWeight, quantize
 
 LOAD_TIME = ("int8", "int4", "experts_int8")
-CHECKPOINT_FORMATS = ("awq", "gptq", "compressed-tensors", "fp8", "gguf")  # refused until they are read
+# vLLM's names for quantized checkpoints (quant/formats.py READERS checks each against the checkpoint)
+CHECKPOINT_FORMATS = ("awq", "awq_marlin", "gptq", "gptq_marlin", "moe_wna16", "compressed-tensors", "fp8",
+                      "fbgemm_fp8")
 NONE = (None, "", "none")
+
+
+class Quantizer(Protocol):
+    experts_only: bool  # the dense linear layers stay as they are
+
+    def weight_for(self, param: str, dense: torch.Tensor) -> QuantizedWeight | None:
+        """Model parameter `param` (its dense values) quantized, or None to keep it dense."""
 
 
 @dataclass(frozen=True)
@@ -41,23 +58,27 @@ class QuantScheme:
     def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
         return quantize(weight, self.bits, self.group_for(weight.shape[-1]), self.symmetric)
 
+    def weight_for(self, param: str, dense: torch.Tensor) -> QuantizedWeight:
+        return (self.for_head() if param == "lm_head.weight" else self).quantize(dense)
+
 
 INT8 = QuantScheme("int8", 8, None, True)
 INT4 = QuantScheme("int4", 4, 128, False)
 
 
 def quant_scheme(name: str | None, experts_only: bool = False) -> QuantScheme | None:
-    """The scheme `name` asks for (None: no quantization); ValueError for a name we do not serve, naming it."""
-    if name in NONE:
+    """The scheme `name` asks for at load (None: none, or a checkpoint format's own); ValueError for a name we do
+    not serve, naming it."""
+    if name in NONE or name in CHECKPOINT_FORMATS:
         if experts_only:
-            raise ValueError("quantize_experts_only needs a quantization (int8 or int4)")
+            raise ValueError("quantize_experts_only needs a quantization at load (int8 or int4)")
         return None
     if name == "experts_int8":
         return QuantScheme("experts_int8", 8, None, True, experts_only=True)
     if name in ("int8", "int4"):
         base = INT8 if name == "int8" else INT4
         return QuantScheme(name, base.bits, base.group_size, base.symmetric, experts_only)
-    if name in CHECKPOINT_FORMATS:
-        raise ValueError(f"quantization {name!r}: loading {name} checkpoints is not available yet; quantize a "
+    if name == "gguf":
+        raise ValueError("quantization 'gguf': GGUF files are not read yet; convert to safetensors, or quantize a "
                          f"bf16 checkpoint at load with {', '.join(LOAD_TIME)}")
-    raise ValueError(f"quantization {name!r} is not one of {', '.join(LOAD_TIME)}")
+    raise ValueError(f"quantization {name!r} is not one of {', '.join(LOAD_TIME + CHECKPOINT_FORMATS)}")

@@ -1,0 +1,127 @@
+"""Quantized checkpoints served end to end: a tiny Mixtral whose linear layers are stored as AWQ or GPTQ pack known
+integers (the layouts of tests/test_quant_formats.py, here vectorized); LocalMoE serves those integers packed and its
+logits equal transformers' on the dense weights they stand for."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from checkpoints import make_checkpoint
+from family_parity import check_batched_prompt_logits, check_bfloat16_bar, check_greedy_with_shared_prefix, engine
+from localmoe.config import ConfigError
+from localmoe.experts.cpu import TiledExperts
+from localmoe.experts.quantized import QuantGroupedExperts
+from localmoe.layers.cpu_kernels import QuantTiles, cpu_has_avx512_bf16
+from localmoe.layers.moe import moe_blocks
+from localmoe.layers.quant_linear import QuantLinear
+from localmoe.quant.weight import quantize
+
+GROUP = 32
+AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ: nibble i of a word holds column 8c + AWQ_ORDER[i]
+
+
+def pack(values: torch.Tensor, bits: int, order: list[int] | None = None) -> torch.Tensor:
+    """int32 words [..., C * bits / 32] from integers [..., C]: column (32 / bits) c + order[i] in bits `bits` i."""
+    per = 32 // bits
+    order = order or list(range(per))
+    columns = values.long().unflatten(-1, (-1, per))[..., order]
+    words = (columns << (torch.arange(per) * bits)).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def quantized_linear(weight: torch.Tensor, fmt: str, g_idx: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
+    """The format's tensors for one linear layer [N, K] holding known 4-bit integers (from rounding `weight`), and
+    the dense weight they stand for (with the scales as stored: fp16)."""
+    q = quantize(weight, 4, GROUP, symmetric=False)
+    values, zeros = q.values().long(), q.zeros.long()
+    scales = q.scales.half()
+    group = torch.arange(weight.shape[1]) // GROUP if g_idx is None else g_idx
+    dense = scales.float()[:, group] * (values - zeros[:, group]).float()
+    if fmt == "awq":
+        return {"qweight": pack(values.T, 4, AWQ_ORDER), "qzeros": pack(zeros.T, 4, AWQ_ORDER),
+                "scales": scales.T.contiguous()}, dense
+    v1_zeros = pack(zeros.T, 4).long() - 0x11111111  # GPTQ v1 stores each word less 0x11111111
+    tensors = {"qweight": pack(values, 4).T.contiguous(),
+               "qzeros": torch.where(v1_zeros < -2**31, v1_zeros + 2**32, v1_zeros).to(torch.int32),
+               "scales": scales.T.contiguous(), "g_idx": group.to(torch.int32)}
+    return tensors, dense
+
+
+def quantized_checkpoint(source: Path, root: Path, fmt: str, desc_act: bool = False) -> tuple[Path, Path]:
+    """(the checkpoint as `fmt` stores it, a float32 dense checkpoint of the weights it stands for)."""
+    name = f"{fmt}-desc" if desc_act else fmt
+    packed_dir, dense_dir = root / name, root / f"{name}-dense"
+    for d in (packed_dir, dense_dir):
+        shutil.copytree(source, d)
+    tensors = load_file(source / "model.safetensors")
+    packed, dense = {}, {}
+    g = torch.Generator().manual_seed(5)
+    for key, tensor in tensors.items():
+        prefix = key.removesuffix(".weight")
+        if tensor.dim() == 2 and not any(p in key for p in ("embed_tokens", "lm_head", ".gate.")):
+            columns = tensor.shape[1]
+            g_idx = torch.randperm(columns, generator=g) // GROUP if desc_act else None
+            parts, dense[key] = quantized_linear(tensor.float(), fmt, g_idx)
+            packed |= {f"{prefix}.{suffix}": value for suffix, value in parts.items()}
+        else:
+            packed[key] = dense[key] = tensor.float()
+    save_file(packed, packed_dir / "model.safetensors", metadata={"format": "pt"})
+    save_file(dense, dense_dir / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"] = ({"quant_method": "awq", "bits": 4, "group_size": GROUP, "version": "gemm",
+                                      "zero_point": True} if fmt == "awq" else
+                                     {"quant_method": "gptq", "bits": 4, "group_size": GROUP, "desc_act": desc_act,
+                                      "sym": False, "checkpoint_format": "gptq"})
+    (packed_dir / "config.json").write_text(json.dumps(config))
+    return packed_dir, dense_dir
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    root = tmp_path_factory.mktemp("quantized-checkpoints")
+    source = make_checkpoint(root / "source", seed=9)
+    return {"awq": quantized_checkpoint(source, root, "awq"), "gptq": quantized_checkpoint(source, root, "gptq"),
+            "gptq-desc": quantized_checkpoint(source, root, "gptq", desc_act=True)}
+
+
+@pytest.mark.parametrize("name", ["awq", "gptq", "gptq-desc"])
+def test_float32_logits_equal_transformers_on_the_weights_the_checkpoint_stands_for(checkpoints, name):
+    packed, dense = checkpoints[name]
+    llm = check_batched_prompt_logits(packed, reference=dense)
+    model = llm.engine.model
+    linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    experts = [moe.experts for _, moe in moe_blocks(model)]
+    if name == "gptq-desc":  # groups not in runs of columns: dequantized at load, served dense
+        assert not linears and not any(isinstance(e, QuantGroupedExperts) for e in experts)
+        assert len(model.quantized_checkpoint.dense) > 0
+    else:  # served from the checkpoint's own integers: q/k/v, o and every expert; the head was not quantized
+        assert len(linears) == 2 * len(model.layers) and all(m.bits == 4 for m in linears)
+        assert all(isinstance(e, QuantGroupedExperts) for e in experts)
+    check_greedy_with_shared_prefix(packed, True, new=16, reference=dense)
+
+
+@pytest.mark.parametrize("name", ["awq", "gptq"])
+def test_bf16_on_the_kernels_meets_the_bf16_bar_against_the_dense_weights(checkpoints, name):
+    if not cpu_has_avx512_bf16():
+        pytest.skip("needs a CPU with AVX512-BF16")
+    packed, dense = checkpoints[name]
+    llm = check_bfloat16_bar(packed, [7, 30, 18, 2, 11], new=16, reference=dense)
+    model = llm.engine.model
+    assert all(isinstance(moe.experts, TiledExperts) and isinstance(moe.experts.w13, QuantTiles)
+               for _, moe in moe_blocks(model))
+    assert all(m.kernel for m in model.modules() if isinstance(m, QuantLinear))
+
+
+def test_a_request_that_contradicts_the_checkpoint_is_refused(checkpoints):
+    packed, dense = checkpoints["awq"]
+    for asked, checkpoint in (("gptq", packed), ("int8", packed), ("awq", dense)):
+        with pytest.raises((ConfigError, ValueError), match="quant"):
+            engine(checkpoint, quantization=asked)
+    with pytest.raises(ValueError, match="offloading"):
+        engine(packed, expert_cache_size=2)
