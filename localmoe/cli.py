@@ -213,7 +213,10 @@ def train(
 @app.command()
 def plan(
     model: Annotated[str, typer.Argument(help="Checkpoint directory, config.json, or a well-known model name.")],
-    dtype: Annotated[str, typer.Option(help="Weight dtype: bf16, fp16, int8, fp8.")] = "bf16",
+    dtype: Annotated[str, typer.Option(help="The checkpoint's dtype: bf16, fp16.")] = "bf16",
+    quantization: Annotated[str, typer.Option(
+        help="none, int8, int4, experts_int8 (quantized at load), awq, gptq, compressed-tensors, fp8 (checkpoints).")]
+    = "none",
     device: Annotated[str, typer.Option(help="H100-80GB, A100-80GB, A100-40GB, L40S-48GB or cpu:GiB.")] = "H100-80GB",
     max_model_len: Annotated[Optional[int], typer.Option(help="Context per sequence.")] = None,
     max_num_seqs: Annotated[int, typer.Option(help="Sequences served at once.")] = 256,
@@ -222,7 +225,8 @@ def plan(
 ) -> None:
     """Plan memory: parameters, weight and KV bytes, the parallel degree or expert cache that fits."""
     try:
-        typer.echo(plan_command(model, dtype, device, max_model_len, max_num_seqs, kv_cache_dtype, json_output))
+        typer.echo(plan_command(model, dtype, device, max_model_len, max_num_seqs, kv_cache_dtype, json_output,
+                                quantization))
     except PlanError as e:
         raise fail(str(e), EXIT_CONFIG) from None
 

@@ -64,11 +64,23 @@ def test_sliding_window_layers_are_counted_as_full_and_said_so():
     assert any("18 of 36 layers" in note and "upper bound" in note for note in plan.notes)
 
 
-def test_weight_bytes_per_dtype():
-    plan = plan_memory(shape_of("Mixtral-8x7B"), parse_device("H100-80GB"), dtype="int8")
-    total = plan.params.total
-    assert plan.weight_bytes == total
-    assert plan.weight_bytes_per_dtype == {"bf16": 2 * total, "fp16": 2 * total, "int8": total, "fp8": total}
+def test_weight_bytes_per_quantization():
+    plan = plan_memory(shape_of("Mixtral-8x7B"), parse_device("H100-80GB"), quantization="int8")
+    total, p = plan.params.total, plan.params
+    assert plan.weight_bytes == plan.weight_bytes_per_quantization["int8"]
+    assert plan.weight_bytes_per_quantization["none"] == 2 * total
+    quantized = total - p.embedding - p.routers - p.norms  # the head too, in int8
+    assert plan.weight_bytes == pytest.approx(quantized * (1 + 8 / 4096) + 2 * (total - quantized), rel=1e-6)
+    assert plan.expert_bytes == int(p.expert * (1 + 8 / 4096))
+    # published sizes: TheBloke's Mixtral-8x7B AWQ about 24.7 GB; DeepSeek-V3's FP8 release about 688 GB with scales
+    # (of which ~14 GB is its multi-token-prediction module, which LocalMoE does not load and the planner omits)
+    assert plan.weight_bytes_per_quantization["awq"] / 1e9 == pytest.approx(24.7, rel=0.03)
+    deepseek = plan_memory(shape_of("DeepSeek-V3"), parse_device("H100-80GB"), quantization="fp8")
+    assert deepseek.weight_bytes / 1e9 == pytest.approx(688 - 14, rel=0.03)
+    with pytest.raises(PlanError, match="quantization"):
+        plan_memory(shape_of("Mixtral-8x7B"), parse_device("H100-80GB"), quantization="int3")
+    with pytest.raises(PlanError, match="--quantization"):
+        plan_memory(shape_of("Mixtral-8x7B"), parse_device("H100-80GB"), dtype="int8")
 
 
 SMALL = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
@@ -148,7 +160,7 @@ def test_small_model_fits_and_has_no_expert_cache():
 def test_json_output_has_the_fields():
     data = json.loads(plan_command("mixtral-8x7b", device="H100-80GB", json_output=True))
     for key in ("model", "dtype", "device", "max_model_len", "max_model_len_is_default", "weight_bytes",
-                "weight_bytes_per_dtype", "kv_bytes_per_token", "kv_budget_bytes", "cuda_context_bytes",
+                "weight_bytes_per_quantization", "quantization", "kv_bytes_per_token", "kv_budget_bytes", "cuda_context_bytes",
                 "margin_bytes", "max_concurrent_tokens", "requested_fits", "parallel_degree",
                 "experts_per_layer_cached", "notes"):
         assert key in data

@@ -11,14 +11,15 @@ from localmoe.planner.shape import load_config, model_shape
 
 
 def plan_command(model: str, dtype: str = "bf16", device: str = "H100-80GB", max_model_len: int | None = None,
-                 max_num_seqs: int = 256, kv_cache_dtype: str = "auto", json_output: bool = False) -> str:
+                 max_num_seqs: int = 256, kv_cache_dtype: str = "auto", json_output: bool = False,
+                 quantization: str = "none") -> str:
     """Plan `model` (checkpoint dir, config.json or known name) on `device`; the text to print.
 
     Raises PlanError (a ValueError) with a message for the user on any bad input.
     """
     name, config = load_config(model)
     plan = plan_memory(model_shape(name, config), parse_device(device), dtype=dtype, max_model_len=max_model_len,
-                       max_num_seqs=max_num_seqs, kv_cache_dtype=kv_cache_dtype)
+                       max_num_seqs=max_num_seqs, kv_cache_dtype=kv_cache_dtype, quantization=quantization)
     return json.dumps(plan_dict(plan), indent=2) if json_output else format_plan(plan)
 
 
@@ -66,8 +67,8 @@ def format_plan(plan: Plan) -> str:
                         f"routed experts {_count(p.routed_experts)}, shared experts {_count(p.shared_experts)}, "
                         f"routers {_count(p.routers)}, norms {_count(p.norms)}"),
         ("  experts", f"{p.num_moe_layers} MoE layers, top-{p.top_k}, {_count(p.expert)} per expert"),
-        ("Weights", " | ".join(f"{d} {_bytes(b)}" for d, b in plan.weight_bytes_per_dtype.items())
-                    + f"  (planning with {plan.dtype})"),
+        ("Weights", " | ".join(f"{q} {_bytes(b)}" for q, b in plan.weight_bytes_per_quantization.items())
+                    + f"  (planning with {plan.dtype}, quantization {plan.quantization})"),
         ("KV cache per token", f"{_bytes(plan.kv_bytes_per_token)} ({kv_how}; kv_cache_dtype {plan.kv_cache_dtype})"),
         ("max_model_len", f"{plan.max_model_len}{len_source}; one sequence: {_bytes(plan.kv_bytes_per_sequence)}"),
         ("Device", f"{plan.device}: {_bytes(plan.device_memory_bytes)} - CUDA context "

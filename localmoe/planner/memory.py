@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 
 from localmoe.planner.params import ParamCounts, count_params, kv_elements_per_token
+from localmoe.planner.quantization import QUANTIZATIONS, weight_bytes
 from localmoe.planner.shape import ModelShape, PlanError
 
 GiB = 1 << 30
@@ -22,8 +23,8 @@ DEFAULT_MAX_MODEL_LEN = 32768
 
 # Memory as nvidia-smi reports it.
 GPUS = {"H100-80GB": 81559 * MiB, "A100-80GB": 81920 * MiB, "A100-40GB": 40960 * MiB, "L40S-48GB": 46068 * MiB}
-BYTES_PER_PARAM = {"bf16": 2, "fp16": 2, "int8": 1, "fp8": 1}
-# KV stays in the activation dtype (bf16/fp16, also with int8/fp8 weight-only quantization) unless fp8.
+BYTES_PER_PARAM = {"bf16": 2, "fp16": 2}  # the checkpoint's dtype; quantizations: planner/quantization.py
+# KV stays in the activation dtype (bf16/fp16, also with weight-only quantization) unless fp8.
 KV_BYTES = {"auto": 2, "fp8": 1}
 
 
@@ -63,6 +64,7 @@ class Plan:
     model: str
     architecture: str
     dtype: str
+    quantization: str
     kv_cache_dtype: str
     device: str
     device_memory_bytes: int
@@ -73,8 +75,8 @@ class Plan:
     max_model_len_is_default: bool
     max_num_seqs: int
     params: ParamCounts
-    weight_bytes: int  # in `dtype`
-    weight_bytes_per_dtype: dict[str, int]
+    weight_bytes: int  # in `dtype`, under `quantization`
+    weight_bytes_per_quantization: dict[str, int]
     kv_attention: str  # "mla" | "standard"
     kv_bytes_per_token: int
     kv_bytes_per_sequence: int  # one max_model_len sequence
@@ -88,16 +90,17 @@ class Plan:
     parallel_max_concurrent_tokens: int
     parallel_requested_fits: bool
     num_experts: int  # routed experts per MoE layer
-    expert_bytes: int  # one routed expert of one layer, in `dtype`
+    expert_bytes: int  # one routed expert of one layer, as weight_bytes counts it
     experts_per_layer_cached: int | None  # expert cache on one device; None when the model fits
     notes: list[str] = field(default_factory=list)
 
 
 def plan_memory(shape: ModelShape, device: Device, dtype: str = "bf16", max_model_len: int | None = None,
-                max_num_seqs: int = 256, kv_cache_dtype: str = "auto") -> Plan:
+                max_num_seqs: int = 256, kv_cache_dtype: str = "auto", quantization: str = "none") -> Plan:
     """Where `shape` fits on `device`: KV budget, parallel degree, or the size of an expert cache."""
     if dtype not in BYTES_PER_PARAM:
-        raise PlanError(f"unknown dtype {dtype!r}; use one of {', '.join(BYTES_PER_PARAM)}")
+        raise PlanError(f"unknown dtype {dtype!r}; use one of {', '.join(BYTES_PER_PARAM)} (8 and 4 bits: "
+                        "--quantization)")
     if kv_cache_dtype not in KV_BYTES:
         raise PlanError(f"unknown kv cache dtype {kv_cache_dtype!r}; use one of {', '.join(KV_BYTES)}")
     if max_num_seqs < 1 or (max_model_len is not None and max_model_len < 1):
@@ -111,22 +114,23 @@ def plan_memory(shape: ModelShape, device: Device, dtype: str = "bf16", max_mode
                      f"{shape.max_position_embeddings}")
 
     params = count_params(shape)
-    weight_bytes = params.total * BYTES_PER_PARAM[dtype]
+    per_param = weight_bytes(quantization, BYTES_PER_PARAM[dtype], shape.hidden_size)
+    weights = per_param.of(params)
     kv_per_token = kv_elements_per_token(shape) * KV_BYTES[kv_cache_dtype]
     kv_per_seq = kv_per_token * max_model_len
     requested = max_num_seqs * max_model_len
     usable = device.usable_bytes
 
-    budget = max(0, usable - weight_bytes)
+    budget = max(0, usable - weights)
     tokens = budget // kv_per_token
-    degree = next((n for n in _powers_of_two() if weight_bytes + kv_per_seq <= n * usable), None)
-    parallel_budget = max(0, degree * usable - weight_bytes) if degree else 0
+    degree = next((n for n in _powers_of_two() if weights + kv_per_seq <= n * usable), None)
+    parallel_budget = max(0, degree * usable - weights) if degree else 0
     parallel_tokens = parallel_budget // kv_per_token
 
-    expert_bytes = params.expert * BYTES_PER_PARAM[dtype]
+    expert_bytes = int(params.expert * per_param.expert)
     cached = None
     if degree != 1 and shape.moe and params.num_moe_layers:
-        room = usable - params.non_expert * BYTES_PER_PARAM[dtype] - kv_per_seq
+        room = usable - per_param.of_non_expert(params) - kv_per_seq
         cached = min(shape.moe.num_experts, max(0, room // (expert_bytes * params.num_moe_layers)))
         if room < 0:
             notes.append("non-expert weights and one max_model_len sequence of KV alone exceed one device: "
@@ -144,12 +148,14 @@ def plan_memory(shape: ModelShape, device: Device, dtype: str = "bf16", max_mode
                      + (" (under tensor parallelism MLA's latent KV is replicated, not sharded)"
                         if shape.attention.is_mla else ""))
     return Plan(
-        model=shape.name, architecture=shape.architecture, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
+        model=shape.name, architecture=shape.architecture, dtype=dtype, quantization=quantization,
+        kv_cache_dtype=kv_cache_dtype,
         device=device.name, device_memory_bytes=device.memory_bytes, cuda_context_bytes=device.context_bytes,
         margin_bytes=device.margin_bytes, usable_bytes=usable,
         max_model_len=max_model_len, max_model_len_is_default=is_default, max_num_seqs=max_num_seqs,
-        params=params, weight_bytes=weight_bytes,
-        weight_bytes_per_dtype={d: params.total * b for d, b in BYTES_PER_PARAM.items()},
+        params=params, weight_bytes=weights,
+        weight_bytes_per_quantization={q: weight_bytes(q, BYTES_PER_PARAM[dtype], shape.hidden_size).of(params)
+                                       for q in QUANTIZATIONS},
         kv_attention="mla" if shape.attention.is_mla else "standard",
         kv_bytes_per_token=kv_per_token, kv_bytes_per_sequence=kv_per_seq,
         kv_budget_bytes=budget, max_concurrent_tokens=tokens,
