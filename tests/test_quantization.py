@@ -206,15 +206,18 @@ def test_float32_logits_and_greedy_tokens_equal_transformers_on_the_dequantized_
 
 
 def test_quantization_changes_the_logits(quantized_checkpoints):
-    """The reference checks above compare against quantized weights, not the checkpoint's own."""
+    """The reference checks above compare against quantized weights, not the checkpoint's own; and the weights
+    take fewer bytes."""
     prompt, params = {"prompt_token_ids": list(range(3, 25))}, SamplingParams(max_tokens=1, temperature=0)
-    logits = []
+    logits, weights = [], []
     for quantization in (None, "int4"):
         llm = engine(quantized_checkpoints["source"], quantization=quantization)
         steps = record_logits(llm)
         llm.generate(prompt, params)
         logits.append(steps[0][0])
+        weights.append(llm.engine.snapshot.memory["weights_bytes"])
     assert (logits[0] - logits[1]).abs().max() > 1e-2
+    assert weights[1] < weights[0] / 2  # /v1/stats/memory counts the packed bytes (float32 here: over 4x less)
 
 
 @pytest.mark.parametrize("name", ["int8", "int4"])
