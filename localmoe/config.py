@@ -27,6 +27,7 @@ class ConfigError(ValueError):
 ROUTINGS = ("topk_softmax", "expert_choice", "soft_moe", "hash")
 EXPERT_CACHE_POLICIES = ("lru", "lfu", "lfru")
 EXPERT_OFFLOAD_TARGETS = ("host", "disk")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # vLLM's names; fp8 means e4m3
 # model.quantization_type values that name an unquantized dtype (the original guide's "fp16"): they set the dtype
 QUANTIZATION_DTYPES = {"fp16": "float16", "float16": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16",
                        "fp32": "float32", "float32": "float32"}
@@ -75,7 +76,7 @@ class ModelConfig:
 class EngineConfig:
     """Engine settings with vLLM's engine-argument names (the `vllm:` / `engine:` section)."""
 
-    model_name: str = ""  # checkpoint directory; empty: the built-in model
+    model_name: str = ""  # checkpoint directory, or a GGUF file (tokenizer: its checkpoint); empty: the built-in model
     served_model_name: str | None = None
     tokenizer: str | None = None
     dtype: str = "auto"
@@ -89,6 +90,8 @@ class EngineConfig:
     max_model_len: int | None = None
     block_size: int = 16
     swap_space: float = 0.0  # GiB of host memory for swapped-out KV blocks; 0: preemption recomputes
+    # auto: the model's dtype; fp8 (fp8_e4m3): e4m3, a scale per row, about half the bytes (layers/kv_cache_dtype.py)
+    kv_cache_dtype: str = "auto"
     # tokens per step; on 2 CPU cores a 512-token step of the benchmark model takes ~0.15 s, short enough
     # that a burst of prompts does not stall running decodes (c=16 mean TTFT 571 ms vs 722 ms at 2048)
     max_num_batched_tokens: int = 512
@@ -118,10 +121,15 @@ class EngineConfig:
             (self.tensor_parallel_size != 1, "tensor_parallel_size",
              "tensor parallelism is not available yet; use tensor_parallel_size: 1"),
             (self.swap_space < 0, "swap_space", "swap_space must not be negative"),
+            (self.model_name.endswith(".gguf") and not self.tokenizer, "tokenizer",
+             "a GGUF file needs --tokenizer pointing at the original checkpoint directory"),
             (self.load_format not in ("auto", "safetensors"), "load_format",
              f"load_format {self.load_format!r} is not supported (auto, safetensors)"),
             (self.dtype not in ("auto", "float32", "bfloat16", "float16", "half", "float", "bf16", "fp16", "fp32"),
              "dtype", f"dtype {self.dtype!r} is not one of auto, float32, bfloat16, float16"),
+            (self.kv_cache_dtype not in KV_CACHE_DTYPES, "kv_cache_dtype",
+             f"kv_cache_dtype {self.kv_cache_dtype!r} is not one of {', '.join(KV_CACHE_DTYPES)} (fp8 is e4m3; "
+             "e5m2 is not served)"),
             (self.block_size < 1, "block_size", "block_size must be positive"),
             (self.max_num_seqs < 1, "max_num_seqs", "max_num_seqs must be positive"),
             (self.max_waiting_requests < 0, "max_waiting_requests", "max_waiting_requests must not be negative"),

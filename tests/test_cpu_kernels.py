@@ -14,6 +14,7 @@ from localmoe.experts.runtime import convert_experts
 from localmoe.layers import cpu_kernels
 from localmoe.layers.attention import AttentionMetadata, paged_attention
 from localmoe.layers.cpu_kernels import cpu_has_avx512_bf16, expert_tiles, fused_moe, kernels, to_tiles
+from localmoe.layers.kv_cache_dtype import FP8
 from localmoe.layers.linear import Linear
 from localmoe.layers.moe import SparseMoE
 from localmoe.layers.norm import RMSNorm
@@ -326,6 +327,7 @@ def rotary_args(tokens=3, **change):
     ("tiled_linear", linear_args(0), (0, 200)),
     ("fused_moe", moe_args(0), (0, 64)),
     ("paged_attention", attention_args(0), (0, 4, 16)),
+    ("paged_attention", attention_args(0, kv_cache=torch.zeros(2, 6, 2, 4, 17, dtype=FP8)), (0, 4, 16)),
     ("rms_norm", norm_args(0), (0, 96)),
     ("rms_norm", norm_args(0, residual=torch.empty(0, 96)), (0, 96)),
     ("rotary", rotary_args(0), (0, 6, 64)),
@@ -343,6 +345,7 @@ def test_each_kernel_called_with_an_empty_batch_returns_an_empty_result(name, ar
     ("tiled_linear", linear_args()),
     ("fused_moe", moe_args()),
     ("paged_attention", attention_args()),
+    ("paged_attention", attention_args(kv_cache=torch.zeros(2, 6, 2, 4, 17, dtype=FP8))),
     ("rms_norm", norm_args()),
     ("rotary", rotary_args()),
     ("to_tiles", [torch.randn(64, 6).to(BF16)]),
@@ -389,6 +392,10 @@ BAD_CALLS = {
     "paged_attention: sinks of other heads": ("paged_attention", attention_args(sinks=torch.zeros(3))),
     "paged_attention: float16 cache": ("paged_attention", attention_args(
         kv_cache=torch.zeros(2, 6, 2, 4, 16, dtype=torch.float16))),
+    "paged_attention: fp8 rows without their exponent": ("paged_attention", attention_args(
+        kv_cache=torch.zeros(2, 6, 2, 4, 16, dtype=FP8))),
+    "paged_attention: float16 q over an fp8 cache": ("paged_attention", attention_args(
+        q=torch.randn(2, 4, 16, dtype=torch.float16), kv_cache=torch.zeros(2, 6, 2, 4, 17, dtype=FP8))),
     "rms_norm: weight of another size": ("rms_norm", norm_args(weight=torch.ones(64))),
     "rms_norm: 0-D x": ("rms_norm", norm_args(x=torch.tensor(1.0))),
     "rms_norm: empty rows": ("rms_norm", norm_args(x=torch.empty(3, 0), weight=torch.empty(0))),

@@ -55,7 +55,9 @@ def test_kv_bytes_per_token():
     assert deepseek.kv_attention == "mla"
     assert deepseek.kv_bytes_per_token == 61 * (512 + 64) * 2
     fp8 = plan_memory(shape_of("DeepSeek-V3"), parse_device("H100-80GB"), kv_cache_dtype="fp8")
-    assert fp8.kv_bytes_per_token == 61 * (512 + 64)
+    assert fp8.kv_bytes_per_token == 61 * (512 + 64 + 1)  # a byte a number, one a latent entry for its scale
+    fp8 = plan_memory(shape_of("Mixtral-8x7B"), parse_device("H100-80GB"), kv_cache_dtype="fp8_e4m3")
+    assert fp8.kv_bytes_per_token == 2 * 32 * 8 * (128 + 1)
 
 
 def test_sliding_window_layers_are_counted_as_full_and_said_so():

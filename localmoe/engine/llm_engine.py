@@ -85,8 +85,8 @@ class LLMEngine:
         self.observer = RoutingObserver(self.model)
         self.trace = RoutingTrace(config.routing_trace, self.observer.blocks) if config.routing_trace else None
         self.memory = MemoryAccount(self.device, weights_bytes(self.model, self.experts),
-                                    tensor_bytes(self.runner.kv_caches), tensor_bytes(self.runner.swap_caches),
-                                    self.experts)
+                                    tensor_bytes(self.runner.kv_caches), self.runner.kv_dtype,
+                                    tensor_bytes(self.runner.swap_caches), self.experts)
         self.requests: dict[str, Request] = {}
         self.failures: dict[str, Exception] = {}  # requests that failed in a step, until take_failures()
         self.prompt_tokens_total = 0

@@ -5,7 +5,9 @@ Loading (models/loader.py) gives the plain single-device model; the experts pass
 decides how each MoE layer's experts are kept and run (offloaded, quantized, the CPU kernel's tiles, oneDNN's
 layout), a quantization asked for replaces the dense linear layers (layers/quant_linear.py), and pack_model lays
 the other weights out for their matmuls. The KV pool takes what the budget allows
-(`kv_cache_memory` on CPU, `gpu_memory_utilization` of the device on CUDA, measured after loading).
+(`kv_cache_memory` on CPU, `gpu_memory_utilization` of the device on CUDA, measured after loading), in the model's
+dtype or, with `kv_cache_dtype` fp8, in e4m3 rows with their scales (layers/kv_cache_dtype.py): about twice the
+blocks for the same bytes.
 
 The step's tokens from every sequence are concatenated ([T]); attention metadata says where each
 token's K/V goes and which blocks each sequence reads. Logits are computed only for sequences
@@ -29,6 +31,7 @@ from localmoe.experts.runtime import convert_experts
 from localmoe.layers.attention import AttentionMetadata
 from localmoe.layers.cpu_kernels import kernels
 from localmoe.layers.huge_pages import huge_page_zeros
+from localmoe.layers.kv_cache_dtype import cache_dtype, cache_shape
 from localmoe.layers.linear import pack_model, packing_supported
 from localmoe.layers.quant_linear import quantize_linears
 from localmoe.models.loader import load_model, resolve_dtype
@@ -45,9 +48,14 @@ def context_length(config: EngineConfig, hf_config: dict) -> int:
     return config.max_model_len or limit
 
 
+def kv_cache_shapes(model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype) -> list[tuple[int, ...]]:
+    """Each layer's cache in a pool of `dtype` (each attention kind says what it caches per token)."""
+    return [cache_shape(layer.self_attn.kv_cache_shape(num_blocks, block_size), dtype) for layer in model.layers]
+
+
 def kv_block_bytes(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes one KV block takes over all layers (each attention kind says what it caches per token)."""
-    return sum(math.prod(layer.self_attn.kv_cache_shape(1, block_size)) for layer in model.layers) * dtype.itemsize
+    """Bytes one KV block takes over all layers."""
+    return sum(math.prod(shape) for shape in kv_cache_shapes(model, 1, block_size, dtype)) * dtype.itemsize
 
 
 def resolve_device(name: str) -> torch.device:
@@ -72,7 +80,8 @@ class ModelRunner:
                                                 quantization=config.quantization)
         self.dtype = resolve_dtype(config.dtype, self.hf_config, self.device)
         self.max_model_len = context_length(config, self.hf_config)
-        self.block_bytes = kv_block_bytes(self.model, config.block_size, self.dtype)
+        self.kv_dtype = cache_dtype(config.kv_cache_dtype, self.dtype)
+        self.block_bytes = kv_block_bytes(self.model, config.block_size, self.kv_dtype)
         self.swap_bytes = int(config.swap_space * 2**30)
         # on CPU the KV pool's size is known before the experts are: an auto-sized expert cache takes what it leaves
         self.kv_bytes = self._host_kv_bytes() if self.device.type == "cpu" else None
@@ -132,10 +141,10 @@ class ModelRunner:
         # milliseconds on a virtual machine (lazily mapped, a 2 GiB pool took 4.5x the system time under load
         # and served 8% fewer tokens/s at concurrency 16). On CPU, on huge pages (layers/huge_pages.py): attention
         # reads blocks from all over the pool.
-        shapes = [layer.self_attn.kv_cache_shape(num_blocks, config.block_size) for layer in self.model.layers]
-        self.kv_caches = [huge_page_zeros(shape, self.dtype) if self.device.type == "cpu"
-                          else torch.zeros(shape, dtype=self.dtype, device=self.device) for shape in shapes]
-        self.swap_caches = [torch.zeros((shape[0], num_swap_blocks, *shape[2:]), dtype=self.dtype)
+        shapes = kv_cache_shapes(self.model, num_blocks, config.block_size, self.kv_dtype)
+        self.kv_caches = [huge_page_zeros(shape, self.kv_dtype) if self.device.type == "cpu"
+                          else torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for shape in shapes]
+        self.swap_caches = [torch.zeros((shape[0], num_swap_blocks, *shape[2:]), dtype=self.kv_dtype)
                             for shape in shapes]
         return num_blocks, num_swap_blocks
 

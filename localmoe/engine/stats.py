@@ -18,6 +18,7 @@ from torch import nn
 
 from localmoe.experts.cpu import packed_bytes
 from localmoe.experts.runtime import ServingExperts
+from localmoe.layers.kv_cache_dtype import dtype_name
 
 PUBLISH_INTERVAL_S = 0.1  # building a snapshot takes ~0.1-0.3 ms; at most ten a second while steps run
 
@@ -65,7 +66,8 @@ class MemoryAccount:
 
     device: torch.device
     weights_bytes: int
-    kv_bytes: int
+    kv_bytes: int  # the pool as allocated: with fp8 rows, their scales' bytes included
+    kv_dtype: torch.dtype
     swap_bytes: int
     experts: ServingExperts
 
@@ -79,8 +81,8 @@ class MemoryAccount:
             "object": "memory_stats",
             "device": device,
             "weights_bytes": self.weights_bytes,
-            "kv_cache": {"bytes": self.kv_bytes, "num_blocks": num_blocks, "num_free_blocks": num_free_blocks,
-                         "usage": usage, "swap_bytes": self.swap_bytes},
+            "kv_cache": {"bytes": self.kv_bytes, "dtype": dtype_name(self.kv_dtype), "num_blocks": num_blocks,
+                         "num_free_blocks": num_free_blocks, "usage": usage, "swap_bytes": self.swap_bytes},
             "expert_cache": {
                 "enabled": bool(caches),
                 "experts_per_layer": caches[0].capacity if caches else 0,

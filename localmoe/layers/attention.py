@@ -14,6 +14,10 @@ continue 256 cached ones. Where it cannot run, decode steps attend block by bloc
 gathered blocks (about ten times faster on CPU than rearranging them for SDPA at that shape), and steps with
 prompt chunks use SDPA.
 
+With an fp8 cache (layers/kv_cache_dtype.py) the new keys and values are stored as e4m3 rows with their scales
+and every path reads them back as the same numbers in the query's dtype: the kernel 16 rows at a time, once for
+a GQA group, the PyTorch paths a step's blocks at once.
+
 Attention sinks (gpt-oss) are a learned logit per query head that joins each softmax as one more key whose
 value is zero: the sink takes a share of the weight, so a head may attend to nothing much. SDPA cannot
 express that, so prefill with sinks computes the scores itself.
@@ -28,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from localmoe.layers import cpu_kernels
+from localmoe.layers.kv_cache_dtype import FP8, decode, encode
 
 
 @dataclass
@@ -106,7 +111,7 @@ def paged_attention(
     q: torch.Tensor,  # [T, H, D]
     k: torch.Tensor,  # [T, Hkv, D]
     v: torch.Tensor,  # [T, Hkv, D]
-    kv_cache: torch.Tensor,  # [2, N, Hkv, S, D]
+    kv_cache: torch.Tensor,  # [2, N, Hkv, S, D], or [2, N, Hkv, S, D + 1] fp8 rows
     meta: AttentionMetadata,
     scale: float,
     sliding_window: int | None = None,
@@ -120,10 +125,10 @@ def paged_attention(
         return cpu_kernels.kernels().paged_attention(q, k, v, kv_cache, meta.token_tables, meta.token_context,
                                                       scale, sliding_window or 0, sinks)
     k_cache, v_cache = kv_cache[0], kv_cache[1]
-    k_cache[meta.slot_blocks, :, meta.slot_offsets] = k.to(kv_cache.dtype)
-    v_cache[meta.slot_blocks, :, meta.slot_offsets] = v.to(kv_cache.dtype)
+    k_cache[meta.slot_blocks, :, meta.slot_offsets] = encode(k, kv_cache.dtype)
+    v_cache[meta.slot_blocks, :, meta.slot_offsets] = encode(v, kv_cache.dtype)
     blocks = meta.block_tables.flatten()
-    keys, values = k_cache.index_select(0, blocks), v_cache.index_select(0, blocks)  # [B * W, Hkv, S, D]
+    keys, values = (decode(c.index_select(0, blocks), q.dtype) for c in (k_cache, v_cache))  # [B * W, Hkv, S, D]
     mask = meta.mask(sliding_window)
     if meta.decode_only:
         return _decode_attention(q, keys, values, mask, scale, sinks)
@@ -149,9 +154,14 @@ def paged_attention(
 
 
 def _kernel_takes(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
-    """Whether our decode kernel runs this layer: on CPU, a contiguous cache, head dims 16, 32, ..., 128."""
+    """Whether our decode kernel runs this layer: on CPU, a contiguous cache (bf16, float32 or fp8 rows), head dims
+    16, 32, ..., 128."""
     head_dim = q.shape[-1]
-    return head_dim % 16 == 0 and head_dim <= 128 and kv_cache.is_contiguous() and cpu_kernels.runs_here(q, kv_cache)
+    if not (head_dim % 16 == 0 and head_dim <= 128 and kv_cache.is_contiguous()):
+        return False
+    if kv_cache.dtype == FP8:
+        return kv_cache.device.type == "cpu" and cpu_kernels.runs_here(q)
+    return cpu_kernels.runs_here(q, kv_cache)
 
 
 def _softmax(scores: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:

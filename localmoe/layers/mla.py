@@ -6,7 +6,8 @@ L keys per sequence (its blocks, padded).
 
 Every head's key and value are linear in one small latent per token, c = norm(x W_dkv) [R]; a rotary key
 k_rope [P], shared by all heads, carries the position. The cache keeps just these, C numbers per token and
-layer ([1, blocks, S, C]), not the 2 H (N + P) numbers of expanded keys and values.
+layer ([1, blocks, S, C]; with an fp8 cache, C e4m3 codes and the exponent of the entry's scale, [1, blocks, S,
+C + 1]: layers/kv_cache_dtype.py), not the 2 H (N + P) numbers of expanded keys and values.
 
 Head h's key is [W_uk_h c, k_rope] and its value W_uv_h c (kv_b_proj stacks W_uk_h over W_uv_h per head).
 Steps with prompt chunks expand the cached latents into keys and values and attend with SDPA. Decode steps
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from localmoe.layers.attention import AttentionMetadata
+from localmoe.layers.kv_cache_dtype import decode, encode
 from localmoe.layers.linear import Linear
 from localmoe.layers.norm import RMSNorm
 from localmoe.layers.rotary import rotary_embedding, yarn_mscale
@@ -76,11 +78,12 @@ class MultiHeadLatentAttention(nn.Module):
         rotated = self.rotary(positions, torch.cat([q_rope, k_rope.unsqueeze(1)], dim=1))  # all heads and the key
         q_rope, k_rope = rotated.split([self.num_heads, 1], dim=1)
 
-        cache = kv_cache[0]  # [blocks, S, C]
-        cache[meta.slot_blocks, meta.slot_offsets] = torch.cat(
-            [self.kv_a_layernorm(latent), k_rope.squeeze(1)], dim=-1).to(cache.dtype)
+        cache = kv_cache[0]  # [blocks, S, C] (C + 1 in fp8)
+        cache[meta.slot_blocks, meta.slot_offsets] = encode(
+            torch.cat([self.kv_a_layernorm(latent), k_rope.squeeze(1)], dim=-1), cache.dtype)
         batch = meta.block_tables.shape[0]
-        entries = cache.index_select(0, meta.block_tables.flatten()).view(batch, -1, cache.shape[-1])  # [B, L, C]
+        rows = cache.index_select(0, meta.block_tables.flatten()).view(batch, -1, cache.shape[-1])
+        entries = decode(rows, q.dtype)  # [B, L, C]
         mask = meta.mask(None)  # [B, 1, max_q, L]
         if meta.decode_only:
             out = self._absorbed(q_nope, q_rope, entries, mask)

@@ -4,7 +4,8 @@ Weights come from safetensors (one file or a sharded index), memory-mapped, tens
 cast to the serving dtype. Any missing, unexpected or misshapen tensor stops the load with a
 message naming it. A quantized checkpoint (config.json's quantization_config: AWQ, GPTQ, compressed-tensors,
 fp8) fills the same dense parameters, dequantized, and keeps its own integers beside them for the quantization
-pass (models/quantized_checkpoint.py), as `model.quantized_checkpoint`.
+pass (models/quantized_checkpoint.py), as `model.quantized_checkpoint`. A GGUF file (models/gguf_file.py) is read the
+same way: its config from the file's metadata, its Q8_0 and Q4_K blocks kept packed beside the dense parameters.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from torch import nn
 
 from localmoe.models.args import ModelArgs
 from localmoe.models.checkpoint import TensorLocation, safetensors_files, safetensors_locations
+from localmoe.models.gguf_file import read_gguf
 from localmoe.models.quantized_checkpoint import QuantizedCheckpoint
 from localmoe.models.registry import model_class
-from localmoe.quant.formats import checkpoint_format
+from localmoe.quant.formats import CheckpointFormat, checkpoint_format
 
 DTYPES = {
     "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
@@ -66,9 +68,10 @@ def load_model(model_dir: str | Path, dtype: str = "auto", device: str | torch.d
     checkpoint's own."""
     model_dir = Path(model_dir)
     device = torch.device(device)
-    hf_config = read_hf_config(model_dir)
+    gguf = read_gguf(model_dir) if model_dir.suffix == ".gguf" else None
+    hf_config = read_hf_config(model_dir) if gguf is None else gguf.config
     cls = model_class(hf_config)
-    source = f"{model_dir}/config.json"
+    source = f"{model_dir}/config.json" if gguf is None else str(model_dir)
     args = ModelArgs.from_hf(hf_config, cls.required_fields, source)
     torch_dtype = resolve_dtype(dtype, hf_config, device)
     try:
@@ -76,7 +79,12 @@ def load_model(model_dir: str | Path, dtype: str = "auto", device: str | torch.d
             model = cls(args)
     except KeyError as e:  # a field inside one, e.g. rope_parameters' original_max_position_embeddings
         raise ValueError(f"{source} lacks the field {e.args[0]!r}") from e
-    fmt = checkpoint_format(hf_config.get("quantization_config"), quantization)
+    if (quantization == "gguf") != (gguf is not None) and quantization not in (None, "", "none"):
+        raise ValueError(f"quantization {quantization!r}: " + ("a GGUF file is served in its own quantization"
+                                                               if gguf is not None else "--model is not a .gguf file"))
+    fmt = checkpoint_format(hf_config.get("quantization_config"), None if gguf is not None else quantization)
+    if gguf is not None:  # its blocks come combined (gguf_file.py): the QuantizedCheckpoint only keeps them
+        fmt = CheckpointFormat("gguf")
     quantized = QuantizedCheckpoint(fmt) if fmt is not None else None
     left_out = {name for name, _ in model.named_parameters() if unread is not None and unread(name)}
     if quantized is not None and left_out:
@@ -85,7 +93,7 @@ def load_model(model_dir: str | Path, dtype: str = "auto", device: str | torch.d
     _to_meta(model, left_out)
     params = dict(model.named_parameters())
     loaded: dict[str, dict] = {}  # parameter -> {piece: elements}
-    files = safetensors_files(model_dir)
+    files = safetensors_files(model_dir) if gguf is None else []
     with Progress(transient=True, disable=not sys.stderr.isatty()) as progress:
         for path in files:
             locations = safetensors_locations(path) if left_out else {}
@@ -100,7 +108,7 @@ def load_model(model_dir: str | Path, dtype: str = "auto", device: str | torch.d
                                      path, left_out)
                     progress.advance(task)
     if quantized is not None:
-        for name, tensor, weight in quantized.weights():
+        for name, tensor, weight in quantized.weights() if gguf is None else gguf.tensors():
             for target, value, where in _load_tensor(model, params, loaded, name, tensor, model_dir, left_out):
                 quantized.record(target, where, weight if value is tensor else None)
     model.quantized_checkpoint = quantized

@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict
 from typing import Any
 
-from localmoe.planner.memory import KV_BYTES, MARGIN_FRACTION, Plan, parse_device, plan_memory
+from localmoe.planner.memory import KV_BYTES, KV_SCALE_BYTES, MARGIN_FRACTION, Plan, parse_device, plan_memory
 from localmoe.planner.shape import load_config, model_shape
 
 
@@ -56,8 +56,11 @@ def format_plan(plan: Plan) -> str:
     requested = f"max_num_seqs x max_model_len = {plan.max_num_seqs} x {plan.max_model_len} = {plan.requested_tokens:,}"
     len_source = " (default: min(max_position_embeddings, 32768))" if plan.max_model_len_is_default else ""
     kv_bytes = KV_BYTES[plan.kv_cache_dtype]
-    kv_how = ("MLA: layers x (kv_lora_rank + qk_rope_head_dim)" if plan.kv_attention == "mla"
+    mla = plan.kv_attention == "mla"
+    kv_how = ("MLA: layers x (kv_lora_rank + qk_rope_head_dim)" if mla
               else "2 x layers x kv_heads x head_dim") + f" x {kv_bytes} bytes"
+    if KV_SCALE_BYTES[plan.kv_cache_dtype]:
+        kv_how += f" + {'layers' if mla else '2 x layers x kv_heads'} scale bytes (one a row)"
     rows = [
         ("Model", f"{plan.model} ({plan.architecture})"),
         ("Parameters", f"total {_count(p.total)}, active {_count(p.active)} "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from localmoe.planner.params import ParamCounts, count_params, kv_elements_per_token
+from localmoe.planner.params import ParamCounts, count_params, kv_elements_per_token, kv_rows_per_token
 from localmoe.planner.quantization import QUANTIZATIONS, weight_bytes
 from localmoe.planner.shape import ModelShape, PlanError
 
@@ -24,8 +24,10 @@ DEFAULT_MAX_MODEL_LEN = 32768
 # Memory as nvidia-smi reports it.
 GPUS = {"H100-80GB": 81559 * MiB, "A100-80GB": 81920 * MiB, "A100-40GB": 40960 * MiB, "L40S-48GB": 46068 * MiB}
 BYTES_PER_PARAM = {"bf16": 2, "fp16": 2}  # the checkpoint's dtype; quantizations: planner/quantization.py
-# KV stays in the activation dtype (bf16/fp16, also with weight-only quantization) unless fp8.
-KV_BYTES = {"auto": 2, "fp8": 1}
+# KV stays in the activation dtype (bf16/fp16, also with weight-only quantization) unless fp8 (e4m3), whose rows
+# keep one more byte each, their scale's exponent (layers/kv_cache_dtype.py).
+KV_BYTES = {"auto": 2, "fp8": 1, "fp8_e4m3": 1}
+KV_SCALE_BYTES = {"auto": 0, "fp8": 1, "fp8_e4m3": 1}
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,8 @@ def plan_memory(shape: ModelShape, device: Device, dtype: str = "bf16", max_mode
     params = count_params(shape)
     per_param = weight_bytes(quantization, BYTES_PER_PARAM[dtype], shape.hidden_size)
     weights = per_param.of(params)
-    kv_per_token = kv_elements_per_token(shape) * KV_BYTES[kv_cache_dtype]
+    kv_per_token = (kv_elements_per_token(shape) * KV_BYTES[kv_cache_dtype]
+                    + kv_rows_per_token(shape) * KV_SCALE_BYTES[kv_cache_dtype])
     kv_per_seq = kv_per_token * max_model_len
     requested = max_num_seqs * max_model_len
     usable = device.usable_bytes

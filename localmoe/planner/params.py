@@ -108,3 +108,9 @@ def kv_elements_per_token(shape: ModelShape) -> int:
     a = shape.attention
     per_layer = a.kv_lora_rank + a.qk_rope_head_dim if a.is_mla else 2 * a.num_kv_heads * a.head_dim
     return shape.num_layers * per_layer
+
+
+def kv_rows_per_token(shape: ModelShape) -> int:
+    """KV-cache rows one token holds across all layers: its key and value of each kv head, or its MLA latent entry
+    (an fp8 cache keeps a scale per row: layers/kv_cache_dtype.py)."""
+    return shape.num_layers * (1 if shape.attention.is_mla else 2 * shape.attention.num_kv_heads)

@@ -26,7 +26,7 @@ from localmoe.quant.weight import QuantizedWeight, quantize
 LOAD_TIME = ("int8", "int4", "experts_int8")
 # vLLM's names for quantized checkpoints (quant/formats.py READERS checks each against the checkpoint)
 CHECKPOINT_FORMATS = ("awq", "awq_marlin", "gptq", "gptq_marlin", "moe_wna16", "compressed-tensors", "fp8",
-                      "fbgemm_fp8")
+                      "fbgemm_fp8", "gguf")
 NONE = (None, "", "none")
 
 
@@ -78,7 +78,4 @@ def quant_scheme(name: str | None, experts_only: bool = False) -> QuantScheme | 
     if name in ("int8", "int4"):
         base = INT8 if name == "int8" else INT4
         return QuantScheme(name, base.bits, base.group_size, base.symmetric, experts_only)
-    if name == "gguf":
-        raise ValueError("quantization 'gguf': GGUF files are not read yet; convert to safetensors, or quantize a "
-                         f"bf16 checkpoint at load with {', '.join(LOAD_TIME)}")
     raise ValueError(f"quantization {name!r} is not one of {', '.join(LOAD_TIME + CHECKPOINT_FORMATS)}")

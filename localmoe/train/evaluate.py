@@ -6,6 +6,7 @@ its figure can be reproduced anywhere:
     python -m localmoe.train.evaluate            # the built-in model on its shipped sample
     python -m localmoe.train.evaluate --model DIR --corpus corpus   # any checkpoint, whole held-out split
     python -m localmoe.train.evaluate --dtype bfloat16 --quantization int4   # what quantization costs
+    python -m localmoe.train.evaluate --dtype bfloat16 --kv-cache-dtype fp8  # what an fp8 KV cache costs
 """
 
 from __future__ import annotations
@@ -56,9 +57,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--corpus", type=Path, help="use the whole heldout.txt of this corpus")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--quantization", help="int8, int4 or experts_int8 (quant/scheme.py)")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype) or fp8")
     args = parser.parse_args(argv)
     texts = read_documents(args.corpus / "heldout.txt" if args.corpus else args.model / SAMPLE_FILE)
-    llm = LLM(model=str(args.model), dtype=args.dtype, quantization=args.quantization)
+    llm = LLM(model=str(args.model), dtype=args.dtype, quantization=args.quantization,
+              kv_cache_dtype=args.kv_cache_dtype)
     windows = token_windows(llm.get_tokenizer(), texts)
     print(f"held-out perplexity {perplexity(llm, windows):.2f} "
           f"({sum(len(w) - 1 for w in windows)} predicted tokens in {len(windows)} windows of <= {WINDOW})")
