@@ -41,7 +41,7 @@ class TiledExperts(Experts):
         for name, weight in (("w13", w13), ("w2", w2)):
             if isinstance(weight, QuantTiles):
                 setattr(self, name, weight)
-                for part, tensor in zip(("q", "scales", "zeros"), weight.tensors()):
+                for part, tensor in zip(QuantTiles.PARTS, weight.tensors()):
                     self.register_buffer(f"{name}_{part}", tensor, persistent=False)
             else:
                 self.register_buffer(name, weight, persistent=False)

@@ -15,7 +15,7 @@ import torch
 
 from localmoe.experts.cpu import TiledExperts, grouped_kernel_serves
 from localmoe.experts.store import ExpertForm
-from localmoe.layers.cpu_kernels import QuantTiles, gate_up_paired, quant_kernel_serves
+from localmoe.layers.cpu_kernels import QuantTiles, quant_expert_tiles, quant_kernel_serves
 from localmoe.layers.moe import Experts, GroupedExperts, GroupedPathExperts
 from localmoe.quant.scheme import QuantScheme, Quantizer
 from localmoe.quant.weight import QuantizedWeight
@@ -51,11 +51,9 @@ def quantize_experts(experts: GroupedExperts, path: str, quantizer: Quantizer) -
     if w13 is None or w2 is None or w13.bits != w2.bits:
         return None
     if grouped_kernel_serves(experts) and quant_kernel_serves(w13) and quant_kernel_serves(w2):
-        return TiledExperts(QuantTiles.of(w13, gate_up_paired), QuantTiles.of(w2))
+        return TiledExperts(*quant_expert_tiles(w13, w2))
     return QuantGroupedExperts(experts, w13, w2)
 
-
-PARTS = ("q", "scales", "zeros")  # a QuantTiles' tensors, as slot kinds w13_q, w13_scales, ...
 
 
 def quant_form(shapes: dict[str, tuple[int, ...]], scheme: QuantScheme) -> ExpertForm:
@@ -70,15 +68,13 @@ def quant_form(shapes: dict[str, tuple[int, ...]], scheme: QuantScheme) -> Exper
         tensors[f"{name}_scales"] = tensors[f"{name}_zeros"] = ((columns // group, rows), torch.float32)
 
     def make(w13: torch.Tensor, w2: torch.Tensor) -> dict[str, torch.Tensor]:
-        made = {}
-        for name, weight, rows_in in (("w13", w13, gate_up_paired), ("w2", w2, lambda t: t)):
-            tiles = QuantTiles.of(scheme.quantize(weight), rows_in)
-            made.update({f"{name}_{part}": t for part, t in zip(PARTS, tiles.tensors())})
-        return made
+        tiles = quant_expert_tiles(scheme.quantize(w13), scheme.quantize(w2))
+        return {f"{name}_{part}": tensor for name, weight in zip(("w13", "w2"), tiles)
+                for part, tensor in zip(QuantTiles.PARTS, weight.tensors())}
     name = f"quantized:{scheme.bits}:{scheme.group_size}:{'sym' if scheme.symmetric else 'asym'}"
     return ExpertForm(name, tensors, make)
 
 
 def slot_tiles(slots: dict[str, torch.Tensor], bits: int) -> tuple[QuantTiles, QuantTiles]:
     """w13 and w2 as QuantTiles over a cache's slots in quant_form."""
-    return tuple(QuantTiles(*(slots[f"{name}_{part}"] for part in PARTS), bits) for name in ("w13", "w2"))
+    return tuple(QuantTiles(*(slots[f"{name}_{part}"] for part in QuantTiles.PARTS), bits) for name in ("w13", "w2"))

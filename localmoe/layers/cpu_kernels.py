@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -192,6 +193,7 @@ class QuantTiles:
     scales: torch.Tensor
     zeros: torch.Tensor
     bits: int
+    PARTS: ClassVar[tuple[str, ...]] = ("q", "scales", "zeros")  # the tensors, in tensors()' order
 
     @classmethod
     def of(cls, weight: QuantizedWeight, rows_in=lambda t: t) -> "QuantTiles":
@@ -202,6 +204,11 @@ class QuantTiles:
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.q, self.scales, self.zeros
+
+
+def quant_expert_tiles(w13: QuantizedWeight, w2: QuantizedWeight) -> tuple[QuantTiles, QuantTiles]:
+    """Quantized stacked experts in the layout of fused_moe, as expert_tiles lays out bf16 ones."""
+    return QuantTiles.of(w13, gate_up_paired), QuantTiles.of(w2)
 
 
 def quant_linear_tiles(weight: QuantizedWeight) -> QuantTiles:
