@@ -20,7 +20,7 @@ from typing import Annotated, Any, Optional
 import typer
 import uvicorn
 
-from localmoe.config import DEFAULT_CONFIG_PATH, Config, ConfigError, EngineConfig, load_config
+from localmoe.config import DEFAULT_CONFIG_PATH, Config, ConfigError, EngineConfig, ServerConfig, load_config
 from localmoe.engine.async_engine import AsyncEngine
 from localmoe.engine.llm_engine import LLMEngine
 from localmoe.llm import LLM
@@ -32,16 +32,26 @@ from localmoe.train.corpus import build_corpus, summary
 from localmoe.train.trainer import TrainConfig
 from localmoe.train.trainer import train as run_training
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# click's own help layout (rich_markup_mode=None): rich's tables cut long option names to fit 80 columns
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="LocalMoE: serve Mixture-of-Experts models with an OpenAI-compatible API.")
 
 # Exit codes: 2 for a configuration that cannot be used (as for bad usage), 1 for a model that cannot be loaded.
 EXIT_CONFIG, EXIT_LOAD = 2, 1
 GRACEFUL_CLOSE_SECONDS = 5  # after the drain, for connections to finish sending what they have
+CONFIG_HELP = ("YAML file with model:, vllm: (or engine:) and server: sections; flags override it. "
+               f"[default: {DEFAULT_CONFIG_PATH.relative_to(DEFAULT_CONFIG_PATH.parents[1])} where the checkout "
+               "has one]")
 
 
 def engine_flag(key: str) -> str:
     return "--model" if key == "model_name" else "--" + key.replace("_", "-")
+
+
+def flag_help(section: type, key: str) -> str:
+    """A config key's help (written beside the key in config.py) with its default, as `--help` shows it."""
+    f = next(f for f in fields(section) if f.name == key)
+    return f.metadata["help"] + ("" if f.default in (None, "") else f" [default: {f.default}]")
 
 
 def _engine_flag_parameters() -> list[inspect.Parameter]:
@@ -51,7 +61,7 @@ def _engine_flag_parameters() -> list[inspect.Parameter]:
         kind = next((t for t in typing.get_args(hints[f.name]) if t is not type(None)), hints[f.name])
         flag = engine_flag(f.name)
         declaration = f"{flag}/--no-{flag[2:]}" if kind is bool else flag
-        option = typer.Option(declaration, help=f"Sets vllm.{f.name}.", rich_help_panel="Engine")
+        option = typer.Option(declaration, help=flag_help(EngineConfig, f.name))
         parameters.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
                                             annotation=Annotated[Optional[kind], option]))
     return parameters
@@ -121,18 +131,16 @@ def run_server(config: Config) -> None:
 @app.command()
 @with_engine_flags
 def serve(
-    config: Annotated[Optional[Path], typer.Option("--config", help="YAML file (default configs/config.yaml)")] = None,
-    host: Annotated[Optional[str], typer.Option(help="Address to bind.")] = None,
-    port: Annotated[Optional[int], typer.Option(help="Port to listen on.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help=CONFIG_HELP)] = None,
+    host: Annotated[Optional[str], typer.Option(help=flag_help(ServerConfig, "host"))] = None,
+    port: Annotated[Optional[int], typer.Option(help=flag_help(ServerConfig, "port"))] = None,
     api_key: Annotated[Optional[str], typer.Option(
-        "--api-key", envvar="LOCALMOE_API_KEY",
-        help="Require this key (Bearer, or HTTP Basic password) on every route but /health.")] = None,
-    log_level: Annotated[Optional[str], typer.Option(help="uvicorn log level.")] = None,
+        "--api-key", envvar="LOCALMOE_API_KEY", help=flag_help(ServerConfig, "api_key"))] = None,
+    log_level: Annotated[Optional[str], typer.Option(help=flag_help(ServerConfig, "log_level"))] = None,
     shutdown_timeout: Annotated[Optional[float], typer.Option(
-        help="Seconds in-flight requests get to finish after SIGTERM (default 30).")] = None,
+        help=flag_help(ServerConfig, "shutdown_timeout"))] = None,
     engine_stall_timeout: Annotated[Optional[float], typer.Option(
-        help="/health fails after this many seconds without engine progress while requests wait "
-             "(default 120).")] = None,
+        help=flag_help(ServerConfig, "engine_stall_timeout"))] = None,
     *,
     engine_flags: dict[str, Any],
 ) -> None:
@@ -150,7 +158,7 @@ def serve(
 @with_engine_flags
 def generate(
     prompt: Annotated[str, typer.Argument(help="Text to continue.")],
-    config: Annotated[Optional[Path], typer.Option("--config", help="YAML file (default configs/config.yaml)")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help=CONFIG_HELP)] = None,
     max_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 64,
     temperature: Annotated[float, typer.Option(help="0 for greedy decoding.")] = 1.0,
     top_p: Annotated[float, typer.Option()] = 1.0,
@@ -212,7 +220,9 @@ def train(
 
 @app.command()
 def plan(
-    model: Annotated[str, typer.Argument(help="Checkpoint directory, config.json, or a well-known model name.")],
+    model: Annotated[str, typer.Argument(help="Checkpoint directory, config.json, a well-known model name, or a hub id ORG/NAME "
+                                     "(its config.json from the Hugging Face cache, downloaded where the network "
+                                     "allows).")],
     dtype: Annotated[str, typer.Option(help="The checkpoint's dtype: bf16, fp16.")] = "bf16",
     quantization: Annotated[str, typer.Option(
         help="none, int8, int4, experts_int8 (quantized at load), awq, gptq, compressed-tensors, fp8 (checkpoints).")]

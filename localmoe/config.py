@@ -14,6 +14,9 @@ from typing import Any
 
 import yaml
 
+from localmoe.models.hub import (
+    CHECKPOINT_FILES, REMOTE_CODE_FILES, TOKENIZER_FILES, HubError, hub_snapshot, is_hub_id,
+)
 from localmoe.quant.scheme import LOAD_TIME, QuantScheme, quant_scheme
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "config.yaml"
@@ -72,49 +75,95 @@ class ModelConfig:
                 raise ConfigError(f"model.{key}: {message}")
 
 
+def setting(default: Any, help: str) -> Any:
+    """A key with its help text: the one place a flag's meaning is written (`localmoe serve --help` shows it, with
+    the default added), so a new key cannot arrive without saying what it does."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class EngineConfig:
-    """Engine settings with vLLM's engine-argument names (the `vllm:` / `engine:` section)."""
+    """Engine settings with vLLM's engine-argument names (the `vllm:` / `engine:` section); help in vLLM's words
+    where the key is vLLM's."""
 
-    model_name: str = ""  # checkpoint directory, or a GGUF file (tokenizer: its checkpoint); empty: the built-in model
-    served_model_name: str | None = None
-    tokenizer: str | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    seed: int = 0
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.9
-    # bytes for the KV pool when the device is the CPU (4294967296, 4GiB, 512M); default: 2 GiB, or an eighth
-    # of the memory left after loading where that is less (inside a container's limit), at least one sequence
-    kv_cache_memory: str | None = None
-    max_model_len: int | None = None
-    block_size: int = 16
-    swap_space: float = 0.0  # GiB of host memory for swapped-out KV blocks; 0: preemption recomputes
-    # auto: the model's dtype; fp8 (fp8_e4m3): e4m3, a scale per row, about half the bytes (layers/kv_cache_dtype.py)
-    kv_cache_dtype: str = "auto"
-    # tokens per step; on 2 CPU cores a 512-token step of the benchmark model takes ~0.15 s, short enough
-    # that a burst of prompts does not stall running decodes (c=16 mean TTFT 571 ms vs 722 ms at 2048)
-    max_num_batched_tokens: int = 512
-    max_num_seqs: int = 64
-    max_waiting_requests: int = 1024  # sequences queued beyond max_num_seqs; past it the server answers 503
-    max_logprobs: int = 20  # most logprobs / prompt_logprobs alternatives a request may ask for (vLLM's default)
-    enable_prefix_caching: bool = True
-    enable_chunked_prefill: bool = True
-    max_chunked_prefill_tokens: int | None = None
-    quantization: str | None = None  # int8, int4, experts_int8: weights quantized at load (quant/scheme.py)
-    quantize_experts_only: bool = False  # int8/int4 for the experts alone; dense layers keep the checkpoint's dtype
-    trust_remote_code: bool = False  # lets a checkpoint's tokenizer run its own code (the model never does)
-    load_format: str = "auto"
-    use_v2_block_manager: bool = True  # accepted for old configs; has no effect
-    routing_trace: str | None = None  # file to append each token's chosen experts to (JSON lines)
-    # expert offloading (experts/): experts per MoE layer kept in cache slots on the compute device, 0: all resident
-    expert_cache_size: int = 0
-    # or the cache's size in bytes over all MoE layers (512MiB, 4G, ...), or "auto": what the process's memory
-    # limit leaves (experts/memory_budget.py); excludes expert_cache_size
-    expert_cache_memory: str | None = None
-    expert_cache_policy: str = "lru"  # lru | lfu | lfru
-    expert_offload_target: str = "host"  # where the other experts live: host memory or the checkpoint on disk
-    expert_prefetch: bool = False  # load the next layer's likely experts while this layer computes
+    model_name: str = setting("", "Name or path of the Hugging Face model to use: a checkpoint directory, a hub "
+                              "id ORG/NAME (from the Hugging Face cache, downloaded where the network allows), a "
+                              "GGUF file (with --tokenizer), or localmoe-random. If unspecified, the built-in "
+                              "model localmoe-builtin.")
+    served_model_name: str | None = setting(None, "The model name used in the API and in the model_name label "
+                                            "of the metrics. If unspecified, the --model argument.")
+    tokenizer: str | None = setting(None, "Name or path of the Hugging Face tokenizer to use (a directory or a "
+                                    "hub id, found like --model). If unspecified, model name or path will be used.")
+    revision: str | None = setting(None, "The specific model version to use. It can be a branch name, a tag "
+                                   "name, or a commit id. If unspecified, will use the default version (main).")
+    tokenizer_revision: str | None = setting(None, "The specific revision to use for the tokenizer on the Hugging "
+                                             "Face Hub: a branch name, a tag name, or a commit id. If unspecified, "
+                                             "will use the default version (main).")
+    download_dir: str | None = setting(None, "Directory to download and load the weights of a hub id. If "
+                                       "unspecified, the default cache directory of Hugging Face (HF_HUB_CACHE, "
+                                       "or HF_HOME/hub, ~/.cache/huggingface/hub).")
+    dtype: str = setting("auto", "Data type for model weights and activations: auto (the checkpoint's torch_dtype; "
+                         "float16 runs as bfloat16 on CPU, where it is slow), float32 (float, fp32), bfloat16 "
+                         "(bf16), float16 (half, fp16).")
+    device: str = setting("auto", "Device type for execution: auto (CUDA where available, else CPU), cpu, cuda, "
+                          "cuda:N.")
+    seed: int = setting(0, "Random seed for reproducibility (a request's own seed gives it its own generator).")
+    tensor_parallel_size: int = setting(1, "Number of tensor parallel groups. Only 1 is available yet.")
+    gpu_memory_utilization: float = setting(0.9, "The fraction of GPU memory to be used for the model executor, "
+                                            "which can range from 0 to 1 (0.5: 50%); the KV cache gets what the "
+                                            "weights leave of it. CUDA only: on CPU, --kv-cache-memory.")
+    # bytes for the KV pool when the device is the CPU; the default fits inside a container's limit
+    kv_cache_memory: str | None = setting(None, "Size of the KV cache on CPU, in bytes (4294967296, 4GiB, 512M). "
+                                          "If unspecified: 2 GiB, or an eighth of the memory left after loading "
+                                          "where that is less, and at least one sequence of --max-model-len.")
+    max_model_len: int | None = setting(None, "Model context length (prompt and output), in tokens. If "
+                                        "unspecified, will be automatically derived from the model config "
+                                        "(max_position_embeddings).")
+    block_size: int = setting(16, "Size of a contiguous cache block in number of tokens.")
+    swap_space: float = setting(0.0, "Size of the CPU swap space, in GiB: a preempted request's KV blocks are "
+                                "copied there and back; 0: preemption recomputes them.")
+    kv_cache_dtype: str = setting("auto", "Data type for kv cache storage. If auto, will use model data type. fp8 "
+                                  "(= fp8_e4m3): e4m3 with a scale per row, about half the bytes.")
+    # on 2 CPU cores a 512-token step of the benchmark model takes ~0.15 s, short enough that a burst of prompts
+    # does not stall running decodes (c=16 mean TTFT 571 ms vs 722 ms at 2048)
+    max_num_batched_tokens: int = setting(512, "Maximum number of tokens to be processed in a single iteration.")
+    max_num_seqs: int = setting(64, "Maximum number of sequences to be processed in a single iteration.")
+    max_waiting_requests: int = setting(1024, "Sequences queued beyond --max-num-seqs; past it the server "
+                                        "answers 503 with Retry-After.")
+    max_logprobs: int = setting(20, "Maximum number of log probabilities to return when logprobs or "
+                                "prompt_logprobs is specified in a request (OpenAI's cap).")
+    enable_prefix_caching: bool = setting(True, "Whether to enable prefix caching: full KV blocks of a prompt "
+                                          "prefix already seen are reused, not recomputed.")
+    enable_chunked_prefill: bool = setting(True, "If True, prefill requests can be chunked based on the remaining "
+                                           "max_num_batched_tokens, so a long prompt never stalls decodes.")
+    max_chunked_prefill_tokens: int | None = setting(None, "Most prompt tokens of one request prefilled in a "
+                                                     "single iteration. If unspecified: --max-num-batched-tokens.")
+    quantization: str | None = setting(None, "Method used to quantize the weights at load: int8, int4 (weight-only) "
+                                       "or experts_int8. If unspecified, the checkpoint's quantization_config "
+                                       "(awq, gptq, compressed-tensors, fp8) is served; without one the weights "
+                                       "are unquantized, in --dtype.")
+    quantize_experts_only: bool = setting(False, "With --quantization int8 or int4, quantize the experts alone; "
+                                          "dense layers keep the checkpoint's dtype.")
+    trust_remote_code: bool = setting(False, "Trust remote code (e.g., from HuggingFace) when downloading the "
+                                      "tokenizer: it lets a checkpoint's tokenizer run its own code. The forward "
+                                      "pass is always LocalMoE's.")
+    load_format: str = setting("auto", "The format of the model weights to load: auto or safetensors (both read "
+                               "safetensors, a single file or a sharded index).")
+    use_v2_block_manager: bool = setting(True, "[DEPRECATED] Accepted for old configs; setting it to True or "
+                                         "False has no effect.")
+    routing_trace: str | None = setting(None, "File to append each token's chosen experts to, as JSON lines (one "
+                                        "per sequence per engine step). If unspecified, no trace.")
+    expert_cache_size: int = setting(0, "Expert offloading: experts per MoE layer kept in cache slots on the "
+                                     "compute device, the others where --expert-offload-target says; 0: all "
+                                     "resident.")
+    expert_cache_memory: str | None = setting(None, "Expert offloading by size: the expert cache's bytes over all "
+                                              "MoE layers (512MiB, 4G, ...), or auto: what the process's memory "
+                                              "limit leaves. Excludes --expert-cache-size.")
+    expert_cache_policy: str = setting("lru", "Which cached expert makes room for another: lru, lfu or lfru.")
+    expert_offload_target: str = setting("host", "Where experts outside the cache live: host (memory) or disk "
+                                         "(the checkpoint's safetensors, read by offset).")
+    expert_prefetch: bool = setting(False, "Load the next layer's likely experts (its router applied to this "
+                                    "layer's hidden state) while this layer computes.")
 
     def validate(self) -> None:
         refusals = [
@@ -123,6 +172,12 @@ class EngineConfig:
             (self.swap_space < 0, "swap_space", "swap_space must not be negative"),
             (self.model_name.endswith(".gguf") and not self.tokenizer, "tokenizer",
              "a GGUF file needs --tokenizer pointing at the original checkpoint directory"),
+            (self.revision is not None and not is_hub_id(self.model_name), "revision",
+             f"a revision picks a version of a hub id (ORG/NAME); {self.model_name or 'the built-in model'} is not one"),
+            (self.tokenizer_revision is not None and not is_hub_id(self.tokenizer), "tokenizer_revision",
+             "a tokenizer revision picks a version of a hub id given as --tokenizer"),
+            (self.download_dir is not None and not (is_hub_id(self.model_name) or is_hub_id(self.tokenizer)),
+             "download_dir", "the download directory holds hub ids' files; neither --model nor --tokenizer is one"),
             (self.load_format not in ("auto", "safetensors"), "load_format",
              f"load_format {self.load_format!r} is not supported (auto, safetensors)"),
             (self.dtype not in ("auto", "float32", "bfloat16", "float16", "half", "float", "bf16", "fp16", "fp32"),
@@ -191,12 +246,15 @@ def parse_memory(value: int | str | None, key: str, auto: bool = True) -> int | 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: str | None = None
-    log_level: str = "info"
-    shutdown_timeout: float = 30.0  # seconds in-flight requests get to finish after SIGTERM
-    engine_stall_timeout: float = 120.0  # /health fails when queued work sees no engine progress this long
+    host: str = setting("127.0.0.1", "Host name or address to bind (0.0.0.0: every interface).")
+    port: int = setting(8000, "Port number to listen on.")
+    api_key: str | None = setting(None, "Require this key (Bearer, or HTTP Basic password) on every route but "
+                                  "/health. If unspecified, no key.")
+    log_level: str = setting("info", "Log level of uvicorn and LocalMoE: critical, error, warning, info, debug, "
+                             "trace.")
+    shutdown_timeout: float = setting(30.0, "Seconds in-flight requests get to finish after SIGTERM.")
+    engine_stall_timeout: float = setting(120.0, "Seconds without engine progress while requests wait after "
+                                          "which /health fails.")
 
 
 @dataclass(frozen=True)
@@ -248,7 +306,26 @@ def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, A
     config.model.validate()
     config = with_quantization_type(config)
     config.engine.validate()
-    return config
+    return with_hub_snapshots(config)
+
+
+def with_hub_snapshots(config: Config) -> Config:
+    """Hub ids in `model_name` and `tokenizer` replaced by their snapshot directories (models/hub.py), fetched
+    where the network allows, so the engine only ever loads local files; the API serves the model by its id."""
+    engine = config.engine
+    changes: dict[str, str] = {}
+    remote_code = REMOTE_CODE_FILES if engine.trust_remote_code else []
+    try:
+        if is_hub_id(engine.model_name):
+            changes["model_name"] = str(hub_snapshot(engine.model_name, engine.revision, engine.download_dir,
+                                                     CHECKPOINT_FILES + remote_code))
+            changes["served_model_name"] = engine.served_model_name or engine.model_name
+        if is_hub_id(engine.tokenizer):
+            changes["tokenizer"] = str(hub_snapshot(engine.tokenizer, engine.tokenizer_revision,
+                                                    engine.download_dir, TOKENIZER_FILES + remote_code))
+    except HubError as e:
+        raise ConfigError(str(e)) from None
+    return replace(config, engine=replace(engine, **changes)) if changes else config
 
 
 def with_quantization_type(config: Config) -> Config:

@@ -6,21 +6,37 @@ import json
 from dataclasses import asdict
 from typing import Any
 
+from localmoe.models.hub import HubError, hub_snapshot, is_hub_id
 from localmoe.planner.memory import KV_BYTES, KV_SCALE_BYTES, MARGIN_FRACTION, Plan, parse_device, plan_memory
-from localmoe.planner.shape import load_config, model_shape
+from localmoe.planner.shape import PlanError, load_config, model_shape
 
 
 def plan_command(model: str, dtype: str = "bf16", device: str = "H100-80GB", max_model_len: int | None = None,
                  max_num_seqs: int = 256, kv_cache_dtype: str = "auto", json_output: bool = False,
                  quantization: str = "none") -> str:
-    """Plan `model` (checkpoint dir, config.json or known name) on `device`; the text to print.
+    """Plan `model` (checkpoint dir, config.json, known name or hub id) on `device`; the text to print.
 
     Raises PlanError (a ValueError) with a message for the user on any bad input.
     """
-    name, config = load_config(model)
+    name, config = model_config(model)
     plan = plan_memory(model_shape(name, config), parse_device(device), dtype=dtype, max_model_len=max_model_len,
                        max_num_seqs=max_num_seqs, kv_cache_dtype=kv_cache_dtype, quantization=quantization)
     return json.dumps(plan_dict(plan), indent=2) if json_output else format_plan(plan)
+
+
+def model_config(model: str) -> tuple[str, dict[str, Any]]:
+    """(display name, config dict) of a checkpoint, config.json or known name, else of a hub id: its config.json
+    from the Hugging Face cache, fetched where the network allows."""
+    try:
+        return load_config(model)
+    except PlanError:
+        if not is_hub_id(model):
+            raise
+    try:
+        snapshot = hub_snapshot(model, None, None, ["config.json"])
+    except HubError as e:
+        raise PlanError(str(e)) from None
+    return model, load_config(str(snapshot))[1]
 
 
 def plan_dict(plan: Plan) -> dict[str, Any]:
