@@ -132,10 +132,11 @@ def test_bfloat16_offloaded_matches_bfloat16_resident(checkpoint, prompt_len, ta
 
 
 @pytest.mark.avx512_bf16
-@pytest.mark.parametrize("quantization,target", [("int4", "disk"), ("int8", "host"), ("experts_int8", "disk")])
+@pytest.mark.parametrize("quantization,target", [("int4", "disk"), ("int8", "host"), ("experts_int8", "disk"),
+                                                 ("fp8", "host")])
 def test_quantized_offloaded_experts_give_the_quantized_resident_outputs(checkpoint, quantization, target):
-    """Offloaded experts kept quantized (the store, the expert file and the slots hold the kernel's 8- or 4-bit
-    tiles): the logits are the resident quantized model's bit for bit, and a slot and a miss are that much
+    """Offloaded experts kept quantized (the store, the expert file and the slots hold the kernel's 8- or 4-bit or
+    float8 tiles): the logits are the resident quantized model's bit for bit, and a slot and a miss are that much
     smaller than bf16's."""
     if kernels() is None:
         pytest.skip("needs the CPU kernels")

@@ -110,22 +110,35 @@ def fp8_weight(n: int, k: int, seed: int) -> torch.Tensor:
     return torch.randn(n, k, generator=torch.Generator().manual_seed(seed)).to(torch.float8_e4m3fn)
 
 
-def test_deepseek_fp8_block_scales_cover_blocks_of_128_smaller_at_the_edges():
-    weight, scale = fp8_weight(200, 300, seed=7), torch.rand(2, 3) + 0.5
+@pytest.mark.parametrize("columns", [256, 300])
+def test_deepseek_fp8_block_scales_cover_blocks_of_128_smaller_at_the_edges(columns):
+    """Blocks that divide the columns are served as float8 with a scale per row and block of columns (the block's
+    scale repeated over its rows); others (a last block of 44 columns) dense."""
+    blocks = -(-columns // 128)
+    weight, scale = fp8_weight(200, columns, seed=7), torch.rand(2, blocks) + 0.5
     expected = weight.float()
     for i in range(2):
-        for j in range(3):
+        for j in range(blocks):
             expected[128 * i:128 * (i + 1), 128 * j:128 * (j + 1)] *= scale[i, j]
     fp8 = Fp8("fp8", block=(128, 128))
-    assert torch.equal(fp8.combine({"weight": weight, "weight_scale_inv": scale}), expected)
+    combined = fp8.combine({"weight": weight, "weight_scale_inv": scale})
+    if columns % 128:
+        assert not isinstance(combined, QuantizedWeight) and torch.equal(combined, expected)
+    else:
+        assert combined.float8 and combined.group_size == 128
+        assert torch.equal(combined.values(), weight.view(torch.uint8))  # the checkpoint's own bytes
+        assert torch.equal(combined.dequantize(), expected)
     with pytest.raises(ValueError, match=r"do not tile"):
-        fp8.combine({"weight": weight, "weight_scale_inv": scale[:, :2]})
+        fp8.combine({"weight": weight, "weight_scale_inv": scale[:, :1]})
 
 
 def test_fp8_scales_per_tensor_and_per_row():
     weight, rows = fp8_weight(N, K, seed=8), torch.rand(N, 1) + 0.5
-    assert torch.equal(Fp8("fp8").combine({"weight": weight, "weight_scale": torch.tensor(0.25)}), weight.float() / 4)
-    assert torch.equal(Fp8("fbgemm_fp8").combine({"weight": weight, "weight_scale": rows}), weight.float() * rows)
+    per_tensor = Fp8("fp8").combine({"weight": weight, "weight_scale": torch.tensor(0.25)})
+    per_row = Fp8("fbgemm_fp8").combine({"weight": weight, "weight_scale": rows})
+    assert per_tensor.float8 and torch.equal(per_tensor.values(), weight.view(torch.uint8))
+    assert torch.equal(per_tensor.dequantize(), weight.float() / 4)
+    assert torch.equal(per_row.dequantize(), weight.float() * rows)
     with pytest.raises(ValueError, match="float8_e4m3fn"):
         Fp8("fp8").combine({"weight": weight.float(), "weight_scale": rows})
 
@@ -184,7 +197,8 @@ def test_compressed_tensors_fp8_matches_the_librarys_decompression(strategy):
     config = QuantizationConfig(config_groups={"group_0": scheme}, format="float-quantized").model_dump(mode="json")
     found = checkpoint_format(config, None)
     assert found.block == ((128, 128) if strategy == "block" else None)
-    assert torch.equal(found.combine(stored), reference.float())
+    combined = found.combine(stored)  # 300 columns: the blocks of 128 do not divide them, dense
+    assert torch.equal(combined if strategy == "block" else combined.dequantize(), reference.float())
 
 
 def test_each_quant_method_is_detected_and_checked_against_the_request():
@@ -198,6 +212,7 @@ def test_each_quant_method_is_detected_and_checked_against_the_request():
     assert checkpoint_format(deepseek, "fp8") == Fp8("fp8", skip=(*ROUTERS, "lm_head"), block=(128, 128))
     assert checkpoint_format({"quant_method": "fp8", "activation_scheme": "static"}, None).block is None
     assert checkpoint_format(None, None) is None and checkpoint_format(None, "int4") is None
+    assert checkpoint_format(None, "fp8") is None  # fp8 on an unquantized checkpoint: quantized at load
     with pytest.raises(ValueError, match="'gptq' does not match the checkpoint's quant_method 'awq'"):
         checkpoint_format(awq, "gptq")
     with pytest.raises(ValueError, match="'int4' does not match the checkpoint's quant_method 'fp8'"):

@@ -1,6 +1,7 @@
 """Quantized checkpoints served end to end: a tiny Mixtral whose linear layers are stored as AWQ or GPTQ pack known
-integers (the layouts of tests/test_quant_formats.py, here vectorized); LocalMoE serves those integers packed and its
-logits equal transformers' on the dense weights they stand for."""
+integers (the layouts of tests/test_quant_formats.py, here vectorized), or as DeepSeek-V3's fp8 with block scales;
+LocalMoE serves those integers (float8 bytes) packed and its logits equal transformers' on the dense weights they
+stand for."""
 
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ from localmoe.experts.quantized import QuantGroupedExperts
 from localmoe.layers.cpu_kernels import QuantTiles, cpu_has_avx512_bf16
 from localmoe.layers.moe import moe_blocks
 from localmoe.layers.quant_linear import QuantLinear
-from localmoe.quant.weight import quantize
+from localmoe.quant.weight import quantize, quantize_fp8
 
 GROUP = 32
+FP8_BLOCK = 32  # weight_block_size [32, 32]: DeepSeek-V3's layout (it has 128) on a model of hidden size 64
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ: nibble i of a word holds column 8c + AWQ_ORDER[i]
 
 
@@ -37,7 +39,15 @@ def pack(values: torch.Tensor, bits: int, order: list[int] | None = None) -> tor
 
 def quantized_linear(weight: torch.Tensor, fmt: str, g_idx: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
     """The format's tensors for one linear layer [N, K] holding known 4-bit integers (from rounding `weight`), and
-    the dense weight they stand for (with the scales as stored: fp16)."""
+    the dense weight they stand for (with the scales as stored: fp16). fp8: float8 values with a float32 scale per
+    block of FP8_BLOCK x FP8_BLOCK (weight_scale_inv)."""
+    if fmt == "fp8":
+        blocks = weight.unflatten(0, (-1, FP8_BLOCK)).transpose(0, 1).flatten(1)  # [FP8_BLOCK, rows/B * K]
+        q = quantize_fp8(blocks, FP8_BLOCK)  # a scale per row and block of columns, then the max over the block's rows
+        scale = q.scales.unflatten(1, (weight.shape[0] // FP8_BLOCK, -1)).amax(0)
+        per_row = scale.repeat_interleave(FP8_BLOCK, 0)
+        values = (weight / per_row.repeat_interleave(FP8_BLOCK, 1)).to(torch.float8_e4m3fn)
+        return {"weight": values, "weight_scale_inv": scale}, values.float() * per_row.repeat_interleave(FP8_BLOCK, 1)
     q = quantize(weight, 4, GROUP, symmetric=False)
     values, zeros = q.values().long(), q.zeros.long()
     scales = q.scales.half()
@@ -74,10 +84,12 @@ def quantized_checkpoint(source: Path, root: Path, fmt: str, desc_act: bool = Fa
     save_file(packed, packed_dir / "model.safetensors", metadata={"format": "pt"})
     save_file(dense, dense_dir / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((source / "config.json").read_text())
-    config["quantization_config"] = ({"quant_method": "awq", "bits": 4, "group_size": GROUP, "version": "gemm",
-                                      "zero_point": True} if fmt == "awq" else
-                                     {"quant_method": "gptq", "bits": 4, "group_size": GROUP, "desc_act": desc_act,
-                                      "sym": False, "checkpoint_format": "gptq"})
+    config["quantization_config"] = {
+        "awq": {"quant_method": "awq", "bits": 4, "group_size": GROUP, "version": "gemm", "zero_point": True},
+        "gptq": {"quant_method": "gptq", "bits": 4, "group_size": GROUP, "desc_act": desc_act, "sym": False,
+                 "checkpoint_format": "gptq"},
+        "fp8": {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+                "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}}[fmt]
     (packed_dir / "config.json").write_text(json.dumps(config))
     return packed_dir, dense_dir
 
@@ -87,10 +99,11 @@ def checkpoints(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     root = tmp_path_factory.mktemp("quantized-checkpoints")
     source = make_checkpoint(root / "source", seed=9)
     return {"awq": quantized_checkpoint(source, root, "awq"), "gptq": quantized_checkpoint(source, root, "gptq"),
-            "gptq-desc": quantized_checkpoint(source, root, "gptq", desc_act=True)}
+            "gptq-desc": quantized_checkpoint(source, root, "gptq", desc_act=True),
+            "fp8": quantized_checkpoint(source, root, "fp8")}
 
 
-@pytest.mark.parametrize("name", ["awq", "gptq", "gptq-desc"])
+@pytest.mark.parametrize("name", ["awq", "gptq", "gptq-desc", "fp8"])
 def test_float32_logits_equal_transformers_on_the_weights_the_checkpoint_stands_for(checkpoints, name):
     packed, dense = checkpoints[name]
     llm = check_batched_prompt_logits(packed, reference=dense)
@@ -101,12 +114,13 @@ def test_float32_logits_equal_transformers_on_the_weights_the_checkpoint_stands_
         assert not linears and not any(isinstance(e, QuantGroupedExperts) for e in experts)
         assert len(model.quantized_checkpoint.dense) > 0
     else:  # served from the checkpoint's own integers: q/k/v, o and every expert; the head was not quantized
-        assert len(linears) == 2 * len(model.layers) and all(m.bits == 4 for m in linears)
+        assert len(linears) == 2 * len(model.layers)
+        assert all((m.bits, m.float8) == ((8, True) if name == "fp8" else (4, False)) for m in linears)
         assert all(isinstance(e, QuantGroupedExperts) for e in experts)
     check_greedy_with_shared_prefix(packed, True, new=16, reference=dense)
 
 
-@pytest.mark.parametrize("name", ["awq", "gptq"])
+@pytest.mark.parametrize("name", ["awq", "gptq", "fp8"])
 def test_bf16_on_the_kernels_meets_the_bf16_bar_against_the_dense_weights(checkpoints, name):
     if not cpu_has_avx512_bf16():
         pytest.skip("needs a CPU with AVX512-BF16")

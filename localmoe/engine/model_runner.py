@@ -88,8 +88,8 @@ class ModelRunner:
         if self.device.type == "cpu":
             kernels()  # built (or loaded from their cache) now, before the server is ready, never inside a request
         packing = packing_supported(self.dtype, self.device)
-        # a quantization asked for at load, or the checkpoint's own integers
-        quant = config.quant_scheme or self.model.quantized_checkpoint
+        # the checkpoint's own integers, or a quantization asked for at load
+        quant = self.model.quantized_checkpoint or config.quant_scheme
         try:
             self.experts = convert_experts(self.model, self.device, packing, self._offload_plan(model_dir), quant)
         except ValueError as error:

@@ -143,7 +143,7 @@ def _slot_compute(store: ExpertStore, path: str, activation: Activation,
             raise ValueError(f"quantization {quant.name!r} of offloaded experts needs the CPU kernel (bf16 SwiGLU "
                              "experts without biases on a CPU with AVX512-BF16)")
         store.set_form(path, quant_form(store.layers[path].shapes, quant))
-        return lambda cache: TiledExperts(*slot_tiles(cache.slots, quant.bits))
+        return lambda cache: TiledExperts(*slot_tiles(cache.slots, quant))
     if kernel:
         store.set_form(path, ExpertForm("tiles", store.layers[path].form.tensors,
                                         lambda w13, w2: dict(zip(("w13", "w2"), expert_tiles(w13, w2)))))

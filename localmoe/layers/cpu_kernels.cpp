@@ -9,7 +9,7 @@ torch::Tensor fused_moe(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor
                         torch::Tensor w2, bool float_out);
 torch::Tensor fused_moe_quant(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor weights, torch::Tensor w13,
                               torch::Tensor s13, torch::Tensor z13, torch::Tensor w2, torch::Tensor s2,
-                              torch::Tensor z2, int64_t bits, bool float_out);
+                              torch::Tensor z2, int64_t bits, bool float8, bool float_out);
 torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor kv_cache,
                                torch::Tensor block_tables, torch::Tensor context_lens, double scale,
                                int64_t window, std::optional<torch::Tensor> sinks);
@@ -18,7 +18,7 @@ std::vector<torch::Tensor> rms_norm(torch::Tensor x, std::optional<torch::Tensor
 torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor signed_sin);
 torch::Tensor tiled_linear(torch::Tensor x, torch::Tensor w, int64_t n);
 torch::Tensor tiled_linear_quant(torch::Tensor x, torch::Tensor w, torch::Tensor scales, torch::Tensor zeros,
-                                 int64_t bits, int64_t n);
+                                 int64_t bits, bool float8, int64_t n);
 torch::Tensor to_tiles(torch::Tensor weight);
 torch::Tensor quant_tiles(torch::Tensor values, int64_t bits);
 
@@ -28,12 +28,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using release = pybind11::call_guard<pybind11::gil_scoped_release>;
   m.def("argmax_rows", &argmax_rows, "the first index of the largest value of each row", release());
   m.def("fused_moe", &fused_moe, "MoE feed-forward on experts in tiles, bf16, AVX512-BF16", release());
-  m.def("fused_moe_quant", &fused_moe_quant, "fused_moe on 8- or 4-bit experts in tiles", release());
+  m.def("fused_moe_quant", &fused_moe_quant, "fused_moe on 8- or 4-bit or float8 experts in tiles", release());
   m.def("paged_attention", &paged_attention, "one query token a row over the paged KV cache", release());
   m.def("rms_norm", &rms_norm, "RMSNorm of the last dimension, after a residual add", release());
   m.def("rotary", &rotary, "rotary position embedding of query and key heads", release());
   m.def("to_tiles", &to_tiles, "a weight in the tiles the matmul kernels read", release());
   m.def("quant_tiles", &quant_tiles, "8- or 4-bit integers in the tiles the quantized kernels read", release());
   m.def("tiled_linear", &tiled_linear, "x @ w.T on a weight in tiles, bf16, AVX512-BF16", release());
-  m.def("tiled_linear_quant", &tiled_linear_quant, "tiled_linear on 8- or 4-bit weights in tiles", release());
+  m.def("tiled_linear_quant", &tiled_linear_quant, "tiled_linear on 8- or 4-bit or float8 weights in tiles", release());
 }

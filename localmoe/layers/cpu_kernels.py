@@ -1,8 +1,8 @@
 """Our CPU kernels, C++ built on first use into one extension:
 
 - tiled_matmul_cpu.cpp: bf16 matmuls on weights stored in tiles (`to_tiles`): the MoE feed-forward (`fused_moe`)
-  and linear layers (`tiled_linear`), at every batch size; the same on 8- and 4-bit weights (`QuantTiles`),
-  dequantized in registers;
+  and linear layers (`tiled_linear`), at every batch size; the same on 8- and 4-bit and float8 weights
+  (`QuantTiles`), dequantized in registers;
 - paged_attention_cpu.cpp: attention straight over the paged KV cache, a row per query token;
 - rms_norm_cpu.cpp: RMSNorm in one call;
 - rotary_cpu.cpp: the rotary embedding of a step's query and key heads in one call;
@@ -186,13 +186,14 @@ def expert_tiles(w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, tor
 @dataclass
 class QuantTiles:
     """A QuantizedWeight [.., N, K] in the tiles of the quantized kernels: q [.., N, K bits / 8] uint8 (quant_tiles
-    in tiled_matmul_cpu.cpp), scales and zeros float32 [.., K / group, N] (a group's scales of 16 rows are one
-    vector load)."""
+    in tiled_matmul_cpu.cpp; float8 e4m3 bytes where `float8`), scales and zeros float32 [.., K / group, N] (a
+    group's scales of 16 rows are one vector load)."""
 
     q: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor
     bits: int
+    float8: bool = False
     PARTS: ClassVar[tuple[str, ...]] = ("q", "scales", "zeros")  # the tensors, in tensors()' order
 
     @classmethod
@@ -200,7 +201,7 @@ class QuantTiles:
         """`rows_in` reorders the rows first (gate_up_paired for experts' w13)."""
         q = kernels().quant_tiles(rows_in(weight.values()), weight.bits)
         scales, zeros = (rows_in(t).transpose(-1, -2).contiguous() for t in (weight.scales, weight.zeros))
-        return cls(q, scales, zeros, weight.bits)
+        return cls(q, scales, zeros, weight.bits, weight.float8)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.q, self.scales, self.zeros
@@ -214,8 +215,8 @@ def quant_expert_tiles(w13: QuantizedWeight, w2: QuantizedWeight) -> tuple[Quant
 def quant_linear_tiles(weight: QuantizedWeight) -> QuantTiles:
     """A dense quantized weight [N, K] in tiles, its rows padded to a multiple of 16 (zero scales: they add 0)."""
     pad = -weight.shape[0] % 16
-    return QuantTiles.of(QuantizedWeight(*(F.pad(t, (0, 0, 0, pad)) for t in (weight.packed, weight.scales,
-                                                                              weight.zeros)), weight.bits))
+    return QuantTiles.of(weight.like(*(F.pad(t, (0, 0, 0, pad)) for t in (weight.packed, weight.scales,
+                                                                         weight.zeros))))
 
 
 def quant_kernel_serves(weight: QuantizedWeight) -> bool:
@@ -234,7 +235,7 @@ def tiled_linear_quant(x: torch.Tensor, tiles: QuantTiles, out_features: int) ->
     """x [T, K] @ weight.T for a quantized weight in quant_linear_tiles, bf16 activations."""
     if x.shape[0] == 0:
         return x.new_empty(0, out_features)
-    return kernels().tiled_linear_quant(x, *tiles.tensors(), tiles.bits, out_features)
+    return kernels().tiled_linear_quant(x, *tiles.tensors(), tiles.bits, tiles.float8, out_features)
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
@@ -253,5 +254,6 @@ def fused_moe(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, 
     if x.shape[0] == 0:  # no tokens routed this step: no kernel call
         return x.new_empty(x.shape, dtype=torch.float32 if float_out else torch.bfloat16)
     if isinstance(w13, QuantTiles):
-        return kernels().fused_moe_quant(x, expert_ids, weights, *w13.tensors(), *w2.tensors(), w13.bits, float_out)
+        return kernels().fused_moe_quant(x, expert_ids, weights, *w13.tensors(), *w2.tensors(), w13.bits, w13.float8,
+                                         float_out)
     return kernels().fused_moe(x, expert_ids, weights, w13, w2, float_out)

@@ -1,6 +1,6 @@
 """A linear layer on a weight-only quantized weight (quant/weight.py).
 
-On CPUs where our kernels run, the weight stays in its 8 or 4 bits in tiles and is dequantized in registers
+On CPUs where our kernels run, the weight stays in its 8 or 4 bits (or float8) in tiles and is dequantized in registers
 (layers/cpu_kernels.py, `tiled_linear_quant`): a decode step reads a quarter or an eighth of the bf16 bytes.
 Elsewhere (float32 activations, CUDA) the weight is dequantized where it is used, the reference path.
 """
@@ -24,7 +24,7 @@ class QuantLinear(nn.Module):
     def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None, kernel: bool) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.bits = weight.bits
+        self.bits, self.float8 = weight.bits, weight.float8
         self.kernel = kernel
         tiles = cpu_kernels.quant_linear_tiles(weight) if kernel else None
         self.register_buffer("q", tiles.q if kernel else weight.packed, persistent=False)
@@ -43,11 +43,11 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel:
             rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-            tiles = cpu_kernels.QuantTiles(self.q, self.scales, self.zeros, self.bits)
+            tiles = cpu_kernels.QuantTiles(self.q, self.scales, self.zeros, self.bits, self.float8)
             out = cpu_kernels.tiled_linear_quant(rows, tiles, self.out_features)
             out = out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
             return out if self.bias is None else out + self.bias
-        weight = QuantizedWeight(self.q, self.scales, self.zeros, self.bits).dequantize(x.dtype)
+        weight = QuantizedWeight(self.q, self.scales, self.zeros, self.bits, self.float8).dequantize(x.dtype)
         return F.linear(x, weight, self.bias)
 
 

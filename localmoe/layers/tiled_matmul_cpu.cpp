@@ -130,6 +130,45 @@ void quant_tile_pass(const int32_t* const* x, const float* const* xinfo, int64_t
   for (int m = 0; m < M; ++m) done(m, total[m]);
 }
 
+// 32 float8 e4m3 bytes (16 rows of a column pair) as the bf16 pairs vdpbf16ps takes, exactly: the byte's sign,
+// exponent and mantissa moved into bf16's places and the exponent rebased (7 -> 127). vdpbf16ps treats denormal
+// inputs as zero, so e4m3's subnormals (below 2^-6 of the scale) are read as zero: the weight's largest values are
+// 448 x the scale, these lie below 1/28672 of them.
+inline __m512bh fp8_pairs(const uint8_t* bytes) {
+  const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes));
+  const __m512i v = _mm512_slli_epi16(_mm512_cvtepi8_epi16(packed), 4);  // sign 11-15, exponent 7-10, mantissa 4-6
+  const __mmask32 normal = _mm512_test_epi16_mask(v, _mm512_set1_epi16(0x0780));
+  return (__m512bh)_mm512_maskz_add_epi16(normal, _mm512_and_si512(v, _mm512_set1_epi16(static_cast<int16_t>(0x87F0))),
+                                          _mm512_set1_epi16(120 << 7));
+}
+
+// tile_pass for a tile of float8 e4m3 bytes (quant_tiles' 8-bit layout) with a scale per row and group of `group`
+// columns: w = s fp8(q). Each group's sums are taken in bf16 products as tile_pass does, then scaled into the total.
+template <int R, int M, typename Done>
+void fp8_tile_pass(const int32_t* const* x, int64_t k, int64_t group, const uint8_t* w, const float* scales,
+                   int64_t stride, Done& done) {
+  __m512 total[M][R], acc[M][R];
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) total[m][r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < k / group; ++g) {
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+    for (int64_t p = g * group / 2; p < (g + 1) * group / 2; ++p) {
+      __m512bh wv[R];
+      for (int r = 0; r < R; ++r) wv[r] = fp8_pairs(w + (p * R + r) * 32);
+      for (int m = 0; m < M; ++m) {
+        const __m512bh xv = (__m512bh)_mm512_set1_epi32(x[m][p]);
+        for (int r = 0; r < R; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], wv[r], xv);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512 s = _mm512_loadu_ps(scales + g * stride + 16 * r);
+      for (int m = 0; m < M; ++m) total[m][r] = _mm512_fmadd_ps(s, acc[m][r], total[m][r]);
+    }
+  }
+  for (int m = 0; m < M; ++m) done(m, total[m]);
+}
+
 // A weight [rows, k] in bf16 tiles (to_tiles). tile(first, rows, x, sums, n, done): done(m, sums) for each of the n
 // tokens x[m] against the tile of `rows` rows from row `first`.
 struct Bf16Weight {
@@ -168,6 +207,26 @@ struct QuantWeight {
         auto at = [&](int i, const __m512* s) { done(t0 + i, s); };
         quant_tile_pass<Bits, decltype(r)::value, decltype(m)::value>(
             x + t0, sums + t0, k, group, quant_block(group), t, scales + first, zeros + first, stride, at);
+      });
+    });
+  }
+};
+
+// A weight [rows, k] of float8 e4m3 bytes in tiles (quant_tiles, 8 bits) with scales [k / group, stride]; the
+// activations stay bf16.
+struct Fp8Weight {
+  static constexpr bool kQuantized = false;
+  const uint8_t* q;
+  const float* scales;
+  int64_t k, stride, group;
+
+  template <typename Done>
+  void tile(int64_t first, int64_t rows, const int32_t* const* x, const float* const*, int64_t n, Done&& done) const {
+    const uint8_t* t = q + first * k;
+    with_rows(rows, [&](auto r) {
+      in_passes<kMaxQuantTokens>(n, [&](auto m, int64_t t0) {
+        auto at = [&](int i, const __m512* s) { done(t0 + i, s); };
+        fp8_tile_pass<decltype(r)::value, decltype(m)::value>(x + t0, k, group, t, scales + first, stride, at);
       });
     });
   }
@@ -429,10 +488,11 @@ torch::Tensor fused_moe(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor
 
 // fused_moe on experts of `bits`-bit unsigned integers in tiles (quant_tiles, rows ordered as fused_moe's), w13 [E,
 // 2I, D bits / 8] and w2 [E, D, I bits / 8] uint8, each with float32 scales and zero points per group of columns,
-// [E, D / group, 2I] and [E, I / group, D]: w = scale (q - zero).
+// [E, D / group, 2I] and [E, I / group, D]: w = scale (q - zero). With float8 the bytes are float8 e4m3 numbers and
+// w = scale fp8(q) (the zero points are not read).
 torch::Tensor fused_moe_quant(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor weights, torch::Tensor w13,
                               torch::Tensor s13, torch::Tensor z13, torch::Tensor w2, torch::Tensor s2,
-                              torch::Tensor z2, int64_t bits, bool float_out) {
+                              torch::Tensor z2, int64_t bits, bool float8, bool float_out) {
   check_on_cpu("fused_moe_quant", {&x, &expert_ids, &weights, &w13, &s13, &z13, &w2, &s2, &z2});
   check_routing(x, expert_ids, weights);
   TORCH_CHECK(w13.dim() == 3 && w2.dim() == 3 && w2.size(0) == w13.size(0) && w2.size(1) == x.size(1) &&
@@ -456,6 +516,12 @@ torch::Tensor fused_moe_quant(torch::Tensor x, torch::Tensor expert_ids, torch::
                             group2};
     });
   };
+  if (float8) {
+    TORCH_CHECK(bits == 8, "fused_moe_quant: float8 weights have 8 bits");
+    return run(
+        [&](int64_t e) { return Fp8Weight{q13 + e * size13, sc13 + e * size13 / group13, dim, 2 * inter, group13}; },
+        [&](int64_t e) { return Fp8Weight{q2 + e * size2, sc2 + e * size2 / group2, inter, dim, group2}; });
+  }
   return bits == 8 ? experts(std::integral_constant<int, 8>{}) : experts(std::integral_constant<int, 4>{});
 }
 
@@ -539,9 +605,9 @@ torch::Tensor tiled_linear(torch::Tensor x, torch::Tensor w, int64_t n) {
 }
 
 // tiled_linear on a weight [N', K bits / 8] of `bits`-bit integers in tiles (quant_tiles) with float32 scales and
-// zero points [K / group, N']: w = scale (q - zero).
+// zero points [K / group, N']: w = scale (q - zero); with float8, of float8 e4m3 bytes: w = scale fp8(q).
 torch::Tensor tiled_linear_quant(torch::Tensor x, torch::Tensor w, torch::Tensor scales, torch::Tensor zeros,
-                                 int64_t bits, int64_t n) {
+                                 int64_t bits, bool float8, int64_t n) {
   check_on_cpu("tiled_linear_quant", {&x, &w, &scales, &zeros});
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.size(1) % 16 == 0,
               "tiled_linear_quant takes bfloat16 x [T, K], K a multiple of 16, and a weight [N', K bits / 8]");
@@ -550,6 +616,8 @@ torch::Tensor tiled_linear_quant(torch::Tensor x, torch::Tensor w, torch::Tensor
   const int64_t k = x.size(1), group = checked_group("tiled_linear_quant", w, scales, zeros, bits, k);
   const uint8_t* q = w.data_ptr<uint8_t>();
   const float *s = scales.data_ptr<float>(), *z = zeros.data_ptr<float>();
+  TORCH_CHECK(!float8 || bits == 8, "tiled_linear_quant: float8 weights have 8 bits");
+  if (float8) return linear(x, Fp8Weight{q, s, k, w.size(0), group}, n, w.size(0));
   return bits == 8 ? linear(x, QuantWeight<8>{q, s, z, k, w.size(0), group}, n, w.size(0))
                    : linear(x, QuantWeight<4>{q, s, z, k, w.size(0), group}, n, w.size(0));
 }

@@ -6,7 +6,7 @@ A quantized linear layer is several tensors (AWQ's qweight, qzeros and scales; s
 different shards, so they are held until the whole checkpoint is read, then combined into a QuantizedWeight (or,
 where a format does not map onto ours, a dense weight) and loaded under the layer's `weight` name. A model
 parameter made of several checkpoint weights (merged q/k/v rows, stacked experts) is served packed when every
-piece came packed with the same bits and group size; otherwise it stays dense.
+piece came packed alike (bits, float8 or not, group size); otherwise it stays dense.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class QuantizedCheckpoint:
         self.held: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)  # layer prefix -> suffix -> tensor
         self.pieces: dict[str, list[tuple[object, QuantizedWeight]]] = defaultdict(list)  # parameter -> packed
         self.dense_pieces: set[str] = set()  # parameters with a piece the format gave dense
-        self.dense: list[str] = []  # checkpoint weights that came dense (desc_act, fp8)
+        self.dense: list[str] = []  # checkpoint weights that came dense (desc_act, fp8 blocks not dividing K)
 
     def take(self, name: str, read: Callable[[], torch.Tensor]) -> bool:
         """Hold `name` if it may belong to a quantized layer (read() gives its tensor), or skip it if it is a scale of
@@ -73,7 +73,7 @@ class QuantizedCheckpoint:
         if not pieces or param in self.dense_pieces:
             return None
         first = pieces[0][1]
-        if any(w.bits != first.bits or w.group_size != first.group_size for _, w in pieces):
+        if any((w.bits, w.float8, w.group_size) != (first.bits, first.float8, first.group_size) for _, w in pieces):
             return None
         groups = dense.shape[-1] // first.group_size
         packed = torch.zeros((*dense.shape[:-1], dense.shape[-1] * first.bits // 8), dtype=torch.uint8)
@@ -84,4 +84,4 @@ class QuantizedCheckpoint:
             for whole, part in ((packed, weight.packed), (scales, weight.scales), (zeros, weight.zeros)):
                 whole[at] = part
             covered[at] = True
-        return QuantizedWeight(packed, scales, zeros, first.bits) if bool(covered.all()) else None
+        return first.like(packed, scales, zeros) if bool(covered.all()) else None

@@ -1,6 +1,7 @@
 """Quantized checkpoints as AWQ, GPTQ, compressed-tensors (llm-compressor) and fp8 (DeepSeek-V3, vLLM) publish them:
 which tensors make up one quantized linear layer, which layers a checkpoint leaves unquantized, and how the tensors
-become the one form we serve (weight.py) or, where a format does not map onto it exactly, a dense float32 weight.
+become the one form we serve (weight.py: integers, or float8 bytes, with scales per row and group of columns) or,
+where a format does not map onto it exactly, a dense float32 weight.
 
 Shapes: N output features and K input features (a weight is [N, K], as nn.Linear holds it), G groups of columns.
 
@@ -17,7 +18,7 @@ from typing import ClassVar
 
 import torch
 
-from localmoe.quant.scheme import NONE
+from localmoe.quant.scheme import LOAD_TIME, NONE
 from localmoe.quant.weight import QuantizedWeight
 
 UNREAD_SUFFIXES = ("input_scale", "input_zero_point", "input_global_scale", "output_scale", "k_scale", "v_scale")
@@ -97,7 +98,7 @@ class CompressedTensors(CheckpointFormat):
       weight_shape holds (N, K); an asymmetric weight_zero_point is int32 [ceil(N * bits / 32), G] holding z packed the
       same way along N (group and channel strategies), else int8 z'. Exact.
     - int-quantized, naive-quantized: weight int8 [N, K] holds q', weight_zero_point int8 z'. Exact.
-    - float-quantized: weight float8_e4m3fn [N, K]. Dense.
+    - float-quantized: weight float8_e4m3fn [N, K], as Fp8's.
     weight_scale is [N, G] (group strategy), [N, 1] (channel), [1] (tensor) or, for fp8, [ceil(N / rows), ceil(K /
     cols)] (block). Checkpoints of actorder=group (removed in 0.19) add weight_g_idx [K], read as GPTQ's g_idx."""
 
@@ -118,7 +119,7 @@ class CompressedTensors(CheckpointFormat):
             bits, values = 8, (tensors["weight"].int() + 128).to(torch.uint8)
             n = values.shape[0]
         else:
-            return _dequantize_fp8(tensors["weight"], tensors["weight_scale"], self.block)
+            return _fp8_weight(tensors["weight"], tensors["weight_scale"], self.block)
         scales, zero_point = _per_row(tensors["weight_scale"], n), tensors.get("weight_zero_point")
         if zero_point is None:
             zeros = torch.full_like(scales, 2.0 ** (bits - 1))
@@ -131,17 +132,18 @@ class CompressedTensors(CheckpointFormat):
 
 @dataclass(frozen=True)
 class Fp8(CheckpointFormat):
-    """float8_e4m3fn weights, dequantized at load (dense) for now. DeepSeek-V3 (inference/kernel.py weight_dequant;
-    transformers' FineGrainedFP8): weight_scale_inv float32 [ceil(N / 128), ceil(K / 128)] multiplies its 128 x 128
-    block of weight, the last blocks of a row or column smaller. vLLM's fp8 and fbgemm_fp8: weight_scale for the
-    whole tensor ([] or [1]) or per output row ([N, 1])."""
+    """float8_e4m3fn weights. DeepSeek-V3 (inference/kernel.py weight_dequant; transformers' FineGrainedFP8):
+    weight_scale_inv float32 [ceil(N / 128), ceil(K / 128)] multiplies its 128 x 128 block of weight, the last blocks
+    of a row or column smaller. vLLM's fp8 and fbgemm_fp8: weight_scale for the whole tensor ([] or [1]) or per output
+    row ([N, 1]). Served as float8 with a scale per row and group of columns (a block's scale repeated over its rows)
+    where the column blocks divide K, else dense."""
 
     block: tuple[int, int] | None = None  # weight_block_size
     suffixes: ClassVar[tuple[str, ...]] = ("weight", "weight_scale_inv", "weight_scale")
 
     def combine(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         scale = tensors["weight_scale_inv"] if "weight_scale_inv" in tensors else tensors["weight_scale"]
-        return _dequantize_fp8(tensors["weight"], scale, self.block)
+        return _fp8_weight(tensors["weight"], scale, self.block)
 
 
 def checkpoint_format(quantization_config: dict | None, requested: str | None) -> CheckpointFormat | None:
@@ -151,8 +153,8 @@ def checkpoint_format(quantization_config: dict | None, requested: str | None) -
     config = quantization_config or {}
     method = config.get("quant_method") or config.get("method")
     requested = None if requested in NONE else requested
-    if not config:
-        if any(requested in names for names, _ in READERS.values()):
+    if not config:  # fp8 is also a quantization at load
+        if requested not in LOAD_TIME and any(requested in names for names, _ in READERS.values()):
             raise ValueError(f"quantization {requested!r} reads a quantized checkpoint, but this checkpoint's "
                              "config.json has no quantization_config")
         return None
@@ -290,15 +292,19 @@ def _grouped(values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bi
     return scales.float()[:, group] * (values.float() - zeros.float()[:, group])
 
 
-def _dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None) -> torch.Tensor:
-    """float32 weight [N, K] from float8_e4m3fn with a scale per block of `block` (rows, columns), else per tensor or
-    output row."""
+def _fp8_weight(weight: torch.Tensor, scale: torch.Tensor,
+               block: tuple[int, int] | None) -> QuantizedWeight | torch.Tensor:
+    """A float8_e4m3fn weight [N, K] with a scale per block of `block` (rows, columns), else per tensor or output row:
+    as a float8 QuantizedWeight, or dense float32 where column blocks do not divide K."""
     if weight.dtype != torch.float8_e4m3fn:
         raise ValueError(f"an fp8 weight is {weight.dtype}, not torch.float8_e4m3fn")
     n, k = weight.shape
     if block is None:
-        return weight.float() * _per_row(scale, n)
+        return QuantizedWeight.of_float8(weight, _per_row(scale, n))
     rows, cols = block
     if tuple(scale.shape) != (-(-n // rows), -(-k // cols)):
         raise ValueError(f"fp8 scales {tuple(scale.shape)} do not tile a weight [{n}, {k}] in blocks of {block}")
-    return weight.float() * scale.float().repeat_interleave(rows, 0)[:n].repeat_interleave(cols, 1)[:, :k]
+    per_row = scale.float().repeat_interleave(rows, 0)[:n]
+    if k % cols == 0:
+        return QuantizedWeight.of_float8(weight, per_row)
+    return weight.float() * per_row.repeat_interleave(cols, 1)[:, :k]

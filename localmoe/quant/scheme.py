@@ -2,7 +2,10 @@
 
 Weight-only schemes quantized at load from a bf16/fp32 checkpoint:
 - int8: 8 bits, one symmetric scale per output row (vLLM's experts_int8 is the same for the experts alone);
-- int4: 4 bits, a scale and zero point per row and group of 128 columns (asymmetric, as AWQ and GPTQ store them).
+- int4: 4 bits, a scale and zero point per row and group of 128 columns (asymmetric, as AWQ and GPTQ store them);
+- fp8: float8 e4m3 with one scale per output row (vLLM's dynamic fp8; the activations stay bf16 here: the CPU
+  kernels multiply in bf16, and vLLM's per-token fp8 activations would only lose precision). On an fp8 checkpoint
+  the same name reads the checkpoint's own fp8 weights instead.
 Dense linear layers and experts are quantized alike unless `experts_only`. The output head keeps 8 bits under int4
 (llama.cpp's Q4_K_M keeps it at 6): it is one matrix, read once a step, and the most sensitive one.
 
@@ -21,9 +24,9 @@ from typing import Protocol
 
 import torch
 
-from localmoe.quant.weight import QuantizedWeight, quantize
+from localmoe.quant.weight import QuantizedWeight, quantize, quantize_fp8
 
-LOAD_TIME = ("int8", "int4", "experts_int8")
+LOAD_TIME = ("int8", "int4", "experts_int8", "fp8")
 # vLLM's names for quantized checkpoints (quant/formats.py READERS checks each against the checkpoint)
 CHECKPOINT_FORMATS = ("awq", "awq_marlin", "gptq", "gptq_marlin", "moe_wna16", "compressed-tensors", "fp8",
                       "fbgemm_fp8", "gguf")
@@ -44,6 +47,7 @@ class QuantScheme:
     group_size: int | None  # columns per scale; None: the whole row
     symmetric: bool
     experts_only: bool = False
+    float8: bool = False  # e4m3 values with a scale (bits 8, symmetric), not integers
 
     def for_head(self) -> "QuantScheme":
         return self if self.bits == 8 else INT8
@@ -56,6 +60,8 @@ class QuantScheme:
         return next((g for g in range(self.group_size - 16, 0, -16) if columns % g == 0), None)
 
     def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
+        if self.float8:
+            return quantize_fp8(weight, self.group_for(weight.shape[-1]))
         return quantize(weight, self.bits, self.group_for(weight.shape[-1]), self.symmetric)
 
     def weight_for(self, param: str, dense: torch.Tensor) -> QuantizedWeight:
@@ -67,11 +73,13 @@ INT4 = QuantScheme("int4", 4, 128, False)
 
 
 def quant_scheme(name: str | None, experts_only: bool = False) -> QuantScheme | None:
-    """The scheme `name` asks for at load (None: none, or a checkpoint format's own); ValueError for a name we do
-    not serve, naming it."""
+    """The scheme `name` asks for at load (None: none, or a checkpoint format's own; fp8 is both: the loader reads an
+    fp8 checkpoint's own weights before this applies); ValueError for a name we do not serve, naming it."""
+    if name == "fp8":
+        return QuantScheme("fp8", 8, None, True, experts_only, float8=True)
     if name in NONE or name in CHECKPOINT_FORMATS:
         if experts_only:
-            raise ValueError("quantize_experts_only needs a quantization at load (int8 or int4)")
+            raise ValueError("quantize_experts_only needs a quantization at load (int8, int4 or fp8)")
         return None
     if name == "experts_int8":
         return QuantScheme("experts_int8", 8, None, True, experts_only=True)

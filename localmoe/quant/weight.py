@@ -1,8 +1,9 @@
 """A weight-only quantized weight in the one form the engine serves, whatever it was read from.
 
-Every scheme we serve (our own int8/int4 quantization at load, and the checkpoint formats) comes down to unsigned
-`bits`-bit integers q with a scale s and a zero point z per row and group of columns: w = s (q - z). Symmetric
-schemes have z at the middle of the range (128 for int8, 8 for int4). The CPU kernels read q in tiles
+Every scheme we serve (our own int8/int4/fp8 quantization at load, and the checkpoint formats) comes down to
+unsigned `bits`-bit integers q with a scale s and a zero point z per row and group of columns: w = s (q - z).
+Symmetric schemes have z at the middle of the range (128 for int8, 8 for int4). FP8 weights are the one other kind:
+q holds float8 e4m3 bytes and w = s fp8(q) (z is zero and unread). The CPU kernels read q in tiles
 (layers/cpu_kernels.py, `QuantTiles`); everywhere else the weight is dequantized where it is used.
 """
 
@@ -15,13 +16,14 @@ import torch
 
 @dataclass
 class QuantizedWeight:
-    """A weight [..., N, K]: `packed` holds q [..., N, K * bits / 8] (int4: two a byte, column 2i in the low nibble);
-    scales and zeros are float32 [..., N, K / group_size]."""
+    """A weight [..., N, K]: `packed` holds q [..., N, K * bits / 8] (int4: two a byte, column 2i in the low nibble;
+    float8: e4m3 bytes); scales and zeros are float32 [..., N, K / group_size]."""
 
     packed: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor
     bits: int
+    float8: bool = False
 
     @classmethod
     def of(cls, values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int) -> "QuantizedWeight":
@@ -31,6 +33,14 @@ class QuantizedWeight:
             raise ValueError(f"a value does not fit in {bits} bits")
         packed = values if bits == 8 else values[..., 0::2] | values[..., 1::2] << 4
         return cls(packed.contiguous(), scales.float().contiguous(), zeros.float().contiguous(), bits)
+
+    @classmethod
+    def of_float8(cls, values: torch.Tensor, scales: torch.Tensor) -> "QuantizedWeight":
+        """From float8 e4m3 values [..., N, K] and their float32 scales [..., N, K / group]."""
+        if values.dtype != torch.float8_e4m3fn:
+            raise ValueError(f"a float8 weight is {values.dtype}, not torch.float8_e4m3fn")
+        scales = scales.float().contiguous()
+        return cls(values.contiguous().view(torch.uint8), scales, torch.zeros_like(scales), 8, float8=True)
 
     @property
     def shape(self) -> torch.Size:
@@ -52,15 +62,21 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """s (q - z) [..., N, K] in float32, then `dtype`."""
-        q = self.values().float().unflatten(-1, (self.scales.shape[-1], self.group_size))
+        values = self.values()
+        q = values.view(torch.float8_e4m3fn).float() if self.float8 else values.float()
+        q = q.unflatten(-1, (self.scales.shape[-1], self.group_size))
         return ((q - self.zeros[..., None]) * self.scales[..., None]).flatten(-2).to(dtype)
 
     def to(self, device: torch.device) -> "QuantizedWeight":
-        return QuantizedWeight(*(t.to(device) for t in (self.packed, self.scales, self.zeros)), self.bits)
+        return self.like(*(t.to(device) for t in (self.packed, self.scales, self.zeros)))
 
     def __getitem__(self, index: int) -> "QuantizedWeight":
         """Matrix `index` of a stack [E, N, K]."""
-        return QuantizedWeight(self.packed[index], self.scales[index], self.zeros[index], self.bits)
+        return self.like(self.packed[index], self.scales[index], self.zeros[index])
+
+    def like(self, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> "QuantizedWeight":
+        """Other tensors of this weight's kind (bits, float8)."""
+        return QuantizedWeight(packed, scales, zeros, self.bits, self.float8)
 
 
 def quantize(weight: torch.Tensor, bits: int, group_size: int | None = None,
@@ -84,3 +100,20 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int | None = None,
     scales = scales.clamp(min=torch.finfo(torch.float32).tiny)  # an all-zero group: any scale gives zeros
     q = torch.clamp(torch.round(w / scales[..., None]) + zeros[..., None], 0, top)
     return QuantizedWeight.of(q.flatten(-2).to(torch.uint8), scales, zeros.to(scales.device), bits)
+
+
+FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
+
+
+def quantize_fp8(weight: torch.Tensor, group_size: int | None = None) -> QuantizedWeight:
+    """weight [..., N, K] as float8 e4m3 with a scale per row and group of `group_size` columns (None: the whole
+    row): s = max |w| / 448, the values rounded to the nearest e4m3 number (what vLLM's dynamic fp8 does per tensor,
+    here per row: a row's outliers no longer coarsen every other row)."""
+    k = weight.shape[-1]
+    group_size = group_size or k
+    if k % group_size:
+        raise ValueError(f"a row of {k} columns does not split into groups of {group_size}")
+    w = weight.detach().float().unflatten(-1, (k // group_size, group_size))
+    scales = (w.abs().amax(dim=-1) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    values = (w / scales[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return QuantizedWeight.of_float8(values.flatten(-2), scales)

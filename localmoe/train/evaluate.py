@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", type=Path, default=SHIPPED_DIR)
     parser.add_argument("--corpus", type=Path, help="use the whole heldout.txt of this corpus")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--quantization", help="int8, int4 or experts_int8 (quant/scheme.py)")
+    parser.add_argument("--quantization", help="int8, int4, experts_int8 or fp8 (quant/scheme.py)")
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype) or fp8")
     args = parser.parse_args(argv)
     texts = read_documents(args.corpus / "heldout.txt" if args.corpus else args.model / SAMPLE_FILE)
