@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator, Callable
 
 from localmoe.engine.llm_engine import LLMEngine, RequestError
 from localmoe.engine.sequence import Request
+from localmoe.engine.stats import LoopStats
 from localmoe.outputs import RequestOutput
 from localmoe.sampling_params import SamplingParams
 
@@ -66,6 +67,7 @@ class AsyncEngine:
         if isinstance(self._built, BaseException):
             raise self._built
         self.engine: LLMEngine = self._built
+        self.loop_stats = LoopStats(self.engine)  # the engine thread's own statistics and vLLM's log line
         config = self.engine.config
         self.capacity = config.max_num_seqs + config.max_waiting_requests  # sequences held at once
         self.num_reserved = 0  # sequences admitted and not yet done (event loop only)
@@ -168,6 +170,7 @@ class AsyncEngine:
         idle = False
         while not self._stopped:
             self._heartbeat = time.monotonic()
+            self.loop_stats.tick()
             self._drain_inbox()
             if not self.engine.has_unfinished_requests():
                 if not idle:  # the statistics of the engine at rest (after aborts, too)
@@ -178,6 +181,7 @@ class AsyncEngine:
                 continue
             idle = False
             _inject_fault()
+            started = time.monotonic()
             try:
                 outputs = self.engine.step()
             except Exception as error:  # noqa: BLE001 -- outside any one request: every request fails, the pool heals
@@ -186,6 +190,7 @@ class AsyncEngine:
                 self._deliver_all([(request_id, RuntimeError(f"engine step failed: {error}"))
                                    for request_id in failed])
                 continue
+            self.loop_stats.after_step(outputs, started)
             items: list[tuple[str, object]] = [(output.request_id, output) for output in outputs]
             items += [(request_id, RequestFailedError(f"the request failed: {error!r}"))
                       for request_id, error in self.engine.take_failures().items()]

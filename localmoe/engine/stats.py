@@ -5,13 +5,22 @@ StatsSnapshot: its counters and gauges (EngineStats, vLLM v1's SchedulerStats), 
 (experts/stats.py) and the memory it holds. The server's /metrics, /v1/stats/* and /dashboard read the latest
 snapshot from the event loop; a snapshot is never changed once published, so a reader sees one moment of the
 engine, whole, while the engine thread goes on mutating its scheduler, caches and pools.
+
+What only the engine loop sees step by step (tokens per step, the gaps between a request's tokens, when a request
+was first scheduled) is kept by LoopStats on the same thread and published the same way, as a LoopSnapshot of
+histograms (vLLM v1's IterationStats); LoopStats also writes vLLM's periodic "Avg prompt throughput" log line.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import itertools
+import logging
+import os
+import time
+from bisect import bisect_left
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -19,8 +28,23 @@ from torch import nn
 from localmoe.experts.cpu import packed_bytes
 from localmoe.experts.runtime import ServingExperts
 from localmoe.layers.kv_cache_dtype import dtype_name
+from localmoe.outputs import RequestOutput
+
+if TYPE_CHECKING:
+    from localmoe.engine.llm_engine import LLMEngine
+
+log = logging.getLogger(__name__)
 
 PUBLISH_INTERVAL_S = 0.1  # building a snapshot takes ~0.1-0.3 ms; at most ten a second while steps run
+# vLLM's environment variable for the period of its log line, and its default
+LOG_STATS_INTERVAL_S = float(os.environ.get("VLLM_LOG_STATS_INTERVAL", "10"))
+
+# vLLM's buckets, so that its dashboards' histogram_quantile() reads the same resolution from us
+ITERATION_TOKENS_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+INTER_TOKEN_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                               10.0, 20.0, 40.0, 80.0)
+REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+                           240.0, 480.0, 960.0, 1920.0, 7680.0)
 
 
 @dataclass(frozen=True)
@@ -94,3 +118,145 @@ class MemoryAccount:
             },
         }
 
+
+
+@dataclass(frozen=True)
+class HistogramSnapshot:
+    """A histogram as Prometheus exposes it: observations at or below each bound (cumulative), the last entry
+    counting all of them (+Inf), and their sum."""
+
+    bounds: tuple[float, ...]
+    cumulative: tuple[int, ...]
+    total: float = 0.0
+
+    @property
+    def count(self) -> int:
+        return self.cumulative[-1]
+
+
+class HistogramCounter:
+    """A histogram the engine thread observes into; only its snapshots leave the thread."""
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)  # per bucket, the last one past every bound
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # a bound holds values <= it, as Prometheus' le does
+        self.total += value
+
+    def snapshot(self) -> HistogramSnapshot:
+        return HistogramSnapshot(self.bounds, tuple(itertools.accumulate(self.counts)), self.total)
+
+
+@dataclass(frozen=True)
+class LoopSnapshot:
+    """The engine loop's histograms, each named after the field of vLLM's metric it feeds."""
+
+    iteration_tokens: HistogramSnapshot  # tokens per step: prompts that got their first token, plus tokens generated
+    inter_token_latency: HistogramSnapshot  # seconds between a request's consecutive steps with a new token
+    queue_time: HistogramSnapshot  # arrival -> first scheduled
+    prefill_time: HistogramSnapshot  # first scheduled -> first token
+    decode_time: HistogramSnapshot  # first token -> last token
+    inference_time: HistogramSnapshot  # first scheduled -> last token
+    prompt_throughput: float = 0.0  # tokens/s over the last log interval, as the log line says
+    generation_throughput: float = 0.0
+
+
+LOOP_HISTOGRAMS = {"iteration_tokens": ITERATION_TOKENS_BUCKETS, "inter_token_latency": INTER_TOKEN_LATENCY_BUCKETS,
+                   **{phase: REQUEST_LATENCY_BUCKETS
+                      for phase in ("queue_time", "prefill_time", "decode_time", "inference_time")}}
+
+
+class LoopStats:
+    """Statistics only the engine loop sees, kept on its thread after every step and published as a LoopSnapshot
+    (at most every PUBLISH_INTERVAL_S while busy, at once when the engine is idle); and, every
+    LOG_STATS_INTERVAL_S, vLLM's log line, which operators and the serving guides grep for."""
+
+    def __init__(self, engine: LLMEngine, log_interval_s: float = LOG_STATS_INTERVAL_S) -> None:
+        self.engine = engine
+        self.histograms = {name: HistogramCounter(bounds) for name, bounds in LOOP_HISTOGRAMS.items()}
+        self.scheduled_at: dict[str, float] = {}  # request id -> the start of the first step that computed it
+        self.last_token_at: dict[str, float] = {}  # request id -> when its latest token came out
+        self.generation_tokens_total = engine.generation_tokens_total
+        self.log_interval_s = log_interval_s
+        self.logged_at = time.monotonic()
+        self.logged_stats = engine.snapshot.engine
+        self.interval_tokens = [0, 0]  # prompt, generation tokens since the last log line
+        self.last_throughput = (0.0, 0.0)  # tokens/s over the last log interval: prompt, generation
+        self.published, self.published_at = self._snapshot(), 0.0
+
+    def _snapshot(self) -> LoopSnapshot:
+        return LoopSnapshot(**{name: h.snapshot() for name, h in self.histograms.items()},
+                            prompt_throughput=self.last_throughput[0], generation_throughput=self.last_throughput[1])
+
+    def after_step(self, outputs: list[RequestOutput], started: float) -> None:
+        """Account one step that began at `started` (time.monotonic) and produced `outputs`."""
+        now = time.monotonic()
+        for request_id, request in self.engine.requests.items():
+            if request_id not in self.scheduled_at and any(seq.num_computed_tokens for seq in request.seqs):
+                self.scheduled_at[request_id] = started
+        prompt_tokens = 0
+        for output in outputs:
+            request_id = output.request_id
+            scheduled = self.scheduled_at.setdefault(request_id, started)
+            last = self.last_token_at.get(request_id)
+            if last is None:
+                prompt_tokens += len(output.prompt_token_ids)
+            else:
+                self.histograms["inter_token_latency"].observe(now - last)
+            self.last_token_at[request_id] = now
+            if output.finished:
+                self._finished(output, scheduled)
+        generated = self.engine.generation_tokens_total - self.generation_tokens_total
+        self.generation_tokens_total = self.engine.generation_tokens_total
+        self.histograms["iteration_tokens"].observe(prompt_tokens + generated)
+        self.interval_tokens[0] += prompt_tokens
+        self.interval_tokens[1] += generated
+        if not self.engine.requests or now - self.published_at >= PUBLISH_INTERVAL_S:
+            self.publish(now)
+
+    def _finished(self, output: RequestOutput, scheduled: float) -> None:
+        del self.scheduled_at[output.request_id], self.last_token_at[output.request_id]
+        times = output.metrics
+        arrival, first, done = (times.get(k) for k in ("arrival_time", "first_token_time", "finished_time"))
+        if arrival is None or first is None or done is None:
+            return
+        for name, seconds in (("queue_time", scheduled - arrival), ("prefill_time", first - scheduled),
+                              ("decode_time", done - first), ("inference_time", done - scheduled)):
+            self.histograms[name].observe(max(seconds, 0.0))
+
+    def publish(self, now: float) -> None:
+        self.published = self._snapshot()
+        self.published_at = now
+
+    def tick(self) -> None:
+        """Between steps (and at least every second while idle): write the log line when its interval is up, and
+        forget requests that left the engine without finishing (aborted)."""
+        now = time.monotonic()
+        if now - self.logged_at < self.log_interval_s:
+            return
+        live = self.engine.requests
+        self.scheduled_at = {r: t for r, t in self.scheduled_at.items() if r in live}
+        self.last_token_at = {r: t for r, t in self.last_token_at.items() if r in live}
+        stats = self.engine.snapshot.engine
+        elapsed = now - self.logged_at
+        prompt, generation = (tokens / elapsed for tokens in self.interval_tokens)
+        queries = stats.prefix_cache_queries - self.logged_stats.prefix_cache_queries
+        hits = stats.prefix_cache_hits - self.logged_stats.prefix_cache_hits
+        preemptions = stats.num_preemptions_total - self.logged_stats.num_preemptions_total
+        parts = ["Avg prompt throughput: %.1f tokens/s", "Avg generation throughput: %.1f tokens/s",
+                 "Running: %d reqs", "Waiting: %d reqs"]
+        args: list[float] = [prompt, generation, stats.num_running, stats.num_waiting]
+        if preemptions:
+            parts.append("Preemptions: %d")
+            args.append(preemptions)
+        parts += ["GPU KV cache usage: %.1f%%", "Prefix cache hit rate: %.1f%%"]
+        args += [100 * stats.kv_cache_usage, 100 * hits / queries if queries else 0.0]
+        idle = not any((prompt, generation, *self.last_throughput))  # as vLLM: an idle server logs at debug
+        log.log(logging.DEBUG if idle else logging.INFO, "Engine 000: " + ", ".join(parts), *args)
+        self.logged_at, self.logged_stats = now, stats
+        self.interval_tokens = [0, 0]
+        self.last_throughput = (prompt, generation)
+        self.publish(now)

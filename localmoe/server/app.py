@@ -7,6 +7,7 @@ FastAPI alone would say 422), and no refusal disturbs the requests around it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,9 +24,9 @@ from localmoe.config import Config
 from localmoe.engine.async_engine import AsyncEngine
 from localmoe.server.auth import APIKeyMiddleware
 from localmoe.server.errors import APIError
-from localmoe.server.metrics import ServerMetrics
+from localmoe.server.metrics import HTTPMetricsMiddleware, ServerMetrics
 from localmoe.server.openapi import install_openapi
-from localmoe.server.stats import process_rss_bytes
+from localmoe.server.stats import StatsHistory, process_rss_bytes
 from localmoe.server.dashboard import DASHBOARD_PAGE
 from localmoe.server.drain import Drain, DrainMiddleware
 from localmoe.server.protocol import (
@@ -41,23 +42,28 @@ def build_app(aengine: AsyncEngine, config: Config) -> FastAPI:
     """An app serving `aengine`; the engine loop starts and stops with the app's lifespan."""
     engine = aengine.engine
     metrics = ServerMetrics(lambda: engine.snapshot.engine, engine.model_name, engine.max_model_len,
-                            lambda: engine.snapshot.experts, lambda: aengine.num_reserved)
+                            lambda: engine.snapshot.experts, lambda: aengine.num_reserved,
+                            lambda: aengine.loop_stats.published)
+    history = StatsHistory(lambda: engine.snapshot, metrics.totals, metrics.recent)
     serving = OpenAIServing(aengine, metrics)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         aengine.start()
+        sampler = asyncio.create_task(history.run())
         try:
             yield
         finally:
+            sampler.cancel()
             aengine.shutdown()
 
     app = FastAPI(title="LocalMoE", version=__version__, lifespan=lifespan)
     install_openapi(app)
     app.state.drain = drain = Drain(aengine, config.server.shutdown_timeout)
     app.add_middleware(DrainMiddleware, drain=drain)
-    if config.server.api_key:  # outermost: nothing is answered before the key is checked
+    if config.server.api_key:  # outermost but one: nothing is answered before the key is checked
         app.add_middleware(APIKeyMiddleware, api_key=config.server.api_key)
+    app.add_middleware(HTTPMetricsMiddleware, counter=metrics.http_requests)  # outermost: counts every answer
     _add_error_handlers(app)
 
     @app.get("/health")
@@ -87,6 +93,10 @@ def build_app(aengine: AsyncEngine, config: Config) -> FastAPI:
     @app.get("/v1/stats/performance")
     async def stats_performance() -> dict:
         return metrics.recent.summary()
+
+    @app.get("/v1/stats/history")
+    async def stats_history() -> dict:
+        return history.summary()
 
     @app.get("/dashboard")
     async def dashboard() -> HTMLResponse:

@@ -1,7 +1,10 @@
 """Prometheus metrics under vLLM's names, so existing vLLM dashboards and alerts work unchanged.
 
 Gauges and counters kept by the engine are read from its latest stats snapshot (engine/stats.py) when Prometheus
-scrapes; per-request histograms are observed by the server as requests finish.
+scrapes, and so are the histograms only the engine loop can observe (tokens per step, inter-token latency, the
+phases of a request); per-request histograms are observed by the server as requests finish. The registry also
+carries what every Prometheus client exports by default (process_*, python_*), and http_requests_total as vLLM's
+prometheus-fastapi-instrumentator counts it, so error-rate queries written for vLLM work here too.
 """
 
 from __future__ import annotations
@@ -9,23 +12,29 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import (
+    GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry, Counter, Gauge, Histogram,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from localmoe.engine.stats import INTER_TOKEN_LATENCY_BUCKETS, REQUEST_LATENCY_BUCKETS, LoopSnapshot
 from localmoe.outputs import RequestOutput
 from localmoe.server.stats import PerformanceWindow
 
-LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-                   20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
-TOKEN_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-                         20.0, 40.0, 80.0)
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0, 160.0, 640.0, 2560.0)
 
 # (metric name, EngineStats field, help) for values the engine owns.
 ENGINE_GAUGES = (
     ("vllm:num_requests_running", "num_running", "Number of requests in model execution batches."),
     ("vllm:num_requests_waiting", "num_waiting", "Number of requests waiting to be processed."),
     ("vllm:kv_cache_usage_perc", "kv_cache_usage", "KV-cache usage. 1 means 100 percent usage."),
+    ("vllm:gpu_cache_usage_perc", "kv_cache_usage",
+     "KV-cache usage. 1 means 100 percent usage. vLLM's name until v0.10, which its guides' alerts still use: "
+     "the same value as vllm:kv_cache_usage_perc."),
 )
 ENGINE_COUNTERS = (
     ("vllm:prompt_tokens", "prompt_tokens_total", "Number of prefill tokens processed."),
@@ -36,6 +45,26 @@ ENGINE_COUNTERS = (
     ("localmoe:num_swapped_out", "num_swapped_out_total", "Preemptions that swapped KV blocks to host memory."),
     ("localmoe:num_prefill_chunks", "num_prefill_chunks_total",
      "Prompt pieces computed in a step that did not finish the prompt (chunked prefill)."),
+)
+# (metric name, LoopSnapshot field, help): vllm:time_per_output_token_seconds is vLLM's older name for the
+# inter-token latency, kept because its dashboards and guides still query it.
+LOOP_HISTOGRAMS = (
+    ("vllm:iteration_tokens_total", "iteration_tokens", "Histogram of number of tokens per engine_step."),
+    ("vllm:inter_token_latency_seconds", "inter_token_latency", "Histogram of inter-token latency in seconds."),
+    ("vllm:time_per_output_token_seconds", "inter_token_latency",
+     "Histogram of time per output token in seconds (vLLM's older name for vllm:inter_token_latency_seconds)."),
+    ("vllm:request_queue_time_seconds", "queue_time", "Histogram of time spent in WAITING phase for request."),
+    ("vllm:request_prefill_time_seconds", "prefill_time", "Histogram of time spent in PREFILL phase for request."),
+    ("vllm:request_decode_time_seconds", "decode_time", "Histogram of time spent in DECODE phase for request."),
+    ("vllm:request_inference_time_seconds", "inference_time",
+     "Histogram of time spent in RUNNING phase for request."),
+)
+# vLLM v0's gauges of the numbers its log line prints, which the serving guides still list
+LOOP_GAUGES = (
+    ("vllm:avg_prompt_throughput_toks_per_s", "prompt_throughput",
+     "Average prefill throughput in tokens/s over the last log interval."),
+    ("vllm:avg_generation_throughput_toks_per_s", "generation_throughput",
+     "Average generation throughput in tokens/s over the last log interval."),
 )
 
 
@@ -53,21 +82,31 @@ def token_buckets(max_model_len: int) -> list[float]:
 
 
 class EngineStatsCollector(Collector):
-    """Turns the engine's stats snapshot into gauge and counter families at scrape time."""
+    """Turns the engine's stats snapshot, and the engine loop's (LoopSnapshot), into gauge, counter and histogram
+    families at scrape time."""
 
-    def __init__(self, read_stats: Callable[[], Any], model_name: str) -> None:
+    def __init__(self, read_stats: Callable[[], Any], model_name: str,
+                 read_loop: Callable[[], LoopSnapshot] | None = None) -> None:
         self.read_stats = read_stats
+        self.read_loop = read_loop
         self.model_name = model_name
 
     def collect(self) -> Iterator[Metric]:
         stats = self.read_stats()
-        for name, attr, doc in ENGINE_GAUGES:
-            family = GaugeMetricFamily(name, doc, labels=["model_name"])
-            family.add_metric([self.model_name], float(getattr(stats, attr)))
-            yield family
-        for name, attr, doc in ENGINE_COUNTERS:
-            family = CounterMetricFamily(name, doc, labels=["model_name"])
-            family.add_metric([self.model_name], float(getattr(stats, attr)))
+        loop = self.read_loop() if self.read_loop is not None else None
+        for kind, source, table in ((GaugeMetricFamily, stats, ENGINE_GAUGES),
+                                    (CounterMetricFamily, stats, ENGINE_COUNTERS),
+                                    (GaugeMetricFamily, loop, LOOP_GAUGES if loop else ())):
+            for name, attr, doc in table:
+                family = kind(name, doc, labels=["model_name"])
+                family.add_metric([self.model_name], float(getattr(source, attr)))
+                yield family
+        for name, attr, doc in LOOP_HISTOGRAMS if loop else ():
+            histogram = getattr(loop, attr)
+            family = HistogramMetricFamily(name, doc, labels=["model_name"])
+            bounds = [floatToGoString(b) for b in (*histogram.bounds, float("inf"))]
+            family.add_metric([self.model_name], list(zip(bounds, map(float, histogram.cumulative))),
+                              histogram.total)
             yield family
 
 
@@ -109,10 +148,13 @@ class ServerMetrics:
 
     def __init__(self, read_stats: Callable[[], Any], model_name: str, max_model_len: int,
                  read_expert_stats: Callable[[], dict] | None = None,
-                 read_admitted: Callable[[], int] | None = None) -> None:
+                 read_admitted: Callable[[], int] | None = None,
+                 read_loop: Callable[[], LoopSnapshot] | None = None) -> None:
         self.registry = CollectorRegistry()
+        for default in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):  # what the global registry carries
+            self.registry.register(default)
         self.model_name = model_name
-        self.registry.register(EngineStatsCollector(read_stats, model_name))
+        self.registry.register(EngineStatsCollector(read_stats, model_name, read_loop))
         if read_expert_stats is not None:
             self.registry.register(ExpertStatsCollector(read_expert_stats, model_name))
         self.recent = PerformanceWindow()  # /v1/stats/performance
@@ -127,20 +169,26 @@ class ServerMetrics:
         self.request_success = Counter(
             "vllm:request_success", "Count of successfully processed requests.",
             labels + ["finished_reason"], registry=self.registry)
+        self.http_requests = Counter(
+            "http_requests_total", "Total number of requests by method, status and handler.",
+            ["method", "status", "handler"], registry=self.registry)
         self.time_to_first_token = Histogram(
             "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
-            labels, buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.time_per_output_token = Histogram(
-            "vllm:time_per_output_token_seconds", "Histogram of time per output token in seconds.",
-            labels, buckets=TOKEN_LATENCY_BUCKETS, registry=self.registry)
+            labels, buckets=TTFT_BUCKETS, registry=self.registry)
+        self.request_time_per_output_token = Histogram(
+            "vllm:request_time_per_output_token_seconds", "Histogram of time_per_output_token_seconds per request.",
+            labels, buckets=INTER_TOKEN_LATENCY_BUCKETS, registry=self.registry)
         self.e2e_request_latency = Histogram(
-            "vllm:e2e_request_latency_seconds", "Histogram of end to end request latency in seconds.",
-            labels, buckets=LATENCY_BUCKETS, registry=self.registry)
+            "vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
+            labels, buckets=REQUEST_LATENCY_BUCKETS, registry=self.registry)
         self.request_prompt_tokens = Histogram(
             "vllm:request_prompt_tokens", "Number of prefill tokens processed.",
             labels, buckets=token_buckets(max_model_len), registry=self.registry)
         self.request_generation_tokens = Histogram(
             "vllm:request_generation_tokens", "Number of generation tokens processed.",
+            labels, buckets=token_buckets(max_model_len), registry=self.registry)
+        self.request_max_num_generation_tokens = Histogram(
+            "vllm:request_max_num_generation_tokens", "Histogram of maximum number of requested generation tokens.",
             labels, buckets=token_buckets(max_model_len), registry=self.registry)
 
     def observe_finished(self, output: RequestOutput) -> None:
@@ -159,5 +207,45 @@ class ServerMetrics:
         if arrival is not None and first is not None:
             self.time_to_first_token.labels(name).observe(first - arrival)
         steps = max(len(c.token_ids) for c in output.outputs)  # n completions decode side by side
-        if first is not None and finished is not None and steps > 1:
-            self.time_per_output_token.labels(name).observe((finished - first) / (steps - 1))
+        self.request_max_num_generation_tokens.labels(name).observe(steps)
+        if first is not None and finished is not None:  # as vLLM: 0 for a request of one token
+            self.request_time_per_output_token.labels(name).observe((finished - first) / max(steps - 1, 1))
+
+    def totals(self) -> dict[str, float]:
+        """Requests finished, and responses with a client (4xx) or server (5xx, 503s included) error, so far."""
+        totals = {"requests": 0.0, "4xx": 0.0, "5xx": 0.0}
+        for sample in self.request_success.collect()[0].samples:
+            if sample.name.endswith("_total"):
+                totals["requests"] += sample.value
+        for sample in self.http_requests.collect()[0].samples:
+            if sample.name.endswith("_total") and sample.labels["status"] in totals:
+                totals[sample.labels["status"]] += sample.value
+        return totals
+
+
+class HTTPMetricsMiddleware:
+    """Counts every response in http_requests_total by route template, method and status class ("2xx", "5xx"), as
+    vLLM's prometheus-fastapi-instrumentator does (a path no route matched is handler "none")."""
+
+    def __init__(self, app: ASGIApp, counter: Counter) -> None:
+        self.app = app
+        self.counter = counter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500  # what the client sees should the app fail before it answers
+
+        async def send_counted(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counted)
+        finally:
+            route = scope.get("route")
+            handler = getattr(route, "path", "none")
+            self.counter.labels(scope["method"], f"{status // 100}xx", handler).inc()

@@ -1,17 +1,21 @@
-"""LocalMoE's own statistics routes: /v1/stats/experts, /v1/stats/memory and /v1/stats/performance.
+"""LocalMoE's own statistics routes: /v1/stats/experts, /v1/stats/memory, /v1/stats/performance and
+/v1/stats/history.
 
 Experts and memory come from the engine's latest stats snapshot (engine/stats.py: memory counted from the
 tensors themselves, weights, KV pool, swap space, expert cache slots, the expert store's host copy), with the
 process's resident set size as the OS reports it added here. Performance is a window over the most recent
-finished requests: throughput, and TTFT / TPOT / end-to-end percentiles.
+finished requests: throughput, and TTFT / TPOT / end-to-end percentiles. History is a bounded ring of samples of
+all of these, taken every few seconds, so /dashboard can draw the last minutes even when opened just now.
 """
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 import time
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from localmoe.experts.memory_budget import resident_bytes
@@ -82,3 +86,85 @@ class PerformanceWindow:
             "tpot_s": _percentiles([r.tpot for r in recent if r.tpot is not None]),
             "e2e_s": _percentiles([r.e2e for r in recent if r.e2e is not None]),
         }
+
+
+HISTORY_INTERVAL_S = 2.0
+HISTORY_LENGTH = 150  # samples: the last five minutes
+
+
+@dataclass(frozen=True)
+class HistorySample:
+    """One moment for /dashboard: gauges as they stood, rates over the interval since the previous sample."""
+
+    running: int
+    waiting: int
+    kv_cache_usage: float
+    prompt_tokens_per_s: float
+    generation_tokens_per_s: float
+    requests_per_s: float  # finished
+    client_errors_per_s: float  # 4xx responses
+    server_errors_per_s: float  # 5xx responses, the 503s of a full queue included
+    ttft_s: dict[str, float] | None  # percentiles over PerformanceWindow's window
+    tpot_s: dict[str, float] | None
+    process_rss_bytes: int | None
+    kv_cache_used_bytes: int
+    expert_cache_bytes: int
+    device_allocated_bytes: int | None  # CUDA only
+    expert_cache_hit_rate: float | None  # over the interval; None without offloading or without lookups
+
+
+class StatsHistory:
+    """The ring of samples behind /v1/stats/history, taken on the event loop from what the engine published (its
+    snapshot) and what the server counted (ServerMetrics.totals, the performance window)."""
+
+    def __init__(self, read_snapshot: Callable[[], Any], read_totals: Callable[[], dict[str, float]],
+                 performance: PerformanceWindow, interval_s: float = HISTORY_INTERVAL_S,
+                 length: int = HISTORY_LENGTH) -> None:
+        self.read_snapshot = read_snapshot
+        self.read_totals = read_totals
+        self.performance = performance
+        self.interval_s = interval_s
+        self.samples: deque[tuple[float, HistorySample]] = deque(maxlen=length)
+        self.last: tuple[float, Any, dict[str, float]] | None = None  # when, snapshot, totals of the last sample
+
+    def sample(self) -> None:
+        now, snapshot, totals = time.monotonic(), self.read_snapshot(), self.read_totals()
+        if self.last is None:
+            self.last = (now, snapshot, totals)
+            return
+        then, before, totals_before = self.last
+        span = max(now - then, 1e-9)
+        stats, was = snapshot.engine, before.engine
+        memory, performance = snapshot.memory, self.performance.summary(now)
+        self.samples.append((now, HistorySample(
+            running=stats.num_running, waiting=stats.num_waiting, kv_cache_usage=stats.kv_cache_usage,
+            prompt_tokens_per_s=(stats.prompt_tokens_total - was.prompt_tokens_total) / span,
+            generation_tokens_per_s=(stats.generation_tokens_total - was.generation_tokens_total) / span,
+            requests_per_s=(totals["requests"] - totals_before["requests"]) / span,
+            client_errors_per_s=(totals["4xx"] - totals_before["4xx"]) / span,
+            server_errors_per_s=(totals["5xx"] - totals_before["5xx"]) / span,
+            ttft_s=performance["ttft_s"], tpot_s=performance["tpot_s"], process_rss_bytes=process_rss_bytes(),
+            kv_cache_used_bytes=round(memory["kv_cache"]["bytes"] * stats.kv_cache_usage),
+            expert_cache_bytes=memory["expert_cache"]["resident_bytes"],
+            device_allocated_bytes=memory["device"].get("allocated_bytes"),
+            expert_cache_hit_rate=_hit_rate(snapshot.experts, before.experts))))
+        self.last = (now, snapshot, totals)
+
+    def summary(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {"object": "stats_history", "interval_s": self.interval_s,
+                "samples": [{"age_s": now - at, **asdict(sample)} for at, sample in self.samples]}
+
+    async def run(self) -> None:
+        """Sample every interval until cancelled (the app's lifespan runs it)."""
+        while True:
+            self.sample()
+            await asyncio.sleep(self.interval_s)
+
+
+def _hit_rate(experts: dict[str, Any], before: dict[str, Any]) -> float | None:
+    if not experts.get("offloading") or not before.get("totals"):
+        return None
+    now, was = experts["totals"], before["totals"]
+    hits, misses = now["cache_hits"] - was["cache_hits"], now["cache_misses"] - was["cache_misses"]
+    return hits / (hits + misses) if hits + misses else None
