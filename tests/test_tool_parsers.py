@@ -7,12 +7,16 @@ import json
 import random
 from pathlib import Path
 
+import jsonschema
 import pytest
+import torch
+import xgrammar as xgr
 from openai.types.chat.chat_completion_chunk import ChoiceDeltaToolCall
 from transformers import AutoTokenizer
 
 from localmoe.server.chat_template import PARSER_TEMPLATES, TEMPLATES_DIR, ChatTemplates, load_chat_template
 from localmoe.server.tool_parsers import TOOL_PARSERS, StreamDelta, ToolParser, get_tool_parser
+from localmoe.server.tool_parsers.forced import NamedToolCall, RequiredToolCalls, parameters, required_schema
 
 BUILTIN = Path(__file__).resolve().parent.parent / "localmoe" / "data" / "localmoe-builtin"
 
@@ -271,3 +275,74 @@ def test_bundled_templates_say_where_they_come_from() -> None:
     for path in TEMPLATES_DIR.glob("*.jinja"):
         head = path.read_text().split("-#}")[0]
         assert "vllm-project/vllm" in head and "Apache-2.0" in head
+
+
+# ---- tool_choice "required" and a named function: outputs constrained by a JSON schema ------------------------
+
+FORCED_TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                                         "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+        "required": ["unit"]}}},
+    {"type": "function", "function": {"name": "now"}},
+]
+
+
+def _constrained_outputs(tokenizer, schema: dict, count: int) -> list[str]:
+    """What a model sampling at random under the schema's token masks writes (xgrammar, as structured output
+    constrains it), without extra whitespace so random sampling ends."""
+    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=len(tokenizer))
+    grammar = xgr.GrammarCompiler(info).compile_json_schema(json.dumps(schema), any_whitespace=False)
+    generator = torch.Generator().manual_seed(0)
+    texts = []
+    for _ in range(count):
+        matcher, mask, ids = xgr.GrammarMatcher(grammar), xgr.allocate_token_bitmask(1, info.vocab_size), []
+        while not matcher.is_terminated():
+            assert len(ids) < 400
+            matcher.fill_next_token_bitmask(mask)
+            logits = torch.randn(1, info.vocab_size, generator=generator)
+            xgr.apply_token_bitmask_inplace(logits, mask)
+            ids.append(int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)))
+            assert matcher.accept_token(ids[-1])
+        texts.append(tokenizer.decode([i for i in ids if i not in info.stop_token_ids]))
+    return texts
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_required_tool_choice_output_always_parses(tokenizer, parallel: bool) -> None:
+    schema = required_schema(FORCED_TOOLS, parallel_tool_calls=parallel)
+    by_name = {tool["function"]["name"]: parameters(tool) for tool in FORCED_TOOLS}
+    counts = set()
+    for text in _constrained_outputs(tokenizer, schema, 12):
+        result = RequiredToolCalls().extract(text)
+        assert result.content is None and result.tool_calls
+        counts.add(len(result.tool_calls))
+        for call in result.tool_calls:
+            jsonschema.validate(json.loads(call.arguments), by_name[call.name])
+        for chunks in _chunkings(text)[:5]:
+            assert _reassemble(_stream(RequiredToolCalls(), chunks))[:2] == _names_and_arguments(
+                RequiredToolCalls(), text)
+    if parallel:
+        assert max(counts) > 1
+    else:
+        assert counts == {1}
+
+
+def test_required_schema_refuses_what_is_no_call() -> None:
+    schema = required_schema(FORCED_TOOLS, parallel_tool_calls=False)
+    for bad in ([], [{"name": "now", "arguments": {}}] * 2, [{"name": "other", "arguments": {}}],
+                [{"name": "get_weather", "arguments": {"unit": "kelvin"}}], [{"name": "now"}]):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+
+
+def test_named_tool_choice_output_is_the_arguments(tokenizer) -> None:
+    weather = FORCED_TOOLS[0]
+    for text in _constrained_outputs(tokenizer, parameters(weather), 6):
+        [call] = NamedToolCall("get_weather").extract(text).tool_calls
+        assert call.name == "get_weather" and call.arguments == text
+        jsonschema.validate(json.loads(call.arguments), parameters(weather))
+        for chunks in _chunkings(text)[:5]:
+            assert _reassemble(_stream(NamedToolCall("get_weather"), chunks))[1] == [("get_weather", text)]
+    cut_off = NamedToolCall("now").extract('{"a": ')  # max_tokens reached inside the arguments
+    assert (cut_off.content, cut_off.tool_calls) == ('{"a": ', [])

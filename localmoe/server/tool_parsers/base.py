@@ -70,7 +70,7 @@ class Section:
 class ToolParser:
     """One family's tool-call syntax; it keeps no state, so one instance serves every request."""
 
-    markers: ClassVar[tuple[str, ...]]
+    markers: ClassVar[tuple[str, ...]]  # none: the whole text is one section
 
     def scan(self, reader: JsonReader, start: int, final: bool) -> Section:
         """The section whose marker ends at `start`; raises Malformed where it cannot be a call. `final`: the
@@ -113,6 +113,18 @@ def object_call(reader: JsonReader, i: int) -> tuple[PartialCall, int | None]:
     return PartialCall(name, arguments), scan.end
 
 
+def named_call(reader: JsonReader, start: int, name: str) -> Section:
+    """A call whose name is already known, its arguments object at or after text[start]."""
+    text = reader.text
+    i = reader.skip_ws(start)
+    if i == len(text):
+        return Section([PartialCall(name, "")], None)
+    if text[i] != "{":
+        raise Malformed(i)
+    end = reader.value_end(i)
+    return Section([PartialCall(name, text[i:end])], end)
+
+
 def call_list(reader: JsonReader, i: int) -> Section:
     """A JSON list of call objects at text[i]."""
     text = reader.text
@@ -147,7 +159,8 @@ class ToolCallStream:
         self.reader = JsonReader()
         self.pos = 0  # the text before it has been sent or dropped
         self.after_call = False
-        self.section: int | None = None  # where the open section starts (just past its marker)
+        # where the open section starts (just past its marker); a parser without markers reads one from the start
+        self.section: int | None = None if parser.markers else 0
         self.framing = 0  # where the open section's framing starts (the whitespace before its marker)
         self.sent_args: list[int] = []  # per call of the open section that has been sent: argument chars sent
         self.calls_before = 0  # calls of earlier sections

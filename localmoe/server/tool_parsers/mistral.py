@@ -21,7 +21,7 @@ import random
 import re
 import string
 
-from localmoe.server.tool_parsers.base import PartialCall, Section, ToolParser, call_list, object_call
+from localmoe.server.tool_parsers.base import Section, ToolParser, call_list, named_call, object_call
 from localmoe.server.tool_parsers.json_scan import JsonReader, Malformed
 
 ARGS, CALL_ID = "[ARGS]", "[CALL_ID]"
@@ -65,11 +65,4 @@ def _named_call(reader: JsonReader, i: int) -> Section:
         raise Malformed(j)
     if j == i:
         raise Malformed(i)
-    name = text[i:j]
-    a = reader.skip_ws(args)
-    if a == len(text):
-        return Section([PartialCall(name, "")], None)
-    if text[a] != "{":
-        raise Malformed(a)
-    end = reader.value_end(a)
-    return Section([PartialCall(name, text[a:end])], end)
+    return named_call(reader, args, text[i:j])
