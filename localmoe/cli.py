@@ -159,12 +159,16 @@ def serve(
 def generate(
     prompt: Annotated[str, typer.Argument(help="Text to continue.")],
     config: Annotated[Optional[Path], typer.Option("--config", help=CONFIG_HELP)] = None,
-    max_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 64,
-    temperature: Annotated[float, typer.Option(help="0 for greedy decoding.")] = 1.0,
-    top_p: Annotated[float, typer.Option()] = 1.0,
-    top_k: Annotated[int, typer.Option(help="0 or -1: off.")] = 0,
-    min_p: Annotated[float, typer.Option()] = 0.0,
-    sampling_seed: Annotated[Optional[int], typer.Option(help="Seed for this request's sampling.")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Maximum number of tokens to generate.")] = 64,
+    temperature: Annotated[float, typer.Option(
+        help="Float that controls the randomness of the sampling; 0 means greedy sampling.")] = 1.0,
+    top_p: Annotated[float, typer.Option(
+        help="Cumulative probability of the top tokens to consider, in (0, 1]; 1: all tokens.")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Number of top tokens to consider; 0 or -1: all tokens.")] = 0,
+    min_p: Annotated[float, typer.Option(
+        help="Minimum probability of a token, relative to the most likely one's, in [0, 1]; 0: off.")] = 0.0,
+    sampling_seed: Annotated[Optional[int], typer.Option(
+        help="Random seed for this request's sampling. If unspecified, the engine's generator.")] = None,
     stop: Annotated[Optional[list[str]], typer.Option(help="Stop string; repeat for several.")] = None,
     ignore_eos: Annotated[bool, typer.Option(help="Keep going past the end-of-sequence token.")] = False,
     *,
@@ -191,19 +195,25 @@ def train(
     corpus: Annotated[Path, typer.Option(help="Corpus directory; built from the package sources if absent.")] = Path(
         "corpus"),
     steps: Annotated[int, typer.Option(help="Optimizer steps (the run is step-based, not timed).")] = TrainConfig.steps,
-    hidden_size: Annotated[int, typer.Option()] = TrainConfig.hidden_size,
-    intermediate_size: Annotated[int, typer.Option()] = TrainConfig.intermediate_size,
-    num_layers: Annotated[int, typer.Option()] = TrainConfig.num_layers,
-    num_heads: Annotated[int, typer.Option()] = TrainConfig.num_heads,
-    num_kv_heads: Annotated[int, typer.Option()] = TrainConfig.num_kv_heads,
-    num_experts: Annotated[int, typer.Option()] = TrainConfig.num_experts,
-    top_k: Annotated[int, typer.Option()] = TrainConfig.top_k,
-    vocab_size: Annotated[int, typer.Option()] = TrainConfig.vocab_size,
-    context: Annotated[int, typer.Option()] = TrainConfig.context,
-    batch_size: Annotated[int, typer.Option()] = TrainConfig.batch_size,
-    lr: Annotated[float, typer.Option()] = TrainConfig.lr,
-    eval_every: Annotated[int, typer.Option()] = TrainConfig.eval_every,
-    seed: Annotated[int, typer.Option()] = TrainConfig.seed,
+    hidden_size: Annotated[int, typer.Option(help="Width of the residual stream.")] = TrainConfig.hidden_size,
+    intermediate_size: Annotated[int, typer.Option(
+        help="Width of each expert's feed-forward layer.")] = TrainConfig.intermediate_size,
+    num_layers: Annotated[int, typer.Option(
+        help="Decoder layers (attention, then an MoE block).")] = TrainConfig.num_layers,
+    num_heads: Annotated[int, typer.Option(help="Attention (query) heads per layer.")] = TrainConfig.num_heads,
+    num_kv_heads: Annotated[int, typer.Option(
+        help="Key/value heads per layer (grouped-query attention).")] = TrainConfig.num_kv_heads,
+    num_experts: Annotated[int, typer.Option(help="Experts per MoE layer.")] = TrainConfig.num_experts,
+    top_k: Annotated[int, typer.Option(help="Experts each token is routed to.")] = TrainConfig.top_k,
+    vocab_size: Annotated[int, typer.Option(
+        help="Tokens in the byte-level BPE vocabulary trained on the corpus.")] = TrainConfig.vocab_size,
+    context: Annotated[int, typer.Option(help="Tokens per training window.")] = TrainConfig.context,
+    batch_size: Annotated[int, typer.Option(help="Windows per optimizer step.")] = TrainConfig.batch_size,
+    lr: Annotated[float, typer.Option(
+        help="Peak learning rate of AdamW (linear warm-up, then cosine decay).")] = TrainConfig.lr,
+    eval_every: Annotated[int, typer.Option(
+        help="Steps between held-out perplexity evaluations.")] = TrainConfig.eval_every,
+    seed: Annotated[int, typer.Option(help="Random seed of initialisation and data order.")] = TrainConfig.seed,
 ) -> None:
     """Train the built-in MoE on public-domain English and write a Hugging Face checkpoint."""
     if not (corpus / "train.txt").exists():
@@ -220,18 +230,21 @@ def train(
 
 @app.command()
 def plan(
-    model: Annotated[str, typer.Argument(help="Checkpoint directory, config.json, a well-known model name, or a hub id ORG/NAME "
-                                     "(its config.json from the Hugging Face cache, downloaded where the network "
-                                     "allows).")],
+    model: Annotated[str, typer.Argument(
+        help="Checkpoint directory, config.json, a well-known model name, or a hub id ORG/NAME (its config.json "
+             "from the Hugging Face cache, downloaded where the network allows).")],
     dtype: Annotated[str, typer.Option(help="The checkpoint's dtype: bf16, fp16.")] = "bf16",
     quantization: Annotated[str, typer.Option(
         help="none, int8, int4, experts_int8 (quantized at load), awq, gptq, compressed-tensors, fp8 (checkpoints).")]
     = "none",
     device: Annotated[str, typer.Option(help="H100-80GB, A100-80GB, A100-40GB, L40S-48GB or cpu:GiB.")] = "H100-80GB",
-    max_model_len: Annotated[Optional[int], typer.Option(help="Context per sequence.")] = None,
+    max_model_len: Annotated[Optional[int], typer.Option(
+        help="Context per sequence, in tokens. If unspecified, min(max_position_embeddings, 32768).")] = None,
     max_num_seqs: Annotated[int, typer.Option(help="Sequences served at once.")] = 256,
-    kv_cache_dtype: Annotated[str, typer.Option(help="auto or fp8.")] = "auto",
-    json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    kv_cache_dtype: Annotated[str, typer.Option(
+        help="Data type for kv cache storage: auto (the --dtype) or fp8 (one byte, plus a scale per row).")]
+    = "auto",
+    json_output: Annotated[bool, typer.Option("--json", help="Print the plan as JSON instead of a report.")] = False,
 ) -> None:
     """Plan memory: parameters, weight and KV bytes, the parallel degree or expert cache that fits."""
     try:

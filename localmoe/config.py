@@ -138,8 +138,8 @@ class EngineConfig:
                                            "max_num_batched_tokens, so a long prompt never stalls decodes.")
     max_chunked_prefill_tokens: int | None = setting(None, "Most prompt tokens of one request prefilled in a "
                                                      "single iteration. If unspecified: --max-num-batched-tokens.")
-    quantization: str | None = setting(None, "Method used to quantize the weights at load: int8, int4 (weight-only) "
-                                       "or experts_int8. If unspecified, the checkpoint's quantization_config "
+    quantization: str | None = setting(None, f"Method used to quantize the weights at load: {', '.join(LOAD_TIME)}. "
+                                       "If unspecified, the checkpoint's quantization_config "
                                        "(awq, gptq, compressed-tensors, fp8) is served; without one the weights "
                                        "are unquantized, in --dtype.")
     quantize_experts_only: bool = setting(False, "With --quantization int8 or int4, quantize the experts alone; "
@@ -173,7 +173,8 @@ class EngineConfig:
             (self.model_name.endswith(".gguf") and not self.tokenizer, "tokenizer",
              "a GGUF file needs --tokenizer pointing at the original checkpoint directory"),
             (self.revision is not None and not is_hub_id(self.model_name), "revision",
-             f"a revision picks a version of a hub id (ORG/NAME); {self.model_name or 'the built-in model'} is not one"),
+             f"a revision picks a version of a hub id (ORG/NAME); {self.model_name or 'the built-in model'} is "
+             "not one"),
             (self.tokenizer_revision is not None and not is_hub_id(self.tokenizer), "tokenizer_revision",
              "a tokenizer revision picks a version of a hub id given as --tokenizer"),
             (self.download_dir is not None and not (is_hub_id(self.model_name) or is_hub_id(self.tokenizer)),

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
+import typer
 from typer.testing import CliRunner
 
 from localmoe import cli
+from localmoe.config import EngineConfig, ServerConfig
 from localmoe.llm import LLM
 from localmoe.sampling_params import SamplingParams
 
@@ -51,3 +55,43 @@ def test_plan_command_prints_json_and_refuses_unknown_models() -> None:
     assert json.loads(result.output)["parallel_degree"] == 2
     result = CliRunner().invoke(cli.app, ["plan", "no-such-model"])
     assert result.exit_code == 2 and "known model" in result.output
+
+
+def help_blocks(command: str, columns: int) -> dict[str, str]:
+    """`localmoe COMMAND --help` as a real terminal of `columns` shows it: each option's first name -> its text,
+    wrapped lines joined."""
+    run = subprocess.run([sys.executable, "-m", "localmoe.cli", command, "--help"], cwd=REPO, capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "COLUMNS": str(columns)})
+    assert run.returncode == 0, run.stderr
+    blocks: dict[str, str] = {}
+    name = None
+    for line in run.stdout.splitlines():
+        if line.startswith("  --"):
+            name = line.split()[0]
+            blocks[name] = line
+        elif name is not None and line.startswith("    "):
+            blocks[name] += line
+    assert all(len(line) <= columns for line in run.stdout.splitlines())
+    return {name: " ".join(text.split()) for name, text in blocks.items()}
+
+
+def test_every_serve_flag_is_explained_with_its_default_and_whole_at_80_columns() -> None:
+    blocks = help_blocks("serve", 80)
+    flags = {cli.engine_flag(f.name): f for f in fields(EngineConfig)}
+    flags |= {"--" + f.name.replace("_", "-"): f for f in fields(ServerConfig)}
+    assert set(flags) <= set(blocks), set(flags) - set(blocks)
+    for flag, f in flags.items():
+        text = blocks[flag].split(None, 1)[1]
+        assert "Sets vllm" not in text and len(text) > 40, (flag, text)
+        if f.default not in (None, ""):
+            assert f"[default: {f.default}]" in text, (flag, text)
+    assert "configs/config.yaml" in blocks["--config"]
+
+
+def test_every_flag_of_every_command_says_what_it_does() -> None:
+    command = typer.main.get_command(cli.app)
+    for name, sub in command.commands.items():
+        for param in sub.params:
+            assert param.help and len(param.help) > 15, (name, param.name, param.help)
+        for flag in help_blocks(name, 80):
+            assert flag.lstrip("-").replace("-", "").isalnum(), (name, flag)  # no name cut short by an ellipsis
