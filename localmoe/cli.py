@@ -51,7 +51,7 @@ def engine_flag(key: str) -> str:
 def flag_help(section: type, key: str) -> str:
     """A config key's help (written beside the key in config.py) with its default, as `--help` shows it."""
     f = next(f for f in fields(section) if f.name == key)
-    return f.metadata["help"] + ("" if f.default in (None, "") else f" [default: {f.default}]")
+    return f.metadata.get("help", "") + ("" if f.default in (None, "") else f" [default: {f.default}]")
 
 
 def _engine_flag_parameters() -> list[inspect.Parameter]:

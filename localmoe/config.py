@@ -77,7 +77,7 @@ class ModelConfig:
 
 def setting(default: Any, help: str) -> Any:
     """A key with its help text: the one place a flag's meaning is written (`localmoe serve --help` shows it, with
-    the default added), so a new key cannot arrive without saying what it does."""
+    the default added; tests/test_cli.py fails a key without one)."""
     return field(default=default, metadata={"help": help})
 
 

@@ -82,7 +82,7 @@ def test_every_serve_flag_is_explained_with_its_default_and_whole_at_80_columns(
     assert set(flags) <= set(blocks), set(flags) - set(blocks)
     for flag, f in flags.items():
         text = blocks[flag].split(None, 1)[1]
-        assert "Sets vllm" not in text and len(text) > 40, (flag, text)
+        assert "Sets vllm" not in text and len(text) > 40, f"{flag}: give {f.name} setting(default, help) in config.py"
         if f.default not in (None, ""):
             assert f"[default: {f.default}]" in text, (flag, text)
     assert "configs/config.yaml" in blocks["--config"]
