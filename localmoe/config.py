@@ -14,9 +14,7 @@ from typing import Any
 
 import yaml
 
-from localmoe.models.hub import (
-    CHECKPOINT_FILES, REMOTE_CODE_FILES, TOKENIZER_FILES, HubError, hub_snapshot, is_hub_id,
-)
+from localmoe.models.hub import HubError, hub_checkpoint, hub_tokenizer, is_hub_id
 from localmoe.quant.scheme import LOAD_TIME, QuantScheme, quant_scheme
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "config.yaml"
@@ -315,15 +313,14 @@ def with_hub_snapshots(config: Config) -> Config:
     where the network allows, so the engine only ever loads local files; the API serves the model by its id."""
     engine = config.engine
     changes: dict[str, str] = {}
-    remote_code = REMOTE_CODE_FILES if engine.trust_remote_code else []
     try:
         if is_hub_id(engine.model_name):
-            changes["model_name"] = str(hub_snapshot(engine.model_name, engine.revision, engine.download_dir,
-                                                     CHECKPOINT_FILES + remote_code))
+            changes["model_name"] = str(hub_checkpoint(engine.model_name, engine.revision, engine.download_dir,
+                                                       engine.trust_remote_code))
             changes["served_model_name"] = engine.served_model_name or engine.model_name
         if is_hub_id(engine.tokenizer):
-            changes["tokenizer"] = str(hub_snapshot(engine.tokenizer, engine.tokenizer_revision,
-                                                    engine.download_dir, TOKENIZER_FILES + remote_code))
+            changes["tokenizer"] = str(hub_tokenizer(engine.tokenizer, engine.tokenizer_revision,
+                                                     engine.download_dir, engine.trust_remote_code))
     except HubError as e:
         raise ConfigError(str(e)) from None
     return replace(config, engine=replace(engine, **changes)) if changes else config

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -28,6 +29,7 @@ from localmoe.config import ConfigError, load_config
 from localmoe.llm import LLM
 from localmoe.models.hub import is_hub_id
 from localmoe.sampling_params import SamplingParams
+from checkpoints import make_checkpoint
 from server_process import REPO, SMALL_KV, auth, free_port, serve
 
 REPO_ID = "localmoe-test/tiny-mixtral"
@@ -35,7 +37,9 @@ COMMIT = hashlib.sha1(b"localmoe-test").hexdigest()
 PROMPT = "Once upon"
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 ENGINE_ARGS = ("--dtype", "float32", *SMALL_KV)
-NOT_SERVED = {"pytorch_model.bin": b"not read by LocalMoE", "README.md": b"# tiny-mixtral\n"}
+# what a hub repository holds beside the checkpoint, which the loader never reads
+NOT_SERVED = {"pytorch_model.bin": b"torch", "consolidated.safetensors": b"mistral's format", "README.md": b"# tiny",
+              "original/params.json": b"{}"}
 
 
 @dataclass
@@ -108,9 +112,15 @@ def localmoe(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def hub_cache(tiny_mixtral_dir: Path, tmp_path_factory) -> Iterator[HubCache]:
+def sharded_dir(tmp_path_factory) -> Path:
+    """tiny_mixtral_dir's model (the same seed) in safetensors shards with an index, as hub repositories hold it."""
+    return make_checkpoint(tmp_path_factory.mktemp("tiny-mixtral-sharded"), "mixtral", seed=0, max_shard_size="200KB")
+
+
+@pytest.fixture(scope="module")
+def hub_cache(sharded_dir: Path, tmp_path_factory) -> Iterator[HubCache]:
     """HF_HOME after `localmoe generate --model ORG/NAME` downloaded the tiny model from the hub."""
-    hub = FakeHub({**{p.name: p.read_bytes() for p in tiny_mixtral_dir.iterdir()}, **NOT_SERVED})
+    hub = FakeHub({**{p.name: p.read_bytes() for p in sharded_dir.iterdir()}, **NOT_SERVED})
     server = ThreadingHTTPServer(("127.0.0.1", 0), hub.handler())
     threading.Thread(target=server.serve_forever, daemon=True).start()
     home = tmp_path_factory.mktemp("hf-home")
@@ -133,14 +143,16 @@ def expected_text(tiny_mixtral_dir: Path) -> str:
     return llm.generate([PROMPT], GREEDY)[0].outputs[0].text
 
 
-def test_a_hub_id_is_downloaded_into_the_hub_cache_with_only_what_serving_reads(hub_cache: HubCache,
-                                                                                 tiny_mixtral_dir: Path,
-                                                                                 expected_text: str) -> None:
+def test_a_hub_id_is_downloaded_into_the_hub_cache_with_only_what_the_loader_reads(hub_cache: HubCache,
+                                                                                    sharded_dir: Path,
+                                                                                    expected_text: str) -> None:
     assert hub_cache.text == expected_text
-    assert sorted(hub_cache.fetched) == sorted(p.name for p in tiny_mixtral_dir.iterdir())
+    checkpoint = {p.name for p in sharded_dir.iterdir()}
+    assert len([name for name in checkpoint if name.endswith(".safetensors")]) > 1
+    assert sorted(hub_cache.fetched) == sorted(checkpoint)
     (repo,) = huggingface_hub.scan_cache_dir(hub_cache.home / "hub").repos
     assert repo.repo_id == REPO_ID and repo.refs["main"].commit_hash == COMMIT
-    assert {f.file_name for f in repo.refs["main"].files} == {p.name for p in tiny_mixtral_dir.iterdir()}
+    assert {f.file_name for f in repo.refs["main"].files} == checkpoint
 
 
 def test_serve_by_hub_id_offline_from_the_cache(hub_cache: HubCache, expected_text: str, tmp_path: Path) -> None:
@@ -188,6 +200,15 @@ def test_a_revision_not_in_the_cache_and_a_tokenizer_id_missing_are_named(hub_ca
     with pytest.raises(ConfigError, match="localmoe-test/no-tokenizer: not found in the cache"):
         load_config(None, {"engine": {"model_name": str(tiny_mixtral_dir), "tokenizer": "localmoe-test/no-tokenizer",
                                       "download_dir": cache}})
+
+
+def test_a_snapshot_missing_a_shard_offline_says_so(hub_cache: HubCache, tmp_path: Path, offline: None) -> None:
+    cache = tmp_path / "hub"
+    shutil.copytree(hub_cache.home / "hub", cache, symlinks=True)
+    (shard,) = (cache / f"models--{REPO_ID.replace('/', '--')}" / "snapshots" / COMMIT).glob("model-00002-*")
+    shard.unlink()
+    with pytest.raises(ConfigError, match=f"in the cache \\({cache}\\) lacks files, and downloads are off"):
+        load_config(None, {"engine": {"model_name": REPO_ID, "download_dir": str(cache)}})
 
 
 def test_hub_options_are_refused_for_local_models(tiny_mixtral_dir: Path) -> None:
