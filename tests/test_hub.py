@@ -37,6 +37,7 @@ COMMIT = hashlib.sha1(b"localmoe-test").hexdigest()
 PROMPT = "Once upon"
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 ENGINE_ARGS = ("--dtype", "float32", *SMALL_KV)
+HUB_VARIABLES = ("HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT", "HF_TOKEN")
 # what a hub repository holds beside the checkpoint, which the loader never reads
 NOT_SERVED = {"pytorch_model.bin": b"torch", "consolidated.safetensors": b"mistral's format", "README.md": b"# tiny",
               "original/params.json": b"{}"}
@@ -107,8 +108,10 @@ class HubCache:
 
 
 def localmoe(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """The command with this environment's hub settings replaced by `env`'s."""
+    own = {k: v for k, v in os.environ.items() if k not in HUB_VARIABLES}
     return subprocess.run([sys.executable, "-m", "localmoe.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "PYTHONPATH": str(REPO), **env})
+                          timeout=600, env={**own, "PYTHONPATH": str(REPO), **env})
 
 
 @pytest.fixture(scope="module")
