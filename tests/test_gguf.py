@@ -206,7 +206,15 @@ def test_q4_k_blocks_map_within_float32_rounding_and_flat_groups_exactly():
     assert torch.equal(dense.view(40, 2, 256)[::3, 0], expected.view(40, 2, 256)[::3, 0])
 
 
-@pytest.mark.parametrize("qtype", [F16, BF16, Q5_K, Q6_K])
+def test_q6_k_blocks_map_exactly():
+    data = random_blocks((40, 512), Q6_K, np.random.default_rng(3))
+    dense, weight = read_blocks(data, Q6_K)
+    assert (weight.bits, weight.group_size) == (8, 16) and torch.equal(dense, weight.dequantize())
+    assert torch.equal(dense, torch.tensor(dequantize(data, Q6_K)))
+    assert int(weight.values().max()) < 64 and bool((weight.zeros == 32).all())
+
+
+@pytest.mark.parametrize("qtype", [F16, BF16, Q5_K])
 def test_other_types_come_dense_as_the_gguf_library_reads_them(qtype):
     rng = np.random.default_rng(2)
     data = random_blocks((8, 256), qtype, rng) if qtype in FP16_FIELDS else quantize(
@@ -244,9 +252,12 @@ def test_float32_logits_equal_transformers_on_the_weights_the_gguf_library_reads
     elif kind == "q8_0":  # q/k/v, o and the head, and every expert
         assert len(linears) == 2 * len(model.layers) + 1 and all(packed)
         assert all(m.bits == 8 for m in model.modules() if isinstance(m, QuantLinear))
-    else:  # a merged weight or a layer's experts with a Q6_K piece stay dense
-        assert linears == {"layers.0.self_attn.qkv_proj", "layers.0.self_attn.o_proj", "layers.1.self_attn.o_proj"}
-        assert packed == [True, False]
+    else:  # everything packed: layer 1's q/k/v (Q4_K q and k, Q6_K v) widened to 8 bits in groups of 16
+        assert len(linears) == 2 * len(model.layers) + 1 and all(packed)
+        qkv = {name: m for name, m in model.named_modules() if name.endswith("qkv_proj")}
+        assert [(m.bits, m.in_features // m.scales.shape[-1]) for m in qkv.values()] == [(4, 32), (8, 16)]
+        experts = [moe.experts for _, moe in moe_blocks(model)]
+        assert experts[0].bits == {"w13": 4, "w2": 4} and experts[1].bits == {"w13": 4, "w2": 8}
 
 
 @pytest.mark.avx512_bf16

@@ -73,6 +73,15 @@ def test_fp8_quantization_rounds_to_the_nearest_e4m3_number_of_each_rows_scale(g
     assert (error <= torch.maximum(scaled.flatten(-2).abs() / 16, torch.tensor(2.0 ** -10)) + 1e-5).all()
 
 
+def test_a_weight_widens_exactly_to_more_bits_and_smaller_groups():
+    weight = quantize(torch.randn(3, 16, 64), 4, 32, symmetric=False)
+    wide = weight.widened(8, 16)
+    assert (wide.bits, wide.group_size) == (8, 16) and torch.equal(wide.dequantize(), weight.dequantize())
+    for bits, group in ((2, 16), (8, 24)):
+        with pytest.raises(ValueError, match="does not widen"):
+            weight.widened(bits, group)
+
+
 @pytest.mark.parametrize("bits,group,symmetric", [(8, None, True), (4, 32, False), (4, 64, True)])
 def test_round_to_nearest_quantization_is_within_half_a_step(bits, group, symmetric):
     w = torch.randn(48, 128)
@@ -158,17 +167,19 @@ def moe_reference(x, ids, weights, w13: QuantizedWeight, w2: QuantizedWeight) ->
     return out
 
 
-@pytest.mark.parametrize("kind,group", [("int8", None), ("int4", 16), ("fp8", None), ("fp8", 16)])
+@pytest.mark.parametrize("kinds,group", [(("int8", "int8"), None), (("int4", "int4"), 16), (("fp8", "fp8"), None),
+                                         (("fp8", "fp8"), 16), (("int4", "int8"), 16), (("int8", "int4"), 16)])
 @pytest.mark.parametrize("tokens", [1, 5, 19])
-def test_the_quantized_moe_kernel_is_no_less_accurate_than_the_bf16_kernel_on_dequantized_experts(kind, group,
+def test_the_quantized_moe_kernel_is_no_less_accurate_than_the_bf16_kernel_on_dequantized_experts(kinds, group,
                                                                                                    tokens):
-    """Shapes with a tile of 16 rows after full ones (hidden 80, 48 units) and several passes per expert."""
+    """Shapes with a tile of 16 rows after full ones (hidden 80, 48 units) and several passes per expert; w13 and w2
+    may have different bits (a GGUF Q4_K_M file's Q4_K gate/up beside Q6_K down)."""
     if not cpu_has_avx512_bf16():
         pytest.skip("needs a CPU with AVX512-BF16")
     torch.manual_seed(tokens)
     x = torch.randn(tokens, 80).to(BF16)
     ids, weights = torch.stack([torch.randperm(4)[:2] for _ in range(tokens)]), torch.rand(tokens, 2)
-    w13, w2 = (quantized(kind, 0.1 * torch.randn(4, *shape), group) for shape in ((96, 80), (80, 48)))
+    w13, w2 = (quantized(kind, 0.1 * torch.randn(4, *shape), group) for kind, shape in zip(kinds, ((96, 80), (80, 48))))
     reference = moe_reference(x, ids, weights, w13, w2)
     bf16 = fused_moe(x, ids, weights, *expert_tiles(w13.dequantize(BF16), w2.dequantize(BF16))).float()
     ours = fused_moe(x, ids, weights, QuantTiles.of(w13, gate_up_paired), QuantTiles.of(w2)).float()

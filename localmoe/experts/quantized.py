@@ -31,7 +31,8 @@ class QuantGroupedExperts(GroupedPathExperts):
         self.activation = experts.activation
         self.dtype = experts.w13.dtype
         self.w13_bias, self.w2_bias = experts.w13_bias, experts.w2_bias
-        self.bits, self.float8 = w13.bits, w13.float8
+        self.bits = {"w13": w13.bits, "w2": w2.bits}
+        self.float8 = w13.float8
         for name, weight in (("w13", w13), ("w2", w2)):
             for part in ("packed", "scales", "zeros"):
                 self.register_buffer(f"{name}_{part}", getattr(weight, part), persistent=False)
@@ -39,7 +40,7 @@ class QuantGroupedExperts(GroupedPathExperts):
     def weights_of(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         def weight(name: str) -> torch.Tensor:
             parts = (getattr(self, f"{name}_{part}")[index] for part in ("packed", "scales", "zeros"))
-            return QuantizedWeight(*parts, self.bits, self.float8).dequantize(self.dtype)
+            return QuantizedWeight(*parts, self.bits[name], self.float8).dequantize(self.dtype)
 
         return weight("w13"), weight("w2")
 
@@ -48,7 +49,7 @@ def quantize_experts(experts: GroupedExperts, path: str, quantizer: Quantizer) -
     """`experts` (module `path`) quantized: on the kernel where it serves them, else the reference path; None where
     the quantizer keeps either weight dense."""
     w13, w2 = (quantizer.weight_for(f"{path}.{name}", getattr(experts, name).data) for name in ("w13", "w2"))
-    if w13 is None or w2 is None or (w13.bits, w13.float8) != (w2.bits, w2.float8):
+    if w13 is None or w2 is None or w13.float8 != w2.float8:
         return None
     if grouped_kernel_serves(experts) and quant_kernel_serves(w13) and quant_kernel_serves(w2):
         return TiledExperts(*quant_expert_tiles(w13, w2))

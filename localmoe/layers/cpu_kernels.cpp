@@ -9,7 +9,8 @@ torch::Tensor fused_moe(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor
                         torch::Tensor w2, bool float_out);
 torch::Tensor fused_moe_quant(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor weights, torch::Tensor w13,
                               torch::Tensor s13, torch::Tensor z13, torch::Tensor w2, torch::Tensor s2,
-                              torch::Tensor z2, int64_t bits, bool float8, bool float_out);
+                              torch::Tensor z2, int64_t bits13, int64_t bits2, bool float8,
+                              bool float_out);
 torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor kv_cache,
                                torch::Tensor block_tables, torch::Tensor context_lens, double scale,
                                int64_t window, std::optional<torch::Tensor> sinks);

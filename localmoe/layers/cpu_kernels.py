@@ -248,12 +248,12 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
 def fused_moe(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor | QuantTiles,
               w2: torch.Tensor | QuantTiles, float_out: bool = False) -> torch.Tensor:
     """sum_k weights[t, k] * SwiGLU expert ids[t, k] applied to x[t], for experts in expert_tiles (or QuantTiles of
-    both, w13's rows gate_up_paired); see tiled_matmul_cpu.cpp. The sums are kept in float32; bf16 is returned
+    both, w13's rows gate_up_paired, 8 or 4 bits each, or both float8); see tiled_matmul_cpu.cpp. The sums are kept in float32; bf16 is returned
     unless `float_out` (for callers adding several partial sums; for top-2, adding those gives exactly the one
     call's sums)."""
     if x.shape[0] == 0:  # no tokens routed this step: no kernel call
         return x.new_empty(x.shape, dtype=torch.float32 if float_out else torch.bfloat16)
     if isinstance(w13, QuantTiles):
-        return kernels().fused_moe_quant(x, expert_ids, weights, *w13.tensors(), *w2.tensors(), w13.bits, w13.float8,
-                                         float_out)
+        return kernels().fused_moe_quant(x, expert_ids, weights, *w13.tensors(), *w2.tensors(), w13.bits, w2.bits,
+                                         w13.float8, float_out)
     return kernels().fused_moe(x, expert_ids, weights, w13, w2, float_out)

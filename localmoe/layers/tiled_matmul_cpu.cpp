@@ -486,43 +486,46 @@ torch::Tensor fused_moe(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor
              [&](int64_t e) { return Bf16Weight{w2p + e * dim * inter, inter}; }, float_out);
 }
 
-// fused_moe on experts of `bits`-bit unsigned integers in tiles (quant_tiles, rows ordered as fused_moe's), w13 [E,
-// 2I, D bits / 8] and w2 [E, D, I bits / 8] uint8, each with float32 scales and zero points per group of columns,
-// [E, D / group, 2I] and [E, I / group, D]: w = scale (q - zero). With float8 the bytes are float8 e4m3 numbers and
-// w = scale fp8(q) (the zero points are not read).
+// fused_moe on experts of unsigned integers in tiles (quant_tiles, rows ordered as fused_moe's), w13 [E, 2I, D bits13
+// / 8] and w2 [E, D, I bits2 / 8] uint8 (8 or 4 bits each), each with float32 scales and zero points per group of
+// columns, [E, D / group, 2I] and [E, I / group, D]: w = scale (q - zero). With float8 the bytes (8 bits) are float8
+// e4m3 numbers and w = scale fp8(q) (the zero points are not read).
 torch::Tensor fused_moe_quant(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor weights, torch::Tensor w13,
                               torch::Tensor s13, torch::Tensor z13, torch::Tensor w2, torch::Tensor s2,
-                              torch::Tensor z2, int64_t bits, bool float8, bool float_out) {
+                              torch::Tensor z2, int64_t bits13, int64_t bits2, bool float8, bool float_out) {
   check_on_cpu("fused_moe_quant", {&x, &expert_ids, &weights, &w13, &s13, &z13, &w2, &s2, &z2});
   check_routing(x, expert_ids, weights);
   TORCH_CHECK(w13.dim() == 3 && w2.dim() == 3 && w2.size(0) == w13.size(0) && w2.size(1) == x.size(1) &&
               w13.size(1) % 32 == 0 && w13.size(1) > 0 && x.size(1) % 16 == 0 && x.size(1) > 0,
-              "fused_moe_quant takes w13 [E, 2I, D bits / 8] and w2 [E, D, I bits / 8], D and I multiples of 16");
+              "fused_moe_quant takes w13 [E, 2I, D bits13 / 8] and w2 [E, D, I bits2 / 8], D and I multiples of 16");
   const int64_t dim = x.size(1), num_experts = w13.size(0), inter = w13.size(1) / 2;
-  const int64_t group13 = checked_group("fused_moe_quant", w13, s13, z13, bits, dim);
-  const int64_t group2 = checked_group("fused_moe_quant", w2, s2, z2, bits, inter);
+  const int64_t group13 = checked_group("fused_moe_quant", w13, s13, z13, bits13, dim);
+  const int64_t group2 = checked_group("fused_moe_quant", w2, s2, z2, bits2, inter);
   const uint8_t *q13 = w13.data_ptr<uint8_t>(), *q2 = w2.data_ptr<uint8_t>();
   const float *sc13 = s13.data_ptr<float>(), *ze13 = z13.data_ptr<float>();
   const float *sc2 = s2.data_ptr<float>(), *ze2 = z2.data_ptr<float>();
   const int64_t size13 = 2 * inter * dim, size2 = dim * inter;  // values per expert
   auto run = [&](auto of13, auto of2) { return moe(x, expert_ids, weights, num_experts, inter, of13, of2, float_out); };
-  auto experts = [&](auto bits_constant) {
-    constexpr int B = decltype(bits_constant)::value;
+  auto experts = [&](auto bits13_constant, auto bits2_constant) {
+    constexpr int B13 = decltype(bits13_constant)::value, B2 = decltype(bits2_constant)::value;
     return run([&](int64_t e) {
-      return QuantWeight<B>{q13 + e * size13 * B / 8, sc13 + e * size13 / group13, ze13 + e * size13 / group13,
-                            dim, 2 * inter, group13};
+      return QuantWeight<B13>{q13 + e * size13 * B13 / 8, sc13 + e * size13 / group13, ze13 + e * size13 / group13,
+                              dim, 2 * inter, group13};
     }, [&](int64_t e) {
-      return QuantWeight<B>{q2 + e * size2 * B / 8, sc2 + e * size2 / group2, ze2 + e * size2 / group2, inter, dim,
-                            group2};
+      return QuantWeight<B2>{q2 + e * size2 * B2 / 8, sc2 + e * size2 / group2, ze2 + e * size2 / group2, inter,
+                             dim, group2};
     });
   };
   if (float8) {
-    TORCH_CHECK(bits == 8, "fused_moe_quant: float8 weights have 8 bits");
+    TORCH_CHECK(bits13 == 8 && bits2 == 8, "fused_moe_quant: float8 weights have 8 bits");
     return run(
         [&](int64_t e) { return Fp8Weight{q13 + e * size13, sc13 + e * size13 / group13, dim, 2 * inter, group13}; },
         [&](int64_t e) { return Fp8Weight{q2 + e * size2, sc2 + e * size2 / group2, inter, dim, group2}; });
   }
-  return bits == 8 ? experts(std::integral_constant<int, 8>{}) : experts(std::integral_constant<int, 4>{});
+  using Eight = std::integral_constant<int, 8>;
+  using Four = std::integral_constant<int, 4>;
+  if (bits13 == 8) return bits2 == 8 ? experts(Eight{}, Eight{}) : experts(Eight{}, Four{});
+  return bits2 == 8 ? experts(Four{}, Eight{}) : experts(Four{}, Four{});
 }
 
 // weight [..., rows, k] of a 2-byte dtype (k even) -> the same numbers in tiles (layers/cpu_kernels.py, to_tiles):

@@ -13,7 +13,9 @@ which the quantization pass serves packed:
 - Q4_K: super-blocks of 256 columns in 8 groups of 32, each with a 6-bit scale sc and min m, and fp16 d and dmin
   per super-block, w = d sc q - dmin m: 4 bits, s = d sc, z = dmin m / s (a float32 division: within 1e-6 of
   the group's magnitude, not bit for bit).
-Every other type the gguf library dequantizes (F32, F16, BF16, Q6_K, Q5_K, ...) comes back dense, float32.
+- Q6_K: super-blocks of 256 columns in 16 groups of 16, each with an int8 scale sc, and an fp16 d per super-block,
+  w = d sc (q - 32) with q of 6 bits: 8 bits, group 16, s = d sc, z = 32. Exact.
+Every other type the gguf library dequantizes (F32, F16, BF16, Q5_K, ...) comes back dense, float32.
 
 Shapes: GGUF lists dimensions innermost first; the reader's arrays are in PyTorch's order [..., N, K] (N rows,
 K columns), a quantized one as its bytes [..., N, K / block * block bytes].
@@ -63,8 +65,8 @@ class GgufCheckpoint:
                 if projection in heads:
                     rows = _rotary_rows(dense.shape[0], heads[projection])
                     dense = dense[rows]
-                    weight = None if weight is None else QuantizedWeight(
-                        weight.packed[rows], weight.scales[rows], weight.zeros[rows], weight.bits)
+                    weight = None if weight is None else weight.like(
+                        weight.packed[rows], weight.scales[rows], weight.zeros[rows])
                 yield name, dense, weight
 
 
@@ -116,7 +118,19 @@ def _q4_k(blocks: torch.Tensor) -> QuantizedWeight:
     return QuantizedWeight.of(values.flatten(-3), scales.flatten(-2), zeros.flatten(-2), 4)
 
 
-PACKED = {GGMLQuantizationType.Q8_0: _q8_0, GGMLQuantizationType.Q4_K: _q4_k}
+def _q6_k(blocks: torch.Tensor) -> QuantizedWeight:
+    """blocks uint8 [..., N, K / 256, 210]: 128 bytes ql (the low 4 bits), 64 bytes qh (the top 2), 16 int8 scales,
+    fp16 d. Each half of 128 columns takes 64 bytes of ql and 32 of qh: its 4 runs of 32 columns are the low nibbles
+    of ql bytes 0-31 and 32-63, then their high nibbles, with the top bits from qh's bits 0-1, 2-3, 4-5, 6-7."""
+    ql, qh = blocks[..., :128].unflatten(-1, (2, 1, 64)), blocks[..., 128:192].unflatten(-1, (2, 1, 32))
+    low = ((ql >> torch.tensor([0, 4], dtype=torch.uint8)[:, None]) & 15).unflatten(-1, (2, 32)).flatten(-3, -2)
+    high = (qh >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8)[:, None]) & 3
+    values = (low | high << 4).flatten(-3)  # [..., N, K / 256, 256]
+    scales = _halves(blocks, 208) * blocks[..., 192:208].contiguous().view(torch.int8).float()
+    return QuantizedWeight.of(values.flatten(-2), scales.flatten(-2), torch.full_like(scales.flatten(-2), 32.0), 8)
+
+
+PACKED = {GGMLQuantizationType.Q8_0: _q8_0, GGMLQuantizationType.Q4_K: _q4_k, GGMLQuantizationType.Q6_K: _q6_k}
 
 
 def _halves(blocks: torch.Tensor, at: int) -> torch.Tensor:

@@ -6,11 +6,13 @@ A quantized linear layer is several tensors (AWQ's qweight, qzeros and scales; s
 different shards, so they are held until the whole checkpoint is read, then combined into a QuantizedWeight (or,
 where a format does not map onto ours, a dense weight) and loaded under the layer's `weight` name. A model
 parameter made of several checkpoint weights (merged q/k/v rows, stacked experts) is served packed when every
-piece came packed alike (bits, float8 or not, group size); otherwise it stays dense.
+piece came packed: integer pieces of different bits or group sizes (a GGUF Q4_K_M file's Q6_K attn_v beside Q4_K q
+and k) are widened to the most bits and the smallest group, which holds each exactly; otherwise it stays dense.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 
@@ -74,7 +76,11 @@ class QuantizedCheckpoint:
             return None
         first = pieces[0][1]
         if any((w.bits, w.float8, w.group_size) != (first.bits, first.float8, first.group_size) for _, w in pieces):
-            return None
+            if any(w.float8 for _, w in pieces):
+                return None
+            bits, group = max(w.bits for _, w in pieces), math.gcd(*(w.group_size for _, w in pieces))
+            pieces = [(where, w.widened(bits, group)) for where, w in pieces]
+            first = pieces[0][1]
         groups = dense.shape[-1] // first.group_size
         packed = torch.zeros((*dense.shape[:-1], dense.shape[-1] * first.bits // 8), dtype=torch.uint8)
         scales, zeros = (torch.zeros((*dense.shape[:-1], groups)) for _ in range(2))

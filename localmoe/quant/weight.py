@@ -74,6 +74,16 @@ class QuantizedWeight:
         """Matrix `index` of a stack [E, N, K]."""
         return self.like(self.packed[index], self.scales[index], self.zeros[index])
 
+    def widened(self, bits: int, group_size: int) -> "QuantizedWeight":
+        """The same numbers in `bits` >= self.bits and groups of `group_size` dividing ours (each group's scale and
+        zero point repeated): exact, so that pieces packed differently can share one parameter."""
+        if self.float8 or bits < self.bits or self.group_size % group_size:
+            raise ValueError(f"a {self.bits}-bit weight in groups of {self.group_size} does not widen to {bits} bits "
+                             f"in groups of {group_size}")
+        repeat = self.group_size // group_size
+        return QuantizedWeight.of(self.values(), *(t.repeat_interleave(repeat, -1) for t in (self.scales, self.zeros)),
+                                  bits)
+
     def like(self, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> "QuantizedWeight":
         """Other tensors of this weight's kind (bits, float8)."""
         return QuantizedWeight(packed, scales, zeros, self.bits, self.float8)
