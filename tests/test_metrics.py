@@ -56,6 +56,14 @@ def complete(server: ServerProcess, model: str, max_tokens: int, prompt: str = "
     return response.json()
 
 
+def wait_idle(url: str) -> None:
+    """Until no request runs or waits (an aborted stream of an earlier test is gone)."""
+    deadline = time.monotonic() + 60
+    while (metrics := scrape(url))["vllm:num_requests_running"] or metrics["vllm:num_requests_waiting"]:
+        assert time.monotonic() < deadline, metrics
+        time.sleep(0.05)
+
+
 def families(url: str) -> dict[str, object]:
     text = httpx.get(f"{url}/metrics", headers=auth()).text
     return {family.name: family for family in text_string_to_metric_families(text)}
@@ -124,6 +132,7 @@ def test_process_and_python_collectors(server: ServerProcess) -> None:
 def test_iteration_tokens_count_prompts_and_generated_tokens(server: ServerProcess, model: str) -> None:
     """On an idle server, one request of P prompt tokens and N generated ones is N steps (the first also computes
     the prompt) of P + N tokens in all, in vLLM's buckets."""
+    wait_idle(server.url)
     before = scrape(server.url)
     result = complete(server, model, 7)
     after = scrape(server.url)
@@ -140,6 +149,7 @@ def bucket_bounds(found: dict[str, object], name: str) -> list[float]:
 
 
 def test_request_phases_and_token_latencies_per_request(server: ServerProcess, model: str) -> None:
+    wait_idle(server.url)
     before = scrape(server.url)
     complete(server, model, 6)
     after = scrape(server.url)

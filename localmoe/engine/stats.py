@@ -129,10 +129,6 @@ class HistogramSnapshot:
     cumulative: tuple[int, ...]
     total: float = 0.0
 
-    @property
-    def count(self) -> int:
-        return self.cumulative[-1]
-
 
 class HistogramCounter:
     """A histogram the engine thread observes into; only its snapshots leave the thread."""
@@ -240,6 +236,12 @@ class LoopStats:
         live = self.engine.requests
         self.scheduled_at = {r: t for r, t in self.scheduled_at.items() if r in live}
         self.last_token_at = {r: t for r, t in self.last_token_at.items() if r in live}
+        self._log(now)
+        self.publish(now)
+
+    def _log(self, now: float) -> None:
+        """vLLM's line (vllm/v1/metrics/loggers.py, LoggingStatLogger.log) in its words, over the interval since the
+        last one: throughputs from the steps, the rest from the engine's published snapshot."""
         stats = self.engine.snapshot.engine
         elapsed = now - self.logged_at
         prompt, generation = (tokens / elapsed for tokens in self.interval_tokens)
@@ -259,4 +261,3 @@ class LoopStats:
         self.logged_at, self.logged_stats = now, stats
         self.interval_tokens = [0, 0]
         self.last_throughput = (prompt, generation)
-        self.publish(now)
