@@ -128,6 +128,8 @@ class EngineConfig:
     max_num_seqs: int = setting(64, "Maximum number of sequences to be processed in a single iteration.")
     max_waiting_requests: int = setting(1024, "Sequences queued beyond --max-num-seqs; past it the server "
                                         "answers 503 with Retry-After.")
+    disable_log_stats: bool = setting(False, "Disable logging statistics (the periodic 'Avg prompt throughput' "
+                                      "line; /metrics is unaffected).")
     max_logprobs: int = setting(20, "Maximum number of log probabilities to return when logprobs or "
                                 "prompt_logprobs is specified in a request (OpenAI's cap).")
     enable_prefix_caching: bool = setting(True, "Whether to enable prefix caching: full KV blocks of a prompt "
@@ -140,7 +142,7 @@ class EngineConfig:
                                        "If unspecified, the checkpoint's quantization_config "
                                        "(awq, gptq, compressed-tensors, fp8) is served; without one the weights "
                                        "are unquantized, in --dtype.")
-    quantize_experts_only: bool = setting(False, "With --quantization int8 or int4, quantize the experts alone; "
+    quantize_experts_only: bool = setting(False, "With --quantization int8, int4 or fp8, quantize the experts alone; "
                                           "dense layers keep the checkpoint's dtype.")
     trust_remote_code: bool = setting(False, "Trust remote code (e.g., from HuggingFace) when downloading the "
                                       "tokenizer: it lets a checkpoint's tokenizer run its own code. The forward "

@@ -5,6 +5,7 @@ http_requests_total, and vLLM's periodic "Avg prompt throughput" log line."""
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import subprocess
@@ -203,3 +204,16 @@ def test_vllms_log_line_reports_throughput_and_the_queue(server: ServerProcess, 
     line = busy[-1]
     assert int(line["running"]) + int(line["waiting"]) <= 1
     assert 0 <= float(line["kv"]) <= 100 and 0 <= float(line["hit"]) <= 100
+
+
+def test_disable_log_stats_keeps_the_line_out_of_the_log(tiny_mixtral_dir: Path, caplog) -> None:
+    """--disable-log-stats: the interval passes and nothing is logged; without it the same tick logs the line."""
+    from localmoe import LLM
+    from localmoe.engine.stats import LoopStats
+
+    engine = LLM(model=str(tiny_mixtral_dir), dtype="float32", kv_cache_memory="16MiB").engine
+    caplog.set_level(logging.DEBUG, logger="localmoe.engine.stats")
+    for log_lines in (False, True):
+        caplog.clear()
+        LoopStats(engine, log_interval_s=0.0, log_lines=log_lines).tick()
+        assert bool(LOG_LINE.search(caplog.text)) == log_lines

@@ -67,8 +67,9 @@ class AsyncEngine:
         if isinstance(self._built, BaseException):
             raise self._built
         self.engine: LLMEngine = self._built
-        self.loop_stats = LoopStats(self.engine)  # the engine thread's own statistics and vLLM's log line
         config = self.engine.config
+        # the engine thread's own statistics and vLLM's log line
+        self.loop_stats = LoopStats(self.engine, log_lines=not config.disable_log_stats)
         self.capacity = config.max_num_seqs + config.max_waiting_requests  # sequences held at once
         self.num_reserved = 0  # sequences admitted and not yet done (event loop only)
 

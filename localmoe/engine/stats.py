@@ -170,8 +170,9 @@ class LoopStats:
     (at most every PUBLISH_INTERVAL_S while busy, at once when the engine is idle); and, every
     LOG_STATS_INTERVAL_S, vLLM's log line, which operators and the serving guides grep for."""
 
-    def __init__(self, engine: LLMEngine, log_interval_s: float = LOG_STATS_INTERVAL_S) -> None:
+    def __init__(self, engine: LLMEngine, log_interval_s: float = LOG_STATS_INTERVAL_S, log_lines: bool = True) -> None:
         self.engine = engine
+        self.log_lines = log_lines  # --disable-log-stats: the interval's throughputs are still measured, not logged
         self.histograms = {name: HistogramCounter(bounds) for name, bounds in LOOP_HISTOGRAMS.items()}
         self.scheduled_at: dict[str, float] = {}  # request id -> the start of the first step that computed it
         self.last_token_at: dict[str, float] = {}  # request id -> when its latest token came out
@@ -257,7 +258,8 @@ class LoopStats:
         parts += ["GPU KV cache usage: %.1f%%", "Prefix cache hit rate: %.1f%%"]
         args += [100 * stats.kv_cache_usage, 100 * hits / queries if queries else 0.0]
         idle = not any((prompt, generation, *self.last_throughput))  # as vLLM: an idle server logs at debug
-        log.log(logging.DEBUG if idle else logging.INFO, "Engine 000: " + ", ".join(parts), *args)
+        if self.log_lines:
+            log.log(logging.DEBUG if idle else logging.INFO, "Engine 000: " + ", ".join(parts), *args)
         self.logged_at, self.logged_stats = now, stats
         self.interval_tokens = [0, 0]
         self.last_throughput = (prompt, generation)
