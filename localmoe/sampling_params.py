@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
 MAX_STOP_STRINGS = 64
@@ -17,6 +18,39 @@ MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256
 MAX_LOGIT_BIAS = 1024
 LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range for a bias value: [-100, 100]
+
+
+@dataclass
+class StructuredOutputsParams:
+    """A constraint on a request's output (vLLM's StructuredOutputsParams): exactly one of `json` (a JSON schema,
+    as text or parsed), `regex`, `choice` (the output is one of these strings), `grammar` (EBNF with `root ::=`,
+    or Lark with `start:`) or `json_object` (any JSON object). The engine compiles it (engine/structured_output.py);
+    a schema or grammar that does not compile is refused there, before the request is queued.
+
+    Whitespace inside JSON is bounded by default, so a weak model cannot pad an answer until max_tokens;
+    `disable_any_whitespace` allows none but the separators ", " and ": "."""
+
+    json: str | dict[str, Any] | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+
+    KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+    def __post_init__(self) -> None:
+        given = [kind for kind in self.KINDS if getattr(self, kind) not in (None, False)]
+        if len(given) != 1:
+            raise SamplingParamsError(
+                f"structured outputs take exactly one of {', '.join(self.KINDS)}; got "
+                f"{', '.join(given) if given else 'none'}", "structured_outputs")
+        if self.choice is not None and not (self.choice and all(isinstance(c, str) for c in self.choice)):
+            raise SamplingParamsError("choice must be a non-empty list of strings", "structured_outputs")
+
+    @property
+    def kind(self) -> str:
+        return next(kind for kind in self.KINDS if getattr(self, kind) not in (None, False))
 
 
 @dataclass
@@ -40,6 +74,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit before sampling
+    structured_outputs: StructuredOutputsParams | None = None  # the output must match this schema / regex / grammar
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -82,6 +117,9 @@ class SamplingParams:
              f"logit_bias may have at most {MAX_LOGIT_BIAS} entries, got {len(self.logit_bias)}"),
             (all(-LOGIT_BIAS_LIMIT <= b <= LOGIT_BIAS_LIMIT for b in self.logit_bias.values()), "logit_bias",
              f"logit_bias values must be in [{-LOGIT_BIAS_LIMIT:g}, {LOGIT_BIAS_LIMIT:g}]"),
+            # the grammar decides where a constrained output ends; it may allow nothing but the end
+            (self.structured_outputs is None or self.min_tokens == 0, "min_tokens",
+             "min_tokens cannot be combined with structured outputs: the grammar decides where the output ends"),
         ]
         for ok, param, message in checks:
             if not ok:

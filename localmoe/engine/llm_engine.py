@@ -25,6 +25,7 @@ from localmoe.engine.output_processor import OutputProcessor
 from localmoe.engine.sampler import Sampler
 from localmoe.engine.scheduler import Scheduler
 from localmoe.engine.sequence import Request, Sequence
+from localmoe.engine.structured_output import GrammarError, StructuredOutputs
 from localmoe.engine.stats import (
     PUBLISH_INTERVAL_S, EngineStats, MemoryAccount, StatsSnapshot, tensor_bytes, weights_bytes,
 )
@@ -80,7 +81,8 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.block_manager)
         self.tokenizer = load_tokenizer(config.tokenizer or model_dir, self.hf_config, config.trust_remote_code)
         eos_token_ids = self._eos_token_ids(model_dir)
-        self.sampler = Sampler(eos_token_ids)
+        self.structured = StructuredOutputs(self.tokenizer, self.hf_config["vocab_size"], eos_token_ids)
+        self.sampler = Sampler(eos_token_ids, self.structured)
         self.output = OutputProcessor(self.tokenizer, eos_token_ids, self.max_model_len)
         self.observer = RoutingObserver(self.model)
         self.trace = RoutingTrace(config.routing_trace, self.observer.blocks) if config.routing_trace else None
@@ -138,6 +140,11 @@ class LLMEngine:
                                f"{self.config.max_num_batched_tokens} (enable chunked prefill)", "prompt")
         self._check_limits(params, vocab)
         request = Request(request_id, prompt, list(prompt_token_ids), params, priority)
+        if params.structured_outputs is not None:
+            try:
+                request.grammar = self.structured.compile(params.structured_outputs)
+            except GrammarError as error:
+                raise RequestError(str(error), "structured_outputs") from None
         if params.seed is not None:
             request.generator = torch.Generator(self.device).manual_seed(params.seed)
         request.seqs = [Sequence(request, i, list(prompt_token_ids), len(prompt_token_ids)) for i in range(params.n)]
@@ -177,6 +184,8 @@ class LLMEngine:
         self.prompt_tokens_total += len(request.prompt_token_ids)
         self.output.add(request)
         for seq in request.seqs:
+            if request.grammar is not None:
+                self.structured.add(seq, request.grammar)
             self.scheduler.add(seq)
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int] | None,
@@ -303,12 +312,14 @@ class LLMEngine:
     def _append_token(self, seq: Sequence, token: int, logprob: float | None,
                       top: list[tuple[int, float]] | None) -> None:
         self.generation_tokens_total += 1
-        if self.output.append_token(seq, token, logprob, top):
+        grammar_ended = self.structured.accept(seq, token)
+        if self.output.append_token(seq, token, logprob, top, grammar_ended):
             self._release(seq)
 
     def _release(self, seq: Sequence) -> None:
         self.scheduler.remove(seq)
         self.output.release(seq)
+        self.structured.release(seq)
 
     def publish_stats(self, force: bool = True) -> None:
         """Replace the published snapshot by a new one (unless one was published less than PUBLISH_INTERVAL_S ago

@@ -32,8 +32,9 @@ class OutputProcessor:
         self.detokenizers.pop(seq.seq_id, None)
 
     def append_token(self, seq: Sequence, token: int, logprob: float | None,
-                     top: list[tuple[int, float]] | None) -> bool:
-        """Add a sampled token to `seq`, its text and logprobs; True when that finished the sequence."""
+                     top: list[tuple[int, float]] | None, grammar_ended: bool = False) -> bool:
+        """Add a sampled token to `seq`, its text and logprobs; True when that finished the sequence.
+        `grammar_ended`: the request's structured-output grammar has taken its end, so nothing may follow."""
         seq.token_ids.append(token)
         params = seq.params
         if logprob is not None:
@@ -44,7 +45,7 @@ class OutputProcessor:
             seq.logprobs = (seq.logprobs or []) + [entry]
         previous = len(seq.text)
         seq.text += self.detokenizers[seq.seq_id].step(token)
-        if not params.ignore_eos and token in self.eos_token_ids:
+        if (not params.ignore_eos and token in self.eos_token_ids) or grammar_ended:
             seq.finish_reason = "stop"
         elif token in params.stop_token_ids:
             seq.finish_reason, seq.stop_reason = "stop", token

@@ -1,6 +1,7 @@
 """Batched sampling over requests with different settings.
 
-Per row: logit_bias, penalties (repetition, presence, frequency) and min_tokens masking, then greedy argmax or
+Per row: logit_bias, penalties (repetition, presence, frequency), min_tokens masking and the structured-output
+grammar's token mask (constrained and free rows share the step), then greedy argmax or
 temperature / top-k / top-p / min-p filtering and a draw. Rows with a `seed` draw from their
 request's own torch.Generator so their output does not depend on what else is batched.
 Logprobs are those of the model's raw distribution, as vLLM reports them.
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from localmoe.engine.sequence import Sequence
+from localmoe.engine.structured_output import StructuredOutputs
 from localmoe.layers.cpu_kernels import argmax
 
 
@@ -24,8 +26,9 @@ class SampleResult:
 
 
 class Sampler:
-    def __init__(self, eos_token_ids: set[int]) -> None:
+    def __init__(self, eos_token_ids: set[int], structured: StructuredOutputs | None = None) -> None:
         self.eos_token_ids = eos_token_ids
+        self.structured = structured
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
         """logits: float32 [S, V], one row per sequence."""
@@ -33,6 +36,8 @@ class Sampler:
         want_logprobs = [p.logprobs is not None for p in params]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
         logits = self._apply_penalties(self._apply_logit_bias(logits, seqs), seqs)
+        if self.structured is not None:
+            logits = self.structured.mask(logits, seqs)
 
         tokens = argmax(logits)
         if not all(p.greedy for p in params):

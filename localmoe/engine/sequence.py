@@ -10,11 +10,15 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from localmoe.outputs import Logprob
 from localmoe.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from xgrammar import CompiledGrammar
 
 
 class SequenceStatus(enum.Enum):
@@ -37,6 +41,7 @@ class Request:
     generator: torch.Generator | None = None  # set when params.seed is given
     seqs: list["Sequence"] = field(default_factory=list)
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    grammar: CompiledGrammar | None = None  # params.structured_outputs, compiled (engine/structured_output.py)
 
     @property
     def finished(self) -> bool:

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from localmoe.sampling_params import SamplingParamsError, StructuredOutputsParams
+
 # JSON types are taken as they are: `false` is no token id and `1.5` no count (pydantic would otherwise convert).
 STRICT = ConfigDict(strict=True)
 
@@ -69,6 +71,37 @@ def _unencodable(value: Any, path: tuple) -> tuple | None:
     return None
 
 
+class JSONSchemaFormat(BaseModel):
+    """OpenAI's response_format.json_schema; without a schema, any JSON object."""
+
+    model_config = ConfigDict(strict=True, populate_by_name=True)
+
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None  # the schema is always enforced, as in vLLM
+
+
+class ResponseFormat(BaseModel):
+    model_config = STRICT
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputsRequest(BaseModel):
+    """vLLM's `structured_outputs` object: one of json, regex, choice, grammar, json_object."""
+
+    model_config = ConfigDict(strict=True, populate_by_name=True)
+
+    json_: str | dict[str, Any] | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+
+
 class SamplingRequest(OpenAIRequest):
     """Sampling fields shared by completions and chat completions (OpenAI's, then vLLM's extras)."""
 
@@ -93,6 +126,13 @@ class SamplingRequest(OpenAIRequest):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     priority: int = 0  # lower is served first (vLLM's priority scheduling)
+    # structured output: OpenAI's response_format, vLLM's structured_outputs, or vLLM's older guided_* fields
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def sampling_fields(self) -> dict[str, Any]:
         """The SamplingParams keyword arguments this request sets (None: keep the default)."""
@@ -100,6 +140,35 @@ class SamplingRequest(OpenAIRequest):
                  "min_p", "repetition_penalty", "ignore_eos", "min_tokens", "stop_token_ids", "logit_bias",
                  "skip_special_tokens", "include_stop_str_in_output")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+    def structured_outputs_params(self) -> StructuredOutputsParams | None:
+        """The constraint on the output, from whichever structured-output field the request sets (one at most);
+        raises SamplingParamsError naming the field."""
+        given: dict[str, dict[str, Any]] = {}  # request field -> StructuredOutputsParams arguments
+        if self.response_format is not None and self.response_format.type != "text":
+            given["response_format"] = self._response_format_arguments()
+        if self.structured_outputs is not None:
+            given["structured_outputs"] = self.structured_outputs.model_dump(by_alias=True)
+        for kind in ("json", "regex", "choice", "grammar"):
+            if getattr(self, f"guided_{kind}") is not None:
+                given[f"guided_{kind}"] = {kind: getattr(self, f"guided_{kind}")}
+        if len(given) > 1:
+            raise SamplingParamsError(f"give one structured-output field, not {', '.join(given)}", list(given)[1])
+        for param, arguments in given.items():
+            try:
+                return StructuredOutputsParams(**arguments)
+            except SamplingParamsError as e:
+                raise SamplingParamsError(str(e), param) from None
+        return None
+
+    def _response_format_arguments(self) -> dict[str, Any]:
+        kind, schema = self.response_format.type, self.response_format.json_schema
+        if kind == "json_schema" and schema is None:
+            raise SamplingParamsError('a response_format of type "json_schema" needs its json_schema',
+                                      "response_format")
+        if kind == "json_object" or schema.schema_ is None:
+            return {"json_object": True}
+        return {"json": schema.schema_}
 
     @property
     def include_usage(self) -> bool:

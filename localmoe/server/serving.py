@@ -18,7 +18,7 @@ from starlette.background import BackgroundTask
 
 from localmoe.engine.async_engine import AsyncEngine
 from localmoe.outputs import CompletionOutput, Logprob, RequestOutput
-from localmoe.sampling_params import SamplingParams, SamplingParamsError
+from localmoe.sampling_params import SamplingParams, SamplingParamsError, StructuredOutputsParams
 from localmoe.server.errors import APIError
 from localmoe.server.generation import Generation, Prompt, unless_disconnected
 from localmoe.server.metrics import ServerMetrics
@@ -79,15 +79,19 @@ class OpenAIServing:
             raise APIError("prompt must not be empty", param="prompt")
         return [self.text_prompt(p) if isinstance(p, str) else self.token_prompt(p) for p in items]
 
-    def sampling_params(self, request: SamplingRequest, max_tokens: int | None,
-                        logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, request: SamplingRequest, max_tokens: int | None, logprobs: int | None,
+                        structured_outputs: StructuredOutputsParams | None = None) -> SamplingParams:
         """SamplingParams as the request gives them (max_tokens None: all the room the context leaves); the
-        engine checks them against the prompt and the model when the Generation makes its requests."""
+        engine checks them against the prompt and the model when the Generation makes its requests.
+        `structured_outputs` is a constraint the server imposes (a tool call that must be made), in place of any
+        the request asks for."""
         fields = request.sampling_fields()
         if "logit_bias" in fields:
             fields["logit_bias"] = _token_keys(fields["logit_bias"])
         try:
-            return SamplingParams(**fields, max_tokens=max_tokens, logprobs=logprobs)
+            structured_outputs = structured_outputs or request.structured_outputs_params()
+            return SamplingParams(**fields, max_tokens=max_tokens, logprobs=logprobs,
+                                  structured_outputs=structured_outputs)
         except SamplingParamsError as e:
             raise APIError(str(e), param=e.param) from e
 
