@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -17,6 +18,7 @@ from pydantic import BaseModel
 from starlette.background import BackgroundTask
 
 from localmoe.engine.async_engine import AsyncEngine
+from localmoe.engine.structured_output import GrammarError
 from localmoe.outputs import CompletionOutput, Logprob, RequestOutput
 from localmoe.sampling_params import SamplingParams, SamplingParamsError, StructuredOutputsParams
 from localmoe.server.errors import APIError
@@ -95,6 +97,17 @@ class OpenAIServing:
         except SamplingParamsError as e:
             raise APIError(str(e), param=e.param) from e
 
+    async def compile_grammar(self, params: SamplingParams) -> None:
+        """Compile the request's structured-output grammar (one for all its prompts) on a worker thread, into the
+        compiler's cache, so the event loop never waits on one (a large vocabulary takes a while): the engine's
+        make_request then finds it compiled."""
+        if params.structured_outputs is None:
+            return
+        try:
+            await asyncio.to_thread(self.aengine.engine.structured.compile, params.structured_outputs)
+        except GrammarError as e:
+            raise APIError(str(e), param="structured_outputs") from e
+
     # ---- endpoints -----------------------------------------------------------------------------
 
     async def create_completion(self, request: CompletionRequest, raw_request: Request) -> Response:
@@ -103,6 +116,7 @@ class OpenAIServing:
         params = [self.sampling_params(request, request.max_tokens, request.logprobs) for _ in prompts]
         if request.echo and request.logprobs is not None:  # the echoed prompt comes with its tokens' logprobs
             params = [dataclasses.replace(p, prompt_logprobs=request.logprobs) for p in params]
+        await self.compile_grammar(params[0])
         generation = Generation(self.aengine, self.metrics, f"cmpl-{uuid.uuid4().hex}", prompts, params,
                                 request.priority)
         if request.stream:
@@ -130,6 +144,7 @@ class OpenAIServing:
         self.check_model(request.model)
         prompt = self.chat_prompt(request.messages, request.add_generation_prompt)
         params = self.sampling_params(request, request.max_new_tokens, request.num_logprobs)
+        await self.compile_grammar(params)
         generation = Generation(self.aengine, self.metrics, f"chatcmpl-{uuid.uuid4().hex}", [prompt], [params],
                                 request.priority)
         if request.stream:
