@@ -172,6 +172,20 @@ def test_a_grammar_compiles_once_and_an_aborted_request_releases_its_matchers(ll
     assert engine.structured.compiler.get_cache_size_bytes() == cached
 
 
+def test_a_grammar_that_dead_ends_fails_only_its_request(llm: LLM) -> None:
+    engine = llm.engine
+    dead_end = StructuredOutputsParams(grammar='root ::= "a" rest\nrest ::= rest')  # "a", then nothing can follow
+    engine.add_request("dead end", PROMPT, None, SamplingParams(max_tokens=8, structured_outputs=dead_end))
+    engine.add_request("free", FREE_PROMPTS[0], None, FREE[0])
+    finished, failures = {}, {}
+    while engine.has_unfinished_requests():
+        finished.update({o.request_id: o for o in engine.step() if o.finished})
+        failures.update(engine.take_failures())
+    assert list(failures) == ["dead end"] and "cannot be completed" in str(failures["dead end"])
+    assert finished["free"].outputs[0].token_ids == llm.generate(FREE_PROMPTS[0], FREE[0])[0].outputs[0].token_ids
+    assert engine.structured.matchers == {}
+
+
 # ---- the HTTP API ----------------------------------------------------------------------------
 
 

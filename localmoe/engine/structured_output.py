@@ -35,7 +35,8 @@ class StructuredOutputs:
     """Compiles constraints for one model's tokenizer and keeps the matcher of each constrained sequence.
 
     The tokenizer's vocabulary is read for xgrammar on the first constrained request, so engines that never see
-    one do not pay for it. compile() runs on the thread that makes requests; the rest on the engine's thread.
+    one do not pay for it. compile() runs on the threads that make requests (the server's worker threads, so its
+    event loop never waits on a compile); the rest on the engine's thread.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, vocab_size: int, eos_token_ids: set[int]) -> None:
@@ -119,6 +120,8 @@ class StructuredOutputs:
         bitmask = xgr.allocate_token_bitmask(len(seqs), self.vocab_size)
         for i in rows:
             self.matchers[seqs[i].seq_id].fill_next_token_bitmask(bitmask, i)
+            if not bitmask[i].any():  # `root ::= "a" x  x ::= x`: the batch is drawn again row by row, this one fails
+                raise GrammarError("the grammar allows no next token here: the output cannot be completed")
         logits = logits.clone()
         xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=self.vocab_size, indices=rows)
         return logits
