@@ -218,10 +218,9 @@ def model(client: openai.OpenAI) -> str:
     return client.models.list().data[0].id
 
 
-def streamed_completion(client: openai.OpenAI, **body) -> tuple[str, str]:
+def streamed_completion(client: openai.OpenAI, model: str, **body) -> tuple[str, str]:
     text, finish = "", None
-    for chunk in client.completions.create(model=client.models.list().data[0].id, prompt=PROMPT, stream=True,
-                                           **body):
+    for chunk in client.completions.create(model=model, prompt=PROMPT, stream=True, **body):
         text += chunk.choices[0].text
         finish = chunk.choices[0].finish_reason or finish
     return text, finish
@@ -232,12 +231,13 @@ def test_every_streamed_answer_validates(request, server: str) -> None:
     """Every constraint at temperature 0 and 1, all streamed at the same time, from the built-in model's server
     and a random model's."""
     client = client_of(request.getfixturevalue(server))
+    model = client.models.list().data[0].id
     cases = [(constraint, expected, t) for t in (0, 1) for constraint, expected in constraints()]
 
     def run(case: tuple) -> tuple[str, str]:
         constraint, _, temperature = case
         field = {constraint.kind: getattr(constraint, constraint.kind)}
-        return streamed_completion(client, max_tokens=MAX_TOKENS, temperature=temperature, seed=1,
+        return streamed_completion(client, model, max_tokens=MAX_TOKENS, temperature=temperature, seed=1,
                                    extra_body={"structured_outputs": field})
 
     with ThreadPoolExecutor(len(cases)) as pool:
