@@ -34,7 +34,8 @@ def test_tool_choice_rules() -> None:
     with pytest.raises(ToolChoiceError, match="--enable-auto-tool-choice"):
         ToolUse.of(TOOLS, None, True, ToolSettings())
     none = ToolUse.of(TOOLS, "none", True, ToolSettings())
-    assert none.tools == TOOLS and none.reader is None and none.schema is None
+    assert none.tools == [WEATHER, {"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {}}}}] and none.reader is None and none.schema is None
     assert ToolUse.of(None, None, True, ToolSettings()).tools is None
     with pytest.raises(ToolChoiceError, match="needs tools"):
         ToolUse.of([], "required", True, AUTO)

@@ -62,6 +62,8 @@ class ToolUse:
                 raise ToolChoiceError("tool_choice needs tools")
             return cls(None, None, None, False, parallel_tool_calls)
         _check_tools(tools)
+        # OpenAI: a function without parameters takes none; the published templates read its `parameters`
+        tools = [{**tool, "function": {**tool["function"], "parameters": parameters(tool)}} for tool in tools]
         choice = "auto" if tool_choice is None else tool_choice
         if choice == "none":
             return cls(tools, None, None, False, parallel_tool_calls)
