@@ -20,6 +20,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from localmoe import LLM, SamplingParams
 from localmoe.sampling_params import StructuredOutputsParams
@@ -157,6 +158,28 @@ def test_disable_any_whitespace_gives_json_dumps_spacing(llm: LLM) -> None:
         StructuredOutputsParams(json=schema, disable_any_whitespace=True))))[0].outputs[0]
     assert out.text == json.dumps(json.loads(out.text), ensure_ascii=False)  # separators ", " and ": ", nothing more
     jsonschema.validate(json.loads(out.text), schema)
+
+
+def test_json_strings_hold_only_what_json_allows(llm: LLM) -> None:
+    """Pushed toward them (logit_bias +100), a string still never takes a control character, the bytes of a
+    UTF-16 surrogate (they decode to three U+FFFD, past a maxLength) or a special token: the mask forbids them."""
+    tokenizer = llm.get_tokenizer()
+    byte_token = {b: tokenizer.convert_tokens_to_ids(char) for b, char in bytes_to_unicode().items()}
+    pushed = [byte_token[ord("\t")], byte_token[2], byte_token[0xED], *(byte_token[b] for b in range(0xA0, 0xC0)),
+              tokenizer.bos_token_id]
+    bias = {token: 100.0 for token in pushed}
+    bounded = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 6}}, "required": ["a"]}
+    out = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=60, logit_bias=bias, structured_outputs=(
+        StructuredOutputsParams(json=bounded))))[0].outputs[0]
+    assert out.finish_reason == "stop"
+    jsonschema.validate(json.loads(out.text), bounded)
+    unbounded = StructuredOutputsParams(json={"type": "object", "properties": {"a": {"type": "string"}},
+                                                   "required": ["a"]})
+    out = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=30, logit_bias=bias, skip_special_tokens=False,
+                                              structured_outputs=unbounded))[0].outputs[0]
+    # cut by max_tokens: the string so far, less its last character (its bytes may be cut, a U+FFFD)
+    string = re.search(r':\s*"(.*).$', out.text, re.DOTALL).group(1)
+    assert string and not set(string) & {"\t", "\x02", "\ufffd"} and tokenizer.bos_token not in string
 
 
 def test_a_grammar_compiles_once_and_an_aborted_request_releases_its_matchers(llm: LLM) -> None:
