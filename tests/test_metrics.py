@@ -58,11 +58,19 @@ def complete(server: ServerProcess, model: str, max_tokens: int, prompt: str = "
 
 
 def wait_idle(url: str) -> None:
-    """Until no request runs or waits (an aborted stream of an earlier test is gone)."""
+    """Until no request runs or waits (an aborted stream of an earlier test is gone), and the engine loop's own
+    statistics have caught up: the engine publishes "idle" at the end of its last step, the loop's histograms just
+    after it, so a scrape in between would miss that step."""
     deadline = time.monotonic() + 60
-    while (metrics := scrape(url))["vllm:num_requests_running"] or metrics["vllm:num_requests_waiting"]:
+    previous = None
+    while True:
+        metrics = scrape(url)
+        idle = not (metrics["vllm:num_requests_running"] or metrics["vllm:num_requests_waiting"])
+        if idle and previous is not None and previous == metrics["vllm:iteration_tokens_total_count"]:
+            return
+        previous = metrics["vllm:iteration_tokens_total_count"] if idle else None
         assert time.monotonic() < deadline, metrics
-        time.sleep(0.05)
+        time.sleep(0.1)
 
 
 def families(url: str) -> dict[str, object]:
