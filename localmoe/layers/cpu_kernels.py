@@ -186,8 +186,8 @@ def expert_tiles(w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, tor
 @dataclass
 class QuantTiles:
     """A QuantizedWeight [.., N, K] in the tiles of the quantized kernels: q [.., N, K bits / 8] uint8 (quant_tiles
-    in tiled_matmul_cpu.cpp; float8 e4m3 bytes where `float8`), scales and zeros float32 [.., K / group, N] (a
-    group's scales of 16 rows are one vector load)."""
+    in tiled_matmul_cpu.cpp; float8 e4m3 bytes where `float8`), scales and zeros float32 [.., K / group, N] in
+    `tile_major` order (a group's scales of 16 rows are one vector load, and a tile's scales one run)."""
 
     q: torch.Tensor
     scales: torch.Tensor
@@ -200,11 +200,21 @@ class QuantTiles:
     def of(cls, weight: QuantizedWeight, rows_in=lambda t: t) -> "QuantTiles":
         """`rows_in` reorders the rows first (gate_up_paired for experts' w13)."""
         q = kernels().quant_tiles(rows_in(weight.values()), weight.bits)
-        scales, zeros = (rows_in(t).transpose(-1, -2).contiguous() for t in (weight.scales, weight.zeros))
+        scales, zeros = (tile_major(rows_in(t)) for t in (weight.scales, weight.zeros))
         return cls(q, scales, zeros, weight.bits, weight.float8)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.q, self.scales, self.zeros
+
+
+def tile_major(values: torch.Tensor) -> torch.Tensor:
+    """Per-row values [.., N, G] (a scale per row and group) as the quantized kernels read them: a tensor of shape
+    [.., G, N] holding, tile by tile (runs of TILE_ROWS rows, the last maybe shorter), each tile's [G, rows]. A tile
+    then reads its scales in one run as it reads its weights, not one scattered cache line per group."""
+    groups, rows = values.shape[-1], values.shape[-2]
+    tiles = [values[..., first:first + TILE_ROWS, :].transpose(-1, -2).flatten(-2)
+             for first in range(0, rows, TILE_ROWS)]
+    return torch.cat(tiles, dim=-1).unflatten(-1, (groups, rows)) if tiles else values.transpose(-1, -2).contiguous()
 
 
 def quant_expert_tiles(w13: QuantizedWeight, w2: QuantizedWeight) -> tuple[QuantTiles, QuantTiles]:
@@ -248,9 +258,9 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
 def fused_moe(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor | QuantTiles,
               w2: torch.Tensor | QuantTiles, float_out: bool = False) -> torch.Tensor:
     """sum_k weights[t, k] * SwiGLU expert ids[t, k] applied to x[t], for experts in expert_tiles (or QuantTiles of
-    both, w13's rows gate_up_paired, 8 or 4 bits each, or both float8); see tiled_matmul_cpu.cpp. The sums are kept in float32; bf16 is returned
-    unless `float_out` (for callers adding several partial sums; for top-2, adding those gives exactly the one
-    call's sums)."""
+    both, w13's rows gate_up_paired, 8 or 4 bits each, or both float8); see tiled_matmul_cpu.cpp. The sums are kept
+    in float32; bf16 is returned unless `float_out` (for callers adding several partial sums; for top-2, adding
+    those gives exactly the one call's sums)."""
     if x.shape[0] == 0:  # no tokens routed this step: no kernel call
         return x.new_empty(x.shape, dtype=torch.float32 if float_out else torch.bfloat16)
     if isinstance(w13, QuantTiles):

@@ -26,6 +26,16 @@ constexpr int64_t kTileRows = 64;  // 4 registers of 16 row sums
 constexpr int64_t kTileUnits = kTileRows / 2;  // an expert tile: this many gate rows, then their up rows
 constexpr int64_t kMaxTokens = 6;  // 6 x 4 sums + 4 weight registers + the broadcast token fit the 32 registers
 constexpr int64_t kMaxQuantTokens = 3;  // 2 x 3 x 4 sums (a block's, the total) + the weights being widened
+// Tiles are read front to back, but from DRAM the hardware's prefetch alone left a decode step waiting on memory
+// (int8 experts at 13 of ~30 GB/s, int4 at 10): each pass asks for the cache lines this far ahead itself.
+constexpr int64_t kPrefetchAhead = 4096;
+
+// Ask for the `bytes` (a whole number of cache lines, at least one) kPrefetchAhead past `at`.
+template <int Bytes>
+inline void prefetch_ahead(const void* at) {
+  for (int line = 0; line < std::max(Bytes / 64, 1); ++line)
+    _mm_prefetch(static_cast<const char*>(at) + kPrefetchAhead + 64 * line, _MM_HINT_T0);
+}
 
 // pass(std::integral_constant<int, M>{}, t0) for the n tokens in passes of M <= Max tokens of near-equal size, the
 // first at t0 (the tile stays in L2 between passes).
@@ -64,6 +74,7 @@ void tile_pass(const int32_t* const* x, int64_t pairs, const int32_t* w, Done& d
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
   for (int64_t p = 0; p < pairs; ++p) {
+    prefetch_ahead<R * 64>(w + p * R * 16);
     __m512bh wv[R];
     for (int r = 0; r < R; ++r) wv[r] = (__m512bh)_mm512_loadu_si512(w + (p * R + r) * 16);
     for (int m = 0; m < M; ++m) {
@@ -90,10 +101,11 @@ int64_t quant_block(int64_t group) {
 // x = scale_b * xq. Each 32 bytes hold 16 rows of one column pair (int8) or two (int4: the low nibbles the first
 // pair, the high ones the next), widened to int16 and multiplied in pairs with vpdpwssd into exact int32 sums;
 // each block then adds s scale_b (sum q xq - z sum xq) to the float32 sums. Two sets of sums (the block's and the
-// total) hold at most 3 tokens in registers. xinfo[m] is token m's (scale, sum xq) per block.
+// total) hold at most 3 tokens in registers. xinfo[m] is token m's (scale, sum xq) per block; scales and zeros are
+// the tile's own, [k / group][16R].
 template <int Bits, int R, int M, typename Done>
 void quant_tile_pass(const int32_t* const* x, const float* const* xinfo, int64_t k, int64_t group, int64_t block_size,
-                     const uint8_t* w, const float* scales, const float* zeros, int64_t stride, Done& done) {
+                     const uint8_t* w, const float* scales, const float* zeros, Done& done) {
   constexpr int64_t kPairsPerBlock = Bits == 8 ? 1 : 2;
   const __m512i nibble = _mm512_set1_epi16(0x000F);
   __m512 total[M][R];
@@ -105,6 +117,7 @@ void quant_tile_pass(const int32_t* const* x, const float* const* xinfo, int64_t
       for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_si512();
     for (int64_t p = b * block_size / 2; p < (b + 1) * block_size / 2; p += kPairsPerBlock) {
       const uint8_t* block = w + p / kPairsPerBlock * R * 32;
+      prefetch_ahead<R * 32>(block);
       for (int r = 0; r < R; ++r) {
         const __m512i q = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + r * 32)));
         if constexpr (Bits == 8) {
@@ -120,7 +133,7 @@ void quant_tile_pass(const int32_t* const* x, const float* const* xinfo, int64_t
     }
     const int64_t g = b * block_size / group;
     for (int r = 0; r < R; ++r) {
-      const __m512 s = _mm512_loadu_ps(scales + g * stride + 16 * r), z = _mm512_loadu_ps(zeros + g * stride + 16 * r);
+      const __m512 s = _mm512_loadu_ps(scales + (g * R + r) * 16), z = _mm512_loadu_ps(zeros + (g * R + r) * 16);
       for (int m = 0; m < M; ++m) {
         const __m512 sums = _mm512_fnmadd_ps(z, _mm512_set1_ps(xinfo[m][2 * b + 1]), _mm512_cvtepi32_ps(acc[m][r]));
         total[m][r] = _mm512_fmadd_ps(_mm512_mul_ps(s, _mm512_set1_ps(xinfo[m][2 * b])), sums, total[m][r]);
@@ -146,7 +159,7 @@ inline __m512bh fp8_pairs(const uint8_t* bytes) {
 // columns: w = s fp8(q). Each group's sums are taken in bf16 products as tile_pass does, then scaled into the total.
 template <int R, int M, typename Done>
 void fp8_tile_pass(const int32_t* const* x, int64_t k, int64_t group, const uint8_t* w, const float* scales,
-                   int64_t stride, Done& done) {
+                   Done& done) {
   __m512 total[M][R], acc[M][R];
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < R; ++r) total[m][r] = _mm512_setzero_ps();
@@ -154,6 +167,7 @@ void fp8_tile_pass(const int32_t* const* x, int64_t k, int64_t group, const uint
     for (int m = 0; m < M; ++m)
       for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
     for (int64_t p = g * group / 2; p < (g + 1) * group / 2; ++p) {
+      prefetch_ahead<R * 32>(w + p * R * 32);
       __m512bh wv[R];
       for (int r = 0; r < R; ++r) wv[r] = fp8_pairs(w + (p * R + r) * 32);
       for (int m = 0; m < M; ++m) {
@@ -162,7 +176,7 @@ void fp8_tile_pass(const int32_t* const* x, int64_t k, int64_t group, const uint
       }
     }
     for (int r = 0; r < R; ++r) {
-      const __m512 s = _mm512_loadu_ps(scales + g * stride + 16 * r);
+      const __m512 s = _mm512_loadu_ps(scales + (g * R + r) * 16);
       for (int m = 0; m < M; ++m) total[m][r] = _mm512_fmadd_ps(s, acc[m][r], total[m][r]);
     }
   }
@@ -188,45 +202,49 @@ struct Bf16Weight {
   }
 };
 
-// A weight [rows, k] of Bits-bit integers in tiles (quant_tiles), scales and zero points [k / group, stride]
-// (stride: the rows of the matrix they belong to). tile() also takes each token's column sums per group.
+// A weight [rows, k] of Bits-bit integers in tiles (quant_tiles), scales and zero points tile by tile: each tile's
+// [k / group, its rows] in one run (QuantTiles in cpu_kernels.py), so that a tile's scales stream in with it
+// rather than as a scattered read per group (a cache miss each, which made decoding from DRAM latency-bound).
+// tile() also takes each token's column sums per group.
 template <int Bits>
 struct QuantWeight {
   static constexpr bool kQuantized = true;
   const uint8_t* q;
   const float* scales;
   const float* zeros;
-  int64_t k, stride, group;
+  int64_t k, group;
 
   template <typename Done>
   void tile(int64_t first, int64_t rows, const int32_t* const* x, const float* const* sums, int64_t n,
             Done&& done) const {
     const uint8_t* t = q + first * k * Bits / 8;
+    const int64_t offset = first * (k / group);  // where the tile's scales begin
     with_rows(rows, [&](auto r) {
       in_passes<kMaxQuantTokens>(n, [&](auto m, int64_t t0) {
         auto at = [&](int i, const __m512* s) { done(t0 + i, s); };
         quant_tile_pass<Bits, decltype(r)::value, decltype(m)::value>(
-            x + t0, sums + t0, k, group, quant_block(group), t, scales + first, zeros + first, stride, at);
+            x + t0, sums + t0, k, group, quant_block(group), t, scales + offset, zeros + offset, at);
       });
     });
   }
 };
 
-// A weight [rows, k] of float8 e4m3 bytes in tiles (quant_tiles, 8 bits) with scales [k / group, stride]; the
-// activations stay bf16.
+// A weight [rows, k] of float8 e4m3 bytes in tiles (quant_tiles, 8 bits) with scales tile by tile (as QuantWeight's);
+// the activations stay bf16.
 struct Fp8Weight {
   static constexpr bool kQuantized = false;
   const uint8_t* q;
   const float* scales;
-  int64_t k, stride, group;
+  int64_t k, group;
 
   template <typename Done>
   void tile(int64_t first, int64_t rows, const int32_t* const* x, const float* const*, int64_t n, Done&& done) const {
     const uint8_t* t = q + first * k;
+    const float* s = scales + first * (k / group);
     with_rows(rows, [&](auto r) {
       in_passes<kMaxQuantTokens>(n, [&](auto m, int64_t t0) {
         auto at = [&](int i, const __m512* s) { done(t0 + i, s); };
-        fp8_tile_pass<decltype(r)::value, decltype(m)::value>(x + t0, k, group, t, scales + first, stride, at);
+        fp8_tile_pass<decltype(r)::value, decltype(m)::value>(x + t0, k, group, t, s, at);
       });
     });
   }
@@ -510,17 +528,17 @@ torch::Tensor fused_moe_quant(torch::Tensor x, torch::Tensor expert_ids, torch::
     constexpr int B13 = decltype(bits13_constant)::value, B2 = decltype(bits2_constant)::value;
     return run([&](int64_t e) {
       return QuantWeight<B13>{q13 + e * size13 * B13 / 8, sc13 + e * size13 / group13, ze13 + e * size13 / group13,
-                              dim, 2 * inter, group13};
+                              dim, group13};
     }, [&](int64_t e) {
       return QuantWeight<B2>{q2 + e * size2 * B2 / 8, sc2 + e * size2 / group2, ze2 + e * size2 / group2, inter,
-                             dim, group2};
+                             group2};
     });
   };
   if (float8) {
     TORCH_CHECK(bits13 == 8 && bits2 == 8, "fused_moe_quant: float8 weights have 8 bits");
     return run(
-        [&](int64_t e) { return Fp8Weight{q13 + e * size13, sc13 + e * size13 / group13, dim, 2 * inter, group13}; },
-        [&](int64_t e) { return Fp8Weight{q2 + e * size2, sc2 + e * size2 / group2, inter, dim, group2}; });
+        [&](int64_t e) { return Fp8Weight{q13 + e * size13, sc13 + e * size13 / group13, dim, group13}; },
+        [&](int64_t e) { return Fp8Weight{q2 + e * size2, sc2 + e * size2 / group2, inter, group2}; });
   }
   using Eight = std::integral_constant<int, 8>;
   using Four = std::integral_constant<int, 4>;
@@ -620,7 +638,7 @@ torch::Tensor tiled_linear_quant(torch::Tensor x, torch::Tensor w, torch::Tensor
   const uint8_t* q = w.data_ptr<uint8_t>();
   const float *s = scales.data_ptr<float>(), *z = zeros.data_ptr<float>();
   TORCH_CHECK(!float8 || bits == 8, "tiled_linear_quant: float8 weights have 8 bits");
-  if (float8) return linear(x, Fp8Weight{q, s, k, w.size(0), group}, n, w.size(0));
-  return bits == 8 ? linear(x, QuantWeight<8>{q, s, z, k, w.size(0), group}, n, w.size(0))
-                   : linear(x, QuantWeight<4>{q, s, z, k, w.size(0), group}, n, w.size(0));
+  if (float8) return linear(x, Fp8Weight{q, s, k, group}, n, w.size(0));
+  return bits == 8 ? linear(x, QuantWeight<8>{q, s, z, k, group}, n, w.size(0))
+                   : linear(x, QuantWeight<4>{q, s, z, k, group}, n, w.size(0));
 }
