@@ -174,8 +174,9 @@ class AsyncEngine:
             self.loop_stats.tick()
             self._drain_inbox()
             if not self.engine.has_unfinished_requests():
-                if not idle:  # the statistics of the engine at rest (after aborts, too)
+                if not idle:  # the statistics of the engine at rest (after aborts, too), the loop's with them
                     self.engine.publish_stats()
+                    self.loop_stats.publish(time.monotonic())
                     idle = True
                 self._wakeup.wait(timeout=1.0)
                 self._wakeup.clear()
