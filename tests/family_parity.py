@@ -173,3 +173,19 @@ def check_bfloat16_bar(directory: Path, lengths: list[int], new: int, reference:
     assert 0 < theirs.max() and ours.max() <= 2 * theirs.max()
     assert ours.median() <= 2 * theirs.median()
     return llm
+
+
+def check_quantized_kernels(directory: Path, reference: Path, **kwargs) -> LLM:
+    """check_bfloat16_bar for a quantized model (its checkpoint's or quantized at load), which must run on the
+    quantized CPU kernels throughout: every MoE layer's experts as QuantTiles, every QuantLinear on the kernel."""
+    from localmoe.experts.cpu import TiledExperts
+    from localmoe.layers.cpu_kernels import QuantTiles
+    from localmoe.layers.moe import moe_blocks
+    from localmoe.layers.quant_linear import QuantLinear
+
+    llm = check_bfloat16_bar(directory, [7, 30, 18, 2, 11], new=16, reference=reference, **kwargs)
+    model = llm.engine.model
+    assert all(isinstance(moe.experts, TiledExperts) and isinstance(moe.experts.w13, QuantTiles)
+               for _, moe in moe_blocks(model))
+    assert all(m.kernel for m in model.modules() if isinstance(m, QuantLinear))
+    return llm

@@ -11,11 +11,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from checkpoints import make_checkpoint
-from family_parity import (check_batched_prompt_logits, check_bfloat16_bar, check_greedy_with_shared_prefix, engine,
-                           record_logits)
+from family_parity import (check_batched_prompt_logits, check_greedy_with_shared_prefix, check_quantized_kernels,
+                           engine, record_logits)
 from localmoe import SamplingParams
 from localmoe.config import ConfigError, load_config
-from localmoe.experts.cpu import TiledExperts
 from localmoe.experts.quantized import QuantGroupedExperts
 from localmoe.layers import cpu_kernels
 from localmoe.layers.cpu_kernels import QuantTiles, cpu_has_avx512_bf16, expert_tiles, fused_moe, gate_up_paired
@@ -268,9 +267,5 @@ def test_bf16_on_the_quantized_kernels_meets_the_bf16_bar_against_the_dequantize
                                                                                           name):
     if not cpu_has_avx512_bf16():
         pytest.skip("needs a CPU with AVX512-BF16")
-    llm = check_bfloat16_bar(quantized_checkpoints["source"], [7, 30, 18, 2, 11], new=16,
-                             reference=quantized_checkpoints[name], quantization=name)
-    model = llm.engine.model
-    assert all(isinstance(moe.experts, TiledExperts) and isinstance(moe.experts.w13, QuantTiles)
-               for _, moe in moe_blocks(model))
-    assert all(m.kernel for m in model.modules() if isinstance(m, QuantLinear))
+    check_quantized_kernels(quantized_checkpoints["source"], quantized_checkpoints[name], quantization=name)
+
