@@ -141,6 +141,10 @@ def serve(
         help=flag_help(ServerConfig, "shutdown_timeout"))] = None,
     engine_stall_timeout: Annotated[Optional[float], typer.Option(
         help=flag_help(ServerConfig, "engine_stall_timeout"))] = None,
+    chat_template: Annotated[Optional[str], typer.Option(help=flag_help(ServerConfig, "chat_template"))] = None,
+    enable_auto_tool_choice: Annotated[Optional[bool], typer.Option(
+        "--enable-auto-tool-choice", help=flag_help(ServerConfig, "enable_auto_tool_choice"))] = None,
+    tool_call_parser: Annotated[Optional[str], typer.Option(help=flag_help(ServerConfig, "tool_call_parser"))] = None,
     *,
     engine_flags: dict[str, Any],
 ) -> None:
@@ -148,7 +152,9 @@ def serve(
     try:
         settings = config_from_flags(config, engine_flags, host=host, port=port, api_key=api_key,
                                      log_level=log_level, shutdown_timeout=shutdown_timeout,
-                                     engine_stall_timeout=engine_stall_timeout)
+                                     engine_stall_timeout=engine_stall_timeout, chat_template=chat_template,
+                                     enable_auto_tool_choice=enable_auto_tool_choice,
+                                     tool_call_parser=tool_call_parser)
     except ConfigError as e:
         raise fail(str(e), EXIT_CONFIG) from None
     run_server(settings)

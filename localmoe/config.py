@@ -16,6 +16,9 @@ import yaml
 
 from localmoe.models.hub import HubError, hub_checkpoint, hub_tokenizer, is_hub_id
 from localmoe.quant.scheme import LOAD_TIME, QuantScheme, quant_scheme
+from localmoe.server.chat_template import load_chat_template
+from localmoe.server.tool_parsers import TOOL_PARSERS
+from localmoe.server.tool_use import ToolSettings
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "config.yaml"
 
@@ -256,6 +259,25 @@ class ServerConfig:
     shutdown_timeout: float = setting(30.0, "Seconds in-flight requests get to finish after SIGTERM.")
     engine_stall_timeout: float = setting(120.0, "Seconds without engine progress while requests wait after "
                                           "which /health fails.")
+    chat_template: str | None = setting(
+        None, "The file path to the chat template, or the template in single-line form, for the specified model. "
+        "LocalMoE's bundled tool templates are also found by file name (tool_chat_template_hermes.jinja, "
+        "tool_chat_template_mistral.jinja, as under vLLM's examples/). If unspecified, the checkpoint's, or for "
+        "requests with tools, the --tool-call-parser's template where the checkpoint's does not render tools.")
+    enable_auto_tool_choice: bool = setting(
+        False, "Enable auto tool choice for supported models. Use --tool-call-parser to specify which parser to use.")
+    tool_call_parser: str | None = setting(
+        None, "Select the tool call parser depending on the model that you're using. This is used to parse the "
+        "model-generated tool call into OpenAI API format. Required for --enable-auto-tool-choice. "
+        f"Choices: {', '.join(TOOL_PARSERS)}.")
+
+    def validate(self) -> None:
+        try:
+            ToolSettings(self.enable_auto_tool_choice, self.tool_call_parser)
+            if self.chat_template is not None:
+                load_chat_template(self.chat_template)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 @dataclass(frozen=True)
@@ -307,6 +329,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, A
     config.model.validate()
     config = with_quantization_type(config)
     config.engine.validate()
+    config.server.validate()
     return with_hub_snapshots(config)
 
 

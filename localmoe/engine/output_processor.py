@@ -44,8 +44,10 @@ class OutputProcessor:
                 entry.setdefault(alt, Logprob(value, self.tokenizer.decode([alt])))
             seq.logprobs = (seq.logprobs or []) + [entry]
         previous = len(seq.text)
-        seq.text += self.detokenizers[seq.seq_id].step(token)
-        if (not params.ignore_eos and token in self.eos_token_ids) or grammar_ended:
+        ends = (not params.ignore_eos and token in self.eos_token_ids) or grammar_ended
+        if not ends:  # the end-of-sequence token is no text, even where special tokens are kept (as in vLLM)
+            seq.text += self.detokenizers[seq.seq_id].step(token)
+        if ends:
             seq.finish_reason = "stop"
         elif token in params.stop_token_ids:
             seq.finish_reason, seq.stop_reason = "stop", token

@@ -34,6 +34,7 @@ from localmoe.server.protocol import (
     TokenizeRequest, TokenizeResponse,
 )
 from localmoe.server.serving import OpenAIServing
+from localmoe.server.tool_use import ToolSettings
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,8 @@ def build_app(aengine: AsyncEngine, config: Config) -> FastAPI:
                             lambda: engine.snapshot.experts, lambda: aengine.num_reserved,
                             lambda: aengine.loop_stats.published)
     history = StatsHistory(lambda: engine.snapshot, metrics.totals, metrics.recent)
-    serving = OpenAIServing(aengine, metrics)
+    tools = ToolSettings(config.server.enable_auto_tool_choice, config.server.tool_call_parser)
+    serving = OpenAIServing(aengine, metrics, tools, config.server.chat_template)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -120,7 +122,8 @@ def build_app(aengine: AsyncEngine, config: Config) -> FastAPI:
     async def tokenize(request: TokenizeRequest) -> TokenizeResponse:
         serving.check_model(request.model)
         if request.messages is not None:
-            text = serving.render_chat(request.messages, request.add_generation_prompt)
+            tools = None if request.tools is None else [tool.model_dump(exclude_none=True) for tool in request.tools]
+            text = serving.render_chat(request.messages, request.add_generation_prompt, tools)
         elif request.prompt is not None:
             text = request.prompt
         else:

@@ -21,25 +21,32 @@ from localmoe.engine.async_engine import AsyncEngine
 from localmoe.engine.structured_output import GrammarError
 from localmoe.outputs import CompletionOutput, Logprob, RequestOutput
 from localmoe.sampling_params import SamplingParams, SamplingParamsError, StructuredOutputsParams
+from localmoe.server.chat_template import ChatTemplates
 from localmoe.server.errors import APIError
 from localmoe.server.generation import Generation, Prompt, unless_disconnected
 from localmoe.server.metrics import ServerMetrics
 from localmoe.server.protocol import (
     ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatMessage,
     ChatResponseMessage, ChatStreamChoice, CompletionChoice, CompletionLogprobs, CompletionRequest,
-    CompletionResponse, DeltaMessage, SamplingRequest, TokenLogprob, TopLogprob, UsageInfo,
+    CompletionResponse, DeltaMessage, DeltaToolCall, FunctionCall, SamplingRequest, TokenLogprob, ToolCall,
+    TopLogprob, UsageInfo,
 )
+from localmoe.server.tool_use import ToolChoiceError, ToolDeltas, ToolSettings, ToolUse
 
 log = logging.getLogger(__name__)
 
 
 class OpenAIServing:
-    def __init__(self, aengine: AsyncEngine, metrics: ServerMetrics) -> None:
+    def __init__(self, aengine: AsyncEngine, metrics: ServerMetrics, tools: ToolSettings = ToolSettings(),
+                 chat_template: str | None = None) -> None:
+        """`chat_template`: the --chat-template value, if given."""
         self.aengine = aengine
         self.metrics = metrics
         self.tokenizer = aengine.engine.tokenizer
         self.model_name: str = aengine.engine.model_name
         self.max_model_len: int = aengine.engine.max_model_len
+        self.tools = tools
+        self.templates = ChatTemplates.choose(self.tokenizer.chat_template, chat_template, tools.tool_call_parser)
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
@@ -63,16 +70,18 @@ class OpenAIServing:
     def prompt_text(self, prompt: Prompt) -> str:
         return prompt.text if prompt.text is not None else self.tokenizer.decode(prompt.token_ids)
 
-    def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool) -> str:
+    def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool,
+                    tools: list[dict[str, Any]] | None = None) -> str:
         try:
-            return self.tokenizer.apply_chat_template(
-                [_message_dict(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt)
+            return self.templates.render(self.tokenizer, [_message_dict(m) for m in messages], tools,
+                                         add_generation_prompt)
         except Exception as e:  # noqa: BLE001 -- the template runs on the request's messages: any failure is theirs
             raise APIError(f"cannot apply the chat template: {e}", param="messages") from e
 
-    def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool) -> Prompt:
+    def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool,
+                    tools: list[dict[str, Any]] | None) -> Prompt:
         """The rendered chat; the template itself supplies the special tokens, so none are added."""
-        text = self.render_chat(messages, add_generation_prompt)
+        text = self.render_chat(messages, add_generation_prompt, tools)
         return Prompt(text, self.tokenizer.encode(text, add_special_tokens=False))
 
     def completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[Prompt]:
@@ -108,6 +117,15 @@ class OpenAIServing:
         except GrammarError as e:
             raise APIError(str(e), param="structured_outputs") from e
 
+    def tool_use(self, request: ChatCompletionRequest) -> ToolUse:
+        tools = None if request.tools is None else [tool.model_dump(exclude_none=True) for tool in request.tools]
+        choice = request.tool_choice
+        try:
+            return ToolUse.of(tools, choice if isinstance(choice, str | None) else choice.model_dump(),
+                              request.parallel_tool_calls, self.tools)
+        except ToolChoiceError as e:
+            raise APIError(str(e), param=e.param) from e
+
     # ---- endpoints -----------------------------------------------------------------------------
 
     async def create_completion(self, request: CompletionRequest, raw_request: Request) -> Response:
@@ -142,20 +160,29 @@ class OpenAIServing:
 
     async def create_chat_completion(self, request: ChatCompletionRequest, raw_request: Request) -> Response:
         self.check_model(request.model)
-        prompt = self.chat_prompt(request.messages, request.add_generation_prompt)
-        params = self.sampling_params(request, request.max_new_tokens, request.num_logprobs)
+        use = self.tool_use(request)
+        prompt = self.chat_prompt(request.messages, request.add_generation_prompt, use.tools)
+        forced = None if use.schema is None else StructuredOutputsParams(json=use.schema)
+        params = self.sampling_params(request, request.max_new_tokens, request.num_logprobs, forced)
+        if use.keep_special_tokens:
+            params = dataclasses.replace(params, skip_special_tokens=False)
         await self.compile_grammar(params)
         generation = Generation(self.aengine, self.metrics, f"chatcmpl-{uuid.uuid4().hex}", [prompt], [params],
                                 request.priority)
         if request.stream:
-            return _sse(self._chat_stream(request, generation), generation)
+            return _sse(self._chat_stream(request, use, generation), generation)
         outputs = await _final_outputs(raw_request, generation)
         if outputs is None:
             return Response(status_code=499)
-        choices = [ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text),
-                              finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-                              logprobs=_chat_logprobs(c, 0, params.logprobs) if params.logprobs is not None else None)
-                   for c in sorted(outputs[0].outputs, key=lambda c: c.index)]
+        choices = []
+        for c in sorted(outputs[0].outputs, key=lambda c: c.index):
+            read = use.read(c.text, c.finish_reason)
+            calls = [ToolCall(id=t.id, function=FunctionCall(name=t.name, arguments=t.arguments))
+                     for t in read.tool_calls]
+            choices.append(ChatChoice(
+                index=c.index, message=ChatResponseMessage(content=read.content, tool_calls=calls),
+                finish_reason=read.finish_reason, stop_reason=c.stop_reason,
+                logprobs=_chat_logprobs(c, 0, params.logprobs) if params.logprobs is not None else None))
         return JSONResponse(ChatCompletionResponse(id=generation.base_id,
                                                    model=self.model_name, choices=choices,
                                                    usage=_usage(outputs)).model_dump())
@@ -205,7 +232,8 @@ class OpenAIServing:
             yield _data(CompletionResponse(id=stream_id, created=created, model=self.model_name, choices=[],
                                            usage=usage))
 
-    async def _chat_stream(self, request: ChatCompletionRequest, generation: Generation) -> AsyncIterator[str]:
+    async def _chat_stream(self, request: ChatCompletionRequest, use: ToolUse,
+                           generation: Generation) -> AsyncIterator[str]:
         stream_id, created, top_logprobs = generation.base_id, int(time.time()), request.num_logprobs
 
         def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
@@ -215,17 +243,20 @@ class OpenAIServing:
         for index in range(request.n):
             yield chunk([ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))])
         sent = _Progress()
+        readers = {index: use.stream() for index in range(request.n)}
         last: RequestOutput | None = None
         async for _, output in generation.stream():
             last = output
             for c in output.outputs:
                 delta = sent.advance(c.index, c)
-                if delta is None or not (delta.text or delta.finish_reason or top_logprobs is not None):
+                if delta is None:
+                    continue
+                message, finish_reason = _delta_message(readers[c.index], delta)
+                if not (message.content or message.tool_calls or finish_reason or top_logprobs is not None):
                     continue
                 logprobs = _chat_logprobs(c, delta.first_token, top_logprobs) if top_logprobs is not None else None
-                yield chunk([ChatStreamChoice(index=c.index, delta=DeltaMessage(content=delta.text),
-                                              logprobs=logprobs, finish_reason=delta.finish_reason,
-                                              stop_reason=delta.stop_reason)])
+                yield chunk([ChatStreamChoice(index=c.index, delta=message, logprobs=logprobs,
+                                              finish_reason=finish_reason, stop_reason=delta.stop_reason)])
         if request.include_usage and last is not None:
             yield chunk([], _usage([last]))
 
@@ -257,6 +288,15 @@ class _Progress:
         if c.finish_reason is not None:
             self.finished.add(index)
         return _Delta(c.text[first_char:], first_char, first_token, c.finish_reason, c.stop_reason)
+
+
+def _delta_message(reader: ToolDeltas | None, delta: _Delta) -> tuple[DeltaMessage, str | None]:
+    """A choice's delta as content and tool-call deltas, and the finish reason to send with it."""
+    if reader is None:
+        return DeltaMessage(content=delta.text), delta.finish_reason
+    parsed, finish_reason = reader.feed(delta.text, delta.finish_reason)
+    calls = [DeltaToolCall.model_validate(call.openai()) for call in parsed.tool_calls]
+    return DeltaMessage(content=parsed.content or None, tool_calls=calls or None), finish_reason
 
 
 async def _final_outputs(raw_request: Request, generation: Generation) -> list[RequestOutput] | None:
