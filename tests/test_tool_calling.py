@@ -102,6 +102,21 @@ def test_auto_reads_the_models_tool_call_format(client: openai.OpenAI) -> None:
     assert name == "get_weather" and json.loads(arguments)["city"] in ("Paris", "Oslo")
 
 
+def test_auto_with_the_mistral_parser(tiny_mixtral_dir: Path, tmp_path_factory) -> None:
+    """The model's text in Mistral's v3 format ([TOOL_CALLS] and a JSON list), read by --tool-call-parser mistral,
+    whose calls get the nine-character ids Mistral's template requires."""
+    regex = r'\[TOOL_CALLS\] \[\{"name": "get_weather", "arguments": \{"city": "Lima", "days": [1-7]\}\}\]'
+    with serve(tmp_path_factory.mktemp("mistral"), "--model", str(tiny_mixtral_dir), "--dtype", "float32", *SMALL_KV,
+               "--enable-auto-tool-choice", "--tool-call-parser", "mistral") as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=2)
+        extra = {"extra_body": {"structured_outputs": {"regex": regex}}}
+        choice = _create(client, temperature=0, **extra).choices[0]
+        [call] = choice.message.tool_calls
+        assert call.function.name == "get_weather" and json.loads(call.function.arguments)["city"] == "Lima"
+        assert len(call.id) == 9 and call.id.isalnum() and choice.finish_reason == "tool_calls"
+        assert _streamed(client, temperature=0, **extra) == (None, _calls(choice.message), "tool_calls")
+
+
 def test_tool_choice_none_answers_in_text(client: openai.OpenAI) -> None:
     choice = _create(client, tool_choice="none", max_tokens=8).choices[0]
     assert not choice.message.tool_calls and choice.message.content is not None
