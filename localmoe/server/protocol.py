@@ -90,9 +90,11 @@ class ResponseFormat(BaseModel):
 
 
 class StructuredOutputsRequest(BaseModel):
-    """vLLM's `structured_outputs` object: one of json, regex, choice, grammar, json_object."""
+    """vLLM's `structured_outputs` object: one of json, regex, choice, grammar, json_object. Its other keys
+    (structural_tag, whitespace_pattern, ...) are refused by name rather than ignored: a client relying on one
+    would otherwise get output it did not constrain."""
 
-    model_config = ConfigDict(strict=True, populate_by_name=True)
+    model_config = ConfigDict(strict=True, populate_by_name=True, extra="forbid")
 
     json_: str | dict[str, Any] | None = Field(default=None, alias="json")
     regex: str | None = None
