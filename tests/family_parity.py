@@ -12,7 +12,10 @@ from torch import nn
 
 from checkpoints import reference_model
 from localmoe import LLM, SamplingParams
-from localmoe.layers.moe import SparseMoE
+from localmoe.experts.cpu import TiledExperts
+from localmoe.layers.cpu_kernels import QuantTiles
+from localmoe.layers.moe import SparseMoE, moe_blocks
+from localmoe.layers.quant_linear import QuantLinear
 
 TOL = 1e-4
 
@@ -178,11 +181,6 @@ def check_bfloat16_bar(directory: Path, lengths: list[int], new: int, reference:
 def check_quantized_kernels(directory: Path, reference: Path, **kwargs) -> LLM:
     """check_bfloat16_bar for a quantized model (its checkpoint's or quantized at load), which must run on the
     quantized CPU kernels throughout: every MoE layer's experts as QuantTiles, every QuantLinear on the kernel."""
-    from localmoe.experts.cpu import TiledExperts
-    from localmoe.layers.cpu_kernels import QuantTiles
-    from localmoe.layers.moe import moe_blocks
-    from localmoe.layers.quant_linear import QuantLinear
-
     llm = check_bfloat16_bar(directory, [7, 30, 18, 2, 11], new=16, reference=reference, **kwargs)
     model = llm.engine.model
     assert all(isinstance(moe.experts, TiledExperts) and isinstance(moe.experts.w13, QuantTiles)

@@ -28,11 +28,10 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models
 
 from checkpoints import VOCAB, make_checkpoint
-from family_parity import check_batched_prompt_logits, check_bfloat16_bar, engine
+from family_parity import check_batched_prompt_logits, check_quantized_kernels, engine
 from localmoe.config import ConfigError
-from localmoe.experts.cpu import TiledExperts
 from localmoe.experts.quantized import QuantGroupedExperts
-from localmoe.layers.cpu_kernels import QuantTiles, cpu_has_avx512_bf16
+from localmoe.layers.cpu_kernels import cpu_has_avx512_bf16
 from localmoe.layers.moe import moe_blocks
 from localmoe.layers.quant_linear import QuantLinear
 from localmoe.models.builtin import save_tokenizer
@@ -263,13 +262,10 @@ def test_float32_logits_equal_transformers_on_the_weights_the_gguf_library_reads
 @pytest.mark.avx512_bf16
 @pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="needs a CPU with AVX512-BF16")
 def test_q4_k_on_the_kernels_meets_the_bf16_bar(files):
+    """Every layer on the quantized kernels, layer 1's mixed Q4_K/Q6_K experts and widened q/k/v included."""
     source, paths = files
     path, reference = paths["q4_k_m"]
-    model = check_bfloat16_bar(path, [7, 30, 18, 2, 11], new=16, reference=reference,
-                               tokenizer=str(source)).engine.model
-    experts = [moe.experts for _, moe in moe_blocks(model)]
-    assert isinstance(experts[0], TiledExperts) and isinstance(experts[0].w13, QuantTiles)
-    assert all(m.kernel for m in model.modules() if isinstance(m, QuantLinear))
+    check_quantized_kernels(path, reference, tokenizer=str(source))
 
 
 def test_experts_stored_one_tensor_each_load_like_stacked_ones(files, tmp_path):
