@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from checkpoints import make_checkpoint
 from family_parity import engine, prompts_of, record_logits
 from localmoe import SamplingParams
-from localmoe.experts.cache import ExpertCache
+from localmoe.experts.cache import ExpertCache, SlotPool
 from localmoe.experts.cpu import TiledExperts
 from localmoe.experts.store import ExpertStore
 from localmoe.layers.cpu_kernels import kernels
@@ -272,7 +272,7 @@ def test_cuda_offloading_with_side_stream_prefetch(checkpoint, target):
 
 def test_cache_size_in_bytes_is_split_over_the_layers(checkpoint):
     """expert_cache_memory: a byte budget over all MoE layers, split evenly, whole experts per layer; it and
-    expert_cache_size exclude each other, and a budget below one expert a layer is refused naming the minimum."""
+    expert_cache_size exclude each other, and a budget below one expert is refused naming the minimum."""
     from localmoe.config import ConfigError
 
     probe = engine(checkpoint, expert_cache_size=1, expert_offload_target="disk")
@@ -288,8 +288,45 @@ def test_cache_size_in_bytes_is_split_over_the_layers(checkpoint):
         engine(checkpoint, expert_cache_size=2, expert_cache_memory="1GiB")
     with pytest.raises(ConfigError, match="expert_cache_memory"):
         engine(checkpoint, expert_cache_memory="plenty")
-    with pytest.raises(ValueError, match=f"at least {layers * expert_bytes} bytes"):
-        engine(checkpoint, expert_cache_memory=str(layers * expert_bytes - 1))
+    with pytest.raises(ValueError, match=f"at least {expert_bytes} bytes"):
+        engine(checkpoint, expert_cache_memory=str(expert_bytes - 1))
+
+
+def test_a_budget_below_one_expert_a_layer_shares_its_slots_between_layers(checkpoint, resident):
+    """expert_cache_memory of fewer experts than MoE layers: the layers share one pool of slots (a layer's miss
+    evicts another layer's expert), and the outputs are still the resident ones."""
+    probe = engine(checkpoint, expert_cache_size=1, expert_offload_target="disk")
+    expert_bytes, layers = probe.engine.experts.caches[0].expert_bytes, len(probe.engine.experts.caches)
+    assert layers >= 2
+    tokens, steps, core = run(checkpoint, expert_cache_memory=str(expert_bytes + expert_bytes // 2),
+                              expert_offload_target="disk", expert_prefetch=True)
+    caches = core.experts.caches
+    assert len({id(c.pool) for c in caches}) == 1 and caches[0].capacity == 1
+    assert tokens == resident[0]
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(steps, resident[1]))
+    assert all(int(c.stats.misses.sum()) > NEW for c in caches)  # each layer reloads what the others evicted
+    memory = core.snapshot.memory["expert_cache"]
+    assert memory["shared_slots"] and memory["slots"] == 1 and memory["budget_bytes"] == expert_bytes
+    stats = core.snapshot.experts["layers"]
+    assert all(layer["cache"]["shared_slots"] for layer in stats)
+
+
+def test_layers_sharing_a_pool_evict_each_others_experts_and_prefetch_never_takes_a_pinned_slot():
+    store = FakeStore()
+    store.add_layer("moe2", 6, {"w13": (1,), "w2": (1,)})
+    for kind in ("w13", "w2"):
+        store.layers["moe2"].host[kind].copy_(10 + torch.arange(6.0)[:, None])
+    pool = SlotPool(store.layers["moe"].form.tensors, 2, "lru", torch.device("cpu"))
+    first, second = (ExpertCache(path, store, 2, "lru", torch.device("cpu"), pool=pool) for path in ("moe", "moe2"))
+    list(first.waves(torch.tensor([[1, 2]])))
+    assert first.expert_slot.keys() == {1, 2} and second.expert_slot == {}
+    for slots in second.waves(torch.tensor([[4]])):  # evicts layer moe's least recent expert
+        assert pool.slots["w13"][slots[slots >= 0], 0].tolist() == [14.0]
+        first.prefetch([3, 5])  # while moe2's wave reads its slot: only the other slot may be taken
+        assert second.expert_slot == {4: slots.max().item()}
+    assert len(first.expert_slot) == 1 and set(first.expert_slot) <= {2, 3}
+    assert int(first.stats.prefetches.sum()) == 1 and pool.pinned == set()
+    assert first.slot_expert.count(-1) == 1 and second.slot_expert.count(-1) == 1
 
 
 def test_auto_cache_size_takes_what_the_memory_limit_leaves(checkpoint, monkeypatch):

@@ -25,7 +25,7 @@ from torch import nn
 
 from localmoe.config import ConfigError, EngineConfig
 from localmoe.engine.scheduler import ScheduledBatch
-from localmoe.experts.memory_budget import auto_cache_bytes, memory_left
+from localmoe.experts.memory_budget import RUNTIME_RESERVE, auto_cache_bytes, memory_left
 from localmoe.experts.offload import OffloadPlan, offloaded_weight
 from localmoe.experts.runtime import convert_experts
 from localmoe.layers.attention import AttentionMetadata
@@ -106,15 +106,19 @@ class ModelRunner:
         config = self.config
         if not config.offloads_experts:
             return None
-        memory = config.expert_cache_bytes
+        memory, source = config.expert_cache_bytes, ""
         if memory == "auto":
             if self.device.type != "cpu":
                 raise ConfigError("expert_cache_memory: auto sizes a cache in host memory; on "
                                   f"{self.device.type} give the cache's bytes")
             # the weights that stay resident are loaded; the KV pool and swap space come next
             memory = auto_cache_bytes(self.kv_bytes + self.swap_bytes)
+            source = (f" (auto: what this process may still use, {memory_left()} bytes, less the KV pool's "
+                      f"{self.kv_bytes}, swap space's {self.swap_bytes} and the runtime's {RUNTIME_RESERVE}; a "
+                      "larger memory limit, a shorter max_model_len or kv_cache_memory leave more)")
         return OffloadPlan(model_dir, config.expert_offload_target, config.expert_cache_size or None,
-                           config.expert_cache_policy, config.expert_prefetch, memory)
+                           config.expert_cache_policy, config.expert_prefetch, memory,
+                           memory_source=source)
 
     def _host_kv_bytes(self) -> int:
         """kv_cache_memory; by default 2 GiB, or an eighth of what the process may still use where that is less

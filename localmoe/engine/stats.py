@@ -97,6 +97,7 @@ class MemoryAccount:
 
     def snapshot(self, num_blocks: int, num_free_blocks: int, usage: float) -> dict[str, Any]:
         caches, store = self.experts.caches, self.experts.store
+        pools = list({id(c.pool): c.pool for c in caches}.values())
         device: dict[str, Any] = {"type": self.device.type}
         if self.device.type == "cuda":
             device |= {"allocated_bytes": torch.cuda.memory_allocated(self.device),
@@ -109,10 +110,12 @@ class MemoryAccount:
                          "num_free_blocks": num_free_blocks, "usage": usage, "swap_bytes": self.swap_bytes},
             "expert_cache": {
                 "enabled": bool(caches),
-                "experts_per_layer": caches[0].capacity if caches else 0,
+                "experts_per_layer": sum(p.capacity for p in pools) / len(caches) if caches else 0,
+                "slots": sum(p.capacity for p in pools),
+                "shared_slots": len(pools) < len(caches),  # layers share slots (experts/cache.py's SlotPool)
                 "policy": caches[0].policy if caches else None,
                 "offload_target": store.target if store is not None else None,
-                "budget_bytes": sum(c.budget_bytes for c in caches),
+                "budget_bytes": sum(p.nbytes for p in pools),
                 "resident_bytes": sum(c.resident_bytes for c in caches),
                 "store_host_bytes": store.host_bytes() if store is not None else 0,
             },

@@ -1,10 +1,15 @@
-"""ExpertCache: a fixed budget of expert slots per MoE layer on the compute device, filled from the ExpertStore.
+"""ExpertCache: expert slots on the compute device, filled from the ExpertStore, for one MoE layer.
 
 A step's MoE layer asks for the experts its tokens chose. Those already in a slot are hits; the others are
 misses, loaded into slots freed by the eviction policy. When a step needs more experts than there are slots
 (a budget below top-k, or a large batch), it runs in waves: the resident experts first (so no load evicts an
 expert the step still needs), then the misses a slot-load at a time. The slots are allocated once, so the
-bytes the cache holds never exceed `capacity * expert_bytes`.
+bytes the cache holds never exceed its budget.
+
+The slots belong to a SlotPool. Usually each layer has a pool of its own (`expert_cache_size` slots, or its share
+of `expert_cache_memory`); where the bytes give less than one expert per layer, all layers share one pool, and a
+layer's miss may evict another layer's expert. Loads into a pool are serialized and the slots a running wave reads
+are pinned, so a prefetch for the next layer never overwrites them.
 
 Prefetch (optional, see experts/offload.py): the MoE layer before this one guesses the experts this layer will
 want and has them loaded on a background thread while it computes (disk reads and copies release the GIL; on
@@ -17,6 +22,7 @@ an exponentially decayed use count, so an expert that was hot long ago fades (fr
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,7 +33,9 @@ from localmoe.config import EXPERT_CACHE_POLICIES as POLICIES
 from localmoe.experts.store import ExpertStore
 from localmoe.layers.huge_pages import page_aligned_zeros
 
-LFRU_DECAY = 0.9  # per access of the layer: a use 7 steps ago weighs about half a use now
+LFRU_DECAY = 0.9  # per access of the pool: a use 7 accesses ago weighs about half a use now
+
+Key = tuple[str, int]  # (MoE layer path, expert)
 
 
 @dataclass
@@ -62,28 +70,76 @@ class CacheStats:
         return int(self.prefetch_hits.sum())
 
 
-class ExpertCache:
-    def __init__(self, path: str, store: ExpertStore, capacity: int, policy: str, device: torch.device,
-                 prefetcher: ThreadPoolExecutor | None = None) -> None:
+class SlotPool:
+    """`capacity` slots of one expert form ("w13"/"w2" or the quantized tiles -> shape and dtype of one expert's
+    tensor), which experts of one or more layers occupy, and the eviction policy's state over them."""
+
+    def __init__(self, tensors: dict[str, tuple[tuple[int, ...], torch.dtype]], capacity: int, policy: str,
+                 device: torch.device) -> None:
         if policy not in POLICIES:
             raise ValueError(f"expert cache policy {policy!r} is not one of {', '.join(POLICIES)}")
         if capacity < 1:
             raise ValueError("an expert cache needs at least one slot (expert_cache_size 0 keeps every expert resident)")
-        layer = store.layers[path]
-        self.path, self.store, self.policy = path, store, policy
-        self.num_experts = layer.num_experts
-        self.capacity = min(capacity, layer.num_experts)
+        self.capacity, self.policy = capacity, policy
         # on CPU page-aligned, so the store can read straight into a slot (direct I/O, experts/expert_file.py)
-        self.slots = {kind: page_aligned_zeros((self.capacity, *shape), dtype) if device.type == "cpu"
-                      else torch.zeros(self.capacity, *shape, dtype=dtype, device=device)
-                      for kind, (shape, dtype) in layer.form.tensors.items()}
+        self.slots = {kind: page_aligned_zeros((capacity, *shape), dtype) if device.type == "cpu"
+                      else torch.zeros(capacity, *shape, dtype=dtype, device=device)
+                      for kind, (shape, dtype) in tensors.items()}
+        self.layers: list[str] = []  # the layers whose caches use these slots
+        self.owner: list[Key | None] = [None] * capacity  # which expert each slot holds
+        self.slot_of: dict[Key, int] = {}
+        self.pinned: set[int] = set()  # slots a running wave reads
+        self.lock = threading.Lock()  # loads (misses and the prefetch thread's) one at a time
+        self.clock = 0  # accesses of the pool's layers so far
+        self.last_use: dict[Key, int] = {}
+        self.uses: dict[Key, int] = {}
+        self.score: dict[Key, float] = {}  # lfru: decayed use count as of last_use
+
+    @property
+    def nbytes(self) -> int:
+        return sum(slots.numel() * slots.element_size() for slots in self.slots.values())
+
+    def free_slot(self, keep: set[Key]) -> int | None:
+        """An empty slot, or the slot of the policy's victim among experts not in `keep` and not pinned (now
+        empty); None where every slot is pinned or kept. Called with the lock held."""
+        if None in self.owner:
+            return self.owner.index(None)
+        candidates = [key for key, slot in self.slot_of.items() if key not in keep and slot not in self.pinned]
+        if not candidates:
+            return None
+        slot = self.slot_of.pop(min(candidates, key=self._rank))
+        self.owner[slot] = None  # free until the read succeeds: a failed read leaves a free slot
+        return slot
+
+    def touch(self, key: Key) -> None:
+        self.score[key] = self._decayed_score(key) + 1.0
+        self.uses[key] = self.uses.get(key, 0) + 1
+        self.last_use[key] = self.clock
+
+    def _rank(self, key: Key) -> float | tuple[int, int]:
+        """Eviction order: the smallest goes first."""
+        if self.policy == "lru":
+            return self.last_use.get(key, 0)
+        if self.policy == "lfu":
+            return self.uses.get(key, 0), self.last_use.get(key, 0)
+        return self._decayed_score(key)
+
+    def _decayed_score(self, key: Key) -> float:
+        return self.score.get(key, 0.0) * LFRU_DECAY ** (self.clock - self.last_use.get(key, 0))
+
+
+class ExpertCache:
+    def __init__(self, path: str, store: ExpertStore, capacity: int, policy: str, device: torch.device,
+                 prefetcher: ThreadPoolExecutor | None = None, pool: SlotPool | None = None) -> None:
+        """A cache for layer `path` over `pool`, or over a pool of its own of `capacity` slots."""
+        layer = store.layers[path]
+        self.path, self.store = path, store
+        self.num_experts = layer.num_experts
+        self.pool = pool or SlotPool(layer.form.tensors, min(capacity, layer.num_experts), policy, device)
+        self.pool.layers.append(path)
+        self.policy, self.capacity, self.slots = self.pool.policy, self.pool.capacity, self.pool.slots
         self.expert_bytes = store.expert_bytes(path)
-        self.slot_expert = [-1] * self.capacity  # which expert each slot holds
-        self.expert_slot: dict[int, int] = {}
         self.clock = 0  # accesses of this layer so far
-        self.last_use = [0] * self.num_experts
-        self.uses = [0] * self.num_experts
-        self.score = [0.0] * self.num_experts  # lfru: decayed use count as of last_use
         self.stats = CacheStats.zeros(self.num_experts)
         self.prefetcher = prefetcher
         self.device = device
@@ -93,37 +149,55 @@ class ExpertCache:
         self._prefetched: set[int] = set()
 
     @property
+    def expert_slot(self) -> dict[int, int]:
+        """This layer's resident experts and their slots."""
+        with self.pool.lock:  # the prefetch thread may be loading into a shared pool
+            return {expert: slot for (path, expert), slot in self.pool.slot_of.items() if path == self.path}
+
+    @property
+    def slot_expert(self) -> list[int]:
+        """Per slot, the expert of this layer it holds, or -1."""
+        with self.pool.lock:
+            return [key[1] if key is not None and key[0] == self.path else -1 for key in self.pool.owner]
+
+    @property
     def budget_bytes(self) -> int:
         return self.capacity * self.expert_bytes
 
     @property
     def resident_bytes(self) -> int:
-        """Bytes of expert weights the slots hold now (never above budget_bytes)."""
+        """Bytes of this layer's expert weights the slots hold now (never above budget_bytes)."""
         return len(self.expert_slot) * self.expert_bytes
 
     def waves(self, expert_ids: torch.Tensor) -> Iterator[torch.Tensor]:
         """For routed expert ids [T, K], yield slot ids [T, K] wave by wave: each wave's experts are resident
-        while it runs; pairs whose expert is not in the wave are -1."""
+        (and pinned) while it runs; pairs whose expert is not in the wave are -1."""
         self.wait_prefetch()
+        pool = self.pool
         self.clock += 1
+        pool.clock += 1
         needed = torch.unique(expert_ids).tolist()
         wanted = set(needed)
         self.stats.prefetch_hits[list(self._prefetched & wanted)] += 1
         self._prefetched.clear()
-        resident = [e for e in needed if e in self.expert_slot]
-        missing = [e for e in needed if e not in self.expert_slot]
+        held = self.expert_slot
+        resident = [e for e in needed if e in held]
+        missing = [e for e in needed if e not in held]
         self.stats.hits[resident] += 1
         self.stats.misses[missing] += 1
         order = resident + missing
         for start in range(0, len(order), self.capacity):
             wave = order[start:start + self.capacity]
-            for expert in wave:
-                if expert not in self.expert_slot:
-                    self._load(expert, keep=set(wave))
-                self._touch(expert)
-            slot_of = torch.full((self.num_experts,), -1, dtype=torch.long)
-            slot_of[wave] = torch.tensor([self.expert_slot[e] for e in wave])
-            yield slot_of.to(expert_ids.device)[expert_ids]
+            slots = []
+            try:
+                for expert in wave:
+                    slots.append(self._load(expert, {(self.path, e) for e in wave}, pin=True))
+                    pool.touch((self.path, expert))
+                slot_of = torch.full((self.num_experts,), -1, dtype=torch.long)
+                slot_of[wave] = torch.tensor(slots)
+                yield slot_of.to(expert_ids.device)[expert_ids]
+            finally:
+                pool.pinned.difference_update(slots)
 
     def prefetch(self, experts: list[int]) -> None:
         """Load these experts ahead of this layer's next step (in the background when there is a prefetcher)."""
@@ -157,37 +231,30 @@ class ExpertCache:
             self._copied.record(self.copy_stream)
 
     def _load_all(self, experts: list[int]) -> None:
+        keep = {(self.path, e) for e in experts}
+        loaded = []
         for expert in experts:
-            self._load(expert, keep=set(experts))
+            if self._load(expert, keep, pin=False) is None:
+                break  # a shared pool whose other slots a running wave reads: the rest stays a miss
+            loaded.append(expert)
             self._prefetched.add(expert)
-        self.stats.prefetches[experts] += 1
+        self.stats.prefetches[loaded] += 1
 
-    def _load(self, expert: int, keep: set[int]) -> None:
-        """Bring `expert` into a free slot, or evict the policy's victim among experts not in `keep`."""
-        if -1 in self.slot_expert:
-            slot = self.slot_expert.index(-1)
-        else:
-            candidates = [e for e in self.expert_slot if e not in keep]
-            victim = min(candidates, key=self._rank)
-            slot = self.expert_slot.pop(victim)
-            self.slot_expert[slot] = -1  # free until the read succeeds: a failed read leaves a free slot
-        moved = self.store.read(self.path, expert, {k: s[slot] for k, s in self.slots.items()})
-        self.stats.loaded_bytes[expert] += moved
-        self.slot_expert[slot] = expert
-        self.expert_slot[expert] = slot
-
-    def _rank(self, expert: int) -> float | tuple[int, int]:
-        """Eviction order: the smallest goes first."""
-        if self.policy == "lru":
-            return self.last_use[expert]
-        if self.policy == "lfu":
-            return self.uses[expert], self.last_use[expert]
-        return self._decayed_score(expert)
-
-    def _touch(self, expert: int) -> None:
-        self.score[expert] = self._decayed_score(expert) + 1.0
-        self.uses[expert] += 1
-        self.last_use[expert] = self.clock
-
-    def _decayed_score(self, expert: int) -> float:
-        return self.score[expert] * LFRU_DECAY ** (self.clock - self.last_use[expert])
+    def _load(self, expert: int, keep: set[Key], pin: bool) -> int | None:
+        """The slot of `expert`, read into a free slot or the policy's victim's (not one in `keep`, nor pinned)
+        if not resident; pinned where asked. None where no slot can be freed (only prefetch can meet that:
+        a wave is never larger than the pool)."""
+        pool, key = self.pool, (self.path, expert)
+        with pool.lock:
+            slot = pool.slot_of.get(key)
+            if slot is None:
+                slot = pool.free_slot(keep)
+                if slot is None:
+                    return None
+                moved = self.store.read(self.path, expert, {k: s[slot] for k, s in pool.slots.items()})
+                self.stats.loaded_bytes[expert] += moved
+                pool.owner[slot] = key
+                pool.slot_of[key] = slot
+            if pin:
+                pool.pinned.add(slot)
+            return slot

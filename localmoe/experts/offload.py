@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from localmoe.experts.cache import ExpertCache
+from localmoe.experts.cache import ExpertCache, SlotPool
 from localmoe.experts.cpu import TiledExperts, kernel_serves
 from localmoe.experts.quantized import quant_form, slot_tiles
 from localmoe.experts.store import ExpertForm, ExpertStore
@@ -39,16 +39,34 @@ class OffloadPlan:
     prefetch: bool
     memory: int | None = None  # bytes of slots over all MoE layers, split evenly between them
     quant: QuantScheme | None = None  # the experts are kept quantized (experts/quantized.py)
+    memory_source: str = ""  # where `memory` came from, for a message when it holds too little
 
-    def slots_per_layer(self, num_layers: int, expert_bytes: int) -> int:
+    def pools(self, store: ExpertStore, paths: list[str], device: torch.device) -> list[SlotPool]:
+        """Each layer's slots: a pool of its own of `capacity` slots or of its even share of `memory`; where that
+        share is less than one expert (on CPU), one pool per expert form that its layers share, of their share of
+        `memory` (a model whose experts are far larger than the memory it may use still serves)."""
+        layers = [store.layers[path] for path in paths]
         if self.capacity is not None:
-            return self.capacity
-        per_layer = self.memory // max(num_layers, 1)
-        if per_layer < expert_bytes:
-            raise ValueError(f"expert_cache_memory: {self.memory} bytes give each of the {num_layers} MoE layers "
-                             f"{per_layer} bytes, less than one expert ({expert_bytes} bytes); the cache needs at "
-                             f"least {num_layers * expert_bytes} bytes")
-        return per_layer // expert_bytes
+            return [SlotPool(layer.form.tensors, min(self.capacity, layer.num_experts), self.policy, device)
+                    for layer in layers]
+        per_layer = self.memory // max(len(paths), 1)
+        if all(per_layer >= layer.form.nbytes for layer in layers):
+            return [SlotPool(layer.form.tensors, min(per_layer // layer.form.nbytes, layer.num_experts),
+                             self.policy, device) for layer in layers]
+        forms = {tuple(sorted(layer.form.tensors.items())): layer for layer in layers}  # by tensor shapes, dtypes
+        least = sum(layer.form.nbytes for layer in forms.values())  # one expert of each form
+        if device.type != "cpu" or self.memory < least:
+            needs = f"{least} bytes" if device.type == "cpu" else \
+                f"{sum(layer.form.nbytes for layer in layers)} bytes (one expert per layer on {device.type})"
+            raise ValueError(f"expert_cache_memory: {self.memory} bytes{self.memory_source} hold less than "
+                             f"one expert a layer; the cache needs at least {needs}")
+        shared = {}
+        for form, first in forms.items():
+            alike = [layer for layer in layers if layer.form.tensors == first.form.tensors]
+            slots = max(self.memory * len(alike) // len(layers) // first.form.nbytes, 1)
+            shared[form] = SlotPool(first.form.tensors, min(slots, sum(layer.num_experts for layer in alike)),
+                                    self.policy, device)
+        return [shared[tuple(sorted(layer.form.tensors.items()))] for layer in layers]
 
 
 def offloaded_weight(name: str) -> bool:
@@ -116,13 +134,14 @@ def attach_caches(blocks: list[tuple[str, SparseMoE]], store: ExpertStore, plan:
     OffloadedExperts; returns the caches in depth order. Called again, it replaces the caches (a sweep of cache
     settings on one loaded model)."""
     prefetcher = ThreadPoolExecutor(1, thread_name_prefix="expert-prefetch") if plan.prefetch else None
+    paths = [f"{path}.experts" for path, _ in blocks]
+    computes = [_slot_compute(store, path, moe.experts.activation, _resident_biases(moe.experts), device, plan.quant)
+                for path, (_, moe) in zip(paths, blocks)]  # these set each layer's form, which sizes its slots
     caches = []
-    for path, moe in blocks:
-        activation, biases = moe.experts.activation, _resident_biases(moe.experts)
-        slot_compute = _slot_compute(store, f"{path}.experts", activation, biases, device, plan.quant)
-        capacity = plan.slots_per_layer(len(blocks), store.expert_bytes(f"{path}.experts"))
-        cache = ExpertCache(f"{path}.experts", store, capacity, plan.policy, device, prefetcher)
-        moe.experts = OffloadedExperts(cache, activation, biases, slot_compute(cache))
+    for path, (_, moe), slot_compute, pool in zip(paths, blocks, computes, plan.pools(store, paths, device)):
+        cache = ExpertCache(path, store, pool.capacity, plan.policy, device, prefetcher, pool)
+        moe.experts = OffloadedExperts(cache, moe.experts.activation, _resident_biases(moe.experts),
+                                       slot_compute(cache))
         caches.append(cache)
     if prefetcher is not None:
         for (_, moe), (_, following) in zip(blocks, blocks[1:]):

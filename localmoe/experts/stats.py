@@ -36,7 +36,7 @@ def cache_stats(cache: ExpertCache) -> dict[str, Any]:
         "prefetched_per_expert": stats.prefetches.tolist(), "prefetch_used_per_expert": stats.prefetch_hits.tolist(),
         "bytes_loaded": stats.bytes_loaded,
         "resident_experts": sorted(cache.expert_slot), "resident_bytes": cache.resident_bytes,
-        "budget_bytes": cache.budget_bytes,
+        "budget_bytes": cache.budget_bytes, "shared_slots": len(cache.pool.layers) > 1,
         "prefetched": stats.prefetched, "prefetch_used": stats.prefetch_used,
         "prefetch_accuracy": _ratio(stats.prefetch_used, stats.prefetched),
     }
