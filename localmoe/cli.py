@@ -119,10 +119,14 @@ def load_engine(config: Config) -> LLMEngine:
 def run_server(config: Config) -> None:
     """Load the model, then serve it until a signal drains it (server/drain.py)."""
     configure_logging(config.server.log_level)
-    aengine = AsyncEngine(lambda: load_engine(config), config.server.engine_stall_timeout)
+    engines = []
+    for engine in config.engines:
+        own = config.for_engine(engine)
+        engines.append((AsyncEngine(lambda own=own: load_engine(own), config.server.engine_stall_timeout), own))
     host, port = config.server.host, config.server.port
-    typer.echo(f"Serving {aengine.engine.model_name} at http://{host}:{port}/v1")
-    app = build_app(aengine, config)
+    names = ", ".join(aengine.engine.model_name for aengine, _ in engines)
+    typer.echo(f"Serving {names} at http://{host}:{port}/v1")
+    app = build_app(engines, config)
     settings = uvicorn.Config(app, host=host, port=port, log_level=config.server.log_level,
                               timeout_graceful_shutdown=GRACEFUL_CLOSE_SECONDS)
     DrainingServer(settings, app.state.drain).run()

@@ -285,9 +285,22 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    # several models behind one endpoint (the file's `models:` or `vllm_instances:` list); empty: `engine` alone
+    models: tuple[EngineConfig, ...] = ()
+
+    @property
+    def engines(self) -> tuple[EngineConfig, ...]:
+        """The engine settings of every model served, the first being the default for requests naming none."""
+        return self.models or (self.engine,)
+
+    def for_engine(self, engine: EngineConfig) -> "Config":
+        """This config serving `engine` alone."""
+        return replace(self, engine=engine, models=())
 
 
 SECTION_ALIASES = {"model": "model", "vllm": "engine", "engine": "engine", "server": "server"}
+MODEL_LISTS = ("models", "vllm_instances")  # the original project's list: name, model_name, port, gpu_ids
+INSTANCE_KEYS = {"name": "served_model_name"}  # vllm_instances' names for engine keys
 
 
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
@@ -313,9 +326,10 @@ def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, A
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (model, vllm, server)")
     sections: dict[str, dict[str, Any]] = {"model": {}, "engine": {}, "server": {}}
+    lists = {name: raw.pop(name) for name in MODEL_LISTS if name in raw}
     for name, body in raw.items():
         if name not in SECTION_ALIASES:
-            raise ConfigError(f"unknown section {name!r} (known: {', '.join(SECTION_ALIASES)})")
+            raise ConfigError(f"unknown section {name!r} (known: {', '.join((*SECTION_ALIASES, *MODEL_LISTS))})")
         if body is not None and not isinstance(body, dict):
             raise ConfigError(f"section {name!r} must be a mapping")
         sections[SECTION_ALIASES[name]].update(body or {})
@@ -325,12 +339,47 @@ def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, A
         model=_build(ModelConfig, sections["model"], "model"),
         engine=_build(EngineConfig, sections["engine"], "vllm"),
         server=_build(ServerConfig, sections["server"], "server"),
+        models=_model_list(lists, sections["engine"], (overrides or {}).get("engine", {})),
     )
     config.model.validate()
-    config = with_quantization_type(config)
-    config.engine.validate()
+    engines = []
+    for engine in config.engines:
+        one = with_quantization_type(config.for_engine(engine))
+        one.engine.validate()
+        engines.append(with_hub_snapshots(one).engine)
     config.server.validate()
-    return with_hub_snapshots(config)
+    return replace(config, engine=engines[0], models=tuple(engines) if config.models else ())
+
+
+def _model_list(lists: dict[str, Any], defaults: dict[str, Any], flags: dict[str, Any]) -> tuple[EngineConfig, ...]:
+    """The engine settings of each entry of a `models:` (or `vllm_instances:`) list: the entry's own keys over the
+    vllm section's and the command line's, which hold for every model; each served name once."""
+    if len(lists) > 1:
+        raise ConfigError("give the models as one list: `models:` or `vllm_instances:`, not both")
+    if not lists:
+        return ()
+    (key, entries), = lists.items()
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+        raise ConfigError(f"{key}: expected a list of mappings, one per model (model_name, served_model_name, ...)")
+    if flags.get("model_name") is not None:
+        raise ConfigError(f"--model names one model; the config file's {key}: list names them: give one of the two")
+    models = []
+    for index, entry in enumerate(entries):
+        entry = {INSTANCE_KEYS.get(k, k): v for k, v in entry.items()} if key == "vllm_instances" else entry
+        for unserved in ("port", "gpu_ids"):
+            if entry.pop(unserved, None) is not None:
+                raise ConfigError(f"{key}[{index}].{unserved}: serving a model on a port or devices of its own is "
+                                  "not available yet; every model is served on the shared endpoint")
+        if not entry.get("model_name"):
+            raise ConfigError(f"{key}[{index}]: model_name is required (a checkpoint directory, a hub id or "
+                              "localmoe-builtin)")
+        models.append(_build(EngineConfig, {**defaults, **entry}, f"{key}[{index}]"))
+    names = [m.served_model_name or m.model_name for m in models]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"{key}: the served name {twice[0]!r} is given to more than one model; set "
+                          "served_model_name to tell them apart")
+    return tuple(models)
 
 
 def with_hub_snapshots(config: Config) -> Config:

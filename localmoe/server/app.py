@@ -26,42 +26,44 @@ from localmoe.server.auth import APIKeyMiddleware
 from localmoe.server.errors import APIError
 from localmoe.server.metrics import HTTPMetricsMiddleware, ServerMetrics
 from localmoe.server.openapi import install_openapi
-from localmoe.server.stats import StatsHistory, process_rss_bytes
+from localmoe.server.stats import process_rss_bytes
 from localmoe.server.dashboard import DASHBOARD_PAGE
 from localmoe.server.drain import Drain, DrainMiddleware
 from localmoe.server.protocol import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
     TokenizeRequest, TokenizeResponse,
 )
-from localmoe.server.serving import OpenAIServing
-from localmoe.server.tool_use import ToolSettings
+from localmoe.server.model_registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
 
-def build_app(aengine: AsyncEngine, config: Config) -> FastAPI:
-    """An app serving `aengine`; the engine loop starts and stops with the app's lifespan."""
-    engine = aengine.engine
-    metrics = ServerMetrics(lambda: engine.snapshot.engine, engine.model_name, engine.max_model_len,
-                            lambda: engine.snapshot.experts, lambda: aengine.num_reserved,
-                            lambda: aengine.loop_stats.published)
-    history = StatsHistory(lambda: engine.snapshot, metrics.totals, metrics.recent)
-    tools = ToolSettings(config.server.enable_auto_tool_choice, config.server.tool_call_parser)
-    serving = OpenAIServing(aengine, metrics, tools, config.server.chat_template)
+def build_app(aengines: list[tuple[AsyncEngine, Config]], config: Config) -> FastAPI:
+    """An app serving each engine (with the config it was built from; the first is the default model); the engine
+    loops start and stop with the app's lifespan."""
+    metrics = ServerMetrics(max(aengine.engine.max_model_len for aengine, _ in aengines))
+    registry = ModelRegistry(metrics)
+    for aengine, own in aengines:
+        registry.add(aengine, own)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        aengine.start()
-        sampler = asyncio.create_task(history.run())
+        samplers = []
+        for model in registry:
+            model.aengine.start()
+            samplers.append(asyncio.create_task(model.history.run()))
         try:
             yield
         finally:
-            sampler.cancel()
-            aengine.shutdown()
+            for sampler in samplers:
+                sampler.cancel()
+            for aengine in registry.engines:
+                aengine.shutdown()
 
     app = FastAPI(title="LocalMoE", version=__version__, lifespan=lifespan)
     install_openapi(app)
-    app.state.drain = drain = Drain(aengine, config.server.shutdown_timeout)
+    app.state.models = registry
+    app.state.drain = drain = Drain(lambda: registry.engines, config.server.shutdown_timeout)
     app.add_middleware(DrainMiddleware, drain=drain)
     if config.server.api_key:  # outermost but one: nothing is answered before the key is checked
         app.add_middleware(APIKeyMiddleware, api_key=config.server.api_key)
@@ -70,11 +72,12 @@ def build_app(aengine: AsyncEngine, config: Config) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        """Liveness: 503 when the engine thread is dead or wedged (and, by DrainMiddleware, while draining)."""
-        problem = aengine.health_problem()
-        if problem is not None:
+        """Liveness: 503 when an engine thread is dead or wedged (and, by DrainMiddleware, while draining)."""
+        problems = [f"{model.name}: {problem}" for model in registry
+                    if (problem := model.aengine.health_problem()) is not None]
+        for problem in problems:
             log.warning("unhealthy: %s", problem)
-        return Response(status_code=HTTPStatus.OK if problem is None else HTTPStatus.SERVICE_UNAVAILABLE)
+        return Response(status_code=HTTPStatus.SERVICE_UNAVAILABLE if problems else HTTPStatus.OK)
 
     @app.get("/version")
     async def server_version() -> dict[str, str]:
@@ -85,20 +88,20 @@ def build_app(aengine: AsyncEngine, config: Config) -> FastAPI:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/stats/experts")
-    async def stats_experts() -> dict:
-        return engine.snapshot.experts
+    async def stats_experts(model: str | None = None) -> dict:
+        return registry.get(model).aengine.engine.snapshot.experts
 
     @app.get("/v1/stats/memory")
-    async def stats_memory() -> dict:
-        return {**engine.snapshot.memory, "process_rss_bytes": process_rss_bytes()}
+    async def stats_memory(model: str | None = None) -> dict:
+        return {**registry.get(model).aengine.engine.snapshot.memory, "process_rss_bytes": process_rss_bytes()}
 
     @app.get("/v1/stats/performance")
-    async def stats_performance() -> dict:
-        return metrics.recent.summary()
+    async def stats_performance(model: str | None = None) -> dict:
+        return registry.get(model).metrics.recent.summary()
 
     @app.get("/v1/stats/history")
-    async def stats_history() -> dict:
-        return history.summary()
+    async def stats_history(model: str | None = None) -> dict:
+        return registry.get(model).history.summary()
 
     @app.get("/dashboard")
     async def dashboard() -> HTMLResponse:
@@ -106,21 +109,21 @@ def build_app(aengine: AsyncEngine, config: Config) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> ModelList:
-        card = ModelCard(id=serving.model_name, root=config.engine.model_name or serving.model_name,
-                         max_model_len=serving.max_model_len)
-        return ModelList(data=[card])
+        return ModelList(data=[ModelCard(id=model.name, root=model.config.engine.model_name or model.name,
+                                         max_model_len=model.serving.max_model_len, state="loaded")
+                               for model in registry])
 
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest, raw_request: Request) -> Response:
-        return await serving.create_completion(request, raw_request)
+        return await registry.get(request.model).serving.create_completion(request, raw_request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatCompletionRequest, raw_request: Request) -> Response:
-        return await serving.create_chat_completion(request, raw_request)
+        return await registry.get(request.model).serving.create_chat_completion(request, raw_request)
 
     @app.post("/tokenize")
     async def tokenize(request: TokenizeRequest) -> TokenizeResponse:
-        serving.check_model(request.model)
+        serving = registry.get(request.model).serving
         if request.messages is not None:
             tools = None if request.tools is None else [tool.model_dump(exclude_none=True) for tool in request.tools]
             text = serving.render_chat(request.messages, request.add_generation_prompt, tools)
@@ -134,7 +137,7 @@ def build_app(aengine: AsyncEngine, config: Config) -> FastAPI:
 
     @app.post("/detokenize")
     async def detokenize(request: DetokenizeRequest) -> DetokenizeResponse:
-        serving.check_model(request.model)
+        serving = registry.get(request.model).serving
         serving.check_token_ids(request.tokens, "tokens")
         return DetokenizeResponse(prompt=serving.tokenizer.decode(request.tokens))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from http import HTTPStatus
+from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
@@ -24,8 +25,9 @@ GRACE_AFTER_FAILING = 5.0  # seconds for failed streams to send their error even
 
 
 class Drain:
-    def __init__(self, aengine: AsyncEngine, timeout: float) -> None:
-        self.aengine = aengine
+    def __init__(self, engines: Callable[[], list[AsyncEngine]], timeout: float) -> None:
+        """`engines`: those of every model served, as they are when asked."""
+        self.engines = engines
         self.timeout = timeout
         self.started_at: float | None = None
         self.failed_at: float | None = None
@@ -44,16 +46,20 @@ class Drain:
         """Whether the server may exit now; past the deadline, ends the requests still in flight (event loop)."""
         if not self.announced:
             self.announced = True
-            log.info("draining: %d sequences in flight, %.0f s to finish", self.aengine.num_reserved, self.timeout)
-        if self.aengine.num_reserved == 0:
+            log.info("draining: %d sequences in flight, %.0f s to finish", self.in_flight(), self.timeout)
+        if self.in_flight() == 0:
             return True
         now = time.monotonic()
         if self.failed_at is None and now - self.started_at >= self.timeout:
             log.warning("shutdown timeout (%.0f s) passed: ending the requests still in flight", self.timeout)
             self.failed_at = now
-            self.aengine.fail_streams(APIError("The server is shutting down; this request did not finish in "
-                                               "time.", HTTPStatus.SERVICE_UNAVAILABLE))
+            for aengine in self.engines():
+                aengine.fail_streams(APIError("The server is shutting down; this request did not finish in time.",
+                                              HTTPStatus.SERVICE_UNAVAILABLE))
         return self.failed_at is not None and now - self.failed_at >= GRACE_AFTER_FAILING
+
+    def in_flight(self) -> int:
+        return sum(aengine.num_reserved for aengine in self.engines())
 
 
 class DrainMiddleware:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import (
-    GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry, Counter, Gauge, Histogram,
+    GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry, Counter, Histogram,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -82,45 +82,48 @@ def token_buckets(max_model_len: int) -> list[float]:
 
 
 class EngineStatsCollector(Collector):
-    """Turns the engine's stats snapshot, and the engine loop's (LoopSnapshot), into gauge, counter and histogram
-    families at scrape time."""
+    """Turns each served model's engine stats snapshot, and its engine loop's (LoopSnapshot), into gauge, counter
+    and histogram families at scrape time, one series per model."""
 
-    def __init__(self, read_stats: Callable[[], Any], model_name: str,
-                 read_loop: Callable[[], LoopSnapshot] | None = None) -> None:
-        self.read_stats = read_stats
-        self.read_loop = read_loop
-        self.model_name = model_name
+    def __init__(self, models: dict[str, "ModelMetrics"]) -> None:
+        self.models = models  # the live registry of served models (ServerMetrics.models)
 
     def collect(self) -> Iterator[Metric]:
-        stats = self.read_stats()
-        loop = self.read_loop() if self.read_loop is not None else None
-        for kind, source, table in ((GaugeMetricFamily, stats, ENGINE_GAUGES),
-                                    (CounterMetricFamily, stats, ENGINE_COUNTERS),
-                                    (GaugeMetricFamily, loop, LOOP_GAUGES if loop else ())):
-            for name, attr, doc in table:
-                family = kind(name, doc, labels=["model_name"])
-                family.add_metric([self.model_name], float(getattr(source, attr)))
+        read = [(name, model.read_stats(), model.read_loop()) for name, model in self.models.items()]
+        for kind, source, table in ((GaugeMetricFamily, 1, ENGINE_GAUGES), (CounterMetricFamily, 1, ENGINE_COUNTERS),
+                                    (GaugeMetricFamily, 2, LOOP_GAUGES)):
+            for metric, attr, doc in table:
+                family = kind(metric, doc, labels=["model_name"])
+                for row in read:
+                    if row[source] is not None:
+                        family.add_metric([row[0]], float(getattr(row[source], attr)))
                 yield family
-        for name, attr, doc in LOOP_HISTOGRAMS if loop else ():
-            histogram = getattr(loop, attr)
-            family = HistogramMetricFamily(name, doc, labels=["model_name"])
-            bounds = [floatToGoString(b) for b in (*histogram.bounds, float("inf"))]
-            family.add_metric([self.model_name], list(zip(bounds, map(float, histogram.cumulative))),
-                              histogram.total)
+        for metric, attr, doc in LOOP_HISTOGRAMS:
+            family = HistogramMetricFamily(metric, doc, labels=["model_name"])
+            for name, _, loop in read:
+                if loop is not None:
+                    histogram = getattr(loop, attr)
+                    bounds = [floatToGoString(b) for b in (*histogram.bounds, float("inf"))]
+                    family.add_metric([name], list(zip(bounds, map(float, histogram.cumulative))), histogram.total)
             yield family
+        admitted = GaugeMetricFamily(
+            "localmoe:num_sequences_admitted",
+            "Sequences (prompts x n) holding a place in the bound max_num_seqs + max_waiting_requests.",
+            labels=["model_name"])
+        for name, model in self.models.items():
+            admitted.add_metric([name], float(model.read_admitted()))
+        yield admitted
 
 
 class ExpertStatsCollector(Collector):
-    """LocalMoE's expert metrics from the expert statistics (experts/stats.py) at scrape time: tokens per
-    (layer, expert), and per layer the load imbalance and, with offloading, cache hits, misses, bytes loaded."""
+    """LocalMoE's expert metrics from each served model's expert statistics (experts/stats.py) at scrape time:
+    tokens per (layer, expert), and per layer the load imbalance and, with offloading, cache hits, misses, bytes
+    loaded."""
 
-    def __init__(self, read_expert_stats: Callable[[], dict], model_name: str) -> None:
-        self.read_expert_stats = read_expert_stats
-        self.model_name = model_name
+    def __init__(self, models: dict[str, "ModelMetrics"]) -> None:
+        self.models = models
 
     def collect(self) -> Iterator[Metric]:
-        layers = self.read_expert_stats()["layers"]
-        name = self.model_name
         tokens = CounterMetricFamily("localmoe:expert_tokens", "Tokens routed to each expert of each MoE layer.",
                                      labels=["model_name", "layer", "expert"])
         imbalance = GaugeMetricFamily("localmoe:expert_load_imbalance",
@@ -131,41 +134,35 @@ class ExpertStatsCollector(Collector):
                      ("hits", "expert_cache_hits", "Experts a step wanted that were already in the expert cache."),
                      ("misses", "expert_cache_misses", "Experts a step wanted that had to be loaded."),
                      ("bytes_loaded", "expert_bytes_loaded", "Bytes of expert weights loaded into the cache."))}
-        for layer in layers:
-            index = str(layer["layer"])
-            for expert, count in enumerate(layer["tokens"]):
-                tokens.add_metric([name, index, str(expert)], float(count))
-            imbalance.add_metric([name, index], layer["load_imbalance"])
-            stats = layer["cache"] or {"hits": [0], "misses": [0], "bytes_loaded": 0}
-            for key, family in cache.items():
-                value = stats[key]
-                family.add_metric([name, index], float(sum(value) if isinstance(value, list) else value))
+        for name, model in self.models.items():
+            for layer in model.read_expert_stats()["layers"]:
+                index = str(layer["layer"])
+                for expert, count in enumerate(layer["tokens"]):
+                    tokens.add_metric([name, index, str(expert)], float(count))
+                imbalance.add_metric([name, index], layer["load_imbalance"])
+                stats = layer["cache"] or {"hits": [0], "misses": [0], "bytes_loaded": 0}
+                for key, family in cache.items():
+                    value = stats[key]
+                    family.add_metric([name, index], float(sum(value) if isinstance(value, list) else value))
         yield from (tokens, imbalance, *cache.values())
 
 
 class ServerMetrics:
-    """One registry per app, so several apps (or tests) never share or clash over metrics."""
+    """One registry per app, so several apps (or tests) never share or clash over metrics; each model the app
+    serves adds its series under its own model_name label (add_model), as vLLM labels its own."""
 
-    def __init__(self, read_stats: Callable[[], Any], model_name: str, max_model_len: int,
-                 read_expert_stats: Callable[[], dict] | None = None,
-                 read_admitted: Callable[[], int] | None = None,
-                 read_loop: Callable[[], LoopSnapshot] | None = None) -> None:
+    def __init__(self, max_model_len: int) -> None:
+        """`max_model_len`: the largest context of the models served, which bounds the token-count buckets."""
         self.registry = CollectorRegistry()
         for default in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):  # what the global registry carries
             self.registry.register(default)
-        self.model_name = model_name
-        self.registry.register(EngineStatsCollector(read_stats, model_name, read_loop))
-        if read_expert_stats is not None:
-            self.registry.register(ExpertStatsCollector(read_expert_stats, model_name))
-        self.recent = PerformanceWindow()  # /v1/stats/performance
+        self.models: dict[str, ModelMetrics] = {}
+        self.registry.register(EngineStatsCollector(self.models))
+        self.registry.register(ExpertStatsCollector(self.models))
         labels = ["model_name"]
         self.requests_rejected = Counter(
             "localmoe:requests_rejected", "Requests refused with 503 because the waiting queue was full.",
             labels, registry=self.registry)
-        if read_admitted is not None:
-            Gauge("localmoe:num_sequences_admitted",
-                  "Sequences (prompts x n) holding a place in the bound max_num_seqs + max_waiting_requests.",
-                  labels, registry=self.registry).labels(model_name).set_function(read_admitted)
         self.request_success = Counter(
             "vllm:request_success", "Count of successfully processed requests.",
             labels + ["finished_reason"], registry=self.registry)
@@ -191,36 +188,64 @@ class ServerMetrics:
             "vllm:request_max_num_generation_tokens", "Histogram of maximum number of requested generation tokens.",
             labels, buckets=token_buckets(max_model_len), registry=self.registry)
 
-    def observe_finished(self, output: RequestOutput) -> None:
-        """Record one finished request (all of its n completions) from its last RequestOutput."""
-        self.recent.observe(output)
-        name = self.model_name
-        generated = sum(len(c.token_ids) for c in output.outputs)
-        for completion in output.outputs:
-            self.request_success.labels(name, completion.finish_reason or "abort").inc()
-        self.request_prompt_tokens.labels(name).observe(len(output.prompt_token_ids))
-        self.request_generation_tokens.labels(name).observe(generated)
-        times = output.metrics
-        arrival, first, finished = (times.get(k) for k in ("arrival_time", "first_token_time", "finished_time"))
-        if arrival is not None and finished is not None:
-            self.e2e_request_latency.labels(name).observe(finished - arrival)
-        if arrival is not None and first is not None:
-            self.time_to_first_token.labels(name).observe(first - arrival)
-        steps = max(len(c.token_ids) for c in output.outputs)  # n completions decode side by side
-        self.request_max_num_generation_tokens.labels(name).observe(steps)
-        if first is not None and finished is not None:  # as vLLM: 0 for a request of one token
-            self.request_time_per_output_token.labels(name).observe((finished - first) / max(steps - 1, 1))
+    def add_model(self, model_name: str, read_stats: Callable[[], Any], read_expert_stats: Callable[[], dict],
+                  read_admitted: Callable[[], int], read_loop: Callable[[], LoopSnapshot | None]) -> "ModelMetrics":
+        model = ModelMetrics(self, model_name, read_stats, read_expert_stats, read_admitted, read_loop)
+        self.models[model_name] = model
+        return model
 
-    def totals(self) -> dict[str, float]:
-        """Requests finished, and responses with a client (4xx) or server (5xx, 503s included) error, so far."""
-        totals = {"requests": 0.0, "4xx": 0.0, "5xx": 0.0}
-        for sample in self.request_success.collect()[0].samples:
-            if sample.name.endswith("_total"):
-                totals["requests"] += sample.value
+    def remove_model(self, model_name: str) -> None:
+        """Its engine's series go (its request counters and histograms stay, as counts of what it served)."""
+        self.models.pop(model_name, None)
+
+    def errors(self) -> dict[str, float]:
+        """Responses with a client (4xx) or server (5xx, 503s included) error so far, on any route."""
+        totals = {"4xx": 0.0, "5xx": 0.0}
         for sample in self.http_requests.collect()[0].samples:
             if sample.name.endswith("_total") and sample.labels["status"] in totals:
                 totals[sample.labels["status"]] += sample.value
         return totals
+
+
+class ModelMetrics:
+    """One served model's part of the server's metrics: what its engine publishes, read at scrape time, and the
+    requests it finished, observed under its model_name."""
+
+    def __init__(self, server: ServerMetrics, model_name: str, read_stats: Callable[[], Any],
+                 read_expert_stats: Callable[[], dict], read_admitted: Callable[[], int],
+                 read_loop: Callable[[], LoopSnapshot | None]) -> None:
+        self.server = server
+        self.model_name = model_name
+        self.read_stats, self.read_expert_stats = read_stats, read_expert_stats
+        self.read_admitted, self.read_loop = read_admitted, read_loop
+        self.requests_rejected = server.requests_rejected
+        self.recent = PerformanceWindow()  # /v1/stats/performance
+
+    def observe_finished(self, output: RequestOutput) -> None:
+        """Record one finished request (all of its n completions) from its last RequestOutput."""
+        self.recent.observe(output)
+        server, name = self.server, self.model_name
+        generated = sum(len(c.token_ids) for c in output.outputs)
+        for completion in output.outputs:
+            server.request_success.labels(name, completion.finish_reason or "abort").inc()
+        server.request_prompt_tokens.labels(name).observe(len(output.prompt_token_ids))
+        server.request_generation_tokens.labels(name).observe(generated)
+        times = output.metrics
+        arrival, first, finished = (times.get(k) for k in ("arrival_time", "first_token_time", "finished_time"))
+        if arrival is not None and finished is not None:
+            server.e2e_request_latency.labels(name).observe(finished - arrival)
+        if arrival is not None and first is not None:
+            server.time_to_first_token.labels(name).observe(first - arrival)
+        steps = max(len(c.token_ids) for c in output.outputs)  # n completions decode side by side
+        server.request_max_num_generation_tokens.labels(name).observe(steps)
+        if first is not None and finished is not None:  # as vLLM: 0 for a request of one token
+            server.request_time_per_output_token.labels(name).observe((finished - first) / max(steps - 1, 1))
+
+    def totals(self) -> dict[str, float]:
+        """Requests this model finished, and responses with a client (4xx) or server (5xx) error on any route."""
+        requests = sum(sample.value for sample in self.server.request_success.collect()[0].samples
+                       if sample.name.endswith("_total") and sample.labels["model_name"] == self.model_name)
+        return {"requests": requests, **self.server.errors()}
 
 
 class HTTPMetricsMiddleware:

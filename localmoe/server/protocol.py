@@ -376,6 +376,7 @@ class ModelCard(BaseModel):
     root: str | None = None
     parent: str | None = None
     max_model_len: int
+    state: str = "loaded"  # LocalMoE: where a model served beside others stands
 
 
 class ModelList(BaseModel):

@@ -48,10 +48,6 @@ class OpenAIServing:
         self.tools = tools
         self.templates = ChatTemplates.choose(self.tokenizer.chat_template, chat_template, tools.tool_call_parser)
 
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
-            raise APIError(f"The model `{model}` does not exist.", HTTPStatus.NOT_FOUND, "model")
-
     # ---- prompts -------------------------------------------------------------------------------
 
     def text_prompt(self, text: str) -> Prompt:
@@ -129,7 +125,6 @@ class OpenAIServing:
     # ---- endpoints -----------------------------------------------------------------------------
 
     async def create_completion(self, request: CompletionRequest, raw_request: Request) -> Response:
-        self.check_model(request.model)
         prompts = self.completion_prompts(request.prompt)
         params = [self.sampling_params(request, request.max_tokens, request.logprobs) for _ in prompts]
         if request.echo and request.logprobs is not None:  # the echoed prompt comes with its tokens' logprobs
@@ -159,7 +154,6 @@ class OpenAIServing:
                                                choices=choices, usage=_usage(outputs)).model_dump())
 
     async def create_chat_completion(self, request: ChatCompletionRequest, raw_request: Request) -> Response:
-        self.check_model(request.model)
         use = self.tool_use(request)
         prompt = self.chat_prompt(request.messages, request.add_generation_prompt, use.tools)
         forced = None if use.schema is None else StructuredOutputsParams(json=use.schema)
