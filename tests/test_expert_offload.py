@@ -361,3 +361,19 @@ def test_cgroup_limits_are_read_for_v1_and_v2(tmp_path):
     assert cgroup_limit("0::/app\n", tmp_path) is None
     (tmp_path / "app" / "memory.max").write_text("629145600\n")
     assert cgroup_limit("0::/app\n", tmp_path) == 629145600
+
+
+def test_a_shared_pool_smaller_than_a_step_keeps_the_layers_that_run_next():
+    """Three layers in turn, one expert each, two shared slots: least-recently-used would evict each expert just
+    before its layer runs again and never hit; evicting from the layer that runs again last hits every other
+    time (Belady's optimum for a cycle)."""
+    store = ExpertStore("host", torch.float32, weight_map=lambda name, t: [])
+    for path in ("a", "b", "c"):
+        store.add_layer(path, 2, {"w13": (1,), "w2": (1,)})
+    pool = SlotPool(store.layers["a"].form.tensors, 2, "lru", torch.device("cpu"))
+    caches = [ExpertCache(path, store, 2, "lru", torch.device("cpu"), pool=pool) for path in ("a", "b", "c")]
+    for _ in range(10):
+        for cache in caches:
+            list(cache.waves(torch.tensor([[0]])))
+    hits = sum(int(c.stats.hits.sum()) for c in caches)
+    assert hits == 14  # every other access of the 30 after the first two, which fill the pool

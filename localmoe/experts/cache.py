@@ -99,15 +99,27 @@ class SlotPool:
     def nbytes(self) -> int:
         return sum(slots.numel() * slots.element_size() for slots in self.slots.values())
 
-    def free_slot(self, keep: set[Key]) -> int | None:
-        """An empty slot, or the slot of the policy's victim among experts not in `keep` and not pinned (now
-        empty); None where every slot is pinned or kept. Called with the lock held."""
+    def free_slot(self, keep: set[Key], layer: str) -> int | None:
+        """An empty slot, or the slot of the victim among experts not in `keep` and not pinned (now empty); None
+        where every slot is pinned or kept. Called with the lock held, by `layer` (loading into it).
+
+        Layers run in order, step after step, so of the layers sharing the pool the one needed again last is the
+        one just run, then the one before it: the victim comes from the layer whose next run is furthest from
+        `layer`'s (its own other experts count as a whole cycle away), and within that layer by the policy. With
+        least-recently-used across layers, a pool smaller than a step's experts would evict each expert just
+        before its layer runs again (a hit rate of zero)."""
         if None in self.owner:
             return self.owner.index(None)
         candidates = [key for key, slot in self.slot_of.items() if key not in keep and slot not in self.pinned]
         if not candidates:
             return None
-        slot = self.slot_of.pop(min(candidates, key=self._rank))
+        order = {path: index for index, path in enumerate(self.layers)}
+
+        def next_run(key: Key) -> int:  # runs of the pool's layers until key's layer runs again
+            return (order[key[0]] - order[layer]) % len(self.layers) or len(self.layers)
+        furthest = max(map(next_run, candidates))
+        victim = min((key for key in candidates if next_run(key) == furthest), key=self._rank)
+        slot = self.slot_of.pop(victim)
         self.owner[slot] = None  # free until the read succeeds: a failed read leaves a free slot
         return slot
 
@@ -248,7 +260,7 @@ class ExpertCache:
         with pool.lock:
             slot = pool.slot_of.get(key)
             if slot is None:
-                slot = pool.free_slot(keep)
+                slot = pool.free_slot(keep, self.path)
                 if slot is None:
                     return None
                 moved = self.store.read(self.path, expert, {k: s[slot] for k, s in pool.slots.items()})
