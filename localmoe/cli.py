@@ -140,6 +140,8 @@ def serve(
     port: Annotated[Optional[int], typer.Option(help=flag_help(ServerConfig, "port"))] = None,
     api_key: Annotated[Optional[str], typer.Option(
         "--api-key", envvar="LOCALMOE_API_KEY", help=flag_help(ServerConfig, "api_key"))] = None,
+    admin_api_key: Annotated[Optional[str], typer.Option(
+        "--admin-api-key", envvar="LOCALMOE_ADMIN_API_KEY", help=flag_help(ServerConfig, "admin_api_key"))] = None,
     log_level: Annotated[Optional[str], typer.Option(help=flag_help(ServerConfig, "log_level"))] = None,
     shutdown_timeout: Annotated[Optional[float], typer.Option(
         help=flag_help(ServerConfig, "shutdown_timeout"))] = None,
@@ -155,6 +157,7 @@ def serve(
     """Serve a checkpoint (or the built-in model) over an OpenAI-compatible HTTP API."""
     try:
         settings = config_from_flags(config, engine_flags, host=host, port=port, api_key=api_key,
+                                     admin_api_key=admin_api_key,
                                      log_level=log_level, shutdown_timeout=shutdown_timeout,
                                      engine_stall_timeout=engine_stall_timeout, chat_template=chat_template,
                                      enable_auto_tool_choice=enable_auto_tool_choice,

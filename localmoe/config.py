@@ -254,6 +254,9 @@ class ServerConfig:
     port: int = setting(8000, "Port number to listen on.")
     api_key: str | None = setting(None, "Require this key (Bearer, or HTTP Basic password) on every route but "
                                   "/health. If unspecified, no key.")
+    admin_api_key: str | None = setting(None, "Key for the admin routes (/v1/models/load, /v1/models/unload, "
+                                        "/v1/models/switch), as Bearer; it opens every other route too. If "
+                                        "unspecified, the admin routes are closed.")
     log_level: str = setting("info", "Log level of uvicorn and LocalMoE: critical, error, warning, info, debug, "
                              "trace.")
     shutdown_timeout: float = setting(30.0, "Seconds in-flight requests get to finish after SIGTERM.")

@@ -3,6 +3,7 @@ requests routed by `model`, every metric series labelled by model_name, statisti
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import httpx
@@ -103,3 +104,105 @@ def test_model_lists_in_the_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--model"):
         load_config(write(tmp_path, "models:\n  - model_name: localmoe-builtin\n"),
                     {"engine": {"model_name": "other"}})
+
+
+ADMIN_KEY = "sk-localmoe-admin"
+
+
+class SteadyStream:
+    """Requests to one served name, one after another on a thread, until stopped: every answer is counted."""
+
+    def __init__(self, url: str, model: str) -> None:
+        self.client = openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0)
+        self.model, self.ok, self.failed = model, 0, []
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.run)
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self.client.completions.create(model=self.model, prompt=PROMPT, max_tokens=4)
+                self.ok += 1
+            except openai.OpenAIError as e:
+                self.failed.append(e)
+
+    def __enter__(self) -> "SteadyStream":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=600)
+
+
+def admin(url: str, route: str, body: dict, key: str = ADMIN_KEY) -> httpx.Response:
+    return httpx.post(f"{url}/v1/models/{route}", json=body, timeout=600,
+                      headers={"Authorization": f"Bearer {key}"})
+
+
+def test_load_switch_and_unload_while_serving(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """Load beside a served model, switch a served name to another checkpoint, unload: a steady stream of requests
+    sees no failure; a switch to a broken checkpoint or to one that cannot fit changes nothing and says why."""
+    settings = [f"--{k.replace('_', '-')}={v}" for k, v in SETTINGS.items()]
+    texts = {name: alone(path) for name, path in checkpoints.items()}
+    with serve(tmp_path, "--model", str(checkpoints["mixtral-a"]), "--served-model-name", "a",
+               "--admin-api-key", ADMIN_KEY, *settings) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY)
+
+        def greedy(model: str) -> str:
+            return client.completions.create(model=model, prompt=PROMPT, max_tokens=12, temperature=0,
+                                             extra_body={"ignore_eos": True}).choices[0].text
+
+        body = {"model_name": str(checkpoints["qwen-b"]), "served_model_name": "b"}
+        assert admin(server.url, "load", body, key=API_KEY).status_code == 401  # the user key opens no admin route
+        with SteadyStream(server.url, "a") as steady:
+            answer = admin(server.url, "load", body)
+            assert answer.status_code == 200, answer.text
+        assert steady.failed == [] and steady.ok > 0
+        assert [m.id for m in client.models.list().data] == ["a", "b"]
+        assert greedy("b") == texts["qwen-b"] and greedy("a") == texts["mixtral-a"]
+
+        broken = tmp_path / "broken"
+        broken.mkdir()
+        (broken / "config.json").write_text('{"architectures": ["NoSuchForCausalLM"], "model_type": "nope"}')
+        with SteadyStream(server.url, "b") as steady:
+            refused = admin(server.url, "switch", {"model_name": str(broken), "served_model_name": "b"})
+            assert refused.status_code == 400 and "cannot load" in refused.json()["error"]["message"]
+            too_big = admin(server.url, "switch", {"model_name": str(checkpoints["mixtral-a"]),
+                                                   "served_model_name": "b", "kv_cache_memory": "4000GiB"})
+            assert too_big.status_code == 507 and "nothing was changed" in too_big.json()["error"]["message"]
+            moved = admin(server.url, "switch", {"model_name": str(checkpoints["mixtral-a"]),
+                                                 "served_model_name": "b"})
+            assert moved.status_code == 200, moved.text
+            assert moved.json()["previous_model_name"] == str(checkpoints["qwen-b"])
+        assert steady.failed == [] and steady.ok > 0
+        assert greedy("b") == texts["mixtral-a"]  # the name moved to the other checkpoint
+
+        with SteadyStream(server.url, "a") as steady:
+            assert admin(server.url, "unload", {"served_model_name": "b"}).json()["state"] == "unloaded"
+        assert steady.failed == []
+        assert [m.id for m in client.models.list().data] == ["a"]
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="b", prompt="x", max_tokens=1)
+        metrics = httpx.get(f"{server.url}/metrics", headers=auth()).text
+        assert 'vllm:num_requests_running{model_name="b"}' not in metrics
+        assert admin(server.url, "unload", {"served_model_name": "a"}).status_code == 409  # the last one stays
+
+
+def test_admin_routes_are_closed_without_an_admin_key() -> None:
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from localmoe.server.auth import APIKeyMiddleware
+
+    inner = Starlette(routes=[Route(path, lambda _: PlainTextResponse("ok"), methods=["POST"])
+                              for path in ("/v1/models/load", "/v1/completions")])
+    for admin_key, user_status, admin_status in ((None, 200, 403), (ADMIN_KEY, 200, 200)):
+        client = TestClient(APIKeyMiddleware(inner, API_KEY, admin_key, frozenset({"/v1/models/load"})))
+        user = {"Authorization": f"Bearer {API_KEY}"}
+        assert client.post("/v1/completions", headers=user).status_code == user_status
+        assert client.post("/v1/models/load", headers=user).status_code in (401, 403)
+        assert client.post("/v1/models/load", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).status_code \
+            == admin_status

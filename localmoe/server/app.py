@@ -7,7 +7,6 @@ FastAPI alone would say 422), and no refusal disturbs the requests around it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -33,6 +32,7 @@ from localmoe.server.protocol import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
     TokenizeRequest, TokenizeResponse,
 )
+from localmoe.server.model_admin import ADMIN_PATHS, add_admin_routes
 from localmoe.server.model_registry import ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -48,27 +48,25 @@ def build_app(aengines: list[tuple[AsyncEngine, Config]], config: Config) -> Fas
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        samplers = []
         for model in registry:
-            model.aengine.start()
-            samplers.append(asyncio.create_task(model.history.run()))
+            model.start()
         try:
             yield
         finally:
-            for sampler in samplers:
-                sampler.cancel()
-            for aengine in registry.engines:
-                aengine.shutdown()
+            for model in registry:
+                model.stop()
 
     app = FastAPI(title="LocalMoE", version=__version__, lifespan=lifespan)
     install_openapi(app)
     app.state.models = registry
     app.state.drain = drain = Drain(lambda: registry.engines, config.server.shutdown_timeout)
     app.add_middleware(DrainMiddleware, drain=drain)
-    if config.server.api_key:  # outermost but one: nothing is answered before the key is checked
-        app.add_middleware(APIKeyMiddleware, api_key=config.server.api_key)
+    # outermost but one: nothing is answered before the key is checked; the admin routes take the admin key only
+    app.add_middleware(APIKeyMiddleware, api_key=config.server.api_key, admin_key=config.server.admin_api_key,
+                       admin_paths=ADMIN_PATHS)
     app.add_middleware(HTTPMetricsMiddleware, counter=metrics.http_requests)  # outermost: counts every answer
     _add_error_handlers(app)
+    add_admin_routes(app, registry, config, config.server.engine_stall_timeout)
 
     @app.get("/health")
     async def health() -> Response:

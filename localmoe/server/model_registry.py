@@ -4,6 +4,7 @@ metrics and statistics history. Requests route by their `model`; a request namin
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -25,6 +26,17 @@ class ServedModel:
     metrics: ModelMetrics
     serving: OpenAIServing
     history: StatsHistory
+    sampler: asyncio.Task | None = None  # the history's, while served
+
+    def start(self) -> None:
+        """Start its engine loop and history (on the event loop)."""
+        self.aengine.start()
+        self.sampler = asyncio.create_task(self.history.run())
+
+    def stop(self) -> None:
+        if self.sampler is not None:
+            self.sampler.cancel()
+        self.aengine.shutdown()
 
 
 class ModelRegistry:
@@ -32,11 +44,12 @@ class ModelRegistry:
         self.metrics = metrics
         self.models: dict[str, ServedModel] = {}
 
-    def add(self, aengine: AsyncEngine, config: Config) -> ServedModel:
-        """Serve `aengine` (built from `config`) under its served name."""
+    def add(self, aengine: AsyncEngine, config: Config, replace: bool = False) -> ServedModel:
+        """Serve `aengine` (built from `config`) under its served name, in place of the model served under it
+        where `replace` (a switch: requests after this one go to the new model)."""
         engine = aengine.engine
         name = engine.model_name
-        if name in self.models:
+        if name in self.models and not replace:
             raise ValueError(f"a model is served as {name!r} already")
         metrics = self.metrics.add_model(name, lambda: engine.snapshot.engine, lambda: engine.snapshot.experts,
                                          lambda: aengine.num_reserved, lambda: aengine.loop_stats.published)
@@ -46,6 +59,10 @@ class ModelRegistry:
                              StatsHistory(lambda: engine.snapshot, metrics.totals, metrics.recent))
         self.models[name] = served
         return served
+
+    def remove(self, name: str) -> None:
+        """Route no more requests to it (those it is serving finish)."""
+        del self.models[name]
 
     def get(self, name: str | None) -> ServedModel:
         """The model a request names, or the default where it names none; 404 for a name not served."""
