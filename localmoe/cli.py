@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import os
 import typing
 from collections.abc import Callable
 from dataclasses import fields
@@ -28,6 +29,7 @@ from localmoe.planner import PlanError, plan_command
 from localmoe.sampling_params import SamplingParams, SamplingParamsError
 from localmoe.server.app import build_app
 from localmoe.server.drain import DrainingServer
+from localmoe.server.tgi import tgi_environment
 from localmoe.train.corpus import build_corpus, summary
 from localmoe.train.trainer import TrainConfig
 from localmoe.train.trainer import train as run_training
@@ -156,13 +158,17 @@ def serve(
 ) -> None:
     """Serve a checkpoint (or the built-in model) over an OpenAI-compatible HTTP API."""
     try:
+        tgi = tgi_environment(dict(os.environ))  # a TGI deployment's settings, under the flags
+        engine_flags = {**tgi["engine"], **{k: v for k, v in engine_flags.items() if v is not None}}
+        host, port, api_key = (value if value is not None else tgi["server"].get(key)
+                               for key, value in (("host", host), ("port", port), ("api_key", api_key)))
         settings = config_from_flags(config, engine_flags, host=host, port=port, api_key=api_key,
                                      admin_api_key=admin_api_key,
                                      log_level=log_level, shutdown_timeout=shutdown_timeout,
                                      engine_stall_timeout=engine_stall_timeout, chat_template=chat_template,
                                      enable_auto_tool_choice=enable_auto_tool_choice,
                                      tool_call_parser=tool_call_parser)
-    except ConfigError as e:
+    except ValueError as e:  # a ConfigError, or a TGI variable that does not parse
         raise fail(str(e), EXIT_CONFIG) from None
     run_server(settings)
 

@@ -217,6 +217,10 @@ class LLMEngine:
         self.runner.swap(batch)
         if not batch.seqs:
             return []
+        started = time.monotonic()
+        for seq in batch.seqs:
+            if seq.request.scheduled_time is None:
+                seq.request.scheduled_time = started
         try:
             logits = self.runner.execute(batch)
         except Exception as error:  # noqa: BLE001 -- the step's requests fail; the engine serves on

@@ -105,10 +105,9 @@ class OutputProcessor:
             for s in request.seqs
         ]
         metrics = {"arrival_time": request.arrival_time}
-        if request.first_token_time is not None:
-            metrics["first_token_time"] = request.first_token_time
-        if request.finished_time is not None:
-            metrics["finished_time"] = request.finished_time
+        for key in ("scheduled_time", "first_token_time", "finished_time"):
+            if getattr(request, key) is not None:
+                metrics[key] = getattr(request, key)
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outputs,
                              request.finished, num_cached_tokens=max(s.num_cached_tokens for s in request.seqs),
                              prompt_logprobs=request.prompt_logprobs, metrics=metrics)

@@ -36,6 +36,7 @@ class Request:
     params: SamplingParams
     priority: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
+    scheduled_time: float | None = None  # the start of the first step that computed it (queue time ends)
     first_token_time: float | None = None
     finished_time: float | None = None
     generator: torch.Generator | None = None  # set when params.seed is given

@@ -34,6 +34,7 @@ from localmoe.server.protocol import (
 )
 from localmoe.server.model_admin import ADMIN_PATHS, add_admin_routes
 from localmoe.server.model_registry import ModelRegistry
+from localmoe.server.tgi import add_tgi_routes
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ def build_app(aengines: list[tuple[AsyncEngine, Config]], config: Config) -> Fas
     app.add_middleware(HTTPMetricsMiddleware, counter=metrics.http_requests)  # outermost: counts every answer
     _add_error_handlers(app)
     add_admin_routes(app, registry, config, config.server.engine_stall_timeout)
+    add_tgi_routes(app, registry)
 
     @app.get("/health")
     async def health() -> Response:
