@@ -35,14 +35,15 @@ class APIKeyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
-            error = self._refusal(scope["path"], dict(scope["headers"]).get(b"authorization", b""))
+            # an admin route's other methods go on to the router (a 405), as on every other route
+            admin = scope["path"] in self.admin_paths and scope["method"] == "POST"
+            error = self._refusal(admin, dict(scope["headers"]).get(b"authorization", b""))
             if error is not None:
                 await error.response()(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
-    def _refusal(self, path: str, header: bytes) -> APIError | None:
-        admin = path in self.admin_paths
+    def _refusal(self, admin: bool, header: bytes) -> APIError | None:
         if admin and self.admin_key is None:
             return APIError("The admin routes are closed: start the server with --admin-api-key (or "
                             "LOCALMOE_ADMIN_API_KEY).", HTTPStatus.FORBIDDEN)

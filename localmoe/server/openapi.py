@@ -2,7 +2,8 @@
 
 FastAPI alone documents a 422 that never comes (every refusal is a 400 in OpenAI's error JSON), no
 401 or 404, JSON for every 200 and no stream. No 5xx is documented on purpose: a 5xx is always a bug
-(the 503 of a full waiting queue aside, which a serial client never meets).
+(the 503 of a full waiting queue aside, which a serial client never meets; and the admin routes' 507, a model
+that does not fit the memory left).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from localmoe.server.auth import OPEN_PATHS
+from localmoe.server.model_admin import ADMIN_PATHS
 from localmoe.server.protocol import ChatCompletionResponse, CompletionResponse, ErrorResponse
 
 REF = "#/components/schemas/{model}"
@@ -54,6 +56,12 @@ BAD_REQUEST = _error("The request is malformed, or out of range for the model (i
                      "vocabulary, chat template).")
 UNAUTHORIZED = _error("The API key is missing or wrong (only when the server runs with --api-key).")
 NOT_FOUND = _error("`model` names a model this server does not serve.")
+ADMIN = {  # server/model_admin.py's refusals
+    "403": _error("The admin routes are closed: the server runs without --admin-api-key."),
+    "404": _error("`served_model_name` names a model this server does not serve."),
+    "409": _error("The served name is taken (load), or the model is the only one served (unload)."),
+    "507": _error("The memory left cannot hold the model (its weights and KV pool); nothing was changed."),
+}
 
 
 def install_openapi(app: FastAPI) -> None:
@@ -83,8 +91,11 @@ def honest(schema: dict[str, Any]) -> dict[str, Any]:
                 responses["400"] = BAD_REQUEST
             if path not in OPEN_PATHS:
                 responses["401"] = UNAUTHORIZED
-            if body is not None and "model" in body.get("properties", {}):
+            if body is not None and "model" in body.get("properties", {}) or any(
+                    parameter["name"] == "model" for parameter in operation.get("parameters", [])):
                 responses["404"] = NOT_FOUND
+            if path in ADMIN_PATHS:
+                responses.update(ADMIN)
             operation["responses"] = dict(sorted(responses.items()))
     for name in UNUSED:  # in this order: HTTPValidationError is what refers to ValidationError
         if f'"{REF.format(model=name)}"' not in json.dumps(schema):
