@@ -129,6 +129,8 @@ class AsyncEngine:
             raise RequestError(f"request id {request_id!r} is already in use", "request_id")
         if self.fatal is not None or not self._thread.is_alive():
             raise EngineDeadError("the engine thread has stopped; this server cannot serve requests")
+        if (problem := self.engine.runner.health_problem()) is not None:
+            raise EngineDeadError(f"{problem}; this server cannot serve requests")
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         self._send(("add", request))

@@ -273,7 +273,7 @@ class ModelRunner:
             return self._forward(step)
         except Exception as error:
             if self.workers is not None:  # the ranks may be out of step now: no further step can be trusted
-                self.workers.stop(f"a tensor-parallel step failed: {error!r}")
+                self.workers.stop(self.workers.problem() or f"a tensor-parallel step failed: {error!r}")
             raise
 
     @torch.inference_mode()
