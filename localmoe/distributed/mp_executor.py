@@ -5,7 +5,8 @@ started with spawn (a fresh interpreter: no forked engine threads or OpenMP stat
 Rank 0 sends each call down every pipe, then runs the same call itself; calls arrive in order, so every rank runs
 the same steps and meets the others in the same collectives. A worker that dies is seen three ways: a collective
 that fails, a pipe that breaks, and `problem()`, which /health reports. Workers never outlive the engine core:
-shutdown stops them, and a worker whose pipe closes (rank 0 killed) exits on its own.
+shutdown stops them, and a worker whose pipe closes (rank 0 killed) exits on its own. The ranks share
+torch.distributed's default process group, so a process holds one tensor-parallel engine at a time.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ class MultiprocExecutor:
         """Start ranks 1..world_size-1, each building its runner with `make_runner(rank=r)` (on CUDA device r
         where `device`, rank 0's, is CUDA), and join the process group as rank 0. Returns without waiting for them
         to load: rank 0 loads meanwhile, then calls wait_ready."""
+        if dist.is_initialized():
+            raise RuntimeError("this process already runs a tensor-parallel engine (it holds torch.distributed's "
+                               "default process group); shut that engine down first")
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         context = mp.get_context("spawn")
         self.workers: list[tuple[mp.Process, Any]] = []
