@@ -59,7 +59,12 @@ class MultiprocExecutor:
             child.close()
             self.workers.append((process, parent))
         self._finalizer = weakref.finalize(self, _stop, self.workers)
-        init_distributed(0, world_size, init_method, device)
+        try:
+            init_distributed(0, world_size, init_method, device)
+        except Exception as error:
+            self._finalizer()
+            # a worker that died before joining (under spawn, often a script without a __main__ guard) says why
+            raise RuntimeError(f"the tensor-parallel workers did not join: {self.problem() or error}") from error
 
     def wait_ready(self) -> None:
         """Block until every worker has loaded its shard; raises RuntimeError with a worker's own error."""
