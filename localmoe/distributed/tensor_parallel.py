@@ -5,6 +5,8 @@ V vocabulary, D hidden.
 
 Each decoder layer's attention keeps H/N query heads and their key/value heads (Hkv/N of them, or the one their
 group reads where Hkv < N: replicated), so its KV cache holds only those; o_proj keeps the matching columns.
+Multi-head latent attention (DeepSeek) keeps its heads' query and up-projection rows; its latent cache is every
+head's, so each rank holds all of it.
 Feed-forward blocks keep I/N of the intermediate features: dense MLPs and shared experts their gate/up rows and
 down columns, routed experts the same slice of every expert's w13 and w2. Each block's output is then a partial
 sum, and one all-reduce per attention block and one per MLP/MoE block (forward hooks on the layer's
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from localmoe.layers.linear import Linear, MergedLinear
+from localmoe.layers.mla import MultiHeadLatentAttention
 from localmoe.layers.moe import GroupedExperts, SparseMoE
 from localmoe.models.llama import MLP, Attention, LlamaForCausalLM
 
@@ -37,10 +40,13 @@ def apply_tp(model: nn.Module) -> None:
     if not isinstance(model, LlamaForCausalLM):
         raise ValueError(f"tensor parallelism does not split {type(model).__name__} yet")
     for i, layer in enumerate(model.layers):
-        if not isinstance(layer.self_attn, Attention):
+        if isinstance(layer.self_attn, Attention):
+            _shard_attention(layer.self_attn, rank, world)
+        elif isinstance(layer.self_attn, MultiHeadLatentAttention):
+            _shard_latent_attention(layer.self_attn, rank, world)
+        else:
             raise ValueError(f"tensor parallelism does not split {type(layer.self_attn).__name__} (layer {i}) yet; "
                              "use tensor_parallel_size: 1")
-        _shard_attention(layer.self_attn, rank, world)
         _shard_feed_forward(layer.mlp, rank, world, f"layer {i}")
         for block in (layer.self_attn, layer.mlp):
             block.register_forward_hook(_all_reduce_output)
@@ -64,7 +70,7 @@ def _keep(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(tensor.detach().index_select(dim, index.to(tensor.device)), requires_grad=False)
 
 
-def _column_parallel(linear: Linear, rows: torch.Tensor) -> None:
+def _column_parallel(linear: nn.Linear, rows: torch.Tensor) -> None:
     linear.weight = _keep(linear.weight, 0, rows)
     if linear.bias is not None:
         linear.bias = _keep(linear.bias, 0, rows)
@@ -94,23 +100,36 @@ def _kv_heads(num_heads: int, num_kv_heads: int, rank: int, world: int) -> torch
     return torch.tensor([rank * num_kv_heads // world])
 
 
+def _features(heads: torch.Tensor, width: int) -> torch.Tensor:
+    """The features of these heads in a projection of `width` features per head."""
+    return (heads[:, None] * width + torch.arange(width)).flatten()
+
+
 def _shard_attention(attn: Attention, rank: int, world: int) -> None:
     if attn.q_norm is not None and attn.q_norm.weight.shape[0] != attn.head_dim:
         raise ValueError("tensor parallelism does not split QK-norm over the whole projection (OLMoE) yet")
     dh = attn.head_dim
     heads = _part(attn.num_heads, rank, world, "the number of attention heads")
     kv_heads = _kv_heads(attn.num_heads, attn.num_kv_heads, rank, world)
-
-    def features(head_ids: torch.Tensor) -> torch.Tensor:
-        return (head_ids[:, None] * dh + torch.arange(dh)).flatten()
-
     _column_parallel(attn.qkv_proj, _merged_rows(attn.qkv_proj, {
-        "q_proj": features(heads), "k_proj": features(kv_heads), "v_proj": features(kv_heads)}))
-    _row_parallel(attn.o_proj, features(heads), rank)
+        "q_proj": _features(heads, dh), "k_proj": _features(kv_heads, dh), "v_proj": _features(kv_heads, dh)}))
+    _row_parallel(attn.o_proj, _features(heads, dh), rank)
     if attn.sinks is not None:
         attn.sinks = _keep(attn.sinks, 0, heads)
     attn.num_heads, attn.num_kv_heads = len(heads), len(kv_heads)
     attn.qkv_sizes = [len(heads) * dh, len(kv_heads) * dh, len(kv_heads) * dh]
+
+
+def _shard_latent_attention(attn: MultiHeadLatentAttention, rank: int, world: int) -> None:
+    """MLA by heads: each rank keeps its heads' query rows, their rows of the latent's up-projection (W_uk_h over
+    W_uv_h) and their o_proj columns. The latent and rotary key are every head's, so their projection, norm and
+    cache stay whole on every rank."""
+    heads = _part(attn.num_heads, rank, world, "the number of attention heads")
+    _column_parallel(attn.q_b_proj if attn.low_rank_queries else attn.q_proj,
+                     _features(heads, attn.nope_dim + attn.rope_dim))
+    _column_parallel(attn.kv_b_proj, _features(heads, attn.nope_dim + attn.v_dim))
+    _row_parallel(attn.o_proj, _features(heads, attn.v_dim), rank)
+    attn.num_heads = len(heads)
 
 
 def _shard_mlp(mlp: MLP, rank: int, world: int) -> None:
