@@ -101,7 +101,6 @@ class StepLogits:
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_dir: Path, rank: int = 0) -> None:
         self.config = config
-        self.rank = rank
         self.device = resolve_device(config.device, rank)
         # rank 0 starts the other ranks first: they load while it does
         self.workers = (MultiprocExecutor(config.tensor_parallel_size, self.device,
@@ -201,7 +200,7 @@ class ModelRunner:
         self._on_workers("allocate_kv_cache")
         config = self.config
         num_blocks = (self.kv_bytes if self.kv_bytes is not None else self._device_kv_bytes()) // self.block_bytes
-        if dist.is_initialized():  # every rank holds the same blocks: the fewest any rank's budget allows
+        if config.tensor_parallel_size > 1:  # every rank holds the same blocks: the fewest any rank's budget allows
             agreed = torch.tensor(num_blocks, device=self.device)
             dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
             num_blocks = int(agreed)
