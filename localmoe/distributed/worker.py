@@ -10,6 +10,7 @@ worker (a collective or the pipe fails, /health reports it). The pipe closing (t
 from __future__ import annotations
 
 import logging
+import signal
 from datetime import timedelta
 from multiprocessing.connection import Connection
 from typing import Callable
@@ -39,6 +40,8 @@ def run_worker(rank: int, world_size: int, init_method: str, device: torch.devic
     """Process entry point: `make_runner(rank=rank)` builds this rank's runner; each call that arrives is
     (method, args, reply): the runner's method applied to args, its result sent back when `reply`."""
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s rank {rank} %(levelname)s %(name)s: %(message)s")
+    # Ctrl-C reaches the whole process group; the engine core drains its requests and then stops the workers
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         init_distributed(rank, world_size, init_method, device)
         runner = make_runner(rank=rank)
