@@ -155,9 +155,9 @@ def _shard_feed_forward(mlp: nn.Module, rank: int, world: int, where: str) -> No
     if isinstance(mlp, MLP):
         _shard_mlp(mlp, rank, world)
         return
-    # a block whose output is routed experts plus a gated shared expert is a sum of per-rank parts; a block with
-    # its own forward (the built-in model's token-mixing routings) may not be
-    if not isinstance(mlp, SparseMoE) or type(mlp).forward is not SparseMoE.forward:
+    # every MoE block routes from its (replicated) input and mixes its experts' outputs linearly (token choice,
+    # expert choice, soft MoE's slots alike), so per-rank partial outputs sum to the whole
+    if not isinstance(mlp, SparseMoE):
         raise ValueError(f"tensor parallelism does not split {type(mlp).__name__} ({where}) yet")
     if not isinstance(mlp.experts, GroupedExperts):
         raise ValueError(f"tensor parallelism does not split {type(mlp.experts).__name__} ({where})")
