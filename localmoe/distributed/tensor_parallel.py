@@ -29,6 +29,7 @@ from torch import nn
 
 from localmoe.layers.linear import Linear, MergedLinear
 from localmoe.layers.mla import MultiHeadLatentAttention
+from localmoe.layers.norm import RMSNorm
 from localmoe.layers.moe import GroupedExperts, SparseMoE
 from localmoe.models.llama import MLP, Attention, LlamaForCausalLM
 
@@ -106,11 +107,15 @@ def _features(heads: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def _shard_attention(attn: Attention, rank: int, world: int) -> None:
-    if attn.q_norm is not None and attn.q_norm.weight.shape[0] != attn.head_dim:
-        raise ValueError("tensor parallelism does not split QK-norm over the whole projection (OLMoE) yet")
     dh = attn.head_dim
     heads = _part(attn.num_heads, rank, world, "the number of attention heads")
     kv_heads = _kv_heads(attn.num_heads, attn.num_kv_heads, rank, world)
+    if attn.q_norm is not None and attn.q_norm.weight.shape[0] != dh:  # QK-norm over the whole projection (OLMoE)
+        if attn.num_kv_heads % world:
+            raise ValueError("QK-norm over the whole projection needs the key/value heads split, not replicated: "
+                             f"tensor_parallel_size {world} does not divide {attn.num_kv_heads}")
+        attn.q_norm = ShardedRMSNorm(attn.q_norm, _features(heads, dh))
+        attn.k_norm = ShardedRMSNorm(attn.k_norm, _features(kv_heads, dh))
     _column_parallel(attn.qkv_proj, _merged_rows(attn.qkv_proj, {
         "q_proj": _features(heads, dh), "k_proj": _features(kv_heads, dh), "v_proj": _features(kv_heads, dh)}))
     _row_parallel(attn.o_proj, _features(heads, dh), rank)
@@ -118,6 +123,23 @@ def _shard_attention(attn: Attention, rank: int, world: int) -> None:
         attn.sinks = _keep(attn.sinks, 0, heads)
     attn.num_heads, attn.num_kv_heads = len(heads), len(kv_heads)
     attn.qkv_sizes = [len(heads) * dh, len(kv_heads) * dh, len(kv_heads) * dh]
+
+
+class ShardedRMSNorm(nn.Module):
+    """RMSNorm over features split across the ranks (OLMoE's QK-norm spans the whole projection): the mean square
+    is taken over every rank's features (an all-reduce), and each rank scales its own."""
+
+    def __init__(self, norm: RMSNorm, features: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = _keep(norm.weight, 0, features)
+        self.eps = norm.eps
+        self.dim = norm.weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        squares = x32.square().sum(dim=-1, keepdim=True)
+        dist.all_reduce(squares)
+        return (x32 * torch.rsqrt(squares / self.dim + self.eps)).to(x.dtype) * self.weight
 
 
 def _shard_latent_attention(attn: MultiHeadLatentAttention, rank: int, world: int) -> None:
