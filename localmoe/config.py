@@ -109,12 +109,18 @@ class EngineConfig:
     device: str = setting("auto", "Device type for execution: auto (CUDA where available, else CPU), cpu, cuda, "
                           "cuda:N.")
     seed: int = setting(0, "Random seed for reproducibility (a request's own seed gives it its own generator).")
-    tensor_parallel_size: int = setting(1, "Number of tensor parallel groups. Only 1 is available yet.")
+    tensor_parallel_size: int = setting(1, "Number of tensor parallel groups: the engine core and N - 1 worker "
+                                        "processes each hold 1/N of the attention heads, of the MLP and expert "
+                                        "intermediate features, of the vocabulary and of the KV cache.")
+    distributed_executor_backend: str | None = setting(None, "Backend to use for distributed model workers: mp "
+                                                       "(processes on this machine) or ray (not available yet). "
+                                                       "If unspecified: mp when tensor_parallel_size > 1.")
     gpu_memory_utilization: float = setting(0.9, "The fraction of GPU memory to be used for the model executor, "
                                             "which can range from 0 to 1 (0.5: 50%); the KV cache gets what the "
                                             "weights leave of it. CUDA only: on CPU, --kv-cache-memory.")
     # bytes for the KV pool when the device is the CPU; the default fits inside a container's limit
-    kv_cache_memory: str | None = setting(None, "Size of the KV cache on CPU, in bytes (4294967296, 4GiB, 512M). "
+    kv_cache_memory: str | None = setting(None, "Size of the KV cache on CPU, in bytes (4294967296, 4GiB, 512M), "
+                                          "each rank's with tensor parallelism. "
                                           "If unspecified: 2 GiB, or an eighth of the memory left after loading "
                                           "where that is less, and at least one sequence of --max-model-len.")
     max_model_len: int | None = setting(None, "Model context length (prompt and output), in tokens. If "
@@ -170,8 +176,17 @@ class EngineConfig:
 
     def validate(self) -> None:
         refusals = [
-            (self.tensor_parallel_size != 1, "tensor_parallel_size",
-             "tensor parallelism is not available yet; use tensor_parallel_size: 1"),
+            (self.tensor_parallel_size < 1, "tensor_parallel_size", "tensor_parallel_size must be positive"),
+            (self.distributed_executor_backend not in (None, "mp", "ray"), "distributed_executor_backend",
+             f"distributed_executor_backend {self.distributed_executor_backend!r} is not one of mp, ray"),
+            (self.distributed_executor_backend == "ray", "distributed_executor_backend",
+             "the ray backend is not available yet; use mp (worker processes on this machine)"),
+            (self.tensor_parallel_size > 1 and self.offloads_experts, "tensor_parallel_size",
+             "expert offloading is not available with tensor parallelism yet; keep experts resident "
+             "(expert_cache_size: 0) or use tensor_parallel_size: 1"),
+            (self.tensor_parallel_size > 1 and self.quantization not in (None, "", "none"), "tensor_parallel_size",
+             "quantization is not available with tensor parallelism yet; serve unquantized weights or use "
+             "tensor_parallel_size: 1"),
             (self.swap_space < 0, "swap_space", "swap_space must not be negative"),
             (self.model_name.endswith(".gguf") and not self.tokenizer, "tokenizer",
              "a GGUF file needs --tokenizer pointing at the original checkpoint directory"),

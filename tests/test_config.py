@@ -50,9 +50,10 @@ def test_unknown_key_is_named(tmp_path: Path) -> None:
         load_config(write(tmp_path, "vllm:\n  max_num_seqz: 3\n"))
 
 
-def test_tensor_parallel_is_refused_with_a_reason(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="tensor_parallel_size.*not available"):
-        load_config(write(tmp_path, "vllm:\n  tensor_parallel_size: 4\n"))
+def test_ray_executor_is_refused_with_a_reason(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "vllm:\n  tensor_parallel_size: 4\n")).engine.tensor_parallel_size == 4
+    with pytest.raises(ConfigError, match="distributed_executor_backend.*ray backend is not available"):
+        load_config(write(tmp_path, "vllm:\n  tensor_parallel_size: 2\n  distributed_executor_backend: ray\n"))
 
 
 @pytest.mark.parametrize("text, key, reason", [
@@ -112,9 +113,10 @@ def test_every_engine_key_has_a_flag() -> None:
 
 def test_refused_flag_exits_2_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cli, "run_server", lambda config: pytest.fail("must not start"))
-    result = CliRunner().invoke(cli.app, ["serve", "--tensor-parallel-size", "4"])
+    result = CliRunner().invoke(cli.app, ["serve", "--tensor-parallel-size", "2", "--distributed-executor-backend",
+                                          "ray"])
     assert result.exit_code == 2
-    assert "tensor_parallel_size" in result.output
+    assert "distributed_executor_backend" in result.output
 
 
 def test_memory_sizes_take_units_and_auto_only_where_it_means_something(tmp_path: Path) -> None:

@@ -12,8 +12,8 @@ the engine's next loop iteration.
 
 Admission is counted here, on the event loop, in sequences (prompts x n): a request takes its place
 synchronously, before its first await, so a burst cannot overshoot the bound. The loop's heartbeat
-and the thread's fate are what /health reports: a dead engine thread or one that makes no progress
-while work waits is unhealthy, and its waiting requests are failed rather than left hanging.
+and the thread's fate are what /health reports: a dead engine thread, a dead tensor-parallel worker, or a loop that
+makes no progress while work waits is unhealthy, and its waiting requests are failed rather than left hanging.
 """
 
 from __future__ import annotations
@@ -82,6 +82,8 @@ class AsyncEngine:
         self._wakeup.set()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
+        if isinstance(self._built, LLMEngine):
+            self._built.runner.shutdown()
 
     # ---- admission and health (event loop) ------------------------------------------------------
 
@@ -99,6 +101,8 @@ class AsyncEngine:
         """Why the engine cannot serve, or None when it can."""
         if self.fatal is not None or not self._thread.is_alive():
             return "the engine thread has stopped"
+        if (problem := self.engine.runner.health_problem()) is not None:
+            return problem
         idle_for = time.monotonic() - self._heartbeat
         if (self._streams or not self._inbox.empty()) and idle_for > self.stall_timeout:
             return f"the engine has made no progress for {idle_for:.0f} s with requests waiting"
@@ -125,6 +129,8 @@ class AsyncEngine:
             raise RequestError(f"request id {request_id!r} is already in use", "request_id")
         if self.fatal is not None or not self._thread.is_alive():
             raise EngineDeadError("the engine thread has stopped; this server cannot serve requests")
+        if (problem := self.engine.runner.health_problem()) is not None:
+            raise EngineDeadError(f"{problem}; this server cannot serve requests")
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         self._send(("add", request))

@@ -27,7 +27,7 @@ from localmoe.engine.scheduler import Scheduler
 from localmoe.engine.sequence import Request, Sequence
 from localmoe.engine.structured_output import GrammarError, StructuredOutputs
 from localmoe.engine.stats import (
-    PUBLISH_INTERVAL_S, EngineStats, MemoryAccount, StatsSnapshot, tensor_bytes, weights_bytes,
+    PUBLISH_INTERVAL_S, EngineStats, MemoryAccount, StatsSnapshot, tensor_bytes,
 )
 from localmoe.experts.observer import RoutingObserver
 from localmoe.experts.stats import expert_stats
@@ -86,7 +86,7 @@ class LLMEngine:
         self.output = OutputProcessor(self.tokenizer, eos_token_ids, self.max_model_len)
         self.observer = RoutingObserver(self.model)
         self.trace = RoutingTrace(config.routing_trace, self.observer.blocks) if config.routing_trace else None
-        self.memory = MemoryAccount(self.device, weights_bytes(self.model, self.experts),
+        self.memory = MemoryAccount(self.device, self.runner.weight_bytes(),
                                     tensor_bytes(self.runner.kv_caches), self.runner.kv_dtype,
                                     tensor_bytes(self.runner.swap_caches), self.experts)
         self.requests: dict[str, Request] = {}

@@ -12,19 +12,30 @@ blocks for the same bytes.
 The step's tokens from every sequence are concatenated ([T]); attention metadata says where each
 token's K/V goes and which blocks each sequence reads. Logits are computed only for sequences
 whose last token is in this step (those are the ones that sample).
+
+With tensor_parallel_size N > 1 (nano-vllm's shape) the runner of rank 0, in the engine core, starts N - 1 worker
+processes (distributed/mp_executor.py), each building a runner of its own rank; every runner shards its model
+after loading (distributed/tensor_parallel.py) and allocates its shard of the KV pool. Rank 0 turns each scheduled
+batch into plain StepInputs and sends them to the workers, then all ranks run the same forward pass; the
+logits come together on rank 0.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from localmoe.config import ConfigError, EngineConfig
+from localmoe.distributed.mp_executor import MultiprocExecutor
+from localmoe.distributed.tensor_parallel import apply_tp
 from localmoe.engine.scheduler import ScheduledBatch
+from localmoe.engine.stats import weights_bytes
 from localmoe.experts.memory_budget import RUNTIME_RESERVE, auto_cache_bytes, memory_left
 from localmoe.experts.offload import OffloadPlan, offloaded_weight
 from localmoe.experts.runtime import convert_experts
@@ -58,10 +69,26 @@ def kv_block_bytes(model: nn.Module, block_size: int, dtype: torch.dtype) -> int
     return sum(math.prod(shape) for shape in kv_cache_shapes(model, 1, block_size, dtype)) * dtype.itemsize
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, rank: int = 0) -> torch.device:
+    """The device of `rank`: with CUDA, rank r of a tensor-parallel engine takes device r."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    return torch.device("cuda", rank) if device.type == "cuda" and rank else device
+
+
+@dataclass
+class StepInputs:
+    """One step's flat batch in plain numbers: what rank 0 sends every worker."""
+
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    query_lens: list[int] = field(default_factory=list)
+    context_lens: list[int] = field(default_factory=list)
+    block_tables: list[list[int]] = field(default_factory=list)
+    sample_rows: list[int] = field(default_factory=list)  # row in the flat batch of each sampling sequence's last token
+    sampling: list[int] = field(default_factory=list)  # batch index of each sampling sequence
+    prompt_rows: dict[int, range] = field(default_factory=dict)  # batch index -> rows whose prompt logprobs are asked
 
 
 @dataclass
@@ -72,12 +99,33 @@ class StepLogits:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_dir: Path) -> None:
+    def __init__(self, config: EngineConfig, model_dir: Path, rank: int = 0) -> None:
         self.config = config
-        self.device = resolve_device(config.device)
+        self.device = resolve_device(config.device, rank)
+        # rank 0 starts the other ranks first: they load while it does
+        self.workers = (MultiprocExecutor(config.tensor_parallel_size, self.device,
+                                          partial(ModelRunner, config, model_dir))
+                        if rank == 0 and config.tensor_parallel_size > 1 else None)
+        try:
+            self._load(model_dir)
+            if self.workers is not None:
+                self.workers.wait_ready()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _load(self, model_dir: Path) -> None:
+        config = self.config
         self.model, self.hf_config = load_model(model_dir, config.dtype, self.device,
                                                 unread=offloaded_weight if config.offloads_experts else None,
                                                 quantization=config.quantization)
+        if config.tensor_parallel_size > 1:
+            if self.model.quantized_checkpoint is not None:
+                raise ConfigError("tensor_parallel_size: a quantized checkpoint is not split across ranks yet")
+            try:
+                apply_tp(self.model)
+            except ValueError as error:
+                raise ConfigError(f"tensor_parallel_size: {error}") from None
         self.dtype = resolve_dtype(config.dtype, self.hf_config, self.device)
         self.max_model_len = context_length(config, self.hf_config)
         self.kv_dtype = cache_dtype(config.kv_cache_dtype, self.dtype)
@@ -101,6 +149,27 @@ class ModelRunner:
         self.block_size = config.block_size
         self.kv_caches: list[torch.Tensor] = []
         self.swap_caches: list[torch.Tensor] = []
+
+    def shutdown(self) -> None:
+        """Stop the worker processes, if any."""
+        if self.workers is not None:
+            self.workers.stop()
+
+    def health_problem(self) -> str | None:
+        """Why this runner cannot run a step (a worker process has gone), or None."""
+        return None if self.workers is None else self.workers.problem()
+
+    def weight_bytes(self) -> int:
+        return weights_bytes(self.model, self.experts)
+
+    def rank_weight_bytes(self) -> list[int]:
+        """Each rank's bytes of weights, as the ranks count them, rank 0 first."""
+        return [self.weight_bytes(), *(self.workers.call("weight_bytes", reply=True) if self.workers else [])]
+
+    def _on_workers(self, method: str, *args: object) -> None:
+        """Have every worker run `method(*args)` on its runner, as rank 0 is about to; a no-op without workers."""
+        if self.workers is not None:
+            self.workers.call(method, *args)
 
     def _offload_plan(self, model_dir: Path) -> OffloadPlan | None:
         config = self.config
@@ -132,8 +201,13 @@ class ModelRunner:
     def allocate_kv_cache(self) -> tuple[int, int]:
         """Allocate the KV pool the budget allows, and its host swap space; returns (blocks, swap blocks). Refuses
         a budget that cannot hold one sequence of max_model_len tokens."""
+        self._on_workers("allocate_kv_cache")
         config = self.config
         num_blocks = (self.kv_bytes if self.kv_bytes is not None else self._device_kv_bytes()) // self.block_bytes
+        if config.tensor_parallel_size > 1:  # every rank holds the same blocks: the fewest any rank's budget allows
+            agreed = torch.tensor(num_blocks, device=self.device)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+            num_blocks = int(agreed)
         if num_blocks * config.block_size < self.max_model_len:
             raise ConfigError(f"the KV cache budget holds {num_blocks * config.block_size} tokens, fewer than "
                               f"max_model_len {self.max_model_len}; raise kv_cache_memory / "
@@ -158,9 +232,14 @@ class ModelRunner:
         return int(total * self.config.gpu_memory_utilization) - (total - free)
 
     def swap(self, batch: ScheduledBatch) -> None:
+        if batch.swap_out or batch.swap_in:
+            self.swap_blocks(batch.swap_out, batch.swap_in)
+
+    def swap_blocks(self, swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]]) -> None:
         """Copy preempted sequences' blocks to host memory, then swapped-in ones back (in that order:
         a block freed by a swap-out may be the target of a swap-in in the same step)."""
-        for copies, to_host in ((batch.swap_out, True), (batch.swap_in, False)):
+        self._on_workers("swap_blocks", swap_out, swap_in)
+        for copies, to_host in ((swap_out, True), (swap_in, False)):
             if not copies:
                 continue
             src, dst = (torch.tensor(ids, dtype=torch.long) for ids in zip(*copies))
@@ -170,33 +249,46 @@ class ModelRunner:
                 else:
                     cache[:, dst.to(cache.device)] = swap[:, src].to(cache.device)
 
-    @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepLogits:
-        input_ids: list[int] = []
-        positions: list[int] = []
-        context_lens: list[int] = []
-        sample_rows: list[int] = []  # row in the flat batch of each sampling sequence's last token
-        sampling: list[int] = []
-        prompt_rows: dict[int, range] = {}
+        return self.run(self.prepare(batch))
+
+    @staticmethod
+    def prepare(batch: ScheduledBatch) -> StepInputs:
+        step = StepInputs(query_lens=batch.num_tokens, block_tables=[s.block_table for s in batch.seqs])
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens)):
             start = seq.num_computed_tokens
             if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens:
-                prompt_rows[i] = range(len(input_ids), len(input_ids) + min(n, seq.num_prompt_tokens - start))
-            input_ids += seq.token_ids[start:start + n]
-            positions += range(start, start + n)
-            context_lens.append(start + n)
+                step.prompt_rows[i] = range(len(step.input_ids),
+                                            len(step.input_ids) + min(n, seq.num_prompt_tokens - start))
+            step.input_ids += seq.token_ids[start:start + n]
+            step.positions += range(start, start + n)
+            step.context_lens.append(start + n)
             if start + n == seq.num_tokens:
-                sampling.append(i)
-                sample_rows.append(len(input_ids) - 1)
-        meta = AttentionMetadata.build(
-            batch.num_tokens, context_lens, [s.block_table for s in batch.seqs], self.block_size, self.device)
-        hidden = self.model(
-            torch.tensor(input_ids, device=self.device), torch.tensor(positions, device=self.device),
-            self.kv_caches, meta)
-        prompt = {i: self.model.compute_logits(hidden[r.start:r.stop]).float() for i, r in prompt_rows.items()}
-        if sampling:
-            rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+                step.sampling.append(i)
+                step.sample_rows.append(len(step.input_ids) - 1)
+        return step
+
+    def run(self, step: StepInputs) -> StepLogits:
+        """The forward pass of one step, on every rank (rank 0 sends the step to the workers first); the logits
+        are rank 0's."""
+        self._on_workers("run", step)
+        try:
+            return self._forward(step)
+        except Exception as error:
+            if self.workers is not None:  # the ranks may be out of step now: no further step can be trusted
+                self.workers.stop(self.workers.problem() or f"a tensor-parallel step failed: {error!r}")
+            raise
+
+    @torch.inference_mode()
+    def _forward(self, step: StepInputs) -> StepLogits:
+        meta = AttentionMetadata.build(step.query_lens, step.context_lens, step.block_tables, self.block_size,
+                                       self.device)
+        hidden = self.model(torch.tensor(step.input_ids, device=self.device),
+                            torch.tensor(step.positions, device=self.device), self.kv_caches, meta)
+        prompt = {i: self.model.compute_logits(hidden[r.start:r.stop]).float() for i, r in step.prompt_rows.items()}
+        if step.sampling:
+            rows = torch.tensor(step.sample_rows, dtype=torch.long, device=self.device)
             sample = self.model.compute_logits(hidden[rows]).float()
         else:  # only prompt chunks that end before their prompt does: nothing samples, no output head runs
-            sample = torch.empty(0, self.model.lm_head.out_features, dtype=torch.float32, device=self.device)
-        return StepLogits(sample, sampling, prompt)
+            sample = torch.empty(0, self.hf_config["vocab_size"], dtype=torch.float32, device=self.device)
+        return StepLogits(sample, step.sampling, prompt)
