@@ -29,36 +29,40 @@ class QuantizedCheckpoint:
 
     def __init__(self, fmt: CheckpointFormat) -> None:
         self.format = fmt
-        self.held: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)  # layer prefix -> suffix -> tensor
+        self.held: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)  # weight name -> suffix -> tensor
         self.pieces: dict[str, list[tuple[object, QuantizedWeight]]] = defaultdict(list)  # parameter -> packed
         self.dense_pieces: set[str] = set()  # parameters with a piece the format gave dense
         self.dense: list[str] = []  # checkpoint weights that came dense (desc_act, fp8 blocks not dividing K)
 
     def take(self, name: str, read: Callable[[], torch.Tensor]) -> bool:
         """Hold `name` if it may belong to a quantized layer (read() gives its tensor), or skip it if it is a scale of
-        activation quantization we do not apply; False: the loader reads it as usual."""
-        prefix, _, suffix = name.rpartition(".")
+        activation quantization we do not apply, or a scale beside a weight the format left unquantized
+        (transformers' fp8 saves one for each linear it could not tile); False: the loader reads it as usual."""
+        weight, suffix = self.format.split(name)
         if suffix in UNREAD_SUFFIXES:
             return True
-        if suffix not in self.format.suffixes or not self.format.is_quantized(prefix):
+        if suffix not in self.format.suffixes:
             return False
-        self.held[prefix][suffix] = read()
+        if not self.format.is_quantized(weight.removesuffix(".weight")):
+            return suffix != "weight"
+        self.held[weight][suffix] = read()
         return True
 
     def weights(self) -> Iterator[tuple[str, torch.Tensor, QuantizedWeight | None]]:
-        """(checkpoint name, dense tensor, the QuantizedWeight it came from or None) of every layer held: a layer
-        with nothing but a plain `weight` (a norm, an embedding the format's targets took in) comes back as it is."""
-        for prefix, tensors in self.held.items():
+        """(checkpoint name, dense tensor, the QuantizedWeight it came from or None) of every weight held: one with
+        nothing but a plain `weight` (a norm, an embedding the format's targets took in) comes back as it is."""
+        self.format.regroup(self.held)
+        for name, tensors in self.held.items():
             if set(tensors) == {"weight"} and tensors["weight"].is_floating_point() \
                     and tensors["weight"].dtype != torch.float8_e4m3fn:
-                yield f"{prefix}.weight", tensors["weight"], None
+                yield name, tensors["weight"], None
                 continue
             combined = self.format.combine(tensors)
             if isinstance(combined, QuantizedWeight):
-                yield f"{prefix}.weight", combined.dequantize(), combined
+                yield name, combined.dequantize(), combined
             else:
-                self.dense.append(f"{prefix}.weight")
-                yield f"{prefix}.weight", combined, None
+                self.dense.append(name)
+                yield name, combined, None
         self.held.clear()
 
     def record(self, param: str, where: object, weight: QuantizedWeight | None) -> None:
