@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import save_file
 
 from checkpoints import make_checkpoint
-from family_parity import check_batched_prompt_logits, check_greedy_with_shared_prefix, check_quantized_kernels
+from family_parity import (check_batched_prompt_logits, check_greedy_with_shared_prefix, check_offloaded_like_resident,
+                           check_quantized_kernels)
 from localmoe.experts.quantized import QuantGroupedExperts
 from localmoe.layers.cpu_kernels import cpu_has_avx512_bf16
 from localmoe.layers.moe import moe_blocks
@@ -95,3 +96,12 @@ def test_float32_logits_equal_transformers_on_its_dequantized_weights(checkpoint
 @pytest.mark.parametrize("layout", ["saved", "fused"])
 def test_bf16_serves_the_fp8_experts_on_the_kernel(checkpoints, layout):
     check_quantized_kernels(checkpoints[layout], checkpoints["dense"])
+
+
+@pytest.mark.parametrize("layout,target,dtype", [("saved", "disk", "float32"), ("fused", "host", "float32"),
+                                                 ("fused", "disk", "bfloat16")])
+def test_offloaded_fp8_experts_give_the_resident_outputs(checkpoints, layout, target, dtype):
+    """The store reads each expert's fp8 bytes and its scales (one expert's rows of the fused tensors)."""
+    if dtype == "bfloat16" and not cpu_has_avx512_bf16():
+        pytest.skip("needs a CPU with AVX512-BF16")
+    check_offloaded_like_resident(checkpoints[layout], target, dtype)

@@ -12,14 +12,13 @@ and k) are widened to the most bits and the smallest group, which holds each exa
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 
 import torch
 
 from localmoe.quant.formats import UNREAD_SUFFIXES, CheckpointFormat
-from localmoe.quant.weight import QuantizedWeight
+from localmoe.quant.weight import QuantizedWeight, assemble
 
 
 class QuantizedCheckpoint:
@@ -74,24 +73,8 @@ class QuantizedCheckpoint:
 
     def weight_for(self, param: str, dense: torch.Tensor) -> QuantizedWeight | None:
         """Parameter `param` (dense: its loaded values) as the checkpoint's integers, or None where it is not all
-        packed alike."""
+        packed."""
         pieces = self.pieces.get(param)
         if not pieces or param in self.dense_pieces:
             return None
-        first = pieces[0][1]
-        if any((w.bits, w.float8, w.group_size) != (first.bits, first.float8, first.group_size) for _, w in pieces):
-            if any(w.float8 for _, w in pieces):
-                return None
-            bits, group = max(w.bits for _, w in pieces), math.gcd(*(w.group_size for _, w in pieces))
-            pieces = [(where, w.widened(bits, group)) for where, w in pieces]
-            first = pieces[0][1]
-        groups = dense.shape[-1] // first.group_size
-        packed = torch.zeros((*dense.shape[:-1], dense.shape[-1] * first.bits // 8), dtype=torch.uint8)
-        scales, zeros = (torch.zeros((*dense.shape[:-1], groups)) for _ in range(2))
-        covered = torch.zeros(dense.shape[:-1], dtype=torch.bool)
-        for where, weight in pieces:
-            at = () if where is None else where
-            for whole, part in ((packed, weight.packed), (scales, weight.scales), (zeros, weight.zeros)):
-                whole[at] = part
-            covered[at] = True
-        return first.like(packed, scales, zeros) if bool(covered.all()) else None
+        return assemble(dense.shape, pieces)

@@ -182,7 +182,8 @@ class Fp8(CheckpointFormat):
                 continue
             rows = tensors["weight"].shape[0]
             whole = rows if half is None else 2 * rows
-            per_row = layer["weight_scale_inv"][int(m[2])].float().repeat_interleave(
+            scales = layer["weight_scale_inv"]  # every expert's, or (read for one expert alone) this one's
+            per_row = (scales[int(m[2])] if scales.dim() == 3 else scales).float().repeat_interleave(
                 self.block[0] if self.block else whole, 0)[:whole]
             tensors["weight_scale_rows"] = per_row[(half or 0) * rows:][:rows]
         for name in [name for name, tensors in held.items()
