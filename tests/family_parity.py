@@ -191,14 +191,14 @@ def check_quantized_kernels(directory: Path, reference: Path, **kwargs) -> LLM:
     return llm
 
 
-def check_offloaded_like_resident(directory: Path, target: str, dtype: str) -> None:
+def check_offloaded_like_resident(directory: Path, target: str, dtype: str, **kwargs) -> None:
     """A quantized checkpoint's experts offloaded with one slot for top-2 (every step runs in waves) are its own
     packed numbers: greedy tokens and every step's logits are the resident quantized serving's bit for bit, on the
     quantized kernel (bf16) or the quantized reference path (float32), and every miss moves one packed expert (its
     bytes as the resident experts hold it, less than bf16's)."""
     runs = []
     for offload in ({}, {"expert_cache_size": 1, "expert_offload_target": target}):
-        llm = engine(directory, dtype=dtype, **offload)
+        llm = engine(directory, dtype=dtype, **offload, **kwargs)
         steps = record_logits(llm)
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts_of([9, 17, 4, 12], seed=3)],
                             SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
@@ -208,11 +208,10 @@ def check_offloaded_like_resident(directory: Path, target: str, dtype: str) -> N
     kind = TiledExperts if dtype == "bfloat16" else QuantGroupedExperts
     assert all(isinstance(moe.experts, kind) for _, moe in moe_blocks(resident.model))
     assert all(isinstance(moe.experts.compute, kind) for _, moe in moe_blocks(core.model))
-    experts = moe_blocks(resident.model)[0][1].experts
-    expert_bytes = sum(t[0].numel() * t.element_size() for t in experts.buffers())  # buffers stack every expert's
-    shapes = next(iter(core.experts.store.layers.values())).shapes  # one expert's w13 [2I, D] and w2 [D, I]
-    assert expert_bytes < 2 * sum(math.prod(shape) for shape in shapes.values())  # bf16's
-    for cache in core.experts.caches:
+    for (_, moe), cache in zip(moe_blocks(resident.model), core.experts.caches):
+        expert_bytes = sum(t[0].numel() * t.element_size() for t in moe.experts.buffers())  # buffers stack them all
+        shapes = core.experts.store.layers[cache.path].shapes  # one expert's w13 [2I, D] and w2 [D, I]
+        assert expert_bytes < 2 * sum(math.prod(shape) for shape in shapes.values())  # bf16's
         assert cache.expert_bytes == expert_bytes and int(cache.stats.misses.sum()) > 0
         assert cache.stats.bytes_loaded == int(cache.stats.misses.sum()) * expert_bytes
     if target == "disk":

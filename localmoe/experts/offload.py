@@ -150,13 +150,15 @@ def _slot_compute(store: ExpertStore, path: str, activation: Activation,
         w13, w2 = store.packed_expert(path, 0)
         kernel = kernel and quant_kernel_serves(w13) and quant_kernel_serves(w2)
         store.set_form(path, checkpoint_form(w13, w2, kernel))
-        return lambda cache: slot_experts(cache.slots, w13.bits, w13.float8, kernel, activation, store.dtype)
+        return lambda cache: slot_experts(cache.slots, (w13.bits, w2.bits), w13.float8, kernel, activation,
+                                          store.dtype)
     if quant is not None:
         if not kernel:
             raise ValueError(f"quantization {quant.name!r} of offloaded experts needs the CPU kernel (bf16 SwiGLU "
                              "experts without biases on a CPU with AVX512-BF16)")
         store.set_form(path, quant_form(store.layers[path].shapes, quant))
-        return lambda cache: slot_experts(cache.slots, quant.bits, quant.float8, True, activation, store.dtype)
+        return lambda cache: slot_experts(cache.slots, (quant.bits, quant.bits), quant.float8, True, activation,
+                                          store.dtype)
     if kernel:
         store.set_form(path, ExpertForm("tiles", store.layers[path].form.tensors,
                                         lambda w13, w2: dict(zip(("w13", "w2"), expert_tiles(w13, w2)))))

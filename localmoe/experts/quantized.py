@@ -58,7 +58,6 @@ def quantize_experts(experts: GroupedExperts, path: str, quantizer: Quantizer) -
     return QuantGroupedExperts(w13, w2, experts.activation, experts.w13.dtype, experts.w13_bias, experts.w2_bias)
 
 
-
 def quant_form(shapes: dict[str, tuple[int, ...]], scheme: QuantScheme) -> ExpertForm:
     """Experts kept as the quantized kernel's tiles (`shapes`: one expert's w13 and w2 in the checkpoint)."""
     tensors = {}
@@ -77,8 +76,8 @@ def quant_form(shapes: dict[str, tuple[int, ...]], scheme: QuantScheme) -> Exper
 def checkpoint_form(w13: QuantizedWeight, w2: QuantizedWeight, kernel: bool) -> ExpertForm:
     """Experts kept as a quantized checkpoint has them (w13 and w2: one expert's, for the shapes): the kernel's tiles
     where it serves them, else the QuantizedWeights' own tensors (packed, scales, zeros) for the reference path."""
-    if (w13.bits, w13.float8) != (w2.bits, w2.float8):
-        raise ValueError(f"expert offloading keeps an expert's w13 and w2 in one kind of numbers, not "
+    if w13.float8 != w2.float8:
+        raise ValueError(f"expert offloading keeps an expert's w13 and w2 both integers or both fp8, not "
                          f"{_kind(w13)} and {_kind(w2)}")
 
     def make(w13: QuantizedWeight, w2: QuantizedWeight) -> dict[str, torch.Tensor]:
@@ -87,18 +86,19 @@ def checkpoint_form(w13: QuantizedWeight, w2: QuantizedWeight, kernel: bool) -> 
         return {f"{name}_{part}": getattr(weight, part) for name, weight in (("w13", w13), ("w2", w2))
                 for part in ("packed", "scales", "zeros")}
     tensors = {kind: (tuple(t.shape), t.dtype) for kind, t in make(w13, w2).items()}
-    name = f"checkpoint:{'tiles' if kernel else 'packed'}:{_kind(w13)}:{w13.group_size}:{w2.group_size}"
+    name = f"checkpoint:{'tiles' if kernel else 'packed'}:{_kind(w13)}:{w13.group_size}:{_kind(w2)}:{w2.group_size}"
     return ExpertForm(name, tensors, make)
 
 
-def slot_experts(slots: dict[str, torch.Tensor], bits: int, float8: bool, kernel: bool, activation: Activation,
-                 dtype: torch.dtype) -> Experts:
-    """The experts module over a cache's slots in quant_form or checkpoint_form (kernel: its tiles)."""
+def slot_experts(slots: dict[str, torch.Tensor], bits: tuple[int, int], float8: bool, kernel: bool,
+                 activation: Activation, dtype: torch.dtype) -> Experts:
+    """The experts module over a cache's slots in quant_form or checkpoint_form (kernel: its tiles); `bits`: w13's
+    and w2's."""
     if kernel:
-        return TiledExperts(*(QuantTiles(*(slots[f"{name}_{part}"] for part in QuantTiles.PARTS), bits, float8)
-                              for name in ("w13", "w2")))
-    w13, w2 = (QuantizedWeight(*(slots[f"{name}_{part}"] for part in ("packed", "scales", "zeros")), bits, float8)
-               for name in ("w13", "w2"))
+        return TiledExperts(*(QuantTiles(*(slots[f"{name}_{part}"] for part in QuantTiles.PARTS), width, float8)
+                              for name, width in zip(("w13", "w2"), bits)))
+    w13, w2 = (QuantizedWeight(*(slots[f"{name}_{part}"] for part in ("packed", "scales", "zeros")), width, float8)
+               for name, width in zip(("w13", "w2"), bits))
     return QuantGroupedExperts(w13, w2, activation, dtype, None, None)
 
 

@@ -26,16 +26,16 @@ checkpoint_form). A host store does that once for every expert at set_form.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from localmoe.config import EXPERT_OFFLOAD_TARGETS as OFFLOAD_TARGETS
 from localmoe.experts.expert_file import ExpertFile, read_fully
 from localmoe.models.checkpoint import TensorLocation, safetensors_files, safetensors_locations
+from localmoe.models.gguf_file import read_gguf
 from localmoe.quant.formats import CheckpointFormat
 from localmoe.quant.weight import QuantizedWeight, assemble
 
@@ -128,19 +128,17 @@ class ExpertStore:
 
     def fill(self, model_dir: Path, ignored: Callable[[str], bool]) -> None:
         """Take every checkpoint tensor that fills an expert of the layers added (`ignored`: names the model
-        skips): for a disk store, where its bytes are; for a host store, its values, read now."""
-        for file in safetensors_files(model_dir):
-            with safe_open(str(file), framework="pt") as f:
-                for name, location in safetensors_locations(file).items():
-                    if ignored(name):
-                        continue
-                    stand_in = location.stand_in()
-                    mapped = [m for m in self.weight_map(self._weight_of(name, stand_in), stand_in)
-                              if self.owns(m[0])]
-                    if mapped and self.target == "host" and self.checkpoint is None:
-                        mapped = [m for m in self.weight_map(name, f.get_tensor(name)) if self.owns(m[0])]
-                    for param, value, where in mapped:
-                        self.add(param, value, where, name, location)
+        skips): for a disk store or a quantized checkpoint, where its bytes are; for a host store, its values, read
+        now."""
+        for name, location in _locations(model_dir):
+            if ignored(name):
+                continue
+            stand_in = location.stand_in()
+            mapped = [m for m in self.weight_map(self._weight_of(name, stand_in), stand_in) if self.owns(m[0])]
+            if mapped and self.target == "host" and self.checkpoint is None:
+                mapped = [m for m in self.weight_map(name, self._pread(location)) if self.owns(m[0])]
+            for param, value, where in mapped:
+                self.add(param, value, where, name, location)
 
     def _weight_of(self, name: str, stand_in: torch.Tensor) -> str:
         """The weight a checkpoint tensor belongs to (for a quantized checkpoint's format tensors), which the model's
@@ -237,7 +235,8 @@ class ExpertStore:
             if not isinstance(combined, QuantizedWeight):
                 raise ValueError(f"expert offloading of a {fmt.method} checkpoint keeps its experts packed, but "
                                  f"{weight} does not map onto our packed form (GPTQ desc_act groups out of column "
-                                 "order, or fp8 blocks that do not divide its columns): serve it without offloading")
+                                 "order, fp8 blocks that do not divide its columns, GGUF types other than Q8_0, Q4_K "
+                                 "and Q6_K): serve it without offloading")
             stand_in = torch.empty((1, *combined.shape) if weight in stacked else combined.shape, device="meta")
             for param, value, where in self.weight_map(weight, stand_in):
                 if value is not stand_in:
@@ -271,6 +270,16 @@ class ExpertStore:
 
     def host_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers.values() for t in layer.host.values())
+
+
+def _locations(model_dir: Path) -> Iterator[tuple[str, TensorLocation]]:
+    """Every tensor of the checkpoint and where its bytes are: its safetensors files', or a GGUF file's (under Hugging
+    Face names, models/gguf_file.py)."""
+    if model_dir.suffix == ".gguf":
+        yield from read_gguf(model_dir).locations()
+        return
+    for file in safetensors_files(model_dir):
+        yield from safetensors_locations(file).items()
 
 
 def _pinned(tensor: torch.Tensor, pin: bool) -> torch.Tensor:
