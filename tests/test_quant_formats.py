@@ -253,6 +253,7 @@ def test_each_quant_method_is_detected_and_checked_against_the_request():
     ({"quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"}, "GPTQ checkpoint_format 'marlin'"),
     ({"quant_method": "gptq", "bits": 4, "dynamic": {r"+:.*down_proj": {"bits": 8}}}, "override.*down_proj.*8 bits"),
     ({"quant_method": "fp8", "fmt": "e5m2"}, "fp8 with fmt 'e5m2'"),
+    ({"quant_method": "fp8", "expert_dtype": "fp4"}, "fp8 with expert_dtype 'fp4'"),
     ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "quant_method 'bitsandbytes'"),
     ({"quant_method": "mxfp4"}, "quant_method 'mxfp4'"),
     ({"quant_method": "compressed-tensors", "format": "marlin-24", "config_groups": {"group_0": {

@@ -143,7 +143,7 @@ class CompressedTensors(CheckpointFormat):
 # transformers 5's FineGrainedFP8 (integrations/finegrained_fp8.py, FP8Experts) holds an MoE layer's experts as
 # parameters [E, N, K] of module `experts`, each with its scales beside it: gate_up_proj [E, 2I, H] (gate rows, then up
 # rows) and gate_up_proj_scale_inv [E, ceil(2I / rows), ceil(H / cols)], down_proj [E, H, I] and down_proj_scale_inv
-FUSED_EXPERTS = re.compile(r"(.*\.experts\.(?:gate_up_proj|up_proj|down_proj))(_scale_inv|_activation_scale)?")
+FUSED_EXPERTS = re.compile(r"(.*\.experts\.(?:gate_up_proj|down_proj))(_scale_inv|_activation_scale)?")
 FUSED_SUFFIXES = {None: "weight", "_scale_inv": "weight_scale_inv", "_activation_scale": "activation_scale"}
 # its save_pretrained writes the weights back one per expert under the checkpoint's names, the scales still one per
 # layer: the parameter and half of it (0: gate rows, 1: up rows) holding each expert weight's scales
