@@ -4,6 +4,7 @@ off and on) and every decode step's logits, and requests joining a running batch
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -13,6 +14,7 @@ from torch import nn
 from checkpoints import reference_model
 from localmoe import LLM, SamplingParams
 from localmoe.experts.cpu import TiledExperts
+from localmoe.experts.quantized import QuantGroupedExperts
 from localmoe.layers.cpu_kernels import QuantTiles
 from localmoe.layers.moe import SparseMoE, moe_blocks
 from localmoe.layers.quant_linear import QuantLinear
@@ -187,3 +189,30 @@ def check_quantized_kernels(directory: Path, reference: Path, **kwargs) -> LLM:
                for _, moe in moe_blocks(model))
     assert all(m.kernel for m in model.modules() if isinstance(m, QuantLinear))
     return llm
+
+
+def check_offloaded_like_resident(directory: Path, target: str, dtype: str, **kwargs) -> None:
+    """A quantized checkpoint's experts offloaded with one slot for top-2 (every step runs in waves) are its own
+    packed numbers: greedy tokens and every step's logits are the resident quantized serving's bit for bit, on the
+    quantized kernel (bf16) or the quantized reference path (float32), and every miss moves one packed expert (its
+    bytes as the resident experts hold it, less than bf16's)."""
+    runs = []
+    for offload in ({}, {"expert_cache_size": 1, "expert_offload_target": target}):
+        llm = engine(directory, dtype=dtype, **offload, **kwargs)
+        steps = record_logits(llm)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts_of([9, 17, 4, 12], seed=3)],
+                            SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+        runs.append(([o.outputs[0].token_ids for o in outs], torch.cat(steps), llm.engine))
+    (tokens, logits, resident), (offloaded_tokens, offloaded_logits, core) = runs
+    assert offloaded_tokens == tokens and torch.equal(offloaded_logits, logits)
+    kind = TiledExperts if dtype == "bfloat16" else QuantGroupedExperts
+    assert all(isinstance(moe.experts, kind) for _, moe in moe_blocks(resident.model))
+    assert all(isinstance(moe.experts.compute, kind) for _, moe in moe_blocks(core.model))
+    for (_, moe), cache in zip(moe_blocks(resident.model), core.experts.caches):
+        expert_bytes = sum(t[0].numel() * t.element_size() for t in moe.experts.buffers())  # buffers stack them all
+        shapes = core.experts.store.layers[cache.path].shapes  # one expert's w13 [2I, D] and w2 [D, I]
+        assert expert_bytes < 2 * sum(math.prod(shape) for shape in shapes.values())  # bf16's
+        assert cache.expert_bytes == expert_bytes and int(cache.stats.misses.sum()) > 0
+        assert cache.stats.bytes_loaded == int(cache.stats.misses.sum()) * expert_bytes
+    if target == "disk":
+        assert core.experts.store.host_bytes() == 0

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models
 
 from checkpoints import VOCAB, make_checkpoint
-from family_parity import check_batched_prompt_logits, check_quantized_kernels, engine
+from family_parity import check_batched_prompt_logits, check_offloaded_like_resident, check_quantized_kernels, engine
 from localmoe.config import ConfigError
 from localmoe.experts.quantized import QuantGroupedExperts
 from localmoe.layers.cpu_kernels import cpu_has_avx512_bf16
@@ -266,6 +266,22 @@ def test_q4_k_on_the_kernels_meets_the_bf16_bar(files):
     source, paths = files
     path, reference = paths["q4_k_m"]
     check_quantized_kernels(path, reference, tokenizer=str(source))
+
+
+@pytest.mark.parametrize("kind,target,dtype", [("q8_0", "disk", "float32"), ("q4_k_m", "host", "float32"),
+                                               ("q4_k_m", "disk", "bfloat16")])
+def test_offloaded_experts_are_the_files_blocks(files, kind, target, dtype):
+    """The store reads each expert's blocks from the file (layer 1's Q4_K w13 beside Q6_K w2 included)."""
+    if dtype == "bfloat16" and not cpu_has_avx512_bf16():
+        pytest.skip("needs a CPU with AVX512-BF16")
+    source, paths = files
+    check_offloaded_like_resident(paths[kind][0], target, dtype, tokenizer=str(source))
+
+
+def test_offloading_refuses_experts_that_come_dense(files):
+    source, paths = files
+    with pytest.raises(ValueError, match="offloading of a gguf checkpoint.*GGUF types other than"):
+        engine(paths["f32"][0], tokenizer=str(source), expert_cache_size=1)
 
 
 def test_experts_stored_one_tensor_each_load_like_stacked_ones(files, tmp_path):

@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from checkpoints import make_checkpoint
-from family_parity import check_batched_prompt_logits, check_greedy_with_shared_prefix, check_quantized_kernels
+from family_parity import (check_batched_prompt_logits, check_greedy_with_shared_prefix, check_offloaded_like_resident,
+                           check_quantized_kernels)
 from localmoe.experts.quantized import QuantGroupedExperts
 from localmoe.layers.cpu_kernels import cpu_has_avx512_bf16
 from localmoe.layers.moe import moe_blocks
@@ -115,3 +116,8 @@ def test_bf16_on_the_kernels_meets_the_bf16_bar_against_the_decompressed_weights
     packed, dense = compressed[scheme]
     check_quantized_kernels(packed, dense)
 
+
+
+@pytest.mark.parametrize("scheme,target", [("W4A16", "disk"), ("W8A16", "host")])
+def test_offloaded_experts_are_the_checkpoints_packed_integers(compressed, scheme, target):
+    check_offloaded_like_resident(compressed[scheme][0], target, "float32")

@@ -143,6 +143,30 @@ def test_fp8_scales_per_tensor_and_per_row():
         Fp8("fp8").combine({"weight": weight.float(), "weight_scale": rows})
 
 
+def test_transformers_fp8_experts_fused_or_saved_one_per_expert_with_the_layers_scales():
+    """FP8Experts' gate_up_proj [E, 2I, H] with block scales [E, ceil(2I / 64), H / 32]: as one tensor, and as its
+    save_pretrained writes it (w1 / w3 per expert, the scales fused), where a block of rows straddles gate and up."""
+    experts, inter, hidden = 3, 96, 64
+    fused, scale = fp8_weight(experts * 2 * inter, hidden, seed=10).view(experts, 2 * inter, hidden), \
+        torch.rand(experts, 3, 2) + 0.5
+    expected = fused.float() * scale.repeat_interleave(64, 1).repeat_interleave(32, 2)
+    fp8 = Fp8("fp8", block=(64, 32))
+    layer = "model.layers.0.block_sparse_moe.experts"
+    assert fp8.split(f"{layer}.gate_up_proj_scale_inv") == (f"{layer}.gate_up_proj", "weight_scale_inv")
+    whole = fp8.combine({"weight": fused, "weight_scale_inv": scale})
+    assert whole.float8 and whole.shape == fused.shape and torch.equal(whole.dequantize(), expected)
+    held = {f"{layer}.{e}.{name}.weight": {"weight": fused[e, half * inter:(half + 1) * inter]}
+            for e in range(experts) for half, name in enumerate(("w1", "w3"))}
+    held[f"{layer}.gate_up_proj"] = {"weight_scale_inv": scale}
+    fp8.regroup(held)
+    assert f"{layer}.gate_up_proj" not in held
+    for e in range(experts):
+        for half, name in enumerate(("w1", "w3")):
+            piece = fp8.combine(held[f"{layer}.{e}.{name}.weight"])
+            assert piece.float8 and torch.equal(piece.values(), fused[e, half * inter:][:inter].view(torch.uint8))
+            assert torch.equal(piece.dequantize(), expected[e, half * inter:][:inter])
+
+
 COMPRESSED = [  # format, bits, symmetric, strategy
     ("pack-quantized", 4, False, "group"), ("pack-quantized", 4, True, "group"), ("pack-quantized", 8, True, "channel"),
     ("pack-quantized", 4, False, "channel"), ("pack-quantized", 4, False, "tensor"),
@@ -229,6 +253,7 @@ def test_each_quant_method_is_detected_and_checked_against_the_request():
     ({"quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"}, "GPTQ checkpoint_format 'marlin'"),
     ({"quant_method": "gptq", "bits": 4, "dynamic": {r"+:.*down_proj": {"bits": 8}}}, "override.*down_proj.*8 bits"),
     ({"quant_method": "fp8", "fmt": "e5m2"}, "fp8 with fmt 'e5m2'"),
+    ({"quant_method": "fp8", "expert_dtype": "fp4"}, "fp8 with expert_dtype 'fp4'"),
     ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "quant_method 'bitsandbytes'"),
     ({"quant_method": "mxfp4"}, "quant_method 'mxfp4'"),
     ({"quant_method": "compressed-tensors", "format": "marlin-24", "config_groups": {"group_0": {

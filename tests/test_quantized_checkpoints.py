@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from checkpoints import make_checkpoint
-from family_parity import (check_batched_prompt_logits, check_greedy_with_shared_prefix, check_quantized_kernels,
-                           engine)
+from family_parity import (check_batched_prompt_logits, check_greedy_with_shared_prefix, check_offloaded_like_resident,
+                           check_quantized_kernels, engine)
 from localmoe.config import ConfigError
 from localmoe.experts.quantized import QuantGroupedExperts
 from localmoe.layers.cpu_kernels import cpu_has_avx512_bf16
@@ -134,5 +134,21 @@ def test_a_request_that_contradicts_the_checkpoint_is_refused(checkpoints):
     for asked, checkpoint in (("gptq", packed), ("int8", packed), ("awq", dense)):
         with pytest.raises((ConfigError, ValueError), match="quant"):
             engine(checkpoint, quantization=asked)
-    with pytest.raises(ValueError, match="offloading"):
-        engine(packed, expert_cache_size=2)
+
+
+@pytest.mark.parametrize("target", ["host", "disk"])
+def test_offloading_refuses_experts_it_cannot_keep_packed(checkpoints, target):
+    """desc_act groups out of column order come dense: offloading them would mean rounding again."""
+    with pytest.raises(ValueError, match="offloading of a gptq checkpoint.*desc_act"):
+        engine(checkpoints["gptq-desc"][0], expert_cache_size=2, expert_offload_target=target)
+
+
+
+@pytest.mark.parametrize("name,target,dtype", [("awq", "disk", "float32"), ("awq", "host", "float32"),
+                                               ("gptq", "host", "float32"), ("fp8", "disk", "float32"),
+                                               ("awq", "host", "bfloat16"), ("fp8", "disk", "bfloat16")])
+def test_offloaded_quantized_checkpoint_gives_the_resident_outputs(checkpoints, name, target, dtype):
+    """float32 on the quantized reference path, bf16 on the quantized kernel."""
+    if dtype == "bfloat16" and not cpu_has_avx512_bf16():
+        pytest.skip("needs a CPU with AVX512-BF16")
+    check_offloaded_like_resident(checkpoints[name][0], target, dtype)

@@ -4,8 +4,10 @@ a step's experts are brought into an ExpertCache's slots on the compute device a
 `offload_experts` is the pass that does it to a loaded model (the loader left the experts unread, see
 `offloaded_weight`): one store for the model, one cache per MoE layer, and each layer's GroupedExperts replaced by
 OffloadedExperts. The compute over the slots is the CPU kernel's where it serves (the store lays each expert out
-in its tiles as it comes in), else the grouped path. With prefetch, each layer guesses the next layer's experts
-by applying that layer's router to its own input, and has them loaded on a background thread while it computes.
+in its tiles as it comes in), else the grouped path; a quantized checkpoint's experts stay as it packs them (the
+store's `checkpoint`), on the quantized kernel or the quantized reference path. With prefetch, each layer guesses
+the next layer's experts by applying that layer's router to its own input, and has them loaded on a background
+thread while it computes.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from torch import nn
 
 from localmoe.experts.cache import ExpertCache, SlotPool
 from localmoe.experts.cpu import TiledExperts, kernel_serves
-from localmoe.experts.quantized import quant_form, slot_tiles
+from localmoe.experts.quantized import checkpoint_form, quant_form, slot_experts
 from localmoe.experts.store import ExpertForm, ExpertStore
-from localmoe.layers.cpu_kernels import expert_tiles
+from localmoe.layers.cpu_kernels import expert_tiles, quant_kernel_serves
 from localmoe.layers.moe import Activation, Experts, GroupedExperts, SparseMoE
 from localmoe.models.builtin import cache_root
+from localmoe.quant.formats import CheckpointFormat
 from localmoe.quant.scheme import QuantScheme
 
 EXPERT_PARAMS = ("w13", "w2")  # GroupedExperts' stacked weights: what offloading keeps out of the model
@@ -107,16 +110,17 @@ class OffloadedExperts(Experts):
         return self.compute.combine(weights, total, dtype)
 
 
-def offload_experts(model: nn.Module, blocks: list[tuple[str, SparseMoE]], plan: OffloadPlan,
-                    device: torch.device) -> tuple[ExpertStore, list[ExpertCache]]:
+def offload_experts(model: nn.Module, blocks: list[tuple[str, SparseMoE]], plan: OffloadPlan, device: torch.device,
+                    checkpoint: CheckpointFormat | None = None) -> tuple[ExpertStore, list[ExpertCache]]:
     """Give every MoE layer of `model` (loaded with offloaded_weight left unread) OffloadedExperts over one
-    ExpertStore filled from the checkpoint; returns the store and the layers' caches in depth order."""
+    ExpertStore filled from the checkpoint (`checkpoint`: its quantized format, whose experts stay packed); returns
+    the store and the layers' caches in depth order."""
     for _, moe in blocks:
         if not moe.plain_top_k:
             raise ValueError(f"expert_cache_size: expert offloading serves plain top-k routing, not the routing of "
                              f"{type(moe).__name__} ({getattr(moe, 'routing', '')})")
     dtype = blocks[0][1].experts.w13.dtype if blocks else torch.get_default_dtype()
-    store = ExpertStore(plan.target, dtype, model.map_weight, pin_memory=device.type == "cuda")
+    store = ExpertStore(plan.target, dtype, model.map_weight, pin_memory=device.type == "cuda", checkpoint=checkpoint)
     for path, moe in blocks:
         experts = moe.experts
         store.add_layer(f"{path}.experts", experts.num_experts,
@@ -154,15 +158,26 @@ def _slot_compute(store: ExpertStore, path: str, activation: Activation,
                   quant: QuantScheme | None) -> Callable[[ExpertCache], Experts]:
     """Decide how layer `path`'s experts are kept (the store's form for it, set here) and return what makes the
     experts module that runs on a cache's slots: the CPU kernel's tiles, quantized or not, where it serves them,
-    else the grouped path on the checkpoint's w13 and w2."""
+    else the grouped path on the checkpoint's w13 and w2; a quantized checkpoint's packed experts on the quantized
+    kernel where it serves them, else the quantized reference path."""
     hidden_size, intermediate_size = store.layers[path].shapes["w2"]
     kernel = kernel_serves(activation, biases is not None, store.dtype, device, hidden_size, intermediate_size)
+    if store.checkpoint is not None:
+        if biases is not None:
+            raise ValueError(f"expert offloading of a {store.checkpoint.method} checkpoint serves experts without "
+                             "biases")
+        w13, w2 = store.packed_expert(path, 0)
+        kernel = kernel and quant_kernel_serves(w13) and quant_kernel_serves(w2)
+        store.set_form(path, checkpoint_form(w13, w2, kernel))
+        return lambda cache: slot_experts(cache.slots, (w13.bits, w2.bits), w13.float8, kernel, activation,
+                                          store.dtype)
     if quant is not None:
         if not kernel:
             raise ValueError(f"quantization {quant.name!r} of offloaded experts needs the CPU kernel (bf16 SwiGLU "
                              "experts without biases on a CPU with AVX512-BF16)")
         store.set_form(path, quant_form(store.layers[path].shapes, quant))
-        return lambda cache: TiledExperts(*slot_tiles(cache.slots, quant))
+        return lambda cache: slot_experts(cache.slots, (quant.bits, quant.bits), quant.float8, True, activation,
+                                          store.dtype)
     if kernel:
         store.set_form(path, ExpertForm("tiles", store.layers[path].form.tensors,
                                         lambda w13, w2: dict(zip(("w13", "w2"), expert_tiles(w13, w2)))))

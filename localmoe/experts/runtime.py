@@ -22,6 +22,7 @@ from localmoe.experts.offload import OffloadPlan, offload_experts
 from localmoe.experts.quantized import quantize_experts
 from localmoe.experts.store import ExpertStore
 from localmoe.layers.moe import GroupedExperts, moe_blocks
+from localmoe.models.quantized_checkpoint import QuantizedCheckpoint
 from localmoe.quant.scheme import Quantizer
 
 
@@ -36,10 +37,13 @@ class ServingExperts:
 def convert_experts(model: nn.Module, device: torch.device, packing: bool, offload: OffloadPlan | None = None,
                     quant: Quantizer | None = None) -> ServingExperts:
     """Give every MoE layer of `model` its serving experts; `packing`: oneDNN layouts are supported here; `quant`:
-    the experts are quantized by it (offloaded ones only by a QuantScheme, which quantizes each as it is read)."""
+    the experts are quantized by it (offloaded ones by a QuantScheme, which quantizes each as it is read, or kept
+    as a quantized checkpoint packs them)."""
     blocks = moe_blocks(model)
     if offload is not None:
-        return ServingExperts(*offload_experts(model, blocks, replace(offload, quant=quant), device))
+        checkpoint = quant.format if isinstance(quant, QuantizedCheckpoint) else None
+        plan = replace(offload, quant=None if checkpoint is not None else quant)
+        return ServingExperts(*offload_experts(model, blocks, plan, device, checkpoint))
     for path, moe in blocks:
         if not isinstance(moe.experts, GroupedExperts):
             continue

@@ -15,21 +15,29 @@ The loader leaves offloaded experts unread; `fill` then goes over the checkpoint
 model's own name mapping to a shape-only (meta) copy of each, so the store knows which expert, and which rows
 of it, a tensor fills (and a host store reads those tensors); `_assemble` replays that mapping on the real
 bytes of one expert, read by offset (os.pread), never a whole file.
+
+A quantized checkpoint's experts (`checkpoint`: its format, quant/formats.py) are kept as it packs them: the store
+notes each expert's format tensors (AWQ's qweight, qzeros and scales, an fp8 weight and its scales, or one expert's
+rows of a tensor stacking them all), and `packed_expert` reads them by offset and combines them into the expert's w13
+and w2 QuantizedWeights, the checkpoint's own integers, which its form lays out (experts/quantized.py,
+checkpoint_form). A host store does that once for every expert at set_form.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from localmoe.config import EXPERT_OFFLOAD_TARGETS as OFFLOAD_TARGETS
 from localmoe.experts.expert_file import ExpertFile, read_fully
 from localmoe.models.checkpoint import TensorLocation, safetensors_files, safetensors_locations
+from localmoe.models.gguf_file import read_gguf
+from localmoe.quant.formats import CheckpointFormat
+from localmoe.quant.weight import QuantizedWeight, assemble
 
 # (checkpoint tensor name, tensor) -> [(parameter name, value, where in the parameter)]: the model's map_weight
 WeightMap = Callable[[str, torch.Tensor], Iterable[tuple[str, torch.Tensor, object]]]
@@ -38,11 +46,12 @@ WeightMap = Callable[[str, torch.Tensor], Iterable[tuple[str, torch.Tensor, obje
 @dataclass(frozen=True)
 class ExpertForm:
     """How a layer's compute keeps one expert: its tensors (kind -> shape and dtype of one expert's) and `make`,
-    which turns the checkpoint's w13 and w2 (of one expert or stacked, in the serving dtype) into them."""
+    which turns the checkpoint's w13 and w2 (of one expert or stacked, in the serving dtype; a quantized checkpoint's
+    QuantizedWeights of one expert) into them."""
 
     name: str
     tensors: dict[str, tuple[tuple[int, ...], torch.dtype]]
-    make: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+    make: Callable[[torch.Tensor | QuantizedWeight, torch.Tensor | QuantizedWeight], dict[str, torch.Tensor]]
 
     @property
     def nbytes(self) -> int:
@@ -71,14 +80,16 @@ class _Layer:
     shapes: dict[str, tuple[int, ...]]  # "w13"/"w2" -> one expert's shape in the checkpoint
     form: ExpertForm  # how the layer's compute keeps each expert (see set_form)
     host: dict[str, torch.Tensor] = field(default_factory=dict)  # host target: stacked copies, in `form`
-    pieces: list[list[_Piece]] = field(default_factory=list)  # disk target: per expert
+    pieces: list[list[_Piece]] = field(default_factory=list)  # disk target or a quantized checkpoint: per expert
 
 
 class ExpertStore:
-    def __init__(self, target: str, dtype: torch.dtype, weight_map: WeightMap, pin_memory: bool = False) -> None:
+    def __init__(self, target: str, dtype: torch.dtype, weight_map: WeightMap, pin_memory: bool = False,
+                 checkpoint: CheckpointFormat | None = None) -> None:
         if target not in OFFLOAD_TARGETS:
             raise ValueError(f"expert offload target {target!r} is not one of {', '.join(OFFLOAD_TARGETS)}")
         self.target = target
+        self.checkpoint = checkpoint  # a quantized checkpoint's format: its experts are kept packed
         self.dtype = dtype
         self.weight_map = weight_map
         self.pin_memory = pin_memory
@@ -88,7 +99,7 @@ class ExpertStore:
 
     def add_layer(self, path: str, num_experts: int, shapes: dict[str, tuple[int, ...]]) -> None:
         layer = _Layer(num_experts, shapes, plain_form(shapes, self.dtype))
-        if self.target == "host":
+        if self.target == "host" and self.checkpoint is None:
             layer.host = {kind: torch.empty(num_experts, *shape, dtype=self.dtype, pin_memory=self.pin_memory)
                           for kind, shape in shapes.items()}
         else:
@@ -106,7 +117,7 @@ class ExpertStore:
         (slice(None), rows...)."""
         path, _, kind = param.rpartition(".")
         layer = self.layers[path]
-        if self.target == "host":
+        if self.target == "host" and self.checkpoint is None:
             dest = layer.host[kind] if where is None else layer.host[kind][where]
             dest.copy_(value)
             return
@@ -117,17 +128,30 @@ class ExpertStore:
 
     def fill(self, model_dir: Path, ignored: Callable[[str], bool]) -> None:
         """Take every checkpoint tensor that fills an expert of the layers added (`ignored`: names the model
-        skips): for a disk store, where its bytes are; for a host store, its values, read now."""
-        for file in safetensors_files(model_dir):
-            with safe_open(str(file), framework="pt") as f:
-                for name, location in safetensors_locations(file).items():
-                    if ignored(name):
-                        continue
-                    mapped = [m for m in self.weight_map(name, location.stand_in()) if self.owns(m[0])]
-                    if mapped and self.target == "host":
-                        mapped = [m for m in self.weight_map(name, f.get_tensor(name)) if self.owns(m[0])]
-                    for param, value, where in mapped:
-                        self.add(param, value, where, name, location)
+        skips): for a disk store or a quantized checkpoint, where its bytes are; for a host store, its values, read
+        now."""
+        for name, location in _locations(model_dir):
+            if ignored(name):
+                continue
+            stand_in = location.stand_in()
+            mapped = [m for m in self.weight_map(self._weight_of(name, stand_in), stand_in) if self.owns(m[0])]
+            if mapped and self.target == "host" and self.checkpoint is None:
+                mapped = [m for m in self.weight_map(name, self._pread(location)) if self.owns(m[0])]
+            for param, value, where in mapped:
+                self.add(param, value, where, name, location)
+
+    def _weight_of(self, name: str, stand_in: torch.Tensor) -> str:
+        """The weight a checkpoint tensor belongs to (for a quantized checkpoint's format tensors), which the model's
+        name mapping knows; a tensor of experts the checkpoint did not quantize is refused, naming it."""
+        if self.checkpoint is None:
+            return name
+        weight, suffix = self.checkpoint.split(name)
+        if suffix in self.checkpoint.suffixes and self.checkpoint.is_quantized(weight.removesuffix(".weight")):
+            return weight
+        if any(self.owns(param) for param, _, _ in self.weight_map(name, stand_in)):
+            raise ValueError(f"expert offloading of a {self.checkpoint.method} checkpoint keeps its experts as it "
+                             f"quantized them, but {name} is not quantized")
+        return name
 
     def set_form(self, path: str, form: ExpertForm) -> None:
         """Serve this layer's experts in `form`: host copies are converted once, here; experts read from disk as
@@ -138,7 +162,11 @@ class ExpertStore:
         if layer.form.name != "plain":
             raise ValueError(f"{path}: the experts are kept for another compute already ({layer.form.name})")
         layer.form = form
-        if self.target == "host":
+        if self.target == "host" and self.checkpoint is not None:
+            experts = [self._assemble(path, expert) for expert in range(layer.num_experts)]
+            layer.host = {kind: _pinned(torch.stack([e[kind] for e in experts]), self.pin_memory)
+                          for kind in form.tensors}
+        elif self.target == "host":
             made = form.make(layer.host["w13"], layer.host["w2"])
             layer.host = {}  # the plain copies go before the new ones are pinned
             layer.host = {kind: _pinned(value, self.pin_memory) for kind, value in made.items()}
@@ -177,6 +205,8 @@ class ExpertStore:
     def _assemble(self, path: str, expert: int) -> dict[str, torch.Tensor]:
         """One expert read from the checkpoint: each piece mapped into place, cast, then made into its form."""
         layer = self.layers[path]
+        if self.checkpoint is not None:
+            return layer.form.make(*self.packed_expert(path, expert))
         out = {kind: torch.empty(shape, dtype=self.dtype) for kind, shape in layer.shapes.items()}
         for piece in layer.pieces[expert]:
             raw = self._pread(piece.source)
@@ -185,6 +215,39 @@ class ExpertStore:
                 # one expert's row of a stacked tensor is mapped with its dimension 0 (of size 1) kept
                 out[param.rpartition(".")[2]][rows].copy_(value[0] if piece.stacked else value)
         return layer.form.make(out["w13"], out["w2"])
+
+    def packed_expert(self, path: str, expert: int) -> tuple[QuantizedWeight, QuantizedWeight]:
+        """A quantized checkpoint's expert as its w13 and w2 QuantizedWeights: its format tensors read (a stacked one's
+        row of this expert), combined per weight, and each weight put at the rows the model's mapping gives it."""
+        layer, fmt = self.layers[path], self.checkpoint
+        held: dict[str, dict[str, torch.Tensor]] = {}
+        stacked = set()  # weights read as one expert's row of a stacked tensor
+        for piece in layer.pieces[expert]:
+            weight, suffix = fmt.split(piece.name)
+            raw = self._pread(piece.source)
+            held.setdefault(weight, {})[suffix] = raw[0] if piece.stacked else raw
+            if piece.stacked:
+                stacked.add(weight)
+        fmt.regroup(held)
+        parts: dict[str, list[tuple[object, QuantizedWeight]]] = {kind: [] for kind in layer.shapes}
+        for weight, tensors in held.items():
+            combined = fmt.combine(tensors)
+            if not isinstance(combined, QuantizedWeight):
+                raise ValueError(f"expert offloading of a {fmt.method} checkpoint keeps its experts packed, but "
+                                 f"{weight} does not map onto our packed form (GPTQ desc_act groups out of column "
+                                 "order, fp8 blocks that do not divide its columns, GGUF types other than Q8_0, Q4_K "
+                                 "and Q6_K): serve it without offloading")
+            stand_in = torch.empty((1, *combined.shape) if weight in stacked else combined.shape, device="meta")
+            for param, value, where in self.weight_map(weight, stand_in):
+                if value is not stand_in:
+                    raise ValueError(f"{weight}: the model rearranges it as it loads, which packed experts cannot")
+                parts[param.rpartition(".")[2]].append((where[1:] if isinstance(where, tuple) else None, combined))
+        packed = {kind: assemble(torch.Size(shape), parts[kind]) if parts[kind] else None
+                  for kind, shape in layer.shapes.items()}
+        if any(weight is None for weight in packed.values()):
+            raise ValueError(f"{path}: the checkpoint's tensors do not make expert {expert}'s w13 and w2 whole, packed "
+                             "alike")
+        return packed["w13"], packed["w2"]
 
     def _pread(self, loc: TensorLocation) -> torch.Tensor:
         fd = self._files.get(loc.path)
@@ -207,6 +270,16 @@ class ExpertStore:
 
     def host_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers.values() for t in layer.host.values())
+
+
+def _locations(model_dir: Path) -> Iterator[tuple[str, TensorLocation]]:
+    """Every tensor of the checkpoint and where its bytes are: its safetensors files', or a GGUF file's (under Hugging
+    Face names, models/gguf_file.py)."""
+    if model_dir.suffix == ".gguf":
+        yield from read_gguf(model_dir).locations()
+        return
+    for file in safetensors_files(model_dir):
+        yield from safetensors_locations(file).items()
 
 
 def _pinned(tensor: torch.Tensor, pin: bool) -> torch.Tensor:

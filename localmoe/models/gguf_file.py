@@ -17,6 +17,9 @@ which the quantization pass serves packed:
   w = d sc (q - 32) with q of 6 bits: 8 bits, group 16, s = d sc, z = 32. Exact.
 Every other type the gguf library dequantizes (F32, F16, BF16, Q5_K, ...) comes back dense, float32.
 
+Offloaded experts are read by the expert store from the file itself (`locations`), each expert's blocks under the
+name of its type (GgufBlocks, a checkpoint format whose one tensor per weight is its blocks).
+
 Shapes: GGUF lists dimensions innermost first; the reader's arrays are in PyTorch's order [..., N, K] (N rows,
 K columns), a quantized one as its bytes [..., N, K / block * block bytes].
 """
@@ -24,16 +27,18 @@ K columns), a quantized one as its bytes [..., N, K / block * block bytes].
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
+from localmoe.models.checkpoint import TensorLocation
+from localmoe.quant.formats import CheckpointFormat
 from localmoe.quant.weight import QuantizedWeight
 
 TOP_LEVEL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
@@ -53,12 +58,16 @@ class GgufCheckpoint:
     config: dict  # config.json of a MixtralForCausalLM, from the file's metadata
     reader: GGUFReader
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor, QuantizedWeight | None]]:
+    def tensors(self, skip: Callable[[str], bool] = lambda name: False) \
+            -> Iterator[tuple[str, torch.Tensor, QuantizedWeight | None]]:
         """(Hugging Face name, float32 values, the QuantizedWeight they are where the blocks map onto ours, else None)
-        of every tensor in the file, one per expert; q_proj and k_proj rows in Hugging Face's order."""
+        of every tensor in the file, one per expert, but those `skip` names (left unread); q_proj and k_proj rows in
+        Hugging Face's order."""
         heads = {"q_proj": self.config["num_attention_heads"], "k_proj": self.config["num_key_value_heads"]}
         for tensor in self.reader.tensors:
             for name, expert in _hf_names(tensor.name, self.config["num_local_experts"], self.path):
+                if skip(name):
+                    continue
                 dense, weight = read_blocks(tensor.data if expert is None else tensor.data[expert],
                                             tensor.tensor_type)
                 projection = name.split(".")[-2]
@@ -68,6 +77,31 @@ class GgufCheckpoint:
                     weight = None if weight is None else weight.like(
                         weight.packed[rows], weight.scales[rows], weight.zeros[rows])
                 yield name, dense, weight
+
+    def locations(self) -> Iterator[tuple[str, TensorLocation]]:
+        """Where each tensor's blocks are in the file, one per expert, named as GgufBlocks reads them (q_proj and k_proj
+        in llama.cpp's row order: the store reads experts alone)."""
+        for tensor in self.reader.tensors:
+            dtype = torch.from_numpy(np.empty(0, tensor.data.dtype)).dtype
+            whole = TensorLocation(self.path, int(tensor.data_offset), dtype, tuple(tensor.data.shape))
+            for name, expert in _hf_names(tensor.name, self.config["num_local_experts"], self.path):
+                location = whole if expert is None else whole.rows(expert, 1)
+                yield f"{name.removesuffix('.weight')}.{tensor.tensor_type.name}", TensorLocation(
+                    location.path, location.offset, dtype, whole.shape[-2:])
+
+
+@dataclass(frozen=True)
+class GgufBlocks(CheckpointFormat):
+    """A GGUF file's tensors as a checkpoint format: a weight's one tensor is its blocks, named by their type
+    (`locations`), and combines as read_blocks reads it."""
+
+    method: str = "gguf"
+    suffixes: ClassVar[tuple[str, ...]] = tuple(qtype.name for qtype in GGMLQuantizationType)
+
+    def combine(self, tensors: dict[str, torch.Tensor]) -> QuantizedWeight | torch.Tensor:
+        (qtype, blocks), = tensors.items()
+        dense, weight = read_blocks(blocks.numpy(), GGMLQuantizationType[qtype])
+        return dense if weight is None else weight
 
 
 def read_gguf(path: Path) -> GgufCheckpoint:

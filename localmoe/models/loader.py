@@ -4,7 +4,8 @@ Weights come from safetensors (one file or a sharded index), memory-mapped, tens
 cast to the serving dtype. Any missing, unexpected or misshapen tensor stops the load with a
 message naming it. A quantized checkpoint (config.json's quantization_config: AWQ, GPTQ, compressed-tensors,
 fp8) fills the same dense parameters, dequantized, and keeps its own integers beside them for the quantization
-pass (models/quantized_checkpoint.py), as `model.quantized_checkpoint`. A GGUF file (models/gguf_file.py) is read the
+pass (models/quantized_checkpoint.py), as `model.quantized_checkpoint`; the tensors of its offloaded experts are left
+for the expert store, which keeps them packed (experts/store.py). A GGUF file (models/gguf_file.py) is read the
 same way: its config from the file's metadata, its Q8_0 and Q4_K blocks kept packed beside the dense parameters.
 """
 
@@ -14,6 +15,7 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from unittest.mock import patch
 
@@ -24,7 +26,7 @@ from torch import nn
 
 from localmoe.models.args import ModelArgs
 from localmoe.models.checkpoint import TensorLocation, safetensors_files, safetensors_locations
-from localmoe.models.gguf_file import read_gguf
+from localmoe.models.gguf_file import GgufBlocks, read_gguf
 from localmoe.models.quantized_checkpoint import QuantizedCheckpoint
 from localmoe.models.registry import model_class
 from localmoe.quant.formats import CheckpointFormat, checkpoint_format
@@ -84,12 +86,9 @@ def load_model(model_dir: str | Path, dtype: str = "auto", device: str | torch.d
                                                                if gguf is not None else "--model is not a .gguf file"))
     fmt = checkpoint_format(hf_config.get("quantization_config"), None if gguf is not None else quantization)
     if gguf is not None:  # its blocks come combined (gguf_file.py): the QuantizedCheckpoint only keeps them
-        fmt = CheckpointFormat("gguf")
+        fmt = GgufBlocks()
     quantized = QuantizedCheckpoint(fmt) if fmt is not None else None
     left_out = {name for name, _ in model.named_parameters() if unread is not None and unread(name)}
-    if quantized is not None and left_out:
-        raise ValueError(f"expert offloading of a {fmt.method} checkpoint is not available yet; offload a bf16 "
-                         "checkpoint, with --quantization int8 or int4 to keep its experts quantized")
     _to_meta(model, left_out)
     params = dict(model.named_parameters())
     loaded: dict[str, dict] = {}  # parameter -> {piece: elements}
@@ -101,6 +100,11 @@ def load_model(model_dir: str | Path, dtype: str = "auto", device: str | torch.d
                 names = list(f.keys())
                 task = progress.add_task(f"Loading {path.name}", total=len(names))
                 for name in names:
+                    location = locations.get(name)
+                    if location is not None and quantized is not None and _offloaded(model, fmt, left_out, name,
+                                                                                     location.stand_in()):
+                        progress.advance(task)
+                        continue
                     held = quantized is not None and quantized.take(name, lambda: f.get_tensor(name))
                     if not held and not model.ignored_weight(name):
                         tensor = _stand_in(model, left_out, locations.get(name), name)
@@ -108,11 +112,12 @@ def load_model(model_dir: str | Path, dtype: str = "auto", device: str | torch.d
                                      path, left_out)
                     progress.advance(task)
     if quantized is not None:
-        for name, tensor, weight in quantized.weights() if gguf is None else gguf.tensors():
+        offloaded = partial(_offloaded, model, fmt, left_out, stand_in=torch.empty(0, device="meta"))
+        for name, tensor, weight in quantized.weights() if gguf is None else gguf.tensors(offloaded):
             for target, value, where in _load_tensor(model, params, loaded, name, tensor, model_dir, left_out):
                 quantized.record(target, where, weight if value is tensor else None)
     model.quantized_checkpoint = quantized
-    complete = _complete(params, loaded)
+    complete = _complete(params, loaded) | (left_out if quantized is not None else set())  # the store checks those
     missing = [n for n in params if n not in complete]
     if missing:
         raise ValueError(f"checkpoint {model_dir} is missing weight {missing[0]} ({len(missing)} missing in all)")
@@ -155,6 +160,14 @@ def _stand_in(model: nn.Module, left_out: set[str], location: TensorLocation | N
     stand_in = location.stand_in()
     mapped = list(model.map_weight(name, stand_in))
     return stand_in if mapped and all(target in left_out for target, _, _ in mapped) else None
+
+
+def _offloaded(model: nn.Module, fmt: CheckpointFormat, left_out: set[str], name: str, stand_in: torch.Tensor) -> bool:
+    """Whether a quantized checkpoint's tensor (one of its format's, e.g. an expert's qweight; stand_in: its shape)
+    fills only parameters left unread: the expert store reads those itself, packed as they are (experts/store.py)."""
+    weight, suffix = fmt.split(name)
+    mapped = list(model.map_weight(weight if suffix in fmt.suffixes else name, stand_in))
+    return bool(mapped) and all(target in left_out for target, _, _ in mapped)
 
 
 def _load_tensor(model: nn.Module, params: dict[str, nn.Parameter], loaded: dict[str, dict], name: str,

@@ -12,14 +12,13 @@ and k) are widened to the most bits and the smallest group, which holds each exa
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 
 import torch
 
 from localmoe.quant.formats import UNREAD_SUFFIXES, CheckpointFormat
-from localmoe.quant.weight import QuantizedWeight
+from localmoe.quant.weight import QuantizedWeight, assemble
 
 
 class QuantizedCheckpoint:
@@ -29,36 +28,40 @@ class QuantizedCheckpoint:
 
     def __init__(self, fmt: CheckpointFormat) -> None:
         self.format = fmt
-        self.held: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)  # layer prefix -> suffix -> tensor
+        self.held: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)  # weight name -> suffix -> tensor
         self.pieces: dict[str, list[tuple[object, QuantizedWeight]]] = defaultdict(list)  # parameter -> packed
         self.dense_pieces: set[str] = set()  # parameters with a piece the format gave dense
         self.dense: list[str] = []  # checkpoint weights that came dense (desc_act, fp8 blocks not dividing K)
 
     def take(self, name: str, read: Callable[[], torch.Tensor]) -> bool:
         """Hold `name` if it may belong to a quantized layer (read() gives its tensor), or skip it if it is a scale of
-        activation quantization we do not apply; False: the loader reads it as usual."""
-        prefix, _, suffix = name.rpartition(".")
+        activation quantization we do not apply, or a scale beside a weight the format left unquantized
+        (transformers' fp8 saves one for each linear it could not tile); False: the loader reads it as usual."""
+        weight, suffix = self.format.split(name)
         if suffix in UNREAD_SUFFIXES:
             return True
-        if suffix not in self.format.suffixes or not self.format.is_quantized(prefix):
+        if suffix not in self.format.suffixes:
             return False
-        self.held[prefix][suffix] = read()
+        if not self.format.is_quantized(weight.removesuffix(".weight")):
+            return suffix != "weight"
+        self.held[weight][suffix] = read()
         return True
 
     def weights(self) -> Iterator[tuple[str, torch.Tensor, QuantizedWeight | None]]:
-        """(checkpoint name, dense tensor, the QuantizedWeight it came from or None) of every layer held: a layer
-        with nothing but a plain `weight` (a norm, an embedding the format's targets took in) comes back as it is."""
-        for prefix, tensors in self.held.items():
+        """(checkpoint name, dense tensor, the QuantizedWeight it came from or None) of every weight held: one with
+        nothing but a plain `weight` (a norm, an embedding the format's targets took in) comes back as it is."""
+        self.format.regroup(self.held)
+        for name, tensors in self.held.items():
             if set(tensors) == {"weight"} and tensors["weight"].is_floating_point() \
                     and tensors["weight"].dtype != torch.float8_e4m3fn:
-                yield f"{prefix}.weight", tensors["weight"], None
+                yield name, tensors["weight"], None
                 continue
             combined = self.format.combine(tensors)
             if isinstance(combined, QuantizedWeight):
-                yield f"{prefix}.weight", combined.dequantize(), combined
+                yield name, combined.dequantize(), combined
             else:
-                self.dense.append(f"{prefix}.weight")
-                yield f"{prefix}.weight", combined, None
+                self.dense.append(name)
+                yield name, combined, None
         self.held.clear()
 
     def record(self, param: str, where: object, weight: QuantizedWeight | None) -> None:
@@ -70,24 +73,8 @@ class QuantizedCheckpoint:
 
     def weight_for(self, param: str, dense: torch.Tensor) -> QuantizedWeight | None:
         """Parameter `param` (dense: its loaded values) as the checkpoint's integers, or None where it is not all
-        packed alike."""
+        packed."""
         pieces = self.pieces.get(param)
         if not pieces or param in self.dense_pieces:
             return None
-        first = pieces[0][1]
-        if any((w.bits, w.float8, w.group_size) != (first.bits, first.float8, first.group_size) for _, w in pieces):
-            if any(w.float8 for _, w in pieces):
-                return None
-            bits, group = max(w.bits for _, w in pieces), math.gcd(*(w.group_size for _, w in pieces))
-            pieces = [(where, w.widened(bits, group)) for where, w in pieces]
-            first = pieces[0][1]
-        groups = dense.shape[-1] // first.group_size
-        packed = torch.zeros((*dense.shape[:-1], dense.shape[-1] * first.bits // 8), dtype=torch.uint8)
-        scales, zeros = (torch.zeros((*dense.shape[:-1], groups)) for _ in range(2))
-        covered = torch.zeros(dense.shape[:-1], dtype=torch.bool)
-        for where, weight in pieces:
-            at = () if where is None else where
-            for whole, part in ((packed, weight.packed), (scales, weight.scales), (zeros, weight.zeros)):
-                whole[at] = part
-            covered[at] = True
-        return first.like(packed, scales, zeros) if bool(covered.all()) else None
+        return assemble(dense.shape, pieces)

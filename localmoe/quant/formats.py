@@ -21,7 +21,8 @@ import torch
 from localmoe.quant.scheme import LOAD_TIME, NONE
 from localmoe.quant.weight import QuantizedWeight
 
-UNREAD_SUFFIXES = ("input_scale", "input_zero_point", "input_global_scale", "output_scale", "k_scale", "v_scale")
+UNREAD_SUFFIXES = ("input_scale", "input_zero_point", "input_global_scale", "output_scale", "k_scale", "v_scale",
+                   "activation_scale")
 # AutoAWQ, GPTQModel and the fp8 tools quantize the decoder's linear layers, never the MoE routers, and their configs
 # do not say so (compressed-tensors lists its routers in `ignore`)
 ROUTERS = ("mlp.gate", "block_sparse_moe.gate", "mlp.router", "mlp.shared_expert_gate")
@@ -43,6 +44,15 @@ class CheckpointFormat:
         """Whether the linear layer `prefix` (e.g. model.layers.0.self_attn.q_proj) is stored quantized."""
         targeted = any(target == "Linear" or _matches(prefix, target) for target in self.targets)
         return targeted and not any(_matches(prefix, pattern) for pattern in self.skip)
+
+    def split(self, name: str) -> tuple[str, str]:
+        """(the weight a checkpoint tensor belongs to, its suffix): model.layers.0.self_attn.q_proj.qweight ->
+        (model.layers.0.self_attn.q_proj.weight, qweight)."""
+        prefix, _, suffix = name.rpartition(".")
+        return f"{prefix}.weight", suffix
+
+    def regroup(self, held: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Give each weight held (name -> suffix -> tensor) the tensors the checkpoint stored under another's name."""
 
     def combine(self, tensors: dict[str, torch.Tensor]) -> QuantizedWeight | torch.Tensor:
         """One linear's tensors, keyed by those of `suffixes` the checkpoint has, as a weight [N, K]."""
@@ -130,20 +140,65 @@ class CompressedTensors(CheckpointFormat):
         return _grouped(values, scales, zeros, bits, tensors.get("weight_g_idx"))
 
 
+# transformers 5's FineGrainedFP8 (integrations/finegrained_fp8.py, FP8Experts) holds an MoE layer's experts as
+# parameters [E, N, K] of module `experts`, each with its scales beside it: gate_up_proj [E, 2I, H] (gate rows, then up
+# rows) and gate_up_proj_scale_inv [E, ceil(2I / rows), ceil(H / cols)], down_proj [E, H, I] and down_proj_scale_inv
+FUSED_EXPERTS = re.compile(r"(.*\.experts\.(?:gate_up_proj|down_proj))(_scale_inv|_activation_scale)?")
+FUSED_SUFFIXES = {None: "weight", "_scale_inv": "weight_scale_inv", "_activation_scale": "activation_scale"}
+# its save_pretrained writes the weights back one per expert under the checkpoint's names, the scales still one per
+# layer: the parameter and half of it (0: gate rows, 1: up rows) holding each expert weight's scales
+SAVED_EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(w1|w3|w2|gate_proj|up_proj|down_proj)\.weight")
+SAVED_EXPERT_SCALES = {"w1": ("gate_up_proj", 0), "gate_proj": ("gate_up_proj", 0), "w3": ("gate_up_proj", 1),
+                       "up_proj": ("gate_up_proj", 1), "w2": ("down_proj", None), "down_proj": ("down_proj", None)}
+
+
 @dataclass(frozen=True)
 class Fp8(CheckpointFormat):
     """float8_e4m3fn weights. DeepSeek-V3 (inference/kernel.py weight_dequant; transformers' FineGrainedFP8):
     weight_scale_inv float32 [ceil(N / 128), ceil(K / 128)] multiplies its 128 x 128 block of weight, the last blocks
     of a row or column smaller. vLLM's fp8 and fbgemm_fp8: weight_scale for the whole tensor ([] or [1]) or per output
     row ([N, 1]). Served as float8 with a scale per row and group of columns (a block's scale repeated over its rows)
-    where the column blocks divide K, else dense."""
+    where the column blocks divide K, else dense. transformers' fused experts (FUSED_EXPERTS) are such weights stacked,
+    [E, N, K] with scales [E, ., .]; as it saves them (SAVED_EXPERT), each expert's weight takes its rows of them."""
 
     block: tuple[int, int] | None = None  # weight_block_size
     suffixes: ClassVar[tuple[str, ...]] = ("weight", "weight_scale_inv", "weight_scale")
 
-    def combine(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    def split(self, name: str) -> tuple[str, str]:
+        if m := FUSED_EXPERTS.fullmatch(name):
+            return m[1], FUSED_SUFFIXES[m[2]]
+        return super().split(name)
+
+    def regroup(self, held: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Each expert weight saved without its scales gets its rows of its layer's ("weight_scale_rows", a scale per
+        row and block of columns); the layer's scales are then spent."""
+        for name, tensors in held.items():
+            m = SAVED_EXPERT.fullmatch(name)
+            if m is None or set(tensors) != {"weight"}:
+                continue
+            fused, half = SAVED_EXPERT_SCALES[m[3]]
+            layer = held.get(f"{m[1]}.{fused}", {})
+            if "weight_scale_inv" not in layer or "weight" in layer:
+                continue
+            rows = tensors["weight"].shape[0]
+            whole = rows if half is None else 2 * rows
+            scales = layer["weight_scale_inv"]  # every expert's, or (read for one expert alone) this one's
+            per_row = (scales[int(m[2])] if scales.dim() == 3 else scales).float().repeat_interleave(
+                self.block[0] if self.block else whole, 0)[:whole]
+            tensors["weight_scale_rows"] = per_row[(half or 0) * rows:][:rows]
+        for name in [name for name, tensors in held.items()
+                     if FUSED_EXPERTS.fullmatch(name) and "weight" not in tensors]:
+            del held[name]
+
+    def combine(self, tensors: dict[str, torch.Tensor]) -> QuantizedWeight | torch.Tensor:
+        weight = tensors["weight"]
+        if weight.dtype != torch.float8_e4m3fn and self.block and any(
+                size % block for size, block in zip(weight.shape[-2:], self.block)):
+            return weight  # transformers leaves a weight its blocks do not tile as it was, with a scale beside it
+        if "weight_scale_rows" in tensors:
+            return _fp8_weight(weight, tensors["weight_scale_rows"], self.block and (1, self.block[1]))
         scale = tensors["weight_scale_inv"] if "weight_scale_inv" in tensors else tensors["weight_scale"]
-        return _fp8_weight(tensors["weight"], scale, self.block)
+        return _fp8_weight(weight, scale, self.block)
 
 
 def checkpoint_format(quantization_config: dict | None, requested: str | None) -> CheckpointFormat | None:
@@ -203,6 +258,8 @@ def _fp8(config: dict) -> Fp8:
     method, block = config.get("quant_method", "fp8"), config.get("weight_block_size")
     if config.get("fmt", "e4m3") != "e4m3":
         raise ValueError(f"{method} with fmt {config['fmt']!r} is not served; we read e4m3")
+    if config.get("expert_dtype", "fp8") != "fp8":
+        raise ValueError(f"{method} with expert_dtype {config['expert_dtype']!r} is not served; we read fp8 experts")
     if block is not None and len(block) != 2:
         raise ValueError(f"{method} weight_block_size {block!r} is not served; we read blocks of [rows, columns]")
     skip = (*_listed(config, "modules_to_not_convert", "ignored_layers"), *ROUTERS, "lm_head")
@@ -294,17 +351,21 @@ def _grouped(values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bi
 
 def _fp8_weight(weight: torch.Tensor, scale: torch.Tensor,
                block: tuple[int, int] | None) -> QuantizedWeight | torch.Tensor:
-    """A float8_e4m3fn weight [N, K] with a scale per block of `block` (rows, columns), else per tensor or output row:
-    as a float8 QuantizedWeight, or dense float32 where column blocks do not divide K."""
+    """A float8_e4m3fn weight [..., N, K] with a scale per block of `block` (rows, columns) [..., ceil(N / rows),
+    ceil(K / cols)], else per matrix ([], [1] or [..., 1, 1]) or output row ([..., N, 1]): as a float8
+    QuantizedWeight, or dense float32 where column blocks do not divide K."""
     if weight.dtype != torch.float8_e4m3fn:
         raise ValueError(f"an fp8 weight is {weight.dtype}, not torch.float8_e4m3fn")
-    n, k = weight.shape
+    if not scale.is_floating_point():
+        raise ValueError(f"fp8 scales stored as {scale.dtype} (e8m0 exponents) are not served; we read float scales")
+    *stack, n, k = weight.shape
     if block is None:
-        return QuantizedWeight.of_float8(weight, _per_row(scale, n))
+        return QuantizedWeight.of_float8(weight, scale.float().reshape(*stack, -1, 1).expand(*stack, n, 1))
     rows, cols = block
-    if tuple(scale.shape) != (-(-n // rows), -(-k // cols)):
-        raise ValueError(f"fp8 scales {tuple(scale.shape)} do not tile a weight [{n}, {k}] in blocks of {block}")
-    per_row = scale.float().repeat_interleave(rows, 0)[:n]
+    if tuple(scale.shape) != (*stack, -(-n // rows), -(-k // cols)):
+        raise ValueError(f"fp8 scales {tuple(scale.shape)} do not tile a weight {list(weight.shape)} in blocks of "
+                         f"{block}")
+    per_row = scale.float().repeat_interleave(rows, -2)[..., :n, :]
     if k % cols == 0:
         return QuantizedWeight.of_float8(weight, per_row)
-    return weight.float() * per_row.repeat_interleave(cols, 1)[:, :k]
+    return weight.float() * per_row.repeat_interleave(cols, -1)[..., :k]

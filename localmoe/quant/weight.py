@@ -9,6 +9,7 @@ q holds float8 e4m3 bytes and w = s fp8(q) (z is zero and unread). The CPU kerne
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +88,29 @@ class QuantizedWeight:
     def like(self, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> "QuantizedWeight":
         """Other tensors of this weight's kind (bits, float8)."""
         return QuantizedWeight(packed, scales, zeros, self.bits, self.float8)
+
+
+def assemble(shape: torch.Size, pieces: list[tuple[object, QuantizedWeight]]) -> QuantizedWeight | None:
+    """A weight of `shape` [..., N, K] from QuantizedWeights each filling its rows `where` (an index into the leading
+    dimensions, as a model's map_weight gives it; None: the whole). Integer pieces of different bits or group sizes
+    are widened to the most bits and the smallest group, which hold each exactly; None where float8 and integer
+    pieces meet or the pieces leave rows uncovered."""
+    first = pieces[0][1]
+    if any((w.bits, w.float8, w.group_size) != (first.bits, first.float8, first.group_size) for _, w in pieces):
+        if any(w.float8 for _, w in pieces):
+            return None
+        bits, group = max(w.bits for _, w in pieces), math.gcd(*(w.group_size for _, w in pieces))
+        pieces = [(where, w.widened(bits, group)) for where, w in pieces]
+        first = pieces[0][1]
+    packed = torch.zeros((*shape[:-1], shape[-1] * first.bits // 8), dtype=torch.uint8)
+    scales, zeros = (torch.zeros((*shape[:-1], shape[-1] // first.group_size)) for _ in range(2))
+    covered = torch.zeros(shape[:-1], dtype=torch.bool)
+    for where, weight in pieces:
+        at = () if where is None else where
+        for whole, part in ((packed, weight.packed), (scales, weight.scales), (zeros, weight.zeros)):
+            whole[at] = part
+        covered[at] = True
+    return first.like(packed, scales, zeros) if bool(covered.all()) else None
 
 
 def quantize(weight: torch.Tensor, bits: int, group_size: int | None = None,
