@@ -162,6 +162,7 @@ class ServerMetrics:
         self.requests_rejected = Counter(
             "localmoe:requests_rejected", "Requests refused with 503 because the waiting queue was full.",
             labels, registry=self.registry)
+        self.requests_rejected.labels(model_name)  # exported at 0 from the start, so rate() and alerts see it
         if read_admitted is not None:
             Gauge("localmoe:num_sequences_admitted",
                   "Sequences (prompts x n) holding a place in the bound max_num_seqs + max_waiting_requests.",
