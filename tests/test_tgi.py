@@ -104,7 +104,7 @@ def test_tgi_environment_variables_start_the_server(tiny_mixtral_dir: Path, tmp_
 
     assert tgi_environment({"PORT": "80", "HOSTNAME": "box"}) == {"engine": {}, "server": {}}
     env = {"MODEL_ID": str(tiny_mixtral_dir), "MAX_TOTAL_TOKENS": "384", "MAX_BATCH_PREFILL_TOKENS": "128",
-           "DTYPE": "float32", "MAX_CONCURRENT_REQUESTS": "3"}
+           "DTYPE": "float32", "MAX_BATCH_SIZE": "3"}
     with serve(tmp_path, "--kv-cache-memory", "64000000", env=env) as server:
         info = httpx.get(f"{server.url}/info", headers=auth()).json()
         assert info["model_id"] == str(tiny_mixtral_dir) and info["max_total_tokens"] == 384

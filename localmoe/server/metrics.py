@@ -192,6 +192,7 @@ class ServerMetrics:
                   read_admitted: Callable[[], int], read_loop: Callable[[], LoopSnapshot | None]) -> "ModelMetrics":
         model = ModelMetrics(self, model_name, read_stats, read_expert_stats, read_admitted, read_loop)
         self.models[model_name] = model
+        self.requests_rejected.labels(model_name)  # exported at 0 from the start, so rate() and alerts see it
         return model
 
     def remove_model(self, model_name: str) -> None:

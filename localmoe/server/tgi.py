@@ -30,8 +30,8 @@ TGI_ENVIRONMENT = {
     "NUM_SHARD": ("engine", "tensor_parallel_size", int), "QUANTIZE": ("engine", "quantization", str),
     "DTYPE": ("engine", "dtype", str), "MAX_TOTAL_TOKENS": ("engine", "max_model_len", int),
     "MAX_BATCH_PREFILL_TOKENS": ("engine", "max_num_batched_tokens", int),
-    "MAX_CONCURRENT_REQUESTS": ("engine", "max_num_seqs", int), "TRUST_REMOTE_CODE": ("engine", "trust_remote_code",
-                                                                                      lambda v: v.lower() == "true"),
+    "MAX_BATCH_SIZE": ("engine", "max_num_seqs", int),
+    "TRUST_REMOTE_CODE": ("engine", "trust_remote_code", lambda v: v.lower() == "true"),
     "HOSTNAME": ("server", "host", str), "PORT": ("server", "port", int), "API_KEY": ("server", "api_key", str),
 }
 MAX_STOP_SEQUENCES = 4  # TGI's default --max-stop-sequences
