@@ -61,6 +61,21 @@ def test_every_values_file_renders_the_objects_it_asks_for(rendered: dict[str, l
                                         "PrometheusRule", "ScaledObject", "Service", "ServiceMonitor"]
     assert kinds["values-eks-gpu.yaml"] == ["Deployment", "HTTPRoute", "HorizontalPodAutoscaler",
                                             "PodDisruptionBudget", "PrometheusRule", "Service", "ServiceMonitor"]
+    assert kinds["values-multi-model.yaml"] == ["ConfigMap", "Deployment", "PodDisruptionBudget", "PrometheusRule",
+                                                "Service", "ServiceMonitor"]
+
+
+def test_the_multi_model_values_serve_a_models_list(rendered: dict[str, list[dict]]) -> None:
+    """Its ConfigMap's config.yaml names two models, read by our own config loader's list reader, and no --model
+    flag (which a models: list refuses) reaches the server."""
+    from localmoe.config import _model_list
+
+    docs = rendered["values-multi-model.yaml"]
+    config = yaml.safe_load(next(d for d in docs if d["kind"] == "ConfigMap")["data"]["config.yaml"])
+    models = _model_list({"models": config["models"]}, config["vllm"], {})
+    assert [m.served_model_name for m in models] == ["qwen-moe", "olmoe"] and models[0].kv_cache_memory == "4GiB"
+    env = {e["name"] for e in container(docs).get("env", [])}
+    assert "LOCALMOE_MODEL" not in env and "LOCALMOE_ADMIN_API_KEY" in env
 
 
 def test_built_in_objects_validate_strictly_against_the_kubernetes_schema(rendered, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import yaml
 CHART = Path(__file__).resolve().parent / "localmoe"
 K8S = CHART.parent.parent / "k8s"
 RELEASE, NAMESPACE = "localmoe", "inference"
-VALUES_FILES = ("values-cpu.yaml", "values-eks-gpu.yaml")
+VALUES_FILES = ("values-cpu.yaml", "values-eks-gpu.yaml", "values-multi-model.yaml")
 
 
 def values_of(name: str) -> dict:
