@@ -360,13 +360,18 @@ def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, A
         models=_model_list(lists, sections["engine"], (overrides or {}).get("engine", {})),
     )
     config.model.validate()
-    engines = []
-    for engine in config.engines:
-        one = with_quantization_type(config.for_engine(engine))
-        one.engine.validate()
-        engines.append(with_hub_snapshots(one).engine)
+    engines = [config_for(config, engine).engine for engine in config.engines]
     config.server.validate()
     return replace(config, engine=engines[0], models=tuple(engines) if config.models else ())
+
+
+def config_for(config: Config, engine: EngineConfig) -> Config:
+    """`config` serving `engine` alone, as an engine is built from it: the model section's quantization_type
+    applied, the settings checked, hub ids replaced by their snapshots (for the file's models and for models
+    loaded at runtime alike)."""
+    one = with_quantization_type(config.for_engine(engine))
+    one.engine.validate()
+    return with_hub_snapshots(one)
 
 
 def _model_list(lists: dict[str, Any], defaults: dict[str, Any], flags: dict[str, Any]) -> tuple[EngineConfig, ...]:

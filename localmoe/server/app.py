@@ -67,7 +67,7 @@ def build_app(aengines: list[tuple[AsyncEngine, Config]], config: Config) -> Fas
                        admin_paths=ADMIN_PATHS)
     app.add_middleware(HTTPMetricsMiddleware, counter=metrics.http_requests)  # outermost: counts every answer
     _add_error_handlers(app)
-    add_admin_routes(app, registry, config, config.server.engine_stall_timeout)
+    add_admin_routes(app, registry, config)
     add_tgi_routes(app, registry)
 
     @app.get("/health")

@@ -19,7 +19,7 @@ from typing import Any
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict
 
-from localmoe.config import Config, ConfigError, EngineConfig, with_hub_snapshots, with_quantization_type
+from localmoe.config import Config, ConfigError, EngineConfig, config_for
 from localmoe.engine.async_engine import AsyncEngine
 from localmoe.engine.llm_engine import LLMEngine
 from localmoe.engine.model_runner import DEFAULT_KV_BYTES
@@ -74,7 +74,7 @@ def planned_bytes(engine: EngineConfig, config: Config) -> int | None:
     return count_params(shape).total * element + kv
 
 
-def add_admin_routes(app: FastAPI, registry: ModelRegistry, config: Config, stall_timeout: float) -> None:
+def add_admin_routes(app: FastAPI, registry: ModelRegistry, config: Config) -> None:
     async def build(request: LoadRequest, served_name: str | None) -> tuple[AsyncEngine, Config]:
         base = dataclasses.asdict(registry.get(None).config.engine)
         fields = {**{k: v for k, v in base.items() if k not in IDENTITY_KEYS}, **request.model_dump(),
@@ -83,9 +83,7 @@ def add_admin_routes(app: FastAPI, registry: ModelRegistry, config: Config, stal
             unknown = sorted(set(fields) - set(base))
             if unknown:
                 raise ConfigError(f"unknown engine setting {unknown[0]!r}")
-            own = with_quantization_type(config.for_engine(EngineConfig(**fields)))
-            own.engine.validate()
-            own = with_hub_snapshots(own)
+            own = config_for(config, EngineConfig(**fields))
         except ConfigError as e:
             raise APIError(str(e), param="model_name") from None
         need, left = planned_bytes(own.engine, own), memory_left()
@@ -94,7 +92,8 @@ def add_admin_routes(app: FastAPI, registry: ModelRegistry, config: Config, stal
                            f"its KV pool), more than the {left} this process may still use beside the models it "
                            "serves; nothing was changed", HTTPStatus.INSUFFICIENT_STORAGE, "model_name")
         try:
-            aengine = await asyncio.to_thread(AsyncEngine, lambda: LLMEngine.from_config(own), stall_timeout)
+            aengine = await asyncio.to_thread(AsyncEngine, lambda: LLMEngine.from_config(own),
+                                              config.server.engine_stall_timeout)
         except ValueError as e:  # the checkpoint cannot be served (ConfigError too); the models served are untouched
             raise APIError(f"cannot load {request.model_name}: {e}", param="model_name") from None
         return aengine, own
