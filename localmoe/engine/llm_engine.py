@@ -228,6 +228,8 @@ class LLMEngine:
             for seq in batch.seqs:
                 self._fail(seq.request, error)
             return []
+        if logits.routing is not None:
+            self.observer.note_layers(logits.routing)
         routed = self.observer.end_step()
         if self.trace is not None and routed is not None:
             self.trace.write(routed, [TracedTokens(seq.request.request_id, seq.index, seq.num_computed_tokens,

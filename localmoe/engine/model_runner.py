@@ -41,6 +41,7 @@ from localmoe.experts.offload import OffloadPlan, offloaded_weight
 from localmoe.experts.runtime import convert_experts
 from localmoe.layers.attention import AttentionMetadata
 from localmoe.layers.cpu_kernels import kernels
+from localmoe.layers.fused_decoder import FusedDecoder
 from localmoe.layers.huge_pages import huge_page_zeros
 from localmoe.layers.kv_cache_dtype import cache_dtype, cache_shape
 from localmoe.layers.linear import pack_model, packing_supported
@@ -96,6 +97,7 @@ class StepLogits:
     sample: torch.Tensor  # float32 [S, V] at the last token of each sampling sequence
     sampling: list[int]  # batch index of each of those S sequences
     prompt: dict[int, torch.Tensor]  # batch index -> [n, V] at every prompt token computed this step
+    routing: torch.Tensor | None = None  # every MoE layer's expert ids [L, T, K], where the fused decoder ran
 
 
 class ModelRunner:
@@ -146,6 +148,8 @@ class ModelRunner:
             quantize_linears(self.model, quant)
         if packing:
             pack_model(self.model)
+        # the decoder layers in one kernel call where the model is of a shape it runs (one rank: no collectives)
+        self.fused = FusedDecoder.of(self.model) if packing and config.tensor_parallel_size == 1 else None
         self.block_size = config.block_size
         self.kv_caches: list[torch.Tensor] = []
         self.swap_caches: list[torch.Tensor] = []
@@ -283,12 +287,16 @@ class ModelRunner:
     def _forward(self, step: StepInputs) -> StepLogits:
         meta = AttentionMetadata.build(step.query_lens, step.context_lens, step.block_tables, self.block_size,
                                        self.device)
-        hidden = self.model(torch.tensor(step.input_ids, device=self.device),
-                            torch.tensor(step.positions, device=self.device), self.kv_caches, meta)
+        input_ids = torch.tensor(step.input_ids, device=self.device)
+        positions = torch.tensor(step.positions, device=self.device)
+        if self.fused is not None:
+            hidden, routing = self.fused(input_ids, positions, self.kv_caches, meta)
+        else:
+            hidden, routing = self.model(input_ids, positions, self.kv_caches, meta), None
         prompt = {i: self.model.compute_logits(hidden[r.start:r.stop]).float() for i, r in step.prompt_rows.items()}
         if step.sampling:
             rows = torch.tensor(step.sample_rows, dtype=torch.long, device=self.device)
             sample = self.model.compute_logits(hidden[rows]).float()
         else:  # only prompt chunks that end before their prompt does: nothing samples, no output head runs
             sample = torch.empty(0, self.hf_config["vocab_size"], dtype=torch.float32, device=self.device)
-        return StepLogits(sample, step.sampling, prompt)
+        return StepLogits(sample, step.sampling, prompt, routing)

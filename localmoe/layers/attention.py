@@ -26,6 +26,7 @@ express that, so prefill with sinks computes the scores itself.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -37,18 +38,19 @@ from localmoe.layers.kv_cache_dtype import FP8, decode, encode
 
 @dataclass
 class AttentionMetadata:
-    slot_blocks: torch.Tensor  # [T] block each new token's K/V goes to
-    slot_offsets: torch.Tensor  # [T] its offset within that block
-    block_tables: torch.Tensor  # [B, W] block ids, padded with 0
-    context_lens: torch.Tensor  # [B] tokens of each sequence after this step
-    token_seq: torch.Tensor  # [T] which sequence each token belongs to
-    token_row: torch.Tensor  # [T] row of the token within its sequence's queries
-    token_tables: torch.Tensor  # [T, W] the block table of each token's sequence (the kernel's rows)
-    token_context: torch.Tensor  # [T] keys each token attends to: its position + 1
-    decode_only: bool  # every sequence has exactly one query this step
+    """Where a step's tokens go in the cache and which blocks each sequence reads. Built on the host with numpy:
+    on these small arrays its ops cost ~1 us where PyTorch's cost 5-50 us, which every step would pay. Each tensor
+    is made on first use: the CPU kernel reads two of them, the PyTorch paths the others."""
+
+    tables: np.ndarray  # [B, W] block ids, padded with 0
+    seq_lens: np.ndarray  # [B] tokens of each sequence after this step (cached + new), its context_lens
+    host_token_seq: np.ndarray  # [T] which sequence each token belongs to
+    host_token_row: np.ndarray  # [T] row of the token within its sequence's queries
+    positions: np.ndarray  # [T] position of each token in its sequence
     query_pos: np.ndarray  # [B, max_q] position of each query row (for the masks)
-    seq_lens: np.ndarray  # [B] context_lens, on the host (for the masks)
+    decode_only: bool  # every sequence has exactly one query this step
     block_size: int
+    device: torch.device
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
 
     @staticmethod
@@ -59,51 +61,70 @@ class AttentionMetadata:
         block_size: int,
         device: torch.device,
     ) -> "AttentionMetadata":
-        """context_lens count every token a sequence has after this step (cached + new). Built with numpy: on
-        these small arrays its ops cost ~1 us where PyTorch's cost 5-50 us, which every step would pay."""
-        q_lens = np.asarray(query_lens, dtype=np.int64)
+        """context_lens count every token a sequence has after this step (cached + new)."""
         ctx_lens = np.asarray(context_lens, dtype=np.int64)
         width = max(len(t) for t in block_tables)
         tables = np.zeros((len(block_tables), width), dtype=np.int64)
         for i, table in enumerate(block_tables):
             tables[i, :len(table)] = table
-
+        if len(query_lens) == sum(query_lens):  # one query a sequence: the common decode step, no repeats
+            token_seq = np.arange(len(query_lens))
+            return AttentionMetadata(tables, ctx_lens, token_seq, np.zeros_like(token_seq), ctx_lens - 1,
+                                     (ctx_lens - 1)[:, None], True, block_size, device)
+        q_lens = np.asarray(query_lens, dtype=np.int64)
         token_seq = np.repeat(np.arange(len(query_lens)), q_lens)
         starts = np.cumsum(q_lens) - q_lens
         token_row = np.arange(int(q_lens.sum())) - starts[token_seq]
         positions = ctx_lens[token_seq] - q_lens[token_seq] + token_row
-        max_q = int(q_lens.max())
+        query_pos = (ctx_lens - q_lens)[:, None] + np.arange(int(q_lens.max()))[None, :]
+        return AttentionMetadata(tables, ctx_lens, token_seq, token_row, positions, query_pos, False, block_size,
+                                 device)
 
-        def tensor(array: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(array)).to(device)
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
 
-        block_tables_t, context_lens_t = tensor(tables), tensor(ctx_lens)
-        decode_only = max_q == 1
-        return AttentionMetadata(
-            slot_blocks=tensor(tables[token_seq, positions // block_size]),
-            slot_offsets=tensor(positions % block_size),
-            block_tables=block_tables_t,
-            context_lens=context_lens_t,
-            token_seq=tensor(token_seq),
-            token_row=tensor(token_row),
-            token_tables=block_tables_t if decode_only else tensor(tables[token_seq]),
-            token_context=context_lens_t if decode_only else tensor(positions + 1),
-            decode_only=decode_only,
-            query_pos=(ctx_lens - q_lens)[:, None] + np.arange(max_q)[None, :],
-            seq_lens=ctx_lens,
-            block_size=block_size,
-        )
+    @cached_property
+    def block_tables(self) -> torch.Tensor:  # [B, W]
+        return self._tensor(self.tables)
+
+    @cached_property
+    def context_lens(self) -> torch.Tensor:  # [B]
+        return self._tensor(self.seq_lens)
+
+    @cached_property
+    def slot_blocks(self) -> torch.Tensor:  # [T] block each new token's K/V goes to
+        return self._tensor(self.tables[self.host_token_seq, self.positions // self.block_size])
+
+    @cached_property
+    def slot_offsets(self) -> torch.Tensor:  # [T] its offset within that block
+        return self._tensor(self.positions % self.block_size)
+
+    @cached_property
+    def token_seq(self) -> torch.Tensor:  # [T]
+        return self._tensor(self.host_token_seq)
+
+    @cached_property
+    def token_row(self) -> torch.Tensor:  # [T]
+        return self._tensor(self.host_token_row)
+
+    @cached_property
+    def token_tables(self) -> torch.Tensor:  # [T, W] the block table of each token's sequence (the kernel's rows)
+        return self.block_tables if self.decode_only else self._tensor(self.tables[self.host_token_seq])
+
+    @cached_property
+    def token_context(self) -> torch.Tensor:  # [T] keys each token attends to: its position + 1
+        return self.context_lens if self.decode_only else self._tensor(self.positions + 1)
 
     def mask(self, window: int | None) -> torch.Tensor:
         """[B, 1, max_q, L], True where a query may attend to a key: causal, within the sliding window if any.
         Built on first use: the kernel path needs none."""
         if window not in self._masks:
-            key_pos = np.arange(self.block_tables.shape[1] * self.block_size)[None, None, :]
+            key_pos = np.arange(self.tables.shape[1] * self.block_size)[None, None, :]
             query_pos = self.query_pos[:, :, None]
             allowed = (key_pos <= query_pos) & (key_pos < self.seq_lens[:, None, None])
             if window is not None:
                 allowed &= key_pos > query_pos - window
-            self._masks[window] = torch.from_numpy(np.ascontiguousarray(allowed[:, None])).to(self.context_lens.device)
+            self._masks[window] = self._tensor(allowed[:, None])
         return self._masks[window]
 
 

@@ -1,27 +1,7 @@
 // The Python bindings of LocalMoE's CPU kernels, one extension built from the sources beside this file.
 #include <torch/extension.h>
 
-#include <optional>
-#include <vector>
-
-torch::Tensor argmax_rows(torch::Tensor logits);
-torch::Tensor fused_moe(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor weights, torch::Tensor w13,
-                        torch::Tensor w2, bool float_out);
-torch::Tensor fused_moe_quant(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor weights, torch::Tensor w13,
-                              torch::Tensor s13, torch::Tensor z13, torch::Tensor w2, torch::Tensor s2,
-                              torch::Tensor z2, int64_t bits13, int64_t bits2, bool float8,
-                              bool float_out);
-torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor kv_cache,
-                               torch::Tensor block_tables, torch::Tensor context_lens, double scale,
-                               int64_t window, std::optional<torch::Tensor> sinks);
-std::vector<torch::Tensor> rms_norm(torch::Tensor x, std::optional<torch::Tensor> residual, torch::Tensor weight,
-                                    double eps);
-torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor signed_sin);
-torch::Tensor tiled_linear(torch::Tensor x, torch::Tensor w, int64_t n);
-torch::Tensor tiled_linear_quant(torch::Tensor x, torch::Tensor w, torch::Tensor scales, torch::Tensor zeros,
-                                 int64_t bits, bool float8, int64_t n);
-torch::Tensor to_tiles(torch::Tensor weight);
-torch::Tensor quant_tiles(torch::Tensor values, int64_t bits);
+#include "cpu_kernels.h"
 
 // Each kernel lets go of the GIL while it runs, as PyTorch's own ops do, so that the server's event loop can
 // stream tokens meanwhile instead of waiting for the engine thread to reach a PyTorch op.
@@ -37,4 +17,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_tiles", &quant_tiles, "8- or 4-bit integers in the tiles the quantized kernels read", release());
   m.def("tiled_linear", &tiled_linear, "x @ w.T on a weight in tiles, bf16, AVX512-BF16", release());
   m.def("tiled_linear_quant", &tiled_linear_quant, "tiled_linear on 8- or 4-bit or float8 weights in tiles", release());
+  m.def("decoder_layers", &decoder_layers, "every decoder layer of a step, attention and MoE, in one call", release());
 }

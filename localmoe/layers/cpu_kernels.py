@@ -6,7 +6,8 @@
 - paged_attention_cpu.cpp: attention straight over the paged KV cache, a row per query token;
 - rms_norm_cpu.cpp: RMSNorm in one call;
 - rotary_cpu.cpp: the rotary embedding of a step's query and key heads in one call;
-- argmax_cpu.cpp: the greedy token of each row of logits.
+- argmax_cpu.cpp: the greedy token of each row of logits;
+- decoder_cpu.cpp: every decoder layer of a step in one call, for models of Mixtral's shape (layers/fused_decoder.py).
 
 They need a CPU with AVX512-BF16 and a C++ compiler. Where any of that is missing, `kernels()` returns None and
 the layers run their PyTorch paths. LOCALMOE_CPU_KERNELS=0 turns them off.
@@ -45,7 +46,7 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 NAME = "localmoe_cpu_kernels"  # the module's name in PYBIND11_MODULE (TORCH_EXTENSION_NAME) and its file's
 SOURCES = [HERE / name for name in ("cpu_kernels.cpp", "tiled_matmul_cpu.cpp", "paged_attention_cpu.cpp",
-                                    "rms_norm_cpu.cpp", "rotary_cpu.cpp", "argmax_cpu.cpp")]
+                                    "rms_norm_cpu.cpp", "rotary_cpu.cpp", "argmax_cpu.cpp", "decoder_cpu.cpp")]
 HEADERS = sorted(HERE.glob("*.h"))
 # -fopenmp makes at::parallel_for (an inline header) split work over PyTorch's OpenMP threads; without it the
 # kernels run on one core. The libgomp linked is PyTorch's own (torch/lib is on the link path): one thread pool.
