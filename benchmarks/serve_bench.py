@@ -41,6 +41,8 @@ from rich.console import Console
 from rich.table import Table
 from transformers import AutoTokenizer
 
+from weights_floor import weights_floor
+
 FIRST_TOKEN_ID = 3  # skip <unk>, <s>, </s>
 
 
@@ -258,8 +260,14 @@ def main() -> None:
         out_path.write_text(json.dumps(report, indent=2))  # keep what is measured so far
 
     report["ratios"] = ratios(report["systems"])
+    # what a one-stream TPOT is bound by: reading the step's weights, at this host's bandwidth now
+    report["weights_floor"] = weights_floor(args.model)
     out_path.write_text(json.dumps(report, indent=2))
     print_table(console, report)
+    floor = report["weights_floor"]
+    console.print(f"floor: {floor['step_weight_bytes'] / 1e6:.0f} MB of weights a token at "
+                  f"{floor['read_bandwidth_gb_s']:.1f} GB/s (two threads reading 1.5 GiB): "
+                  f"{floor['floor_ms_per_token']:.2f} ms per token")
     console.print(f"wrote {out_path}")
 
 
