@@ -25,11 +25,13 @@ def outputs(llm: LLM) -> list[tuple]:
             for out in llm.generate(PROMPTS, params) for c in out.outputs]
 
 
-@pytest.mark.parametrize("window", [None, 8])
-def test_the_fused_layers_give_what_the_modules_give_bit_for_bit(tmp_path, monkeypatch, window):
+@pytest.mark.parametrize("window, quantization", [(None, None), (8, None), (None, "int4"), (None, "int8"),
+                                                  (None, "fp8")])
+def test_the_fused_layers_give_what_the_modules_give_bit_for_bit(tmp_path, monkeypatch, window, quantization):
+    """bf16 and quantized at load (every linear layer and the experts), with and without a sliding window."""
     directory = make_checkpoint(tmp_path, "mixtral", seed=3, sliding_window=window)
     llm = LLM(model=str(directory), dtype="bfloat16", max_num_batched_tokens=32, max_num_seqs=4,
-              enable_prefix_caching=False, kv_cache_memory=2**22)
+              enable_prefix_caching=False, kv_cache_memory=2**22, quantization=quantization)
     runner, observer = llm.engine.runner, llm.engine.observer
     assert runner.fused is not None
     calls, built = [], cpu_kernels.kernels()
