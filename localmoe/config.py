@@ -133,6 +133,9 @@ class EngineConfig:
                                   "(= fp8_e4m3): e4m3 with a scale per row, about half the bytes.")
     # on 2 CPU cores a 512-token step of the benchmark model takes ~0.15 s, short enough that a burst of prompts
     # does not stall running decodes (c=16 mean TTFT 571 ms vs 722 ms at 2048)
+    enforce_eager: bool = setting(False, "Always use eager-mode PyTorch. If False, decode steps on CUDA replay CUDA "
+                                  "graphs captured at batch sizes 1, 2, 4, 8, 16, ... up to --max-num-seqs (prefill "
+                                  "and larger batches run eagerly).")
     max_num_batched_tokens: int = setting(512, "Maximum number of tokens to be processed in a single iteration.")
     max_num_seqs: int = setting(64, "Maximum number of sequences to be processed in a single iteration.")
     max_waiting_requests: int = setting(1024, "Sequences queued beyond --max-num-seqs; past it the server "

@@ -34,6 +34,7 @@ from torch import nn
 from localmoe.config import ConfigError, EngineConfig
 from localmoe.distributed.mp_executor import MultiprocExecutor
 from localmoe.distributed.tensor_parallel import apply_tp
+from localmoe.engine.cuda_graphs import DecodeGraphs, capture_decode_graphs
 from localmoe.engine.scheduler import ScheduledBatch
 from localmoe.engine.stats import weights_bytes
 from localmoe.experts.memory_budget import RUNTIME_RESERVE, auto_cache_bytes, memory_left
@@ -149,6 +150,7 @@ class ModelRunner:
         self.block_size = config.block_size
         self.kv_caches: list[torch.Tensor] = []
         self.swap_caches: list[torch.Tensor] = []
+        self.graphs: DecodeGraphs | None = None
 
     def shutdown(self) -> None:
         """Stop the worker processes, if any."""
@@ -219,11 +221,18 @@ class ModelRunner:
         # milliseconds on a virtual machine (lazily mapped, a 2 GiB pool took 4.5x the system time under load
         # and served 8% fewer tokens/s at concurrency 16). On CPU, on huge pages (layers/huge_pages.py): attention
         # reads blocks from all over the pool.
-        shapes = kv_cache_shapes(self.model, num_blocks, config.block_size, self.kv_dtype)
+        # CUDA graphs pad decode steps with rows that write to one scratch block past those the block manager owns
+        graphs = (self.device.type == "cuda" and not config.enforce_eager and config.tensor_parallel_size == 1
+                  and not config.offloads_experts)
+        shapes = kv_cache_shapes(self.model, num_blocks + graphs, config.block_size, self.kv_dtype)
         self.kv_caches = [huge_page_zeros(shape, self.kv_dtype) if self.device.type == "cpu"
                           else torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for shape in shapes]
         self.swap_caches = [torch.zeros((shape[0], num_swap_blocks, *shape[2:]), dtype=self.kv_dtype)
                             for shape in shapes]
+        if graphs:
+            self.graphs = capture_decode_graphs(self.model, self.kv_caches, config.max_num_seqs,
+                                                -(-self.max_model_len // config.block_size), config.block_size,
+                                                scratch_block=num_blocks)
         return num_blocks, num_swap_blocks
 
     def _device_kv_bytes(self) -> int:
@@ -281,10 +290,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _forward(self, step: StepInputs) -> StepLogits:
-        meta = AttentionMetadata.build(step.query_lens, step.context_lens, step.block_tables, self.block_size,
-                                       self.device)
-        hidden = self.model(torch.tensor(step.input_ids, device=self.device),
-                            torch.tensor(step.positions, device=self.device), self.kv_caches, meta)
+        decode = self.graphs is not None and max(step.query_lens) == 1
+        hidden = self.graphs.replay(step.input_ids, step.positions, step.block_tables) if decode else None
+        if hidden is None:  # prefill, mixed, or past the largest captured decode batch: eager
+            meta = AttentionMetadata.build(step.query_lens, step.context_lens, step.block_tables, self.block_size,
+                                           self.device)
+            hidden = self.model(torch.tensor(step.input_ids, device=self.device),
+                                torch.tensor(step.positions, device=self.device), self.kv_caches, meta)
         prompt = {i: self.model.compute_logits(hidden[r.start:r.stop]).float() for i, r in step.prompt_rows.items()}
         if step.sampling:
             rows = torch.tensor(step.sample_rows, dtype=torch.long, device=self.device)
