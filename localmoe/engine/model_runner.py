@@ -5,7 +5,8 @@ Loading (models/loader.py) gives the plain single-device model; the experts pass
 decides how each MoE layer's experts are kept and run (offloaded, quantized, the CPU kernel's tiles, oneDNN's
 layout), a quantization asked for replaces the dense linear layers (layers/quant_linear.py), and pack_model lays
 the other weights out for their matmuls. The KV pool takes what the budget allows
-(`kv_cache_memory` on CPU, `gpu_memory_utilization` of the device on CUDA, measured after loading), in the model's
+(`kv_cache_memory` on CPU, `gpu_memory_utilization` of the device on CUDA, measured after loading and a profiling
+step), in the model's
 dtype or, with `kv_cache_dtype` fp8, in e4m3 rows with their scales (layers/kv_cache_dtype.py): about twice the
 blocks for the same bytes.
 
@@ -35,6 +36,7 @@ from localmoe.config import ConfigError, EngineConfig
 from localmoe.distributed.mp_executor import MultiprocExecutor
 from localmoe.distributed.tensor_parallel import apply_tp
 from localmoe.engine.cuda_graphs import DecodeGraphs, capture_decode_graphs
+from localmoe.engine.memory_profile import peak_step_bytes
 from localmoe.engine.scheduler import ScheduledBatch
 from localmoe.engine.stats import weights_bytes
 from localmoe.experts.memory_budget import RUNTIME_RESERVE, auto_cache_bytes, memory_left
@@ -236,9 +238,16 @@ class ModelRunner:
         return num_blocks, num_swap_blocks
 
     def _device_kv_bytes(self) -> int:
-        """On CUDA, gpu_memory_utilization of the device less what loading took."""
+        """On CUDA, gpu_memory_utilization of the device less what loading took and the peak of a step of the
+        largest batch (engine/memory_profile.py, vLLM's profile run)."""
+        config = self.config
+        activations = peak_step_bytes(
+            self.model, lambda n: [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for shape in
+                                   kv_cache_shapes(self.model, n, config.block_size, self.kv_dtype)],
+            config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len, config.block_size,
+            self.device)
         free, total = torch.cuda.mem_get_info(self.device)
-        return int(total * self.config.gpu_memory_utilization) - (total - free)
+        return int(total * config.gpu_memory_utilization) - (total - free) - activations
 
     def swap(self, batch: ScheduledBatch) -> None:
         if batch.swap_out or batch.swap_in:
