@@ -119,10 +119,12 @@ class EngineConfig:
                                             "which can range from 0 to 1 (0.5: 50%); the KV cache gets what the "
                                             "weights leave of it. CUDA only: on CPU, --kv-cache-memory.")
     # bytes for the KV pool when the device is the CPU; the default fits inside a container's limit
-    kv_cache_memory: str | None = setting(None, "Size of the KV cache on CPU, in bytes (4294967296, 4GiB, 512M), "
-                                          "each rank's with tensor parallelism. "
-                                          "If unspecified: 2 GiB, or an eighth of the memory left after loading "
-                                          "where that is less, and at least one sequence of --max-model-len.")
+    kv_cache_memory: str | None = setting(None, "Size of the KV cache, in bytes (4294967296, 4GiB, 512M), each "
+                                          "rank's with tensor parallelism; on CUDA it replaces "
+                                          "--gpu-memory-utilization's sizing (vLLM's --kv-cache-memory-bytes). "
+                                          "If unspecified, on CPU: 2 GiB, or an eighth of the memory left after "
+                                          "loading where that is less, and at least one sequence of "
+                                          "--max-model-len.")
     max_model_len: int | None = setting(None, "Model context length (prompt and output), in tokens. If "
                                         "unspecified, will be automatically derived from the model config "
                                         "(max_position_embeddings).")

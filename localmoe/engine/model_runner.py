@@ -134,8 +134,9 @@ class ModelRunner:
         self.kv_dtype = cache_dtype(config.kv_cache_dtype, self.dtype)
         self.block_bytes = kv_block_bytes(self.model, config.block_size, self.kv_dtype)
         self.swap_bytes = int(config.swap_space * 2**30)
-        # on CPU the KV pool's size is known before the experts are: an auto-sized expert cache takes what it leaves
-        self.kv_bytes = self._host_kv_bytes() if self.device.type == "cpu" else None
+        # on CPU the KV pool's size is known before the experts are: an auto-sized expert cache takes what it leaves.
+        # On CUDA kv_cache_memory, where given, replaces the profiled sizing (vLLM's kv_cache_memory_bytes)
+        self.kv_bytes = self._host_kv_bytes() if self.device.type == "cpu" else self.config.kv_cache_bytes
         if self.device.type == "cpu":
             kernels()  # built (or loaded from their cache) now, before the server is ready, never inside a request
         packing = packing_supported(self.dtype, self.device)

@@ -20,7 +20,8 @@ import triton.language as tl
 from triton import knobs
 
 BLOCK_M = 16  # rows (pairs) per block: the smallest tl.dot takes, decode steps have few pairs per expert
-BLOCK_K = 32
+BLOCK_N = 32  # output columns per program: narrow, so that a decode step's few active experts spread over every SM
+BLOCK_K = 64
 
 
 @triton.jit
@@ -58,7 +59,8 @@ def _gate_up_kernel(x_ptr, w13_ptr, h_ptr, pairs_ptr, block_expert_ptr, num_pair
 @triton.jit
 def _down_kernel(h_ptr, w2_ptr, out_ptr, weights_ptr, pairs_ptr, block_expert_ptr, num_pairs, hidden, inter,
                  stride_h, stride_we, stride_wn, stride_out,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+                 UPCAST: tl.constexpr):
     expert = tl.load(block_expert_ptr + tl.program_id(0))
     if expert >= 0:
         pairs = tl.load(pairs_ptr + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M))
@@ -121,13 +123,13 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
     upcast = knobs.runtime.interpret and x.dtype != torch.float32
     x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
     h = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
-    block_n = min(64, triton.next_power_of_2(inter))
+    block_n = min(BLOCK_N, triton.next_power_of_2(inter))
     _gate_up_kernel[(block_expert.numel(), triton.cdiv(inter, block_n))](
         x, w13, h, pairs, block_expert, num_pairs, top_k, hidden, inter,
         x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
         BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=BLOCK_K, PRECISION=precision, UPCAST=upcast)
     out = torch.zeros(num_pairs, hidden, dtype=torch.float32, device=x.device)
-    block_n = min(64, triton.next_power_of_2(hidden))
+    block_n = min(BLOCK_N, triton.next_power_of_2(hidden))
     _down_kernel[(block_expert.numel(), triton.cdiv(hidden, block_n))](
         h, w2, out, weights.float().contiguous().flatten(), pairs, block_expert, num_pairs, hidden, inter,
         h.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
