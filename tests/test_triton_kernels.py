@@ -8,6 +8,10 @@ import os
 
 import pytest
 import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
 
 DEVICE = torch.device(os.environ.get("LOCALMOE_TEST_DEVICE", "cpu"))
 if DEVICE.type == "cpu":
@@ -137,6 +141,35 @@ def test_paged_attention_equals_the_pytorch_path(monkeypatch, dtype, step, heads
                                           sink_logits)
     assert ours.dtype == dtype and ours.shape == q.shape
     assert_close(ours.float(), pytorch.float(), exact, dtype)
+
+
+def compile_for_hopper(kernel, pointers: dict[str, str], constexprs: dict) -> bytes:
+    """The kernel compiled for an H100 (sm_90) by Triton's own compiler, which needs no GPU: it checks what the
+    interpreter does not (types across branches and loops, layouts, what lowers to PTX). Pointers are bf16 unless
+    `pointers` says otherwise, other arguments int32 (`scale` float32)."""
+    fn = JITFunction(kernel.fn)  # the Python function, also where the interpreter wraps it
+    signature = {p.name: "constexpr" if p.is_constexpr else pointers.get(p.name) or
+                 ("*bf16" if p.name.endswith("_ptr") else "fp32" if p.name == "scale" else "i32") for p in fn.params}
+    return triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32)).asm["cubin"]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_the_kernels_compile_for_an_h100(dtype):
+    moe_pointers = {name: "*i64" for name in ("pairs_ptr", "block_expert_ptr")}
+    if dtype == "fp32":
+        moe_pointers |= {name: "*fp32" for name in ("x_ptr", "w13_ptr", "h_ptr", "w2_ptr")}
+    tiles = {"BLOCK_M": triton_moe.BLOCK_M, "BLOCK_N": triton_moe.BLOCK_N, "BLOCK_K": triton_moe.BLOCK_K,
+             "PRECISION": "ieee" if dtype == "fp32" else None, "UPCAST": False}
+    assert compile_for_hopper(triton_moe._gate_up_kernel, moe_pointers, tiles)
+    assert compile_for_hopper(triton_moe._down_kernel, moe_pointers | {"out_ptr": "*fp32", "weights_ptr": "*fp32"},
+                              tiles)
+    attention_pointers = {"tables_ptr": "*i64", "context_ptr": "*i64"}
+    if dtype == "fp32":
+        attention_pointers |= {n: "*fp32" for n in ("out_ptr", "q_ptr", "k_cache_ptr", "v_cache_ptr", "sinks_ptr")}
+    for group, sinks in ((1, False), (4, True)):
+        assert compile_for_hopper(triton_attention._paged_attention_kernel, attention_pointers,
+                                  {"GROUP": group, "BLOCK_G": group, "BLOCK_SIZE": 16, "HEAD_DIM": 64, "BLOCK_D": 64,
+                                   "HAS_SINKS": sinks})
 
 
 def test_a_model_served_on_the_triton_paths_gives_the_pytorch_logits(tiny_mixtral_dir, monkeypatch):

@@ -37,9 +37,7 @@ def _paged_attention_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr
     q = tl.load(q_ptr + token * stride_qt + heads[:, None] * stride_qh + dims[None, :],
                 mask=head_ok[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)  # [G, D]
     num_keys = tl.load(context_ptr + token).to(tl.int32)
-    first = 0
-    if window > 0:
-        first = tl.maximum(num_keys - window, 0)
+    first = tl.where(window > 0, tl.maximum(num_keys - window, 0), 0)  # the window's first key, else 0
     if HAS_SINKS:
         running_max = tl.load(sinks_ptr + heads, mask=head_ok, other=0.0).to(tl.float32)
         running_sum = tl.full((BLOCK_G,), 1.0, dtype=tl.float32)
