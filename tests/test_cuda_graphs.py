@@ -7,13 +7,26 @@ import torch
 
 from family_parity import engine, prompts_of, record_logits
 from localmoe import SamplingParams
-from localmoe.engine.cuda_graphs import capture_sizes
+from localmoe.engine.cuda_graphs import capture_sizes, padded_decode_inputs
+from localmoe.layers.attention import AttentionMetadata
 
 
 def test_capture_sizes_are_vllms_up_to_max_num_seqs():
     assert capture_sizes(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
     assert capture_sizes(3) == [1, 2, 3] and capture_sizes(1) == [1]
     assert capture_sizes(1000)[-2:] == [504, 512]
+
+
+def test_a_padded_decode_step_holds_the_eager_metadata_and_pads_into_the_scratch_block():
+    tables, positions = [[5, 2], [7], [1, 3, 4]], [5, 0, 9]
+    inputs = padded_decode_inputs(4, [11, 12, 13], positions, tables, block_size=4, width=5, scratch=99)
+    meta = AttentionMetadata.build([1, 1, 1], [p + 1 for p in positions], tables, 4, torch.device("cpu"))
+    for name, eager in (("slot_blocks", meta.slot_blocks), ("slot_offsets", meta.slot_offsets),
+                        ("context_lens", meta.context_lens)):
+        assert inputs[name][:3].tolist() == eager.tolist(), name
+    assert inputs["input_ids"].tolist() == [11, 12, 13, 0] and inputs["positions"].tolist() == [5, 0, 9, 0]
+    assert inputs["block_tables"][:, :3].tolist() == [[5, 2, 99], [7, 99, 99], [1, 3, 4], [99] * 3]
+    assert (inputs["slot_blocks"][3], inputs["context_lens"][3]) == (99, 1)  # the pad row writes and reads scratch
 
 
 def test_on_cpu_every_step_is_eager(tiny_mixtral_dir):

@@ -52,6 +52,24 @@ def graphs_apply(model: nn.Module, kv_caches: list[torch.Tensor]) -> str | None:
     return None
 
 
+def padded_decode_inputs(size: int, input_ids: list[int], positions: list[int], block_tables: list[list[int]],
+                         block_size: int, width: int, scratch: int) -> dict[str, np.ndarray]:
+    """A decode step of B <= size sequences as the graph's input buffers hold it (named as DecodeGraphs' buffers):
+    rows past B are pad tokens at position 0 whose one key and table live in the scratch block."""
+    count = len(input_ids)
+    pos = np.asarray(positions, dtype=np.int64)
+    tables = np.full((size, width), scratch, dtype=np.int64)
+    for i, table in enumerate(block_tables):
+        tables[i, :len(table)] = table
+    inputs = {"block_tables": tables, "slot_blocks": np.full(size, scratch, dtype=np.int64)}
+    inputs["slot_blocks"][:count] = tables[np.arange(count), pos // block_size]
+    for name, values, pad in (("input_ids", input_ids, 0), ("positions", pos, 0),
+                              ("slot_offsets", pos % block_size, 0), ("context_lens", pos + 1, 1)):
+        inputs[name] = np.full(size, pad, dtype=np.int64)
+        inputs[name][:count] = values
+    return inputs
+
+
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
@@ -114,26 +132,16 @@ class DecodeGraphs:
         size = next((s for s in self.sizes if s >= count), None)
         if size is None:
             return None
-        pos = np.asarray(positions, dtype=np.int64)
-        tables = np.full((size, self.block_tables.shape[1]), self.scratch, dtype=np.int64)
-        for i, table in enumerate(block_tables):
-            tables[i, :len(table)] = table
-        rows = np.arange(count)
-        slot_blocks = np.full(size, self.scratch, dtype=np.int64)
-        slot_blocks[:count] = tables[rows, pos // self.block_size]
-        for buffer, values, pad in ((self.input_ids, input_ids, 0), (self.positions, pos, 0),
-                                    (self.slot_offsets, pos % self.block_size, 0), (self.context_lens, pos + 1, 1)):
-            padded = np.full(size, pad, dtype=np.int64)
-            padded[:count] = values
-            buffer[:size].copy_(torch.from_numpy(padded))
-        self.slot_blocks[:size].copy_(torch.from_numpy(slot_blocks))
-        self.block_tables[:size].copy_(torch.from_numpy(tables))
+        inputs = padded_decode_inputs(size, input_ids, positions, block_tables, self.block_size,
+                                      self.block_tables.shape[1], self.scratch)
+        for name, values in inputs.items():
+            getattr(self, name)[:size].copy_(torch.from_numpy(values))
         graph = self.graphs[size]
         graph.graph.replay()
         self.replayed += 1
-        for module, inputs in graph.experts_inputs:  # what eager steps tell the hooks (the routing observer)
+        for module, seen in graph.experts_inputs:  # what eager steps tell the hooks (the routing observer)
             for hook in module._forward_pre_hooks.values():
-                hook(module, tuple(t[:count] for t in inputs))
+                hook(module, tuple(t[:count] for t in seen))
         return graph.hidden[:count]
 
 
