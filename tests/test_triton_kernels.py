@@ -1,9 +1,8 @@
-"""The Triton kernels equal the PyTorch paths they replace on CUDA. Here they run in Triton's interpreter
-(TRITON_INTERPRET=1) on CPU tensors; with LOCALMOE_TEST_DEVICE=cuda the same tests run them compiled on a GPU."""
+"""The Triton kernels equal the PyTorch paths they replace on CUDA. Without a GPU they run in Triton's interpreter
+(TRITON_INTERPRET=1, set by conftest.py) on CPU tensors; on a GPU they run compiled."""
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import pytest
@@ -13,19 +12,15 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-DEVICE = torch.device(os.environ.get("LOCALMOE_TEST_DEVICE", "cpu"))
-if DEVICE.type == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"  # read when a kernel is defined: before the kernel modules import
+from family_parity import engine, prompts_of, record_logits
+from localmoe import SamplingParams
+from localmoe.experts.gpu import TritonExperts
+from localmoe.layers import attention, triton_attention, triton_kernels, triton_moe
+from localmoe.layers.attention import AttentionMetadata
+from localmoe.layers.moe import GroupedExperts, moe_blocks
 
-from family_parity import engine, prompts_of, record_logits  # noqa: E402
-from localmoe import SamplingParams  # noqa: E402
-from localmoe.experts.gpu import TritonExperts  # noqa: E402
-from localmoe.layers import attention, triton_attention, triton_kernels, triton_moe  # noqa: E402
-from localmoe.layers.attention import AttentionMetadata  # noqa: E402
-from localmoe.layers.moe import GroupedExperts, moe_blocks  # noqa: E402
-
-for module in (triton_moe, triton_attention):  # another test may have imported them compiled
-    importlib.reload(module)
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+assert DEVICE.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1", "conftest.py sets the interpreter"
 
 F32_TOL = 1e-5
 BF16_FLOOR = 1e-2  # the suite's bf16 bar for kernels (test_cpu_kernels): no worse than PyTorch's bf16, or this
@@ -178,18 +173,19 @@ def test_a_model_served_on_the_triton_paths_gives_the_pytorch_logits(tiny_mixtra
     step."""
     prompts = [{"prompt_token_ids": p} for p in prompts_of([6, 11], seed=4)]
     params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
-    runs, taken = [], []
+    runs, taken = [], []  # taken: what attention chose at each call, in the current run
     real_takes = attention.triton_takes
     monkeypatch.setattr(attention, "_kernel_takes", lambda *_: False)  # on CUDA the CPU kernel never runs
     monkeypatch.setattr(attention, "triton_takes", lambda *a: taken.append(real_takes(*a)) or taken[-1])
     for forced in (False, True):
         monkeypatch.setattr(triton_kernels, "runs_here", lambda t: forced)
-        llm = engine(tiny_mixtral_dir)
+        taken.clear()
+        llm = engine(tiny_mixtral_dir, device=DEVICE.type)
         steps = record_logits(llm)
         tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
         runs.append((tokens, torch.cat(steps)))
         experts = [type(moe.experts) for _, moe in moe_blocks(llm.engine.model)]
         assert (experts == [TritonExperts] * len(experts)) == forced
-    assert taken and all(taken[len(taken) // 2:]) and not any(taken[:len(taken) // 2])
+        assert taken and all(choice == forced for choice in taken)
     assert runs[0][0] == runs[1][0]
     assert (runs[0][1] - runs[1][1]).abs().max() <= 1e-4
