@@ -109,11 +109,13 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def _capture(self, size: int, pool: tuple | None) -> _Graph:
-        meta = self._meta(size)
         seen: list[tuple[nn.Module, tuple[torch.Tensor, ...]]] = []
-        args = (self.input_ids[:size], self.positions[:size], self.kv_caches, meta)
-        self.model(*args)  # warm up: Triton compiles, the allocator settles (every slot is the scratch block)
+        # warm up (Triton compiles, the allocator settles; every slot is the scratch block) on other tensor objects
+        # than the capture's: what a layer caches per step by its inputs' identity (the rotary's cos/sin for these
+        # positions) must be computed inside the capture, or the graph would replay the warm-up's values
+        self.model(self.input_ids[:size], self.positions[:size], self.kv_caches, self._meta(size))
         torch.cuda.synchronize()
+        args = (self.input_ids[:size], self.positions[:size], self.kv_caches, self._meta(size))
         hooks = [moe.experts.register_forward_pre_hook(lambda module, inputs: seen.append((module, inputs)))
                  for _, moe in moe_blocks(self.model)]
         graph = torch.cuda.CUDAGraph()
