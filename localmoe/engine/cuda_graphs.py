@@ -97,15 +97,16 @@ class DecodeGraphs:
             pool = self.graphs[size].graph.pool()
 
     def _meta(self, size: int) -> AttentionMetadata:
-        """Decode metadata over the buffers' first `size` rows (the Triton paths read only these fields)."""
-        context = self.context_lens[:size]
-        tables = self.block_tables[:size]
-        return AttentionMetadata(
-            slot_blocks=self.slot_blocks[:size], slot_offsets=self.slot_offsets[:size], block_tables=tables,
-            context_lens=context, token_seq=torch.arange(size, device=context.device),
-            token_row=torch.zeros(size, dtype=torch.long, device=context.device), token_tables=tables,
-            token_context=context, decode_only=True, query_pos=np.zeros((size, 1), dtype=np.int64),
-            seq_lens=np.ones(size, dtype=np.int64), block_size=self.block_size)
+        """Decode metadata of `size` rows whose device tensors are the buffers' first rows (what the Triton paths
+        read), so that a replay reads what replay() copied there."""
+        meta = AttentionMetadata.build([1] * size, [1] * size, [[self.scratch]] * size, self.block_size,
+                                       self.block_tables.device)
+        tables, context = self.block_tables[:size], self.context_lens[:size]
+        for name, buffer in (("slot_blocks", self.slot_blocks[:size]), ("slot_offsets", self.slot_offsets[:size]),
+                             ("block_tables", tables), ("token_tables", tables), ("context_lens", context),
+                             ("token_context", context)):
+            setattr(meta, name, buffer)
+        return meta
 
     @torch.inference_mode()
     def _capture(self, size: int, pool: tuple | None) -> _Graph:
