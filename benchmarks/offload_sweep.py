@@ -78,13 +78,13 @@ def memory_footprint(model: str, target: str | None, size: int, kv_bytes: int) -
 
 
 def sweep_target(llm: LLM, target: str, cold: bool, sizes: list[int], new_tokens: int, reference: list[int],
-                 baseline: float) -> list[dict]:
+                 baseline: float, policies: list[str]) -> list[dict]:
     """Every (size, policy, prefetch) on one loaded engine: the store stays, caches are re-attached each time."""
     engine = llm.engine
     store = engine.experts.store
     results = []
     for size in sizes:
-        for policy in POLICIES:
+        for policy in policies:
             for prefetch in (False, True):
                 plan = OffloadPlan(Path(), target, size, policy, prefetch)
                 engine.experts.caches = attach_caches(moe_blocks(engine.model), store, plan, engine.device)
@@ -146,6 +146,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--kv-cache-memory", type=int, default=256 * 2**20)
     parser.add_argument("--targets", nargs="+", default=["host", "disk"], choices=["host", "disk"])
+    parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
     args = parser.parse_args()
     config = json.loads((Path(args.model) / "config.json").read_text())
     num_experts = config["num_local_experts"]
@@ -160,11 +161,12 @@ def main() -> None:
         llm = engine_for(args.model, target, args.kv_cache_memory)
         expert_bytes = llm.engine.experts.caches[0].expert_bytes
         # every expert in the cache: offloading on, nothing evicted after the first touches
-        results += sweep_target(llm, target, False, [num_experts], args.new_tokens, reference, speed_before)
-        results += sweep_target(llm, target, False, sizes, args.new_tokens, reference, speed_before)
+        results += sweep_target(llm, target, False, [num_experts], args.new_tokens, reference, speed_before,
+                                args.policies)
+        results += sweep_target(llm, target, False, sizes, args.new_tokens, reference, speed_before, args.policies)
         if target == "disk":
             results += sweep_target(llm, target, True, [num_experts, *sizes], args.new_tokens, reference,
-                                    speed_before)
+                                    speed_before, args.policies)
         del llm
     resident = engine_for(args.model, None, args.kv_cache_memory)
     speed_after, _ = decode_run(resident, args.new_tokens)
@@ -177,6 +179,7 @@ def main() -> None:
                for target in args.targets for size in (sizes[0], sizes[-1])]
     report = {
         "benchmark": "offload_sweep", "model": args.model, "dtype": "bfloat16", "new_tokens": args.new_tokens,
+        "device": str(resident.engine.device),
         "num_experts": num_experts, "top_k": config["num_experts_per_tok"], "expert_bytes": expert_bytes,
         "resident_decode_tokens_per_s": {"before": speed_before, "after": speed_after, "median": baseline},
         "served": results,

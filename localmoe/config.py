@@ -119,10 +119,12 @@ class EngineConfig:
                                             "which can range from 0 to 1 (0.5: 50%); the KV cache gets what the "
                                             "weights leave of it. CUDA only: on CPU, --kv-cache-memory.")
     # bytes for the KV pool when the device is the CPU; the default fits inside a container's limit
-    kv_cache_memory: str | None = setting(None, "Size of the KV cache on CPU, in bytes (4294967296, 4GiB, 512M), "
-                                          "each rank's with tensor parallelism. "
-                                          "If unspecified: 2 GiB, or an eighth of the memory left after loading "
-                                          "where that is less, and at least one sequence of --max-model-len.")
+    kv_cache_memory: str | None = setting(None, "Size of the KV cache, in bytes (4294967296, 4GiB, 512M), each "
+                                          "rank's with tensor parallelism; on CUDA it replaces "
+                                          "--gpu-memory-utilization's sizing (vLLM's --kv-cache-memory-bytes). "
+                                          "If unspecified, on CPU: 2 GiB, or an eighth of the memory left after "
+                                          "loading where that is less, and at least one sequence of "
+                                          "--max-model-len.")
     max_model_len: int | None = setting(None, "Model context length (prompt and output), in tokens. If "
                                         "unspecified, will be automatically derived from the model config "
                                         "(max_position_embeddings).")
@@ -133,6 +135,10 @@ class EngineConfig:
                                   "(= fp8_e4m3): e4m3 with a scale per row, about half the bytes.")
     # on 2 CPU cores a 512-token step of the benchmark model takes ~0.15 s, short enough that a burst of prompts
     # does not stall running decodes (c=16 mean TTFT 571 ms vs 722 ms at 2048)
+    enforce_eager: bool = setting(False, "Always use eager-mode PyTorch: the model's modules one by one. If False, "
+                                  "decode steps on CUDA replay CUDA graphs captured at batch sizes 1, 2, 4, 8, 16, ... "
+                                  "up to --max-num-seqs (prefill and larger batches run eagerly), and on CPU the "
+                                  "decoder layers of models of Mixtral's shape run in one kernel call.")
     max_num_batched_tokens: int = setting(512, "Maximum number of tokens to be processed in a single iteration.")
     max_num_seqs: int = setting(64, "Maximum number of sequences to be processed in a single iteration.")
     max_waiting_requests: int = setting(1024, "Sequences queued beyond --max-num-seqs; past it the server "

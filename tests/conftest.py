@@ -2,8 +2,14 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
-from checkpoints import make_checkpoint
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors (tests/test_triton_kernels.py). Triton
+# reads this when it is first imported and when a kernel is defined, so it is set here, before any test module loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from checkpoints import make_checkpoint  # noqa: E402
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -5,6 +5,7 @@ off and on) and every decode step's logits, and requests joining a running batch
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -20,10 +21,12 @@ from localmoe.layers.moe import SparseMoE, moe_blocks
 from localmoe.layers.quant_linear import QuantLinear
 
 TOL = 1e-4
+# where the engines under test run: LOCALMOE_TEST_DEVICE=cuda runs the parity suite on a GPU (benchmarks/gpu_check.sh)
+TEST_DEVICE = os.environ.get("LOCALMOE_TEST_DEVICE", "cpu")
 
 
 def engine(directory: Path, **kwargs) -> LLM:
-    settings = {"dtype": "float32", "kv_cache_memory": 8 * 2**20, "block_size": 4, **kwargs}
+    settings = {"dtype": "float32", "kv_cache_memory": 8 * 2**20, "block_size": 4, "device": TEST_DEVICE, **kwargs}
     return LLM(model=str(directory), **settings)
 
 

@@ -32,8 +32,7 @@ def test_the_fused_layers_give_what_the_modules_give_bit_for_bit(tmp_path, monke
     directory = make_checkpoint(tmp_path, "mixtral", seed=3, sliding_window=window)
     llm = LLM(model=str(directory), dtype="bfloat16", max_num_batched_tokens=32, max_num_seqs=4,
               enable_prefix_caching=False, kv_cache_memory=2**22, quantization=quantization)
-    runner, observer = llm.engine.runner, llm.engine.observer
-    assert runner.fused is not None
+    assert llm.engine.runner.fused is not None
     calls, built = [], cpu_kernels.kernels()
 
     class Counting:  # the extension, counting its fused decoder calls
@@ -44,14 +43,16 @@ def test_the_fused_layers_give_what_the_modules_give_bit_for_bit(tmp_path, monke
 
     monkeypatch.setattr(cpu_kernels, "kernels", Counting)
     fused = outputs(llm)
-    fused_routing = observer.tokens.clone()
+    fused_routing = llm.engine.observer.tokens.clone()
     steps = len(calls)
     assert steps > 2 * 12  # every step of both batches ran the layers in one call
-    runner.fused = None
-    modules = outputs(llm)
-    assert len(calls) == steps  # the modules ran the second time
+    eager = LLM(model=str(directory), dtype="bfloat16", max_num_batched_tokens=32, max_num_seqs=4,
+                enable_prefix_caching=False, kv_cache_memory=2**22, quantization=quantization, enforce_eager=True)
+    assert eager.engine.runner.fused is None
+    modules = outputs(eager)
+    assert len(calls) == steps  # the modules ran
     assert fused == modules
-    assert (observer.tokens == 2 * fused_routing).all()  # the routing statistics saw the same choices
+    assert (eager.engine.observer.tokens == fused_routing).all()  # the routing statistics saw the same choices
     assert fused_routing.sum() == 2 * len(llm.engine.model.layers) * sum(
         len(p["prompt_token_ids"]) + 11 for p in PROMPTS) * 2  # tokens x layers x top-2, both batches
 

@@ -9,12 +9,14 @@ import pytest
 import torch
 
 from checkpoints import make_checkpoint
-from family_parity import (check_batched_prompt_logits, check_bfloat16_bar, check_greedy_with_shared_prefix,
-                           check_requests_joining_mid_batch, engine, prompts_of, record_logits)
+from family_parity import (TEST_DEVICE, check_batched_prompt_logits, check_bfloat16_bar,
+                           check_greedy_with_shared_prefix, check_requests_joining_mid_batch, engine, prompts_of,
+                           record_logits)
 from localmoe import SamplingParams
 from localmoe.layers.linear import Linear, packing_supported
 from localmoe.layers.cpu_kernels import kernels
 from localmoe.experts.cpu import OneDNNExperts, TiledExperts
+from localmoe.experts.gpu import TritonExperts
 from localmoe.layers.moe import SparseMoE
 
 @pytest.mark.parametrize("arch,overrides", [
@@ -25,7 +27,9 @@ from localmoe.layers.moe import SparseMoE
 ])
 def test_batched_prompt_logits_match(tmp_path, arch, overrides):
     llm = check_batched_prompt_logits(make_checkpoint(tmp_path, arch, seed=3, **overrides))
-    if packing_supported(torch.float32, torch.device("cpu")):  # the packed CPU weight layout is what ran
+    if TEST_DEVICE == "cuda":  # the Triton kernels are what ran
+        assert all(isinstance(m.experts, TritonExperts) for m in llm.engine.model.modules() if isinstance(m, SparseMoE))
+    elif packing_supported(torch.float32, torch.device("cpu")):  # the packed CPU weight layout is what ran
         modules = list(llm.engine.model.modules())
         assert all(m.weight.is_mkldnn for m in modules if isinstance(m, Linear))
         assert all(isinstance(m.experts, OneDNNExperts) for m in modules if isinstance(m, SparseMoE))
@@ -80,5 +84,7 @@ def test_bfloat16_logits_no_further_from_float32_than_transformers_bfloat16(tmp_
     run our CPU MoE kernel where it builds."""
     directory = make_checkpoint(tmp_path, "mixtral", seed=11, hidden_size=128, intermediate_size=256)
     llm = check_bfloat16_bar(directory, [7, 30, 18, 2, 11, 25, 4, 16], new=32)
-    if kernels() is not None:
+    if TEST_DEVICE == "cuda":
+        assert all(isinstance(m.experts, TritonExperts) for m in llm.engine.model.modules() if isinstance(m, SparseMoE))
+    elif kernels() is not None:
         assert all(isinstance(m.experts, TiledExperts) for m in llm.engine.model.modules() if isinstance(m, SparseMoE))

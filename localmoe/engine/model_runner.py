@@ -5,7 +5,8 @@ Loading (models/loader.py) gives the plain single-device model; the experts pass
 decides how each MoE layer's experts are kept and run (offloaded, quantized, the CPU kernel's tiles, oneDNN's
 layout), a quantization asked for replaces the dense linear layers (layers/quant_linear.py), and pack_model lays
 the other weights out for their matmuls. The KV pool takes what the budget allows
-(`kv_cache_memory` on CPU, `gpu_memory_utilization` of the device on CUDA, measured after loading), in the model's
+(`kv_cache_memory` on CPU, `gpu_memory_utilization` of the device on CUDA, measured after loading and a profiling
+step), in the model's
 dtype or, with `kv_cache_dtype` fp8, in e4m3 rows with their scales (layers/kv_cache_dtype.py): about twice the
 blocks for the same bytes.
 
@@ -34,6 +35,8 @@ from torch import nn
 from localmoe.config import ConfigError, EngineConfig
 from localmoe.distributed.mp_executor import MultiprocExecutor
 from localmoe.distributed.tensor_parallel import apply_tp
+from localmoe.engine.cuda_graphs import DecodeGraphs, capture_decode_graphs
+from localmoe.engine.memory_profile import peak_step_bytes
 from localmoe.engine.scheduler import ScheduledBatch
 from localmoe.engine.stats import weights_bytes
 from localmoe.experts.memory_budget import RUNTIME_RESERVE, auto_cache_bytes, memory_left
@@ -133,8 +136,9 @@ class ModelRunner:
         self.kv_dtype = cache_dtype(config.kv_cache_dtype, self.dtype)
         self.block_bytes = kv_block_bytes(self.model, config.block_size, self.kv_dtype)
         self.swap_bytes = int(config.swap_space * 2**30)
-        # on CPU the KV pool's size is known before the experts are: an auto-sized expert cache takes what it leaves
-        self.kv_bytes = self._host_kv_bytes() if self.device.type == "cpu" else None
+        # on CPU the KV pool's size is known before the experts are: an auto-sized expert cache takes what it leaves.
+        # On CUDA kv_cache_memory, where given, replaces the profiled sizing (vLLM's kv_cache_memory_bytes)
+        self.kv_bytes = self._host_kv_bytes() if self.device.type == "cpu" else self.config.kv_cache_bytes
         if self.device.type == "cpu":
             kernels()  # built (or loaded from their cache) now, before the server is ready, never inside a request
         packing = packing_supported(self.dtype, self.device)
@@ -149,10 +153,12 @@ class ModelRunner:
         if packing:
             pack_model(self.model)
         # the decoder layers in one kernel call where the model is of a shape it runs (one rank: no collectives)
-        self.fused = FusedDecoder.of(self.model) if packing and config.tensor_parallel_size == 1 else None
+        self.fused = (FusedDecoder.of(self.model) if packing and config.tensor_parallel_size == 1
+                      and not config.enforce_eager else None)
         self.block_size = config.block_size
         self.kv_caches: list[torch.Tensor] = []
         self.swap_caches: list[torch.Tensor] = []
+        self.graphs: DecodeGraphs | None = None
 
     def shutdown(self) -> None:
         """Stop the worker processes, if any."""
@@ -223,17 +229,31 @@ class ModelRunner:
         # milliseconds on a virtual machine (lazily mapped, a 2 GiB pool took 4.5x the system time under load
         # and served 8% fewer tokens/s at concurrency 16). On CPU, on huge pages (layers/huge_pages.py): attention
         # reads blocks from all over the pool.
-        shapes = kv_cache_shapes(self.model, num_blocks, config.block_size, self.kv_dtype)
+        # CUDA graphs pad decode steps with rows that write to one scratch block past those the block manager owns
+        graphs = (self.device.type == "cuda" and not config.enforce_eager and config.tensor_parallel_size == 1
+                  and not config.offloads_experts)
+        shapes = kv_cache_shapes(self.model, num_blocks + graphs, config.block_size, self.kv_dtype)
         self.kv_caches = [huge_page_zeros(shape, self.kv_dtype) if self.device.type == "cpu"
                           else torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for shape in shapes]
         self.swap_caches = [torch.zeros((shape[0], num_swap_blocks, *shape[2:]), dtype=self.kv_dtype)
                             for shape in shapes]
+        if graphs:
+            self.graphs = capture_decode_graphs(self.model, self.kv_caches, config.max_num_seqs,
+                                                -(-self.max_model_len // config.block_size), config.block_size,
+                                                scratch_block=num_blocks)
         return num_blocks, num_swap_blocks
 
     def _device_kv_bytes(self) -> int:
-        """On CUDA, gpu_memory_utilization of the device less what loading took."""
+        """On CUDA, gpu_memory_utilization of the device less what loading took and the peak of a step of the
+        largest batch (engine/memory_profile.py, vLLM's profile run)."""
+        config = self.config
+        activations = peak_step_bytes(
+            self.model, lambda n: [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for shape in
+                                   kv_cache_shapes(self.model, n, config.block_size, self.kv_dtype)],
+            config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len, config.block_size,
+            self.device)
         free, total = torch.cuda.mem_get_info(self.device)
-        return int(total * self.config.gpu_memory_utilization) - (total - free)
+        return int(total * config.gpu_memory_utilization) - (total - free) - activations
 
     def swap(self, batch: ScheduledBatch) -> None:
         if batch.swap_out or batch.swap_in:
@@ -285,14 +305,18 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _forward(self, step: StepInputs) -> StepLogits:
-        meta = AttentionMetadata.build(step.query_lens, step.context_lens, step.block_tables, self.block_size,
-                                       self.device)
-        input_ids = torch.tensor(step.input_ids, device=self.device)
-        positions = torch.tensor(step.positions, device=self.device)
-        if self.fused is not None:
-            hidden, routing = self.fused(input_ids, positions, self.kv_caches, meta)
-        else:
-            hidden, routing = self.model(input_ids, positions, self.kv_caches, meta), None
+        decode = self.graphs is not None and max(step.query_lens) == 1
+        hidden = self.graphs.replay(step.input_ids, step.positions, step.block_tables) if decode else None
+        routing = None
+        if hidden is None:  # prefill, mixed, or past the largest captured decode batch: eager
+            meta = AttentionMetadata.build(step.query_lens, step.context_lens, step.block_tables, self.block_size,
+                                           self.device)
+            input_ids = torch.tensor(step.input_ids, device=self.device)
+            positions = torch.tensor(step.positions, device=self.device)
+            if self.fused is not None:
+                hidden, routing = self.fused(input_ids, positions, self.kv_caches, meta)
+            else:
+                hidden = self.model(input_ids, positions, self.kv_caches, meta)
         prompt = {i: self.model.compute_logits(hidden[r.start:r.stop]).float() for i, r in step.prompt_rows.items()}
         if step.sampling:
             rows = torch.tensor(step.sample_rows, dtype=torch.long, device=self.device)

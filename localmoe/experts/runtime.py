@@ -4,6 +4,7 @@ The model files build, and the loader fills, plain GroupedExperts on one device 
 (gpt-fast's `convert_for_runtime`, `apply_tp`) swaps in, per MoE layer:
 - OffloadedExperts (experts/offload.py) when offloading is asked for: experts in a store, a cache of slots;
 - else quantized experts (experts/quantized.py) when a quantization is asked for;
+- else TritonExperts (experts/gpu.py) on CUDA where triton imports (SwiGLU experts without biases);
 - else TiledExperts (experts/cpu.py) where our CPU kernel serves them;
 - else OneDNNExperts where oneDNN's layouts are supported (CPU), else the GroupedExperts stay.
 Expert-parallel experts are a further choice of the same pass.
@@ -18,6 +19,7 @@ from torch import nn
 
 from localmoe.experts.cache import ExpertCache
 from localmoe.experts.cpu import OneDNNExperts, TiledExperts, grouped_kernel_serves
+from localmoe.experts.gpu import TritonExperts, triton_serves
 from localmoe.experts.offload import OffloadPlan, offload_experts
 from localmoe.experts.quantized import quantize_experts
 from localmoe.experts.store import ExpertStore
@@ -50,6 +52,8 @@ def convert_experts(model: nn.Module, device: torch.device, packing: bool, offlo
         quantized = quantize_experts(moe.experts, f"{path}.experts", quant) if quant is not None else None
         if quantized is not None:
             moe.experts = quantized
+        elif triton_serves(moe.experts):
+            moe.experts = TritonExperts(moe.experts)
         elif grouped_kernel_serves(moe.experts):
             moe.experts = TiledExperts.of(moe.experts)
         elif packing:

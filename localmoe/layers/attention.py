@@ -18,6 +18,9 @@ With an fp8 cache (layers/kv_cache_dtype.py) the new keys and values are stored 
 and every path reads them back as the same numbers in the query's dtype: the kernel 16 rows at a time, once for
 a GQA group, the PyTorch paths a step's blocks at once.
 
+On CUDA, paged attention runs in Triton (layers/triton_attention.py), every step one launch that reads the block
+tables directly, as the CPU kernel does; an fp8 cache keeps the PyTorch paths there.
+
 Attention sinks (gpt-oss) are a learned logit per query head that joins each softmax as one more key whose
 value is zero: the sink takes a share of the weight, so a head may attend to nothing much. SDPA cannot
 express that, so prefill with sinks computes the scores itself.
@@ -32,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from localmoe.layers import cpu_kernels
+from localmoe.layers import cpu_kernels, triton_kernels
 from localmoe.layers.kv_cache_dtype import FP8, decode, encode
 
 
@@ -148,6 +151,10 @@ def paged_attention(
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     k_cache[meta.slot_blocks, :, meta.slot_offsets] = encode(k, kv_cache.dtype)
     v_cache[meta.slot_blocks, :, meta.slot_offsets] = encode(v, kv_cache.dtype)
+    if triton_takes(q, kv_cache):
+        from localmoe.layers.triton_attention import paged_attention as triton_paged_attention
+        return triton_paged_attention(q, kv_cache, meta.token_tables, meta.token_context, scale, sliding_window,
+                                      sinks)
     blocks = meta.block_tables.flatten()
     keys, values = (decode(c.index_select(0, blocks), q.dtype) for c in (k_cache, v_cache))  # [B * W, Hkv, S, D]
     mask = meta.mask(sliding_window)
@@ -183,6 +190,14 @@ def _kernel_takes(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
     if kv_cache.dtype == FP8:
         return kv_cache.device.type == "cpu" and cpu_kernels.runs_here(q)
     return cpu_kernels.runs_here(q, kv_cache)
+
+
+def triton_takes(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+    """Whether the Triton kernel (layers/triton_attention.py) runs this layer: on CUDA, a cache in the model's
+    dtype (fp8 rows keep the PyTorch path), blocks of a power-of-two size (the kernel's key tile)."""
+    block_size = kv_cache.shape[3]
+    return (triton_kernels.runs_here(q) and kv_cache.dtype != FP8 and kv_cache.stride(-1) == 1
+            and block_size & (block_size - 1) == 0)
 
 
 def _softmax(scores: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
