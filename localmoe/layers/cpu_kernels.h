@@ -27,6 +27,6 @@ std::vector<torch::Tensor> decoder_layers(torch::Tensor h, torch::Tensor positio
                                           torch::Tensor signed_sin_table, std::vector<torch::Tensor> kv_caches,
                                           torch::Tensor block_tables, torch::Tensor context,
                                           std::vector<torch::Tensor> weights, std::vector<int64_t> formats,
-                                          std::vector<int64_t> windows,
-                                          int64_t heads, int64_t kv_heads, double scale, double eps, int64_t top_k,
-                                          bool renormalize, torch::Tensor final_norm);
+                                          std::vector<int64_t> windows, int64_t heads, int64_t kv_heads,
+                                          double scale, double eps, double clip, int64_t top_k, bool renormalize,
+                                          int64_t shared_size, torch::Tensor final_norm);
