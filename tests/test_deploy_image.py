@@ -104,7 +104,9 @@ def torch_venv(venv: Path, env: dict[str, str]) -> None:
             building.rename(template)
         except OSError:  # another session's finished first
             shutil.rmtree(building)
-    subprocess.run(["cp", "-al", str(template), str(venv)], check=True)
+    if subprocess.run(["cp", "-al", str(template), str(venv)], capture_output=True).returncode != 0:
+        shutil.rmtree(venv, ignore_errors=True)  # another file system than the cache's: copied, not linked
+        shutil.copytree(template, venv, symlinks=True)
 
 
 @pytest.mark.slow
