@@ -26,8 +26,9 @@ $LOCALMOE_KERNEL_CACHE, else $XDG_CACHE_HOME/localmoe/kernels (~/.cache/localmoe
 of what the library depends on (`cache_key`: the target among it, and for `native` the CPU), so a `-march=native`
 build is never loaded on another CPU nor a stale one after an edit. Builds take an flock, which the kernel releases
 when its holder dies: a build killed midway never blocks the next process (torch's own lock file would, forever).
-A build does not import what it built, so an image's build machine need not run its target. The engine calls
-`kernels()` at start-up so that no request waits for a build.
+A build does not import what it built (torch links it in, which runs only its static initializers), so an image's
+build machine need not run its target. The engine calls `kernels()` at start-up so that no request waits for a
+build.
 """
 
 from __future__ import annotations
@@ -185,7 +186,8 @@ def cache_dir(build: Build) -> Path:
 class KernelStatus:
     """What `kernels()` found: for the start-up log and /v1/stats/performance."""
 
-    state: str  # "loaded", "built", "off" (LOCALMOE_CPU_KERNELS=0), "unsupported" (no target fits), "failed"
+    state: str  # "not loaded" (yet), "loaded", "built", "off" (LOCALMOE_CPU_KERNELS=0), "unsupported" (no target
+    #             fits), "failed" (no compiler, a build that failed)
     target: str | None = None  # the -march target of the library in use
     lacking: dict[str, list[str]] = field(default_factory=dict)  # target passed over -> what this CPU lacks
     directory: str | None = None
