@@ -254,8 +254,9 @@ def plan(
              "from the Hugging Face cache, downloaded where the network allows).")],
     dtype: Annotated[str, typer.Option(help="The checkpoint's dtype: bf16, fp16.")] = "bf16",
     quantization: Annotated[str, typer.Option(
-        help="none, int8, int4, experts_int8 (quantized at load), awq, gptq, compressed-tensors, fp8 (checkpoints).")]
-    = "none",
+        help="auto (a quantized checkpoint's own bits and groups, else none), int8, int4, experts_int8 (quantized "
+             "at load), awq, gptq, compressed-tensors, fp8 (what such a checkpoint takes in memory).")]
+    = "auto",
     device: Annotated[str, typer.Option(help="H100-80GB, A100-80GB, A100-40GB, L40S-48GB or cpu:GiB.")] = "H100-80GB",
     max_model_len: Annotated[Optional[int], typer.Option(
         help="Context per sequence, in tokens. If unspecified, min(max_position_embeddings, 32768).")] = None,

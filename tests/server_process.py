@@ -85,3 +85,11 @@ def scrape(base_url: str) -> dict[str, float]:
     text = httpx.get(f"{base_url}/metrics", headers=auth()).text
     return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
             if "finished_reason" not in s.labels and "le" not in s.labels}
+
+
+
+def rejected(base_url: str) -> dict[str, float]:
+    """localmoe:requests_rejected_total by the status answered ("503", "429")."""
+    text = httpx.get(f"{base_url}/metrics", headers=auth()).text
+    return {s.labels["status"]: s.value for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name == "localmoe:requests_rejected_total"}

@@ -1,9 +1,10 @@
 """The Grafana dashboard and the alert rules against a real Prometheus (Debian's `prometheus`, started here on
 127.0.0.1) scraping a real `localmoe serve` (the built-in model, with expert offloading, a small KV cache and a
-short batch) under load: every expression of every dashboard panel and of every alert returns data through
-Prometheus's query API, the shipped rules evaluate without error, and the KV-cache and queue alerts fire once the
-load fills the cache and builds a queue (their thresholds and durations lowered by templating the numbers only:
-the expressions stay byte-identical to the shipped ones)."""
+short batch and a short waiting queue) under load: every expression of every dashboard panel and of every alert
+returns data through Prometheus's query API, the shipped rules evaluate without error, and the KV-cache, queue and
+rejection alerts fire once the load fills the cache, builds a queue and overflows it (503 on the OpenAI routes, 429
+on TGI's), their thresholds and durations lowered by templating the numbers only: the expressions stay
+byte-identical to the shipped ones."""
 
 from __future__ import annotations
 
@@ -27,7 +28,9 @@ DASHBOARD = REPO / "deploy" / "grafana" / "localmoe-dashboard.json"
 RULES = REPO / "deploy" / "prometheus" / "localmoe-rules.yaml"
 RATE_INTERVAL = "30s"  # Grafana's $__rate_interval, for a 1 s scrape
 # (alert, shipped threshold, lowered threshold, lowered for:) for the alerts this test's load sets off
-LOWERED = {"MoEModelKVCacheFull": ("0.95", "0.3", "5s"), "MoEModelQueueBacklog": ("100", "2", "5s")}
+LOWERED = {"MoEModelKVCacheFull": ("0.95", "0.3", "5s"), "MoEModelQueueBacklog": ("100", "2", "5s"),
+           "LocalMoERequestsRejected": ("0", "0", "5s")}
+REFUSED_PAUSE = 0.2  # seconds a refused client waits before it tries again
 DEADLINE = 120  # seconds, only against a hang
 
 
@@ -53,12 +56,14 @@ def test_lowering_changes_only_the_numbers() -> None:
 
 
 class Load:
-    """Clients streaming long completions back to back (more of them than --max-num-seqs: a queue builds), each
-    followed by a request without the key (a 401: the HTTP error panel's 4xx)."""
+    """Clients streaming long completions back to back (more of them than --max-num-seqs and --max-waiting-requests:
+    a queue builds and overflows), each followed by a request without the key (a 401: the HTTP error panel's 4xx),
+    and one client on TGI's /generate (refused with 429 while the queue is full)."""
 
     def __init__(self, url: str, model: str, clients: int) -> None:
         self.url, self.model, self.stop = url, model, threading.Event()
         self.threads = [threading.Thread(target=self.client, daemon=True) for _ in range(clients)]
+        self.threads.append(threading.Thread(target=self.tgi_client, daemon=True))
 
     def client(self) -> None:
         body = {"model": self.model, "prompt": "Tell me a long story about experts", "max_tokens": 56,
@@ -70,6 +75,15 @@ class Load:
                         if self.stop.is_set():  # closing the stream aborts the request: no wait at the end
                             break
                 http.get(f"{self.url}/v1/models")
+                if response.status_code != 200:
+                    self.stop.wait(REFUSED_PAUSE)
+
+    def tgi_client(self) -> None:
+        body = {"inputs": "Tell me a story", "parameters": {"max_new_tokens": 8}}
+        with httpx.Client(timeout=300) as http:
+            while not self.stop.is_set():
+                if http.post(f"{self.url}/generate", headers=auth(), json=body).status_code != 200:
+                    self.stop.wait(REFUSED_PAUSE)
 
     def __enter__(self) -> Load:
         for thread in self.threads:
@@ -84,9 +98,10 @@ class Load:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[ServerProcess]:
-    """16 KV blocks, 4 sequences of up to 64 tokens (4 blocks) at once: the load fills the cache and preempts."""
+    """16 KV blocks, 4 sequences of up to 64 tokens (4 blocks) at once: the load fills the cache and preempts; 4
+    more wait, the others are refused."""
     with serve(tmp_path_factory.mktemp("observed-server"), "--kv-cache-memory", str(512 * 2**10), "--max-num-seqs",
-               "4", "--max-model-len", "128", "--expert-cache-size", "4") as process:
+               "4", "--max-waiting-requests", "4", "--max-model-len", "128", "--expert-cache-size", "4") as process:
         yield process
 
 
@@ -169,11 +184,14 @@ def test_every_panel_and_alert_expression_returns_data_and_the_alerts_fire(serve
                  and query(prometheus, "max_over_time(vllm:num_requests_waiting[1m]) > 2"),
                  server.process, server.log_path)
         firing: set[str] = set()
+        refused: set[str] = set()  # the statuses the rejection alert fired for
 
         def fired() -> bool:
             alerts = httpx.get(f"{prometheus}/api/v1/alerts", timeout=30).json()["data"]["alerts"]
             firing.update(a["labels"]["alertname"] for a in alerts if a["state"] == "firing")
-            return set(LOWERED) <= firing
+            refused.update(a["labels"]["status"] for a in alerts
+                           if a["state"] == "firing" and a["labels"]["alertname"] == "LocalMoERequestsRejected")
+            return set(LOWERED) <= firing and refused == {"503", "429"}
         wait_for(fired, server.process, server.log_path)
         empty = {name: exprs[name] for name, expr in exprs.items() if not query(prometheus, expr)}
         assert not empty, "\n".join(f"{name}: {expr}" for name, expr in empty.items())

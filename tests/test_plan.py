@@ -71,14 +71,24 @@ def test_weight_bytes_per_quantization():
     total, p = plan.params.total, plan.params
     assert plan.weight_bytes == plan.weight_bytes_per_quantization["int8"]
     assert plan.weight_bytes_per_quantization["none"] == 2 * total
-    quantized = total - p.embedding - p.routers - p.norms  # the head too, in int8
-    assert plan.weight_bytes == pytest.approx(quantized * (1 + 8 / 4096) + 2 * (total - quantized), rel=1e-6)
-    assert plan.expert_bytes == int(p.expert * (1 + 8 / 4096))
-    # published sizes: TheBloke's Mixtral-8x7B AWQ about 24.7 GB; DeepSeek-V3's FP8 release about 688 GB with scales
-    # (of which ~14 GB is its multi-token-prediction module, which LocalMoE does not load and the planner omits)
-    assert plan.weight_bytes_per_quantization["awq"] / 1e9 == pytest.approx(24.7, rel=0.03)
+    hidden, inter = 4096, 14336  # an expert: w13 [2I, D] and w2 [D, I], a byte a weight, 8 bytes of scales a row
+    assert plan.expert_bytes == 2 * inter * (hidden + 8) + hidden * (inter + 8)
+    dense = p.embedding + p.routers + p.norms
+    other = total - dense - p.routed_experts  # attention and the head, in int8 too
+    experts = p.num_moe_layers * 8 * plan.expert_bytes
+    assert plan.weight_bytes == pytest.approx(other * (1 + 8 / hidden) + experts + 2 * dense, rel=1e-6)
+    # published sizes, on disk: TheBloke's Mixtral-8x7B AWQ about 24.7 GB; DeepSeek-V3's FP8 release about 688 GB
+    # with scales (of which ~14 GB is its multi-token-prediction module, which LocalMoE does not load and the planner
+    # omits). In memory each quantized weight's scales are float32 with a float32 zero point, per row and group of
+    # 128 columns: 8 bytes per 128 weights, where AWQ stores 2.5 (an fp16 scale and a 4-bit zero point) and
+    # DeepSeek-V3 4 per 128 x 128 block.
+    awq = plan.weight_bytes_per_quantization["awq"] - (p.attention + p.routed_experts) * (8 - 2.5) / 128
+    assert awq / 1e9 == pytest.approx(24.7, rel=0.03)
     deepseek = plan_memory(shape_of("DeepSeek-V3"), parse_device("H100-80GB"), quantization="fp8")
-    assert deepseek.weight_bytes / 1e9 == pytest.approx(688 - 14, rel=0.03)
+    d = deepseek.params
+    quantized = d.attention + d.dense_mlp + d.shared_experts + d.routed_experts
+    on_disk = deepseek.weight_bytes - quantized * (8 / 128 - 4 / 128**2)
+    assert on_disk / 1e9 == pytest.approx(688 - 14, rel=0.03)
     with pytest.raises(PlanError, match="quantization"):
         plan_memory(shape_of("Mixtral-8x7B"), parse_device("H100-80GB"), quantization="int3")
     with pytest.raises(PlanError, match="--quantization"):

@@ -17,6 +17,8 @@ from checkpoints import make_checkpoint
 from family_parity import (check_batched_prompt_logits, check_greedy_with_shared_prefix, check_offloaded_like_resident,
                            check_quantized_kernels, engine)
 from localmoe.config import ConfigError
+from localmoe.planner.command import plan_command
+from localmoe.planner.shape import PlanError
 from localmoe.experts.quantized import QuantGroupedExperts
 from localmoe.layers.cpu_kernels import cpu_has_avx512_bf16
 from localmoe.layers.moe import moe_blocks
@@ -152,3 +154,46 @@ def test_offloaded_quantized_checkpoint_gives_the_resident_outputs(checkpoints, 
     if dtype == "bfloat16" and not cpu_has_avx512_bf16():
         pytest.skip("needs a CPU with AVX512-BF16")
     check_offloaded_like_resident(checkpoints[name][0], target, dtype)
+
+
+def loaded_bytes_per_expert(llm) -> float:
+    """What the loaded experts hold (their weights, scales and zero points; biases aside), per expert of one layer."""
+    experts = [moe.experts for _, moe in moe_blocks(llm.engine.model)]
+    held = sum(t.numel() * t.element_size() for e in experts
+               for name, t in [*e.named_parameters(), *e.named_buffers()] if "bias" not in name)
+    return held / sum(e.num_experts for e in experts)
+
+
+@pytest.mark.parametrize("name", ["awq", "gptq", "gptq-desc", "fp8", "int8", "int4", "experts_int8", "none"])
+def test_plan_counts_the_bytes_the_loaded_experts_take(checkpoints, name):
+    """`localmoe plan` on the checkpoint directory (a quantized one's own bits and groups read from its config.json;
+    the others with --quantization as asked of serve) against the experts that serve loads in bf16."""
+    checkpoint, at_load = (checkpoints[name][0], "auto") if name in checkpoints else (checkpoints["awq"][1], name)
+    plan = json.loads(plan_command(str(checkpoint), device="cpu:1", quantization=at_load, json_output=True))
+    llm = engine(checkpoint, dtype="bfloat16", quantization=None if at_load == "auto" else at_load)
+    assert plan["expert_bytes"] == loaded_bytes_per_expert(llm)
+    hidden, inter = 64, 96  # tests/checkpoints.py: bf16 experts take 2 x 3 x 64 x 96 bytes
+    assert (plan["expert_bytes"] < 2 * 3 * hidden * inter) == (name not in ("gptq-desc", "none"))
+
+
+def test_plan_refuses_a_quantization_the_checkpoint_contradicts(checkpoints):
+    with pytest.raises(PlanError, match="does not match the checkpoint's quant_method 'awq'"):
+        plan_command(str(checkpoints["awq"][0]), quantization="int4")
+
+
+def test_an_auto_expert_cache_holds_as_many_packed_experts_as_the_memory_left_allows(checkpoints, monkeypatch):
+    """expert_cache_memory auto with an AWQ checkpoint: a pretend cgroup leaves room for 3 packed experts a layer
+    (a third of one dense float32 expert), and the cache takes 3, each the bytes the plan counts."""
+    from localmoe.experts import memory_budget
+
+    packed = checkpoints["awq"][0]
+    planned = json.loads(plan_command(str(packed), device="cpu:1", json_output=True))["expert_bytes"]
+    layers, held, kv = 3, memory_budget.resident_bytes(), 8 * 2**20  # family_parity.engine's pool
+    assert 3 * planned < 4 * 3 * 64 * 96
+    monkeypatch.setattr(memory_budget, "cgroup_limit",
+                        lambda: held + kv + memory_budget.RUNTIME_RESERVE + layers * 3 * planned + 100)
+    monkeypatch.setattr(memory_budget, "resident_bytes", lambda: held)
+    llm = engine(packed, expert_cache_memory="auto", expert_offload_target="disk", swap_space=0)
+    caches = llm.engine.experts.caches
+    assert [c.capacity for c in caches] == [3] * layers and {c.expert_bytes for c in caches} == {planned}
+

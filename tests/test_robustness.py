@@ -17,7 +17,7 @@ import pytest
 
 from localmoe.layers.cpu_kernels import cpu_has_avx512_bf16
 from localmoe.models.builtin import SHIPPED_DIR
-from server_process import SMALL_KV, ServerProcess, auth, healthy, scrape, serve
+from server_process import SMALL_KV, ServerProcess, auth, healthy, rejected, scrape, serve
 
 STEP_TOKENS = 256  # --max-num-batched-tokens here: 3x of it still fits the built-in model's 1024 positions
 TIMEOUT = 300  # per HTTP call, only against a hang
@@ -166,13 +166,13 @@ def test_burst_past_the_bound_is_refused_with_503(tmp_path: Path) -> None:
         assert all(r.headers["retry-after"] and r.json()["error"]["code"] == 503 for r in refused)
         assert peak_admitted <= 8
         assert all(r.json()["usage"]["completion_tokens"] == 300 for r in admitted)
-        assert scrape(url)["localmoe:requests_rejected_total"] == len(refused)
+        assert rejected(url) == {"503": len(refused), "429": 0}
         # what could never be admitted is a client error, not "retry later"
         never = [{"prompt": ["p"] * 10}, {"prompt": "p", "n": 1000}, {"prompt": ["p", "q", "r"], "n": 3}]
         for request in never:
             response = completion(url, {**request, "max_tokens": 2})
             assert response.status_code == 400, response.text
-        assert scrape(url)["localmoe:requests_rejected_total"] == len(refused)
+        assert rejected(url) == {"503": len(refused), "429": 0}
         after = scrape(url)
         assert after["vllm:num_requests_running"] == after["vllm:num_requests_waiting"] == 0
         assert after["localmoe:num_sequences_admitted"] == 0  # every place given back

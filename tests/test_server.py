@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from server_process import API_KEY, auth, scrape, serve
+from server_process import API_KEY, auth, rejected, scrape, serve
 
 MAX_MODEL_LEN = 4096  # the tiny checkpoint's max_position_embeddings
 
@@ -382,9 +382,12 @@ def test_full_waiting_queue_answers_503_with_retry_after(single_slot_url: str) -
                   for _ in range(2)]
         wait_for_waiting(url, 2)
         refused = httpx.post(f"{url}/v1/completions", json=body, headers=auth())
+        tgi = httpx.post(f"{url}/generate", json={"inputs": "queued", "parameters": {"max_new_tokens": 2}},
+                         headers=auth())
     assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
     assert refused.json()["error"]["code"] == 503
-    assert scrape(url)["localmoe:requests_rejected_total"] == 1
+    assert tgi.status_code == 429 and tgi.json()["error_type"] == "overloaded"  # TGI's answer to the same
+    assert rejected(url) == {"503": 1, "429": 1}  # what the rejection alert counts, by status
     assert all(f.result().status_code == 200 for f in queued)  # the queued ones were served
 
 

@@ -22,8 +22,9 @@
 #   LOCALMOE_ARGS                                       more flags, split on spaces
 # LOCALMOE_API_KEY is read by `localmoe serve` itself; HF_TOKEN / HF_HOME by huggingface_hub.
 #
-# LOCALMOE_CPU_FEATURES (set from the image's CPU_FEATURES build argument) names the CPU flags the CPU kernels
-# need: on a CPU without them this says so and serves on the PyTorch paths (LOCALMOE_CPU_KERNELS=0).
+# LOCALMOE_CPU_TARGET (set from the image's CPU_TARGET build argument) is read by `localmoe serve` itself: on a CPU
+# without what the kernels built for it assume, it logs what is missing and takes the next target or the PyTorch
+# paths (/v1/stats/performance: cpu_kernels).
 set -euo pipefail
 
 args=(serve --host "${LOCALMOE_HOST:-0.0.0.0}" --port "${LOCALMOE_PORT:-${PORT:-8000}}")
@@ -51,21 +52,6 @@ flag --log-level "${LOCALMOE_LOG_LEVEL:-}"
 if [ -n "${LOCALMOE_ARGS:-}" ]; then
     read -r -a extra <<< "$LOCALMOE_ARGS"
     args+=("${extra[@]}")
-fi
-
-features="${LOCALMOE_CPU_FEATURES:-none}"
-if [ "$features" != none ] && [ "${LOCALMOE_CPU_KERNELS:-1}" != 0 ]; then
-    missing=()
-    for feature in $features; do
-        grep -qw -- "$feature" /proc/cpuinfo || missing+=("$feature")
-    done
-    if [ "${#missing[@]}" -gt 0 ]; then
-        echo "localmoe: this CPU lacks ${missing[*]}, which the CPU kernels need: serving on the PyTorch" \
-             "paths (slower on CPU; LOCALMOE_CPU_KERNELS=0)" >&2
-        export LOCALMOE_CPU_KERNELS=0
-    else
-        echo "localmoe: CPU kernels on (${features}); cache ${LOCALMOE_KERNEL_CACHE:-~/.cache/localmoe/kernels}" >&2
-    fi
 fi
 
 exec localmoe "${args[@]}" "$@"

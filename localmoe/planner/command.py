@@ -13,14 +13,15 @@ from localmoe.planner.shape import PlanError, load_config, model_shape
 
 def plan_command(model: str, dtype: str = "bf16", device: str = "H100-80GB", max_model_len: int | None = None,
                  max_num_seqs: int = 256, kv_cache_dtype: str = "auto", json_output: bool = False,
-                 quantization: str = "none") -> str:
+                 quantization: str = "auto") -> str:
     """Plan `model` (checkpoint dir, config.json, known name or hub id) on `device`; the text to print.
 
     Raises PlanError (a ValueError) with a message for the user on any bad input.
     """
     name, config = model_config(model)
     plan = plan_memory(model_shape(name, config), parse_device(device), dtype=dtype, max_model_len=max_model_len,
-                       max_num_seqs=max_num_seqs, kv_cache_dtype=kv_cache_dtype, quantization=quantization)
+                       max_num_seqs=max_num_seqs, kv_cache_dtype=kv_cache_dtype, quantization=quantization,
+                       quantization_config=config.get("quantization_config"))
     return json.dumps(plan_dict(plan), indent=2) if json_output else format_plan(plan)
 
 

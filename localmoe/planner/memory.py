@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from localmoe.planner.params import ParamCounts, count_params, kv_elements_per_token, kv_rows_per_token
-from localmoe.planner.quantization import QUANTIZATIONS, weight_bytes
+from localmoe.planner.quantization import QUANTIZATIONS, quantization_of, weight_bytes
 from localmoe.planner.shape import ModelShape, PlanError
 
 GiB = 1 << 30
@@ -92,14 +93,16 @@ class Plan:
     parallel_max_concurrent_tokens: int
     parallel_requested_fits: bool
     num_experts: int  # routed experts per MoE layer
-    expert_bytes: int  # one routed expert of one layer, as weight_bytes counts it
+    expert_bytes: int  # one routed expert of one layer, as it is held while serving (packed, if quantized)
     experts_per_layer_cached: int | None  # expert cache on one device; None when the model fits
     notes: list[str] = field(default_factory=list)
 
 
 def plan_memory(shape: ModelShape, device: Device, dtype: str = "bf16", max_model_len: int | None = None,
-                max_num_seqs: int = 256, kv_cache_dtype: str = "auto", quantization: str = "none") -> Plan:
-    """Where `shape` fits on `device`: KV budget, parallel degree, or the size of an expert cache."""
+                max_num_seqs: int = 256, kv_cache_dtype: str = "auto", quantization: str = "auto",
+                quantization_config: dict[str, Any] | None = None) -> Plan:
+    """Where `shape` fits on `device`: KV budget, parallel degree, or the size of an expert cache.
+    `quantization_config`: the checkpoint's (config.json), whose own bits and groups its weights keep."""
     if dtype not in BYTES_PER_PARAM:
         raise PlanError(f"unknown dtype {dtype!r}; use one of {', '.join(BYTES_PER_PARAM)} (8 and 4 bits: "
                         "--quantization)")
@@ -116,7 +119,8 @@ def plan_memory(shape: ModelShape, device: Device, dtype: str = "bf16", max_mode
                      f"{shape.max_position_embeddings}")
 
     params = count_params(shape)
-    per_param = weight_bytes(quantization, BYTES_PER_PARAM[dtype], shape.hidden_size)
+    quantized = quantization_of(quantization, quantization_config)
+    per_param = weight_bytes(quantized, BYTES_PER_PARAM[dtype], shape.hidden_size, shape.moe)
     weights = per_param.of(params)
     kv_per_token = (kv_elements_per_token(shape) * KV_BYTES[kv_cache_dtype]
                     + kv_rows_per_token(shape) * KV_SCALE_BYTES[kv_cache_dtype])
@@ -130,7 +134,7 @@ def plan_memory(shape: ModelShape, device: Device, dtype: str = "bf16", max_mode
     parallel_budget = max(0, degree * usable - weights) if degree else 0
     parallel_tokens = parallel_budget // kv_per_token
 
-    expert_bytes = int(params.expert * per_param.expert)
+    expert_bytes = per_param.expert
     cached = None
     if degree != 1 and shape.moe and params.num_moe_layers:
         room = usable - per_param.of_non_expert(params) - kv_per_seq
@@ -151,14 +155,15 @@ def plan_memory(shape: ModelShape, device: Device, dtype: str = "bf16", max_mode
                      + (" (under tensor parallelism MLA's latent KV is replicated, not sharded)"
                         if shape.attention.is_mla else ""))
     return Plan(
-        model=shape.name, architecture=shape.architecture, dtype=dtype, quantization=quantization,
+        model=shape.name, architecture=shape.architecture, dtype=dtype, quantization=quantized.name,
         kv_cache_dtype=kv_cache_dtype,
         device=device.name, device_memory_bytes=device.memory_bytes, cuda_context_bytes=device.context_bytes,
         margin_bytes=device.margin_bytes, usable_bytes=usable,
         max_model_len=max_model_len, max_model_len_is_default=is_default, max_num_seqs=max_num_seqs,
         params=params, weight_bytes=weights,
-        weight_bytes_per_quantization={q: weight_bytes(q, BYTES_PER_PARAM[dtype], shape.hidden_size).of(params)
-                                       for q in QUANTIZATIONS},
+        weight_bytes_per_quantization={quantized.name: weights} if quantization_config else {
+            q: weight_bytes(quantization_of(q), BYTES_PER_PARAM[dtype], shape.hidden_size, shape.moe).of(params)
+            for q in QUANTIZATIONS},
         kv_attention="mla" if shape.attention.is_mla else "standard",
         kv_bytes_per_token=kv_per_token, kv_bytes_per_sequence=kv_per_seq,
         kv_budget_bytes=budget, max_concurrent_tokens=tokens,

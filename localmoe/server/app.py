@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException
 from localmoe import __version__
 from localmoe.config import Config
 from localmoe.engine.async_engine import AsyncEngine
+from localmoe.layers import cpu_kernels
 from localmoe.server.auth import APIKeyMiddleware
 from localmoe.server.errors import APIError
 from localmoe.server.metrics import HTTPMetricsMiddleware, ServerMetrics
@@ -97,7 +98,7 @@ def build_app(aengines: list[tuple[AsyncEngine, Config]], config: Config) -> Fas
 
     @app.get("/v1/stats/performance")
     async def stats_performance(model: str | None = None) -> dict:
-        return registry.get(model).metrics.recent.summary()
+        return {**registry.get(model).metrics.recent.summary(), "cpu_kernels": cpu_kernels.status()}
 
     @app.get("/v1/stats/history")
     async def stats_history(model: str | None = None) -> dict:

@@ -35,7 +35,9 @@ class Prompt:
 
 class Generation:
     def __init__(self, aengine: AsyncEngine, metrics: ServerMetrics, base_id: str,
-                 prompts: list[Prompt], params: list[SamplingParams], priority: int = 0) -> None:
+                 prompts: list[Prompt], params: list[SamplingParams], priority: int = 0,
+                 busy_status: HTTPStatus = HTTPStatus.SERVICE_UNAVAILABLE) -> None:
+        """`busy_status`: the answer when the waiting queue is full (TGI's routes answer 429)."""
         self.request_ids = [f"{base_id}-{i}" for i in range(len(prompts))]
         try:  # every field checked against the model before the request takes a place, let alone a stream
             self.requests = [aengine.engine.make_request(request_id, prompt.text, prompt.token_ids, p, priority)
@@ -47,9 +49,9 @@ class Generation:
             raise APIError(f"this request asks for {num_seqs} sequences (prompts x n), more than the server ever "
                            f"holds at once ({aengine.capacity}: max_num_seqs + max_waiting_requests)", param="n")
         if not aengine.try_reserve(num_seqs):
-            metrics.requests_rejected.labels(metrics.model_name).inc()
-            raise APIError("The server is overloaded: its waiting queue is full. Retry shortly.",
-                           HTTPStatus.SERVICE_UNAVAILABLE, headers={"Retry-After": "1"})
+            metrics.requests_rejected.labels(metrics.model_name, str(busy_status.value)).inc()
+            raise APIError("The server is overloaded: its waiting queue is full. Retry shortly.", busy_status,
+                           headers={"Retry-After": "1"})
         self.aengine = aengine
         self.metrics = metrics
         self.prompts = prompts

@@ -10,6 +10,7 @@ prometheus-fastapi-instrumentator counts it, so error-rate queries written for v
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from http import HTTPStatus
 from typing import Any
 
 from prometheus_client import (
@@ -24,6 +25,8 @@ from localmoe.engine.stats import INTER_TOKEN_LATENCY_BUCKETS, REQUEST_LATENCY_B
 from localmoe.outputs import RequestOutput
 from localmoe.server.stats import PerformanceWindow
 
+# a full waiting queue's answer: 503 with Retry-After (OpenAI routes), 429 "overloaded" (TGI's routes)
+REJECTION_STATUSES = (HTTPStatus.SERVICE_UNAVAILABLE, HTTPStatus.TOO_MANY_REQUESTS)
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
                 40.0, 80.0, 160.0, 640.0, 2560.0)
 
@@ -161,8 +164,9 @@ class ServerMetrics:
         self.registry.register(ExpertStatsCollector(self.models))
         labels = ["model_name"]
         self.requests_rejected = Counter(
-            "localmoe:requests_rejected", "Requests refused with 503 because the waiting queue was full.",
-            labels, registry=self.registry)
+            "localmoe:requests_rejected", "Requests refused because the waiting queue was full, by the status "
+            "answered: 503 on the OpenAI routes, 429 on TGI's (its 'overloaded').", labels + ["status"],
+            registry=self.registry)
         self.request_success = Counter(
             "vllm:request_success", "Count of successfully processed requests.",
             labels + ["finished_reason"], registry=self.registry)
@@ -192,7 +196,8 @@ class ServerMetrics:
                   read_admitted: Callable[[], int], read_loop: Callable[[], LoopSnapshot | None]) -> "ModelMetrics":
         model = ModelMetrics(self, model_name, read_stats, read_expert_stats, read_admitted, read_loop)
         self.models[model_name] = model
-        self.requests_rejected.labels(model_name)  # exported at 0 from the start, so rate() and alerts see it
+        for status in REJECTION_STATUSES:  # exported at 0 from the start, so rate() and alerts see the first one
+            self.requests_rejected.labels(model_name, str(status.value))
         return model
 
     def remove_model(self, model_name: str) -> None:

@@ -38,7 +38,7 @@ MAX_STOP_SEQUENCES = 4  # TGI's default --max-stop-sequences
 DEFAULT_MAX_NEW_TOKENS = 100  # what TGI's router generates when a request sets no max_new_tokens
 TGI_STATUS = {  # our refusals' statuses -> TGI's (status, error_type)
     HTTPStatus.BAD_REQUEST: (HTTPStatus.UNPROCESSABLE_ENTITY, "validation"),
-    HTTPStatus.SERVICE_UNAVAILABLE: (HTTPStatus.TOO_MANY_REQUESTS, "overloaded"),
+    HTTPStatus.TOO_MANY_REQUESTS: (HTTPStatus.TOO_MANY_REQUESTS, "overloaded"),  # a full queue (Generation)
 }
 
 
@@ -161,8 +161,9 @@ class TGIServing:
         serving = self.model.serving
         try:
             await serving.compile_grammar(params)
-            return Generation(serving.aengine, self.model.metrics, f"tgi-{uuid.uuid4().hex}", [prompt], [params]), \
-                params, prompt
+            generation = Generation(serving.aengine, self.model.metrics, f"tgi-{uuid.uuid4().hex}", [prompt],
+                                    [params], busy_status=HTTPStatus.TOO_MANY_REQUESTS)
+            return generation, params, prompt
         except APIError as e:
             raise TGIError.of(e) from None
 
