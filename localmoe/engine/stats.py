@@ -48,6 +48,21 @@ REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 2
 
 
 @dataclass(frozen=True)
+class SpecDecodeStats:
+    """vLLM's spec_decode counters: steps in which a sequence verified drafts, draft tokens verified, draft tokens
+    accepted, and accepted ones by their position in the draft (engine/spec_decode.py)."""
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_accepted_tokens_per_pos: tuple[int, ...] = ()
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else None
+
+
+@dataclass(frozen=True)
 class EngineStats:
     num_running: int = 0
     num_waiting: int = 0
@@ -61,6 +76,7 @@ class EngineStats:
     num_preemptions_total: int = 0
     num_swapped_out_total: int = 0
     num_prefill_chunks_total: int = 0
+    spec_decode: SpecDecodeStats | None = None  # with speculative decoding on
 
 
 @dataclass(frozen=True)
