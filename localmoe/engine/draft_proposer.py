@@ -7,8 +7,9 @@ K/V of the tokens it has computed itself, `Sequence.num_draft_computed` of them 
 go); the part past what the target has verified (rejected drafts) is recomputed. Each proposal first catches up
 (on the first proposal: the whole prompt) while drawing the first draft token, then decodes one token per step.
 
-Greedy requests take the draft's argmax; the others draw from the draft's distribution at the request's
-temperature, top-k, top-p and min-p, and that distribution (q) goes with the draft to the rejection rule.
+The draft's logits are adjusted as the target's are (logit_bias, penalties, min_tokens); greedy requests take
+their argmax, the others draw from them at the request's temperature, top-k, top-p and min-p, and that
+distribution (q) goes with the draft to the rejection rule.
 Stale K/V in the draft's cache (a prefix block another sequence computed, which the draft never saw) only makes
 drafts worse, never output wrong: the target verifies every token.
 """
@@ -22,7 +23,7 @@ import torch
 
 from localmoe.config import ConfigError, EngineConfig
 from localmoe.engine.model_runner import ModelRunner, StepInputs
-from localmoe.engine.rejection_sampler import Draft
+from localmoe.engine.rejection_sampler import Draft, with_drafts
 from localmoe.engine.sampler import Sampler
 from localmoe.engine.sequence import Sequence
 from localmoe.layers.cpu_kernels import argmax
@@ -30,7 +31,7 @@ from localmoe.layers.cpu_kernels import argmax
 
 class DraftModelProposer:
     def __init__(self, config: EngineConfig, model_dir: str, num_blocks: int, max_model_len: int,
-                 vocab_size: int) -> None:
+                 vocab_size: int, sampler: Sampler) -> None:
         path = Path(model_dir)
         if not (path / "config.json").is_file():
             raise ConfigError(f"speculative_config: the draft model {model_dir!r} is not a checkpoint directory "
@@ -45,6 +46,7 @@ class DraftModelProposer:
         except (ConfigError, ValueError) as error:
             raise ConfigError(f"speculative_config: the draft model {model_dir}: {error}") from None
         self.vocab_size = vocab_size  # the target's: draft rows are cut or padded to it
+        self.sampler = sampler
 
     def propose(self, seqs: list[Sequence], ks: list[int]) -> list[Draft]:
         """Up to ks[i] draft tokens for each sequence, which is decoding: its last token is not yet computed."""
@@ -63,7 +65,9 @@ class DraftModelProposer:
                 inputs.context_lens.append(len(tokens))
                 inputs.sample_rows.append(len(inputs.input_ids) - 1)
                 seq.num_draft_computed = len(tokens)
-            tokens, probs = self._draw(self._fit(self.runner.run(inputs).sample), step_seqs)
+            as_drafted = [with_drafts(seq, tokens_of[i]) for i, seq in zip(live, step_seqs)]
+            logits = self.sampler.adjusted_logits(self._fit(self.runner.run(inputs).sample), as_drafted)
+            tokens, probs = self._draw(logits, step_seqs)
             for row, (i, seq) in enumerate(zip(live, step_seqs)):
                 tokens_of[i].append(tokens[row])
                 if not seq.params.greedy:

@@ -120,7 +120,7 @@ class LLMEngine:
             proposer = NgramProposer(spec)
         else:
             proposer = DraftModelProposer(self.config, spec.model, num_blocks, self.max_model_len,
-                                          self.hf_config["vocab_size"])
+                                          self.hf_config["vocab_size"], self.sampler)
         return SpecDecoder(spec, proposer, self.sampler, self.max_model_len)
 
     def _eos_token_ids(self, model_dir: Path) -> set[int]:
@@ -261,9 +261,10 @@ class LLMEngine:
         results = self._tokens(logits.sample, sample_seqs) if sample_seqs else []
         now = time.monotonic()
         touched: dict[str, Request] = {}
-        for seq, tokens in zip(sample_seqs, results):
+        for i, tokens in zip(logits.sampling, results):
+            seq = batch.seqs[i]
             request = seq.request
-            drafted, seq.spec_token_ids = len(seq.spec_token_ids), []
+            seq.spec_token_ids = []
             if request.request_id not in self.requests:  # failed earlier in this step
                 continue
             if isinstance(tokens, Exception):
@@ -273,7 +274,7 @@ class LLMEngine:
                 request.first_token_time = now
             if all(self._guarded(request, self._append_token, seq, *token) and seq.finish_reason is None
                    for token in tokens):
-                if drafted:  # the accepted drafts' K/V is computed; blocks past the sequence go back
+                if i in batch.lookahead:  # the accepted drafts' K/V is computed; blocks past the sequence go back
                     seq.num_computed_tokens += len(tokens) - 1
                     self.block_manager.cache_full_blocks(seq)
                     self.block_manager.trim(seq, seq.num_tokens)

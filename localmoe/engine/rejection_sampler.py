@@ -29,10 +29,13 @@ class Draft:
     probs: torch.Tensor | None = None  # [k, V] the distribution each draft token was drawn from; None: one-hot
 
 
-def _reads_history(seq: Sequence) -> bool:
-    """Whether the sampler's adjustments depend on the tokens so far (then each row sees the drafts before it)."""
+def with_drafts(seq: Sequence, drafts: list[int]) -> Sequence:
+    """`seq` as the sampler sees it once `drafts` are accepted: a copy with them appended where its settings read
+    the tokens so far (penalties, min_tokens), else `seq` itself."""
     p = seq.params
-    return bool(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty or p.min_tokens)
+    if drafts and (p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty or p.min_tokens):
+        return replace(seq, token_ids=seq.token_ids + drafts)
+    return seq
 
 
 class RejectionSampler:
@@ -42,8 +45,7 @@ class RejectionSampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence], drafts: list[Draft]) -> list[list[int]]:
         """logits: float32 [sum(k_i + 1), V], each sequence's k_i + 1 rows in turn. Returns per sequence its accepted
         drafts followed by one drawn token."""
-        rows = [seq if j == 0 or not _reads_history(seq) else replace(seq, token_ids=seq.token_ids + d.token_ids[:j])
-                for seq, d in zip(seqs, drafts) for j in range(len(d.token_ids) + 1)]
+        rows = [with_drafts(seq, d.token_ids[:j]) for seq, d in zip(seqs, drafts) for j in range(len(d.token_ids) + 1)]
         adjusted = self.sampler.adjusted_logits(logits, rows)
         target = argmax(adjusted).tolist()
         sampled = [not s.params.greedy for s in seqs]
