@@ -299,22 +299,9 @@ class LLMEngine:
     def _tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[list[tuple] | Exception]:
         """(token, logprob, top logprobs) of each token a sampling sequence gets this step: one, or with drafts
         verified, the accepted ones and one more (logits: 1 + drafts rows per sequence)."""
-        if not any(s.spec_token_ids for s in seqs):
-            return [row if isinstance(row, Exception) else [row] for row in self._sample(logits, seqs)]
-        results: list[list[tuple] | Exception] = [[] for _ in seqs]
-        first = [0]
-        for s in seqs:
-            first.append(first[-1] + 1 + len(s.spec_token_ids))
-        plain = [i for i, s in enumerate(seqs) if not s.spec_token_ids]
-        speculated = [i for i, s in enumerate(seqs) if s.spec_token_ids]
-        if plain:
-            rows = self._sample(logits[[first[i] for i in plain]], [seqs[i] for i in plain])
-            for i, row in zip(plain, rows):
-                results[i] = row if isinstance(row, Exception) else [row]
-        rows = [r for i in speculated for r in range(first[i], first[i + 1])]
-        for i, tokens in zip(speculated, self.spec.verify(logits[rows], [seqs[i] for i in speculated])):
-            results[i] = tokens if isinstance(tokens, Exception) else [(t, None, None) for t in tokens]
-        return results
+        if any(s.spec_token_ids for s in seqs):
+            return self.spec.tokens(logits, seqs, self._sample)
+        return [row if isinstance(row, Exception) else [row] for row in self._sample(logits, seqs)]
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple | Exception]:
         """(token, logprob, top logprobs) per row. Should the batched draw fail, each row is drawn alone, so a

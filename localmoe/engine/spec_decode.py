@@ -17,6 +17,7 @@ differently.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Protocol
 import torch
 
@@ -79,6 +80,24 @@ class SpecDecoder:
                 self.drafts[seq.seq_id] = draft
                 seq.spec_token_ids = draft.token_ids
                 batch.num_tokens[i] += len(draft.token_ids)
+
+    def tokens(self, logits: torch.Tensor, seqs: list[Sequence],
+               sample: Callable[[torch.Tensor, list[Sequence]], list[tuple | Exception]]) -> list[list[tuple] | Exception]:
+        """The step's (token, logprob, top logprobs) of each sampling sequence, or the error that fails it: the
+        sequences without drafts drawn by `sample` from their one row, the others verified over their 1 + k."""
+        results: list[list[tuple] | Exception] = [[] for _ in seqs]
+        first = [0]
+        for s in seqs:
+            first.append(first[-1] + 1 + len(s.spec_token_ids))
+        plain = [i for i, s in enumerate(seqs) if not s.spec_token_ids]
+        speculated = [i for i, s in enumerate(seqs) if s.spec_token_ids]
+        if plain:
+            for i, row in zip(plain, sample(logits[[first[i] for i in plain]], [seqs[i] for i in plain])):
+                results[i] = row if isinstance(row, Exception) else [row]
+        rows = [r for i in speculated for r in range(first[i], first[i + 1])]
+        for i, tokens in zip(speculated, self.verify(logits[rows], [seqs[i] for i in speculated])):
+            results[i] = tokens if isinstance(tokens, Exception) else [(t, None, None) for t in tokens]
+        return results
 
     def verify(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[list[int] | Exception]:
         """logits: each sequence's 1 + k rows in turn. Per sequence the accepted drafts and one more token, or the
