@@ -21,7 +21,9 @@ from checkpoints import make_checkpoint
 from localmoe import LLM, SamplingParams
 from localmoe.config import ConfigError, load_config
 from localmoe.engine.ngram_proposer import NgramProposer
-from localmoe.engine.rejection_sampler import RejectionSampler
+from localmoe.engine.rejection_sampler import Draft, RejectionSampler
+from localmoe.engine.sampler import Sampler
+from localmoe.engine.sequence import Request, Sequence
 from localmoe.engine.speculative_config import parse_speculative_config
 from server_process import API_KEY, auth, serve
 from test_deepseek import checkpoint as deepseek_checkpoint
@@ -278,6 +280,25 @@ def test_the_same_test_fails_when_every_draft_is_accepted(sampling_engines, monk
     monkeypatch.setattr(RejectionSampler, "_accepted",
                         staticmethod(lambda probs, target, seqs, drafts, *rest: [len(d.token_ids) for d in drafts]))
     assert chi_square(counts([tuple(t[:2]) for t in samples(speculating, PROMPT)]), joint) < 1e-6
+
+
+def test_certain_drafts_keep_the_target_distribution():
+    """N-gram drafts are certain (a one-hot q): over many rows of one distribution, the first verified token still
+    follows p, the draft token drawn only with its own probability; an always-accept rule gives it every time."""
+    rows, vocab, draft = 4000, 6, 2
+    logits = torch.randn(2, vocab, generator=torch.Generator().manual_seed(3))
+    p = torch.softmax(logits[0], dim=-1)
+    request = Request("r", None, [1], SamplingParams(temperature=1.0))
+    seqs = [Sequence(request, i, [1], 1) for i in range(rows)]
+    verify = RejectionSampler(Sampler(set()))
+    torch.manual_seed(0)
+    firsts = [tokens[0] for tokens in verify(logits.repeat(rows, 1), seqs, [Draft([draft]) for _ in seqs])]
+    expected = {(t,): float(p[t]) for t in range(vocab)}
+    assert chi_square(counts([(t,) for t in firsts]), expected) > 1e-3
+    assert 0 < firsts.count(draft) < rows
+    verify._accepted = lambda probs, target, seqs, drafts, *rest: [len(d.token_ids) for d in drafts]
+    firsts = [tokens[0] for tokens in verify(logits.repeat(rows, 1), seqs, [Draft([draft]) for _ in seqs])]
+    assert chi_square(counts([(t,) for t in firsts]), expected) < 1e-6
 
 
 # ---- configuration and the proposer ------------------------------------------------------------------------
