@@ -4,6 +4,7 @@ counters reach /metrics and /v1/stats/performance."""
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 from dataclasses import replace
@@ -25,6 +26,7 @@ from localmoe.engine.rejection_sampler import Draft, RejectionSampler
 from localmoe.engine.sampler import Sampler
 from localmoe.engine.sequence import Request, Sequence
 from localmoe.engine.speculative_config import parse_speculative_config
+from localmoe.engine.stats import LoopStats
 from server_process import API_KEY, auth, serve
 from test_deepseek import checkpoint as deepseek_checkpoint
 from test_qwen_moe import QWEN2_MOE
@@ -165,7 +167,7 @@ def test_greedy_output_is_decoding_without_speculation(families, family, draft):
         assert bm.num_free_blocks == bm.num_blocks  # nothing leaked
 
 
-def test_ngram_acceptance_and_stops_inside_drafts(families):
+def test_ngram_acceptance_and_stops_inside_drafts(families, caplog):
     """Output that runs round a cycle: n-gram drafts are accepted, and a stop token, a stop string and max_tokens
     that fall inside an accepted draft end the output exactly where decoding would."""
     target = families["bigram"]
@@ -180,11 +182,15 @@ def test_ngram_acceptance_and_stops_inside_drafts(families):
               SamplingParams(temperature=0, max_tokens=11, ignore_eos=True)]
     expected = completions(plain.generate([prompt] * 4, params))
     llm = engine(target, NGRAM)
+    loop = LoopStats(llm.engine, log_interval_s=0.0)
     assert completions(llm.generate([prompt] * 4, params)) == expected
     assert [len(c[0]) for c in expected][1:] == [7, 11, 11] or expected  # each stop inside a step's tokens
     stats = llm.engine.stats.spec_decode
     assert stats.num_accepted_tokens > stats.num_draft_tokens / 2, stats
     assert stats.num_accepted_tokens_per_pos[3] > 0
+    caplog.set_level(logging.INFO, logger="localmoe.engine.stats")
+    loop.tick()  # vLLM's log line, over the interval
+    assert (f"Accepted: {stats.num_accepted_tokens} tokens, Drafted: {stats.num_draft_tokens} tokens" in caplog.text)
 
 
 def test_speculation_off_above_the_batch_size(families):

@@ -259,6 +259,21 @@ class LoopStats:
         self._log(now)
         self.publish(now)
 
+    @staticmethod
+    def _log_spec_decode(stats: SpecDecodeStats | None, before: SpecDecodeStats | None, elapsed: float) -> None:
+        """vLLM's "SpecDecoding metrics" line over the interval, when drafts were verified in it."""
+        if stats is None or before is None or stats.num_drafts == before.num_drafts:
+            return
+        drafts = stats.num_drafts - before.num_drafts
+        drafted = stats.num_draft_tokens - before.num_draft_tokens
+        accepted = stats.num_accepted_tokens - before.num_accepted_tokens
+        per_pos = ", ".join(f"{(now - was) / drafts:.3f}" for now, was in
+                            zip(stats.num_accepted_tokens_per_pos, before.num_accepted_tokens_per_pos))
+        log.info("SpecDecoding metrics: Mean acceptance length: %.2f, Accepted throughput: %.2f tokens/s, Drafted "
+                 "throughput: %.2f tokens/s, Accepted: %d tokens, Drafted: %d tokens, Per-position acceptance rate: "
+                 "%s, Avg Draft acceptance rate: %.1f%%", 1 + accepted / drafts, accepted / elapsed,
+                 drafted / elapsed, accepted, drafted, per_pos, 100 * accepted / drafted)
+
     def _log(self, now: float) -> None:
         """vLLM's line (vllm/v1/metrics/loggers.py, LoggingStatLogger.log) in its words, over the interval since the
         last one: throughputs from the steps, the rest from the engine's published snapshot."""
@@ -279,6 +294,7 @@ class LoopStats:
         idle = not any((prompt, generation, *self.last_throughput))  # as vLLM: an idle server logs at debug
         if self.log_lines:
             log.log(logging.DEBUG if idle else logging.INFO, "Engine 000: " + ", ".join(parts), *args)
+            self._log_spec_decode(stats.spec_decode, self.logged_stats.spec_decode, elapsed)
         self.logged_at, self.logged_stats = now, stats
         self.interval_tokens = [0, 0]
         self.last_throughput = (prompt, generation)
