@@ -205,6 +205,24 @@ def test_speculation_off_above_the_batch_size(families):
     assert off.engine.stats.spec_decode.num_drafts == 0
 
 
+@pytest.mark.parametrize("swap_space", [0, 0.001])
+def test_preempted_while_speculating(families, swap_space):
+    """A pool too small for the batch: sequences are preempted (recomputed, or swapped to host memory and back)
+    between verifying steps, the draft model's K/V is recomputed after, and greedy output stays the same."""
+    target = families["mixtral"]
+    small = {"kv_cache_memory": 20 * 3072, "max_model_len": 64, "swap_space": swap_space}  # 20 blocks of 4 tokens
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS[:3]] * 2
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    expected = engine(target, **small).generate(prompts, params)
+    llm = engine(target, {"model": str(target), "num_speculative_tokens": 3}, **small)
+    check_blocks_after_each_step(llm)
+    assert completions(llm.generate(prompts, params)) == completions(expected)
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert (llm.engine.scheduler.num_swapped_out > 0) == bool(swap_space)
+    stats = llm.engine.stats.spec_decode
+    assert stats.num_accepted_tokens == stats.num_draft_tokens > 0
+
+
 # ---- the target's distribution at temperature 1 -------------------------------------------------------------
 
 TOP_K = 3  # the distribution's support at each position: a joint of the first two tokens has 9 cells
