@@ -20,6 +20,7 @@ from scipy.stats import chi2
 
 from checkpoints import make_checkpoint
 from localmoe import LLM, SamplingParams
+from localmoe.sampling_params import StructuredOutputsParams
 from localmoe.config import ConfigError, load_config
 from localmoe.engine.ngram_proposer import NgramProposer
 from localmoe.engine.rejection_sampler import Draft, RejectionSampler
@@ -79,15 +80,17 @@ def families(tmp_path_factory) -> dict[str, Path]:
 
 # prompts that repeat, so that n-gram lookup finds something; one longer than a step's budget (chunked prefill)
 PROMPTS = [[5, 6, 7, 8, 9, 10, 5, 6, 7, 8, 9, 10, 5, 6, 7], [20, 21, 22, 23] * 4, [40, 41, 42],
-           list(range(100, 150)) + list(range(100, 110))]
+           list(range(100, 150)) + list(range(100, 110)), [60, 61, 62] * 3]
 
 
 def mixed_params() -> list[SamplingParams]:
-    """Speculating requests beside ones that decode plainly (logprobs), stops inside accepted drafts, n > 1."""
+    """Speculating requests (with logprobs, n > 1, a penalty that reads the drafts) beside one that decodes plainly
+    (structured output)."""
     return [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
             SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=2),
             SamplingParams(temperature=0, max_tokens=21, ignore_eos=True, n=2),
-            SamplingParams(temperature=0, max_tokens=19, ignore_eos=True, repetition_penalty=1.3)]
+            SamplingParams(temperature=0, max_tokens=19, ignore_eos=True, repetition_penalty=1.3),
+            SamplingParams(temperature=0, max_tokens=12, structured_outputs=StructuredOutputsParams(regex="[a-z]{8}"))]
 
 
 def short_params() -> list[SamplingParams]:

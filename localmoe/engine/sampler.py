@@ -34,8 +34,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
         """logits: float32 [S, V], one row per sequence."""
         params = [s.params for s in seqs]
-        want_logprobs = [p.logprobs is not None for p in params]
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
+        raw = logits
         logits = self.adjusted_logits(logits, seqs)
         tokens = argmax(logits)
         if not all(p.greedy for p in params):
@@ -43,17 +42,26 @@ class Sampler:
             drawn = self.draw(self.probs(logits, params), seqs)
             tokens = torch.where(greedy, tokens, drawn)
         token_list = tokens.tolist()
+        return SampleResult(token_list, *self.logprobs(raw, token_list, params))
 
-        chosen: list[float | None] = [None] * len(seqs)
-        top: list[list[tuple[int, float]] | None] = [None] * len(seqs)
+    @staticmethod
+    def logprobs(logits: torch.Tensor, tokens: list[int], params: list[SamplingParams]
+                 ) -> tuple[list[float | None], list[list[tuple[int, float]] | None]]:
+        """Per row where asked: the raw logprob of its token and the top-N alternatives (the model's distribution,
+        before any sampling setting)."""
+        chosen: list[float | None] = [None] * len(tokens)
+        top: list[list[tuple[int, float]] | None] = [None] * len(tokens)
+        if all(p.logprobs is None for p in params):
+            return chosen, top
+        raw_logprobs = torch.log_softmax(logits, dim=-1)
         for i, p in enumerate(params):
-            if raw_logprobs is None or p.logprobs is None:
+            if p.logprobs is None:
                 continue
-            chosen[i] = float(raw_logprobs[i, token_list[i]])
+            chosen[i] = float(raw_logprobs[i, tokens[i]])
             if p.logprobs > 0:
                 values, ids = raw_logprobs[i].topk(p.logprobs)
                 top[i] = list(zip(ids.tolist(), values.tolist()))
-        return SampleResult(token_list, chosen, top)
+        return chosen, top
 
     def adjusted_logits(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """The logits as the request's settings leave them before temperature: logit_bias, penalties, min_tokens

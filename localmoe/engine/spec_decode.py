@@ -6,12 +6,11 @@ last token and the drafts in the same flat batch as every other sequence, and th
 accepted drafts plus one token of its own. The engine then advances the sequence's computed tokens over the
 accepted ones only, so K/V of rejected drafts is overwritten by the next step and never reaches the prefix cache.
 
-Not speculated, decoded plainly in the same step: requests asking for logprobs or prompt logprobs (their values
-would be needed at every verified position), structured outputs (the grammar would have to advance over drafts
-that may be rejected), and every sequence in a step whose batch has more running sequences than
-disable_by_batch_size (a large batch is bound by compute, and drafts only add to it). A seeded request stays
-reproducible, but its samples are not those it draws without speculation: verification uses its generator
-differently.
+Not speculated, decoded plainly in the same step: requests with structured outputs (the grammar would have to
+advance over drafts that may be rejected), and every sequence in a step whose batch has more running sequences
+than disable_by_batch_size (a large batch is bound by compute, and drafts only add to it). Logprobs of verified
+tokens are read from their rows, as a plain step reads them. A seeded request stays reproducible, but its samples
+are not those it draws without speculation: verification uses its generator differently.
 """
 
 from __future__ import annotations
@@ -53,8 +52,7 @@ class SpecDecoder:
         tokens it may still produce, less the one verification adds."""
         limit = self.config.disable_by_batch_size
         p = seq.params
-        if ((limit is not None and num_running > limit) or p.logprobs is not None or p.prompt_logprobs is not None
-                or seq.request.grammar is not None):
+        if (limit is not None and num_running > limit) or seq.request.grammar is not None:
             return 0
         left = self.max_model_len - seq.num_tokens
         if p.max_tokens is not None:
@@ -96,7 +94,13 @@ class SpecDecoder:
                 results[i] = row if isinstance(row, Exception) else [row]
         rows = [r for i in speculated for r in range(first[i], first[i + 1])]
         for i, tokens in zip(speculated, self.verify(logits[rows], [seqs[i] for i in speculated])):
-            results[i] = tokens if isinstance(tokens, Exception) else [(t, None, None) for t in tokens]
+            if isinstance(tokens, Exception):
+                results[i] = tokens
+                continue
+            # row j scored the token after the j-th draft: the logprobs of the j-th token kept
+            chosen, top = Sampler.logprobs(logits[first[i]:first[i] + len(tokens)], tokens,
+                                           [seqs[i].params] * len(tokens))
+            results[i] = list(zip(tokens, chosen, top))
         return results
 
     def verify(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[list[int] | Exception]:
