@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from localmoe.engine.speculative_config import SpeculativeConfig, parse_speculative_config
 from localmoe.models.hub import HubError, hub_checkpoint, hub_tokenizer, is_hub_id
 from localmoe.quant.scheme import LOAD_TIME, QuantScheme, quant_scheme
 from localmoe.server.chat_template import load_chat_template
@@ -166,6 +167,12 @@ class EngineConfig:
                                "safetensors, a single file or a sharded index).")
     use_v2_block_manager: bool = setting(True, "[DEPRECATED] Accepted for old configs; setting it to True or "
                                          "False has no effect.")
+    speculative_config: str | dict | None = setting(
+        None, "The configurations for speculative decoding, as JSON: {\"method\": \"ngram\", "
+        "\"num_speculative_tokens\": 4, \"prompt_lookup_max\": 4, \"prompt_lookup_min\": 1} (n-gram lookup in the "
+        "prompt and output) or {\"method\": \"draft_model\", \"model\": PATH, \"num_speculative_tokens\": 4} (a "
+        "small checkpoint with the same tokenizer); \"disable_by_batch_size\": N turns it off for steps with more "
+        "running sequences. If unspecified, no speculation.")
     routing_trace: str | None = setting(None, "File to append each token's chosen experts to, as JSON lines (one "
                                         "per sequence per engine step). If unspecified, no trace.")
     expert_cache_size: int = setting(0, "Expert offloading: experts per MoE layer kept in cache slots on the "
@@ -231,6 +238,7 @@ class EngineConfig:
             if bad:
                 raise ConfigError(f"{key}: {message}")
         self.quant_scheme  # noqa: B018 -- a name we do not serve is refused at start
+        self.speculative  # noqa: B018 -- refused at start too
         self.expert_cache_bytes, self.kv_cache_bytes  # noqa: B018 -- parsed now: a bad value is refused at start
 
     @property
@@ -239,6 +247,13 @@ class EngineConfig:
             return quant_scheme(self.quantization, self.quantize_experts_only)
         except ValueError as error:
             raise ConfigError(f"quantization: {error}") from None
+
+    @property
+    def speculative(self) -> SpeculativeConfig | None:
+        try:
+            return parse_speculative_config(self.speculative_config)
+        except ValueError as error:
+            raise ConfigError(f"speculative_config: {error}") from None
 
     @property
     def expert_cache_bytes(self) -> int | str | None:

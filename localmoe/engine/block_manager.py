@@ -119,6 +119,18 @@ class BlockManager:
         seq.swap_table = []
         return copies
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Give back the blocks past the first `num_tokens` tokens (taken for drafts that were rejected or never
+        proposed); they hold nothing findable, so they are handed out again first."""
+        keep = -(-num_tokens // self.block_size)
+        for block_id in reversed(seq.block_table[keep:]):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free[block_id] = None
+                self.free.move_to_end(block_id, last=False)
+        del seq.block_table[keep:]
+
     def _release_device_blocks(self, seq: Sequence) -> None:
         # tail blocks first, so a prompt's leading blocks are the last to be evicted
         for block_id in reversed(seq.block_table):
@@ -127,6 +139,7 @@ class BlockManager:
             if block.ref_count == 0:
                 self.free[block_id] = None
         seq.block_table.clear()
+        seq.num_draft_computed = 0  # the draft model's K/V went with the blocks
 
     def reset(self) -> None:
         """Every block free and the prefix cache empty: after a failure left the engine's bookkeeping in doubt,

@@ -20,11 +20,14 @@ from transformers import CONFIG_MAPPING, AutoTokenizer, PretrainedConfig, PreTra
 
 from localmoe.config import Config, EngineConfig
 from localmoe.engine.block_manager import BlockManager
+from localmoe.engine.draft_proposer import DraftModelProposer
 from localmoe.engine.model_runner import ModelRunner
+from localmoe.engine.ngram_proposer import NgramProposer
 from localmoe.engine.output_processor import OutputProcessor
 from localmoe.engine.sampler import Sampler
 from localmoe.engine.scheduler import Scheduler
 from localmoe.engine.sequence import Request, Sequence
+from localmoe.engine.spec_decode import SpecDecoder
 from localmoe.engine.structured_output import GrammarError, StructuredOutputs
 from localmoe.engine.stats import (
     PUBLISH_INTERVAL_S, EngineStats, MemoryAccount, StatsSnapshot, tensor_bytes,
@@ -78,11 +81,12 @@ class LLMEngine:
         num_blocks, num_swap_blocks = self.runner.allocate_kv_cache()
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                           num_swap_blocks)
-        self.scheduler = Scheduler(config, self.block_manager)
         self.tokenizer = load_tokenizer(config.tokenizer or model_dir, self.hf_config, config.trust_remote_code)
         eos_token_ids = self._eos_token_ids(model_dir)
         self.structured = StructuredOutputs(self.tokenizer, self.hf_config["vocab_size"], eos_token_ids)
         self.sampler = Sampler(eos_token_ids, self.structured)
+        self.spec = self._spec_decoder(num_blocks)
+        self.scheduler = Scheduler(config, self.block_manager, self.spec.lookahead if self.spec else None)
         self.output = OutputProcessor(self.tokenizer, eos_token_ids, self.max_model_len)
         self.observer = RoutingObserver(self.model)
         self.trace = RoutingTrace(config.routing_trace, self.observer.blocks) if config.routing_trace else None
@@ -107,6 +111,17 @@ class LLMEngine:
     def from_config(cls, config: Config) -> "LLMEngine":
         model_dir, name = resolve_model(config.engine.model_name, config.model)
         return cls(config.engine, model_dir, config.engine.served_model_name or name)
+
+    def _spec_decoder(self, num_blocks: int) -> SpecDecoder | None:
+        spec = self.config.speculative
+        if spec is None:
+            return None
+        if spec.method == "ngram":
+            proposer = NgramProposer(spec)
+        else:
+            proposer = DraftModelProposer(self.config, spec.model, num_blocks, self.max_model_len,
+                                          self.hf_config["vocab_size"], self.sampler)
+        return SpecDecoder(spec, proposer, self.sampler, self.max_model_len)
 
     def _eos_token_ids(self, model_dir: Path) -> set[int]:
         ids: set[int] = set()
@@ -221,6 +236,8 @@ class LLMEngine:
         for seq in batch.seqs:
             if seq.request.scheduled_time is None:
                 seq.request.scheduled_time = started
+        if self.spec is not None:
+            self.spec.propose(batch)
         try:
             logits = self.runner.execute(batch)
         except Exception as error:  # noqa: BLE001 -- the step's requests fail; the engine serves on
@@ -233,29 +250,37 @@ class LLMEngine:
         routed = self.observer.end_step()
         if self.trace is not None and routed is not None:
             self.trace.write(routed, [TracedTokens(seq.request.request_id, seq.index, seq.num_computed_tokens,
-                                                   seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + n])
+                                                   (seq.token_ids[seq.num_computed_tokens:] + seq.spec_token_ids)[:n])
                                       for seq, n in zip(batch.seqs, batch.num_tokens)])
         for i, logits_of_prompt in logits.prompt.items():
             self._guarded(batch.seqs[i].request, self.output.record_prompt_logprobs, batch.seqs[i],
                           logits_of_prompt)
         for seq, n in zip(batch.seqs, batch.num_tokens):
             if seq.request.request_id in self.requests:
-                seq.num_computed_tokens += n
+                seq.num_computed_tokens += n - len(seq.spec_token_ids)  # drafts count once accepted
                 self.block_manager.cache_full_blocks(seq)
         sample_seqs = [batch.seqs[i] for i in logits.sampling]
-        rows = self._sample(logits.sample, sample_seqs) if sample_seqs else []
+        results = self._tokens(logits.sample, sample_seqs) if sample_seqs else []
         now = time.monotonic()
         touched: dict[str, Request] = {}
-        for seq, row in zip(sample_seqs, rows):
+        for i, tokens in zip(logits.sampling, results):
+            seq = batch.seqs[i]
             request = seq.request
+            seq.spec_token_ids = []
             if request.request_id not in self.requests:  # failed earlier in this step
                 continue
-            if isinstance(row, Exception):
-                self._fail(request, row)
+            if isinstance(tokens, Exception):
+                self._fail(request, tokens)
                 continue
             if request.first_token_time is None:
                 request.first_token_time = now
-            if self._guarded(request, self._append_token, seq, *row):
+            if all(self._guarded(request, self._append_token, seq, *token) and seq.finish_reason is None
+                   for token in tokens):
+                if i in batch.lookahead:  # the accepted drafts' K/V is computed; blocks past the sequence go back
+                    seq.num_computed_tokens += len(tokens) - 1
+                    self.block_manager.cache_full_blocks(seq)
+                    self.block_manager.trim(seq, seq.num_tokens)
+            if request.request_id in self.requests:
                 touched[request.request_id] = request
         outputs = []
         for request in touched.values():
@@ -272,6 +297,13 @@ class LLMEngine:
         """The requests that failed since the last call, with their errors."""
         failures, self.failures = self.failures, {}
         return failures
+
+    def _tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[list[tuple] | Exception]:
+        """(token, logprob, top logprobs) of each token a sampling sequence gets this step: one, or with drafts
+        verified, the accepted ones and one more (logits: 1 + drafts rows per sequence)."""
+        if any(s.spec_token_ids for s in seqs):
+            return self.spec.tokens(logits, seqs, self._sample)
+        return [row if isinstance(row, Exception) else [row] for row in self._sample(logits, seqs)]
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple | Exception]:
         """(token, logprob, top logprobs) per row. Should the batched draw fail, each row is drawn alone, so a
@@ -355,4 +387,5 @@ class LLMEngine:
             num_preemptions_total=self.scheduler.num_preemptions,
             num_swapped_out_total=self.scheduler.num_swapped_out,
             num_prefill_chunks_total=self.scheduler.num_prefill_chunks,
+            spec_decode=self.spec.stats if self.spec is not None else None,
         )

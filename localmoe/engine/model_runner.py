@@ -90,14 +90,15 @@ class StepInputs:
     query_lens: list[int] = field(default_factory=list)
     context_lens: list[int] = field(default_factory=list)
     block_tables: list[list[int]] = field(default_factory=list)
-    sample_rows: list[int] = field(default_factory=list)  # row in the flat batch of each sampling sequence's last token
+    # rows in the flat batch of each sampling sequence's last token and of its draft tokens (speculative decoding)
+    sample_rows: list[int] = field(default_factory=list)
     sampling: list[int] = field(default_factory=list)  # batch index of each sampling sequence
     prompt_rows: dict[int, range] = field(default_factory=dict)  # batch index -> rows whose prompt logprobs are asked
 
 
 @dataclass
 class StepLogits:
-    sample: torch.Tensor  # float32 [S, V] at the last token of each sampling sequence
+    sample: torch.Tensor  # float32 [R, V] at the last token of each sampling sequence, and at each of its drafts
     sampling: list[int]  # batch index of each of those S sequences
     prompt: dict[int, torch.Tensor]  # batch index -> [n, V] at every prompt token computed this step
     routing: torch.Tensor | None = None  # every MoE layer's expert ids [L, T, K], where the fused decoder ran
@@ -208,12 +209,14 @@ class ModelRunner:
         one_sequence = -(-self.max_model_len // self.config.block_size) * self.block_bytes
         return max(one_sequence, min(DEFAULT_KV_BYTES, memory_left() // 8))
 
-    def allocate_kv_cache(self) -> tuple[int, int]:
-        """Allocate the KV pool the budget allows, and its host swap space; returns (blocks, swap blocks). Refuses
-        a budget that cannot hold one sequence of max_model_len tokens."""
+    def allocate_kv_cache(self, num_blocks: int | None = None) -> tuple[int, int]:
+        """Allocate the KV pool the budget allows (or `num_blocks` blocks: a draft model's pool, addressed by the
+        target's block ids), and its host swap space; returns (blocks, swap blocks). Refuses a budget that cannot
+        hold one sequence of max_model_len tokens."""
         self._on_workers("allocate_kv_cache")
         config = self.config
-        num_blocks = (self.kv_bytes if self.kv_bytes is not None else self._device_kv_bytes()) // self.block_bytes
+        if num_blocks is None:
+            num_blocks = (self.kv_bytes if self.kv_bytes is not None else self._device_kv_bytes()) // self.block_bytes
         if config.tensor_parallel_size > 1:  # every rank holds the same blocks: the fewest any rank's budget allows
             agreed = torch.tensor(num_blocks, device=self.device)
             dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
@@ -284,12 +287,13 @@ class ModelRunner:
             if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens:
                 step.prompt_rows[i] = range(len(step.input_ids),
                                             len(step.input_ids) + min(n, seq.num_prompt_tokens - start))
-            step.input_ids += seq.token_ids[start:start + n]
+            drafts = seq.spec_token_ids  # verified in this step: every one of their rows samples
+            step.input_ids += seq.token_ids[start:start + n] + drafts if drafts else seq.token_ids[start:start + n]
             step.positions += range(start, start + n)
             step.context_lens.append(start + n)
-            if start + n == seq.num_tokens:
+            if start + n == seq.num_tokens + len(drafts):
                 step.sampling.append(i)
-                step.sample_rows.append(len(step.input_ids) - 1)
+                step.sample_rows += range(len(step.input_ids) - 1 - len(drafts), len(step.input_ids))
         return step
 
     def run(self, step: StepInputs) -> StepLogits:

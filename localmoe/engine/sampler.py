@@ -16,6 +16,7 @@ import torch
 from localmoe.engine.sequence import Sequence
 from localmoe.engine.structured_output import StructuredOutputs
 from localmoe.layers.cpu_kernels import argmax
+from localmoe.sampling_params import SamplingParams
 
 
 @dataclass
@@ -33,31 +34,47 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
         """logits: float32 [S, V], one row per sequence."""
         params = [s.params for s in seqs]
-        want_logprobs = [p.logprobs is not None for p in params]
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
-        logits = self._apply_penalties(self._apply_logit_bias(logits, seqs), seqs)
-        if self.structured is not None:
-            logits = self.structured.mask(logits, seqs)
-
+        raw = logits
+        logits = self.adjusted_logits(logits, seqs)
         tokens = argmax(logits)
         if not all(p.greedy for p in params):
             greedy = torch.tensor([p.greedy for p in params], device=logits.device)
-            temps = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=logits.device)
-            probs = self._filtered_probs(logits / temps[:, None], params)
-            drawn = self._draw(probs, seqs)
+            drawn = self.draw(self.probs(logits, params), seqs)
             tokens = torch.where(greedy, tokens, drawn)
         token_list = tokens.tolist()
+        return SampleResult(token_list, *self.logprobs(raw, token_list, params))
 
-        chosen: list[float | None] = [None] * len(seqs)
-        top: list[list[tuple[int, float]] | None] = [None] * len(seqs)
+    @staticmethod
+    def logprobs(logits: torch.Tensor, tokens: list[int], params: list[SamplingParams]
+                 ) -> tuple[list[float | None], list[list[tuple[int, float]] | None]]:
+        """Per row where asked: the raw logprob of its token and the top-N alternatives (the model's distribution,
+        before any sampling setting)."""
+        chosen: list[float | None] = [None] * len(tokens)
+        top: list[list[tuple[int, float]] | None] = [None] * len(tokens)
+        if all(p.logprobs is None for p in params):
+            return chosen, top
+        raw_logprobs = torch.log_softmax(logits, dim=-1)
         for i, p in enumerate(params):
-            if raw_logprobs is None or p.logprobs is None:
+            if p.logprobs is None:
                 continue
-            chosen[i] = float(raw_logprobs[i, token_list[i]])
+            chosen[i] = float(raw_logprobs[i, tokens[i]])
             if p.logprobs > 0:
                 values, ids = raw_logprobs[i].topk(p.logprobs)
                 top[i] = list(zip(ids.tolist(), values.tolist()))
-        return SampleResult(token_list, chosen, top)
+        return chosen, top
+
+    def adjusted_logits(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """The logits as the request's settings leave them before temperature: logit_bias, penalties, min_tokens
+        and the grammar's mask applied (greedy takes their argmax)."""
+        logits = self._apply_penalties(self._apply_logit_bias(logits, seqs), seqs)
+        return self.structured.mask(logits, seqs) if self.structured is not None else logits
+
+    @classmethod
+    def probs(cls, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """The distribution each row draws from: adjusted logits at the row's temperature, filtered by top-k, top-p
+        and min-p (greedy rows at temperature 1: their draw is not used)."""
+        temps = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=logits.device)
+        return cls._filtered_probs(logits / temps[:, None], params)
 
     @staticmethod
     def _apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -99,7 +116,7 @@ class Sampler:
         return logits - freq * counts - pres * (counts > 0).float()
 
     @staticmethod
-    def _filtered_probs(logits: torch.Tensor, params: list) -> torch.Tensor:
+    def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         """Apply top-k, top-p and min-p over one descending sort, return renormalised probs."""
         top_k = [p.top_k for p in params]
         top_p = [p.top_p for p in params]
@@ -120,15 +137,21 @@ class Sampler:
         return torch.softmax(torch.empty_like(filtered).scatter_(1, order, filtered), dim=-1)
 
     @staticmethod
-    def _draw(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """Inverse-CDF draw: one uniform per row, located in the row's cumulative distribution. It needs
-        one random number per row where an exponential race needs one per vocabulary entry (which costs
-        ~10 ms a step for 16 rows of 32000 on CPU). `right=True` never lands on a zero-probability token."""
-        uniform = torch.rand(len(seqs), 1, device=probs.device)
+    def uniforms(seqs: list[Sequence], device: torch.device) -> torch.Tensor:
+        """[S] uniforms in [0, 1), a row with a `seed` from its request's own generator."""
+        uniform = torch.rand(len(seqs), device=device)
         for i, seq in enumerate(seqs):
             if seq.request.generator is not None:
                 generator = seq.request.generator
                 uniform[i] = torch.rand(1, generator=generator, device=generator.device)
+        return uniform
+
+    @classmethod
+    def draw(cls, probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Inverse-CDF draw: one uniform per row, located in the row's cumulative distribution (which need not sum
+        to 1). It needs one random number per row where an exponential race needs one per vocabulary entry (which
+        costs ~10 ms a step for 16 rows of 32000 on CPU). `right=True` never lands on a zero-probability token."""
+        uniform = cls.uniforms(seqs, probs.device)[:, None]
         cdf = probs.cumsum(dim=-1)
         tokens = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True)
         return tokens.squeeze(1).clamp_(max=probs.shape[-1] - 1)

@@ -5,11 +5,16 @@ Running sequences go first, most urgent first: decodes take one token, unfinishe
 chunk (chunked prefill), so a long prompt never stalls decodes. Waiting sequences are then
 admitted while budget, cap and blocks allow. When blocks run out, the least urgent running
 sequence (largest priority value, newest) is preempted and recomputed later.
+
+With speculative decoding a decode may also take room for draft tokens (its lookahead, engine/spec_decode.py says
+how many): budgeted and given blocks here, when they are free without preempting anyone; the engine then proposes
+at most that many drafts, verified in the same step.
 """
 
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from localmoe.config import EngineConfig
@@ -23,6 +28,7 @@ class ScheduledBatch:
     num_tokens: list[int] = field(default_factory=list)  # tokens each sequence computes this step
     swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device block, host block) copies
     swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host block, device block) copies
+    lookahead: dict[int, int] = field(default_factory=dict)  # batch index -> most drafts it has room for
 
     def add(self, seq: Sequence, n: int) -> None:
         self.seqs.append(seq)
@@ -30,7 +36,10 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, block_manager: BlockManager) -> None:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager,
+                 lookahead: Callable[[Sequence, int], int] | None = None) -> None:
+        """`lookahead(seq, num_running)`: how many draft tokens a decoding sequence may verify in a step."""
+        self.lookahead = lookahead
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.chunked_prefill = config.enable_chunked_prefill
@@ -69,6 +78,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = self._chunk(seq, budget)
+            extra = self._lookahead(seq, n, budget - n)
             while not self.block_manager.can_allocate(seq, seq.num_computed_tokens + n):
                 victim = self.running[-1]
                 self._preempt(victim, batch)
@@ -76,9 +86,11 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                self.block_manager.allocate(seq, seq.num_computed_tokens + n)
+                self.block_manager.allocate(seq, seq.num_computed_tokens + n + extra)
+                if extra:
+                    batch.lookahead[len(batch.seqs)] = extra
                 batch.add(seq, n)
-                budget -= n
+                budget -= n + extra
                 i += 1
 
         while self.swapped and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
@@ -111,6 +123,13 @@ class Scheduler:
         self.num_prefill_chunks += sum(
             1 for s, n in zip(batch.seqs, batch.num_tokens) if s.num_computed_tokens + n < s.num_tokens)
         return batch
+
+    def _lookahead(self, seq: Sequence, n: int, room: int) -> int:
+        """Draft tokens a decode may add: within the budget's room, on blocks that are free now."""
+        if self.lookahead is None or room < 1 or seq.num_computed_tokens + n != seq.num_tokens or n != 1:
+            return 0
+        extra = min(self.lookahead(seq, len(self.running)), room)
+        return extra if extra and self.block_manager.can_allocate(seq, seq.num_tokens + extra) else 0
 
     def _run(self, seq: Sequence, batch: ScheduledBatch, n: int) -> None:
         seq.status = SequenceStatus.RUNNING

@@ -65,6 +65,8 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     swap_table: list[int] = field(default_factory=list)  # host swap blocks while SWAPPED
     block_hashes: list[int] = field(default_factory=list)  # hashes of the leading full blocks
+    spec_token_ids: list[int] = field(default_factory=list)  # draft tokens the current step verifies
+    num_draft_computed: int = 0  # tokens whose K/V the draft model holds (engine/draft_proposer.py)
     text: str = ""
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float = 0.0

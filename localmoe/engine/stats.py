@@ -48,6 +48,21 @@ REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 2
 
 
 @dataclass(frozen=True)
+class SpecDecodeStats:
+    """vLLM's spec_decode counters: steps in which a sequence verified drafts, draft tokens verified, draft tokens
+    accepted, and accepted ones by their position in the draft (engine/spec_decode.py)."""
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_accepted_tokens_per_pos: tuple[int, ...] = ()
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else None
+
+
+@dataclass(frozen=True)
 class EngineStats:
     num_running: int = 0
     num_waiting: int = 0
@@ -61,6 +76,7 @@ class EngineStats:
     num_preemptions_total: int = 0
     num_swapped_out_total: int = 0
     num_prefill_chunks_total: int = 0
+    spec_decode: SpecDecodeStats | None = None  # with speculative decoding on
 
 
 @dataclass(frozen=True)
@@ -243,6 +259,21 @@ class LoopStats:
         self._log(now)
         self.publish(now)
 
+    @staticmethod
+    def _log_spec_decode(stats: SpecDecodeStats | None, before: SpecDecodeStats | None, elapsed: float) -> None:
+        """vLLM's "SpecDecoding metrics" line over the interval, when drafts were verified in it."""
+        if stats is None or before is None or stats.num_drafts == before.num_drafts:
+            return
+        drafts = stats.num_drafts - before.num_drafts
+        drafted = stats.num_draft_tokens - before.num_draft_tokens
+        accepted = stats.num_accepted_tokens - before.num_accepted_tokens
+        per_pos = ", ".join(f"{(now - was) / drafts:.3f}" for now, was in
+                            zip(stats.num_accepted_tokens_per_pos, before.num_accepted_tokens_per_pos))
+        log.info("SpecDecoding metrics: Mean acceptance length: %.2f, Accepted throughput: %.2f tokens/s, Drafted "
+                 "throughput: %.2f tokens/s, Accepted: %d tokens, Drafted: %d tokens, Per-position acceptance rate: "
+                 "%s, Avg Draft acceptance rate: %.1f%%", 1 + accepted / drafts, accepted / elapsed,
+                 drafted / elapsed, accepted, drafted, per_pos, 100 * accepted / drafted)
+
     def _log(self, now: float) -> None:
         """vLLM's line (vllm/v1/metrics/loggers.py, LoggingStatLogger.log) in its words, over the interval since the
         last one: throughputs from the steps, the rest from the engine's published snapshot."""
@@ -263,6 +294,7 @@ class LoopStats:
         idle = not any((prompt, generation, *self.last_throughput))  # as vLLM: an idle server logs at debug
         if self.log_lines:
             log.log(logging.DEBUG if idle else logging.INFO, "Engine 000: " + ", ".join(parts), *args)
+            self._log_spec_decode(stats.spec_decode, self.logged_stats.spec_decode, elapsed)
         self.logged_at, self.logged_stats = now, stats
         self.interval_tokens = [0, 0]
         self.last_throughput = (prompt, generation)

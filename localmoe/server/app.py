@@ -26,7 +26,7 @@ from localmoe.server.auth import APIKeyMiddleware
 from localmoe.server.errors import APIError
 from localmoe.server.metrics import HTTPMetricsMiddleware, ServerMetrics
 from localmoe.server.openapi import install_openapi
-from localmoe.server.stats import process_rss_bytes
+from localmoe.server.stats import process_rss_bytes, spec_decode_summary
 from localmoe.server.dashboard import DASHBOARD_PAGE
 from localmoe.server.drain import Drain, DrainMiddleware
 from localmoe.server.protocol import (
@@ -98,7 +98,9 @@ def build_app(aengines: list[tuple[AsyncEngine, Config]], config: Config) -> Fas
 
     @app.get("/v1/stats/performance")
     async def stats_performance(model: str | None = None) -> dict:
-        return {**registry.get(model).metrics.recent.summary(), "cpu_kernels": cpu_kernels.status()}
+        metrics = registry.get(model).metrics
+        return {**metrics.recent.summary(), "cpu_kernels": cpu_kernels.status(),
+                "spec_decode": spec_decode_summary(metrics.read_stats().spec_decode)}
 
     @app.get("/v1/stats/history")
     async def stats_history(model: str | None = None) -> dict:

@@ -21,7 +21,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from localmoe.engine.stats import INTER_TOKEN_LATENCY_BUCKETS, REQUEST_LATENCY_BUCKETS, LoopSnapshot
+from localmoe.engine.stats import INTER_TOKEN_LATENCY_BUCKETS, REQUEST_LATENCY_BUCKETS, LoopSnapshot, SpecDecodeStats
 from localmoe.outputs import RequestOutput
 from localmoe.server.stats import PerformanceWindow
 
@@ -48,6 +48,12 @@ ENGINE_COUNTERS = (
     ("localmoe:num_swapped_out", "num_swapped_out_total", "Preemptions that swapped KV blocks to host memory."),
     ("localmoe:num_prefill_chunks", "num_prefill_chunks_total",
      "Prompt pieces computed in a step that did not finish the prompt (chunked prefill)."),
+)
+# (metric name, SpecDecodeStats field, help), exported for models that speculate
+SPEC_DECODE_COUNTERS = (
+    ("vllm:spec_decode_num_drafts", "num_drafts", "Number of spec decoding drafts."),
+    ("vllm:spec_decode_num_draft_tokens", "num_draft_tokens", "Number of draft tokens."),
+    ("vllm:spec_decode_num_accepted_tokens", "num_accepted_tokens", "Number of accepted tokens."),
 )
 # (metric name, LoopSnapshot field, help): vllm:time_per_output_token_seconds is vLLM's older name for the
 # inter-token latency, kept because its dashboards and guides still query it.
@@ -109,6 +115,8 @@ class EngineStatsCollector(Collector):
                     bounds = [floatToGoString(b) for b in (*histogram.bounds, float("inf"))]
                     family.add_metric([name], list(zip(bounds, map(float, histogram.cumulative))), histogram.total)
             yield family
+        yield from self._spec_decode([(row[0], row[1].spec_decode) for row in read
+                                      if row[1] is not None and row[1].spec_decode is not None])
         admitted = GaugeMetricFamily(
             "localmoe:num_sequences_admitted",
             "Sequences (prompts x n) holding a place in the bound max_num_seqs + max_waiting_requests.",
@@ -116,6 +124,21 @@ class EngineStatsCollector(Collector):
         for name, model in self.models.items():
             admitted.add_metric([name], float(model.read_admitted()))
         yield admitted
+
+
+    @staticmethod
+    def _spec_decode(read: list[tuple[str, SpecDecodeStats]]) -> Iterator[Metric]:
+        for metric, attr, doc in SPEC_DECODE_COUNTERS:
+            family = CounterMetricFamily(metric, doc, labels=["model_name"])
+            for name, stats in read:
+                family.add_metric([name], float(getattr(stats, attr)))
+            yield family
+        per_pos = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos",
+                                      "Accepted tokens per draft position.", labels=["model_name", "position"])
+        for name, stats in read:
+            for position, count in enumerate(stats.num_accepted_tokens_per_pos):
+                per_pos.add_metric([name, str(position)], float(count))
+        yield per_pos
 
 
 class ExpertStatsCollector(Collector):

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from localmoe.engine.stats import SpecDecodeStats
 from localmoe.experts.memory_budget import resident_bytes
 from localmoe.outputs import RequestOutput
 
@@ -86,6 +87,16 @@ class PerformanceWindow:
             "tpot_s": _percentiles([r.tpot for r in recent if r.tpot is not None]),
             "e2e_s": _percentiles([r.e2e for r in recent if r.e2e is not None]),
         }
+
+
+def spec_decode_summary(stats: SpecDecodeStats | None) -> dict[str, Any] | None:
+    """Speculative decoding since the engine started (/v1/stats/performance), None when it does not speculate:
+    vLLM's counters, the acceptance rate, and the mean tokens a verifying step gives a sequence."""
+    if stats is None:
+        return None
+    return {**asdict(stats), "num_accepted_tokens_per_pos": list(stats.num_accepted_tokens_per_pos),
+            "acceptance_rate": stats.acceptance_rate,
+            "mean_acceptance_length": 1 + stats.num_accepted_tokens / stats.num_drafts if stats.num_drafts else None}
 
 
 HISTORY_INTERVAL_S = 2.0

@@ -1,0 +1,81 @@
+"""Speculative decoding on the built-in model: acceptance and engine steps per method, the workload n-gram lookup
+exists for (a held-out passage given twice, then its start: the model is asked to go on quoting it).
+
+    python benchmarks/spec_acceptance.py --out results/spec_acceptance.json
+
+Counts, not times (steps and tokens do not depend on how busy the machine is): for each configuration and
+temperature, the engine steps the prompts take, the drafted and accepted tokens, acceptance per draft position,
+and the tokens a verifying step gives a sequence on average; at temperature 0, whether the output is the one
+decoding without speculation gives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from localmoe import LLM, SamplingParams
+from localmoe.models.builtin import SHIPPED_DIR
+
+CONFIGS = {
+    "none": None,
+    "ngram k=4 n=1..4": {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 1},
+    "ngram k=2 n=2..3": {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3, "prompt_lookup_min": 2},
+    "draft_model=itself k=3": {"model": str(SHIPPED_DIR), "num_speculative_tokens": 3},
+}
+
+
+def prompts(count: int, chars: int) -> list[str]:
+    text = (SHIPPED_DIR / "heldout_sample.txt").read_text()
+    passages = [text[i:i + chars] for i in range(0, 2 * chars * count, 2 * chars)]
+    return [f"{p}\n\n{p}\n\n{p[:60]}" for p in passages]
+
+
+def run(config: dict | None, texts: list[str], temperature: float, max_tokens: int, dtype: str) -> dict:
+    llm = LLM(dtype=dtype, kv_cache_memory=256 * 2**20, speculative_config=config)
+    engine, steps = llm.engine, [0]
+    step = engine.step
+
+    def counted():
+        steps[0] += 1
+        return step()
+
+    engine.step = counted
+    outputs = llm.generate(texts, SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True,
+                                                 seed=1))
+    stats = engine.stats.spec_decode
+    result = {"steps": steps[0], "token_ids": [o.outputs[0].token_ids for o in outputs]}
+    if stats is not None:
+        result |= {"draft_tokens": stats.num_draft_tokens, "accepted_tokens": stats.num_accepted_tokens,
+                   "acceptance_rate": stats.acceptance_rate,
+                   "accepted_per_position": list(stats.num_accepted_tokens_per_pos),
+                   "tokens_per_verifying_step": 1 + stats.num_accepted_tokens / max(stats.num_drafts, 1)}
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=5)
+    parser.add_argument("--chars", type=int, default=600, help="characters of each passage")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--out", type=Path, default=Path("results/spec_acceptance.json"))
+    args = parser.parse_args()
+    texts = prompts(args.prompts, args.chars)
+    rows = []
+    for temperature in (0.0, 1.0):
+        plain = None
+        for name, config in CONFIGS.items():
+            result = run(config, texts, temperature, args.max_tokens, args.dtype)
+            plain = plain or result
+            same = result["token_ids"] == plain["token_ids"] if temperature == 0 else None
+            rows.append({"config": name, "temperature": temperature, "same_as_plain": same,
+                         **{k: v for k, v in result.items() if k != "token_ids"}})
+            print(json.dumps(rows[-1]), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"dtype": args.dtype, "max_tokens": args.max_tokens, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
