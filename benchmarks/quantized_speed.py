@@ -21,58 +21,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from serve_bench import localmoe_command  # noqa: E402
+from weights_floor import localmoe_bytes_per_token, read_bandwidth  # noqa: E402
 
-from localmoe.quant.scheme import quant_scheme  # noqa: E402
 
 LOCALMOE = {"localmoe": None, "localmoe-int8": "int8", "localmoe-int4": "int4"}
 PAIRS = [("localmoe-int8", "localmoe"), ("localmoe-int4", "localmoe"), ("localmoe-int8", "llama.cpp-Q8_0"),
          ("localmoe-int4", "llama.cpp-Q4_K_M"), ("llama.cpp-Q8_0", "localmoe"), ("llama.cpp-Q4_K_M", "localmoe")]
-
-
-def read_bandwidth(threads: int = 2, gib: float = 1.0, passes: int = 7) -> float:
-    """Bytes/s of summing a buffer of `gib` GiB on `threads` threads (the median pass)."""
-    torch.set_num_threads(threads)
-    buffer = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
-    buffer.sum()  # every page touched once before timing
-    times = []
-    for _ in range(passes):
-        start = time.perf_counter()
-        buffer.sum()
-        times.append(time.perf_counter() - start)
-    return buffer.numel() * 4 / statistics.median(times)
-
-
-def localmoe_bytes_per_token(model_dir: Path, quantization: str | None) -> int:
-    """Weight bytes one decode token of one stream reads in LocalMoE, from config.json (Mixtral's shapes)."""
-    c = json.loads((model_dir / "config.json").read_text())
-    d, i, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
-    head_dim = c.get("head_dim") or d // c["num_attention_heads"]
-    q, kv = c["num_attention_heads"] * head_dim, c["num_key_value_heads"] * head_dim
-    scheme = quant_scheme(quantization)
-
-    def nbytes(rows: int, columns: int, layer_scheme=scheme) -> float:
-        if layer_scheme is None:
-            return rows * columns * 2
-        group = layer_scheme.group_for(columns) or columns
-        return rows * columns * layer_scheme.bits / 8 + rows * columns // group * 8  # float32 scale and zero
-
-    dense = None if scheme is not None and scheme.experts_only else scheme
-    attention = nbytes(q + 2 * kv, d, dense) + nbytes(d, q, dense)
-    experts = c["num_experts_per_tok"] * (nbytes(2 * i, d) + nbytes(d, i))
-    router = c["num_local_experts"] * d * 2
-    head = nbytes(v, d, None if dense is None else dense.for_head())
-    return int(c["num_hidden_layers"] * (attention + experts + router) + head)
 
 
 def gguf_bytes_per_token(path: Path) -> int:

@@ -3,7 +3,7 @@
     python benchmarks/weights_floor.py --model /tmp/bench-small
 
 A one-stream decode step reads every weight a token touches once (attention, the router, its top-k experts of each
-layer, the output head) and is bound by that read. The bandwidth is measured here, on two threads reading a
+layer, the output head) and is bound by that read (quantized_speed.py counts quantized weights the same way). The bandwidth is measured here, on two threads reading a
 buffer of --buffer-gib (at least 1 GiB, larger than any cache), the median of five reads. Mixtral-shaped configs
 (the benchmark checkpoints).
 """
@@ -18,28 +18,18 @@ from pathlib import Path
 
 import torch
 
-
-def step_weight_bytes(model_dir: str | Path, bytes_per_weight: int = 2) -> int:
-    """Bytes of weights one decode token reads in a Mixtral-shaped checkpoint: attention and router of every
-    layer, its top-k experts, the final norm and the output head, and one embedding row."""
-    c = json.loads((Path(model_dir) / "config.json").read_text())
-    d, layers, vocab = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"]
-    head_dim = c.get("head_dim") or d // c["num_attention_heads"]
-    attention = d * head_dim * (2 * c["num_attention_heads"] + 2 * c["num_key_value_heads"])  # q, k, v and o
-    experts = c["num_experts_per_tok"] * 3 * d * c["intermediate_size"]
-    per_layer = attention + d * c["num_local_experts"] + experts + 2 * d
-    return (layers * per_layer + vocab * d + 2 * d) * bytes_per_weight
+from localmoe.quant.scheme import quant_scheme
 
 
-def read_bandwidth(buffer_gib: float = 1.5, threads: int = 2, repeats: int = 5) -> float:
-    """Bytes per second of `threads` threads summing a buffer of `buffer_gib` GiB (median of `repeats`)."""
+def read_bandwidth(threads: int = 2, gib: float = 1.5, passes: int = 5) -> float:
+    """Bytes/s of summing a buffer of `gib` GiB on `threads` threads (the median pass)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        buffer = torch.ones(int(buffer_gib * 2**30) // 4, dtype=torch.float32)
-        buffer.sum()  # pages mapped, code warm
+        buffer = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
+        buffer.sum()  # every page touched once before timing
         times = []
-        for _ in range(repeats):
+        for _ in range(passes):
             start = time.perf_counter()
             buffer.sum()
             times.append(time.perf_counter() - start)
@@ -48,9 +38,32 @@ def read_bandwidth(buffer_gib: float = 1.5, threads: int = 2, repeats: int = 5) 
         torch.set_num_threads(previous)
 
 
+def localmoe_bytes_per_token(model_dir: Path, quantization: str | None) -> int:
+    """Weight bytes one decode token of one stream reads in LocalMoE, from config.json (Mixtral's shapes): the
+    attention, router and top_k experts of every layer and the output head (an embedding row aside)."""
+    c = json.loads((Path(model_dir) / "config.json").read_text())
+    d, i, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
+    head_dim = c.get("head_dim") or d // c["num_attention_heads"]
+    q, kv = c["num_attention_heads"] * head_dim, c["num_key_value_heads"] * head_dim
+    scheme = quant_scheme(quantization)
+
+    def nbytes(rows: int, columns: int, layer_scheme=scheme) -> float:
+        if layer_scheme is None:
+            return rows * columns * 2
+        group = layer_scheme.group_for(columns) or columns
+        return rows * columns * layer_scheme.bits / 8 + rows * columns // group * 8  # float32 scale and zero
+
+    dense = None if scheme is not None and scheme.experts_only else scheme
+    attention = nbytes(q + 2 * kv, d, dense) + nbytes(d, q, dense)
+    experts = c["num_experts_per_tok"] * (nbytes(2 * i, d) + nbytes(d, i))
+    router = c["num_local_experts"] * d * 2
+    head = nbytes(v, d, None if dense is None else dense.for_head())
+    return int(c["num_hidden_layers"] * (attention + experts + router) + head)
+
+
 def weights_floor(model_dir: str | Path, buffer_gib: float = 1.5) -> dict[str, float]:
     """The step's weight bytes, the read bandwidth and their quotient, the floor of a decode step in ms."""
-    step_bytes, bandwidth = step_weight_bytes(model_dir), read_bandwidth(buffer_gib)
+    step_bytes, bandwidth = localmoe_bytes_per_token(Path(model_dir), None), read_bandwidth(gib=buffer_gib)
     return {"step_weight_bytes": step_bytes, "read_bandwidth_gb_s": bandwidth / 1e9,
             "floor_ms_per_token": step_bytes / bandwidth * 1e3}
 

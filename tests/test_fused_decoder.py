@@ -1,4 +1,4 @@
-"""The fused decoder (layers/fused_decoder.py): every decoder layer of a step in one kernel call, for models of
+"""The fused decoder (engine/fused_decoder.py): every decoder layer of a step in one kernel call, for models of
 Mixtral's shape in bf16, giving exactly what the model's modules give."""
 
 from __future__ import annotations

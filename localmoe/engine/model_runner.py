@@ -44,7 +44,7 @@ from localmoe.experts.offload import OffloadPlan, offloaded_weight
 from localmoe.experts.runtime import convert_experts
 from localmoe.layers.attention import AttentionMetadata
 from localmoe.layers.cpu_kernels import kernels
-from localmoe.layers.fused_decoder import FusedDecoder
+from localmoe.engine.fused_decoder import FusedDecoder
 from localmoe.layers.huge_pages import huge_page_zeros
 from localmoe.layers.kv_cache_dtype import cache_dtype, cache_shape
 from localmoe.layers.linear import pack_model, packing_supported

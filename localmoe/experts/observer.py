@@ -41,7 +41,7 @@ class RoutingObserver:
 
     def note_layers(self, expert_ids: torch.Tensor) -> None:
         """Every MoE layer's expert ids of the step [L, T, K], from a path that runs the layers without calling their
-        experts modules (layers/fused_decoder.py)."""
+        experts modules (engine/fused_decoder.py)."""
         self._step = list(expert_ids)
 
     @property

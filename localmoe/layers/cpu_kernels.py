@@ -7,7 +7,8 @@
 - rms_norm_cpu.cpp: RMSNorm in one call;
 - rotary_cpu.cpp: the rotary embedding of a step's query and key heads in one call;
 - argmax_cpu.cpp: the greedy token of each row of logits;
-- decoder_cpu.cpp: every decoder layer of a step in one call, for models of the common MoE shapes (layers/fused_decoder.py).
+- decoder_cpu.cpp: every decoder layer of a step in one call, for models of the common MoE shapes
+  (engine/fused_decoder.py).
 
 They need a CPU with the instruction sets of KERNEL_ISA (AVX512-BF16 and VNNI among them) and a C++ compiler. Where
 any of that is missing, `kernels()` returns None and the layers run their PyTorch paths. LOCALMOE_CPU_KERNELS=0
