@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import importlib.metadata
 import re
+import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -18,6 +19,8 @@ REPO = Path(__file__).resolve().parent.parent
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 RUNTIME = [Requirement(r) for r in PROJECT["dependencies"]]
 EXTRAS = [Requirement(r) for extra in PROJECT["optional-dependencies"].values() for r in extra]
+# modules only the GPU path imports, and only where they are installed (layers/triton_kernels.py): the `gpu` extra's
+GPU_ONLY = {"triton"}
 
 
 def distributions(modules: set[str]) -> dict[str, set[str]]:
@@ -55,8 +58,18 @@ def test_every_dependency_has_an_upper_bound_that_the_installed_version_meets() 
 def test_every_module_localmoe_imports_is_a_runtime_dependency() -> None:
     modules = set().union(*(imported(path.read_text()) for path in (REPO / "localmoe").rglob("*.py")))
     runtime = {canonicalize_name(r.name) for r in RUNTIME}
-    for module, providers in distributions(modules).items():
+    gpu = {canonicalize_name(Requirement(r).name) for r in PROJECT["optional-dependencies"]["gpu"]}
+    for module, providers in distributions(modules - GPU_ONLY).items():
         assert providers & runtime, f"localmoe imports {module} ({providers or 'not installed'}), not a dependency"
+    assert all(distributions({module})[module] & gpu for module in GPU_ONLY)
+
+
+def test_serving_on_cpu_never_imports_the_gpu_extra() -> None:
+    """The GPU-only modules are imported where a step runs on CUDA, never by the server or an engine on CPU."""
+    code = ("import sys; import localmoe.server.app, localmoe.llm, localmoe.engine.model_runner; "
+            f"print(sorted(m for m in {sorted(GPU_ONLY)} if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_the_readme_examples_need_nothing_beyond_pip_install_localmoe() -> None:
