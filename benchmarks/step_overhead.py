@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import socket
 import statistics
 import subprocess
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import httpx
 
+from serve_bench import localmoe_command, running
 from weights_floor import weights_floor
 
 HERE = Path(__file__).resolve()
@@ -96,22 +98,9 @@ def free_port() -> int:
 def served(tree: Path, model: str, tokens: int = 256, requests: int = 3) -> float:
     """Median TPOT in ms of `requests` streamed completions, one at a time, from `localmoe serve` of `tree`."""
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(tree)}
-    server = subprocess.Popen([sys.executable, "-m", "localmoe.cli", "serve", "--model", model, "--port", str(port),
-                               "--dtype", "bfloat16", "--disable-log-stats"], cwd=tree, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            try:
-                if httpx.get(f"{base}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"localmoe serve of {tree} did not start")
-            time.sleep(0.5)
+    command = f"PYTHONPATH={shlex.quote(str(tree))} " + localmoe_command(model, port, "--disable-log-stats")
+    with tempfile.TemporaryDirectory() as log_dir, running("localmoe", base, command, Path(log_dir), 600):
         name = httpx.get(f"{base}/v1/models").json()["data"][0]["id"]
         body = {"model": name, "prompt": PROMPT, "max_tokens": tokens, "ignore_eos": True, "temperature": 0,
                 "stream": True}
@@ -125,9 +114,6 @@ def served(tree: Path, model: str, tokens: int = 256, requests: int = 3) -> floa
             if i:
                 tpots.append((arrivals[-1] - arrivals[0]) / (len(arrivals) - 1) * 1e3)
         return statistics.median(tpots)
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
 
 
 def run_tree(tree: Path, model: str) -> dict[str, float]:

@@ -73,9 +73,9 @@ def serve(log_dir: Path, *args: str, env: dict[str, str] | None = None) -> Itera
                 process.wait()
 
 
-def healthy(url: str) -> bool:
+def healthy(url: str, path: str = "/health") -> bool:
     try:
-        return httpx.get(f"{url}/health", timeout=5).status_code == 200
+        return httpx.get(f"{url}{path}", timeout=5).status_code == 200
     except httpx.TransportError:
         return False
 

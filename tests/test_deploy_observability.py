@@ -21,7 +21,7 @@ import httpx
 import pytest
 import yaml
 
-from server_process import API_KEY, ServerProcess, auth, free_port, serve
+from server_process import API_KEY, ServerProcess, auth, free_port, healthy, serve
 
 REPO = Path(__file__).resolve().parent.parent
 DASHBOARD = REPO / "deploy" / "grafana" / "localmoe-dashboard.json"
@@ -125,19 +125,12 @@ def prometheus(server: ServerProcess, tmp_path_factory) -> Iterator[str]:
                                stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: ready(url), process, directory / "prometheus.log")
+        wait_for(lambda: healthy(url, "/-/ready"), process, directory / "prometheus.log")
         yield url
     finally:
         process.terminate()
         process.wait(timeout=60)
         log.close()
-
-
-def ready(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/-/ready", timeout=5).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def wait_for(condition, process: subprocess.Popen, log: Path) -> None:
