@@ -20,6 +20,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 import uvicorn
+from fastapi import FastAPI
 
 from localmoe.config import DEFAULT_CONFIG_PATH, Config, ConfigError, EngineConfig, ServerConfig, load_config
 from localmoe.engine.async_engine import AsyncEngine
@@ -29,6 +30,8 @@ from localmoe.planner import PlanError, plan_command
 from localmoe.sampling_params import SamplingParams, SamplingParamsError
 from localmoe.server.app import build_app
 from localmoe.server.drain import DrainingServer
+from localmoe.distributed.data_parallel import ReplicaStartError
+from localmoe.server.dp_app import serve_data_parallel
 from localmoe.server.tgi import tgi_environment
 from localmoe.train.corpus import build_corpus, summary
 from localmoe.train.trainer import TrainConfig
@@ -118,17 +121,30 @@ def load_engine(config: Config) -> LLMEngine:
         raise fail(str(e), EXIT_LOAD) from None
 
 
-def run_server(config: Config) -> None:
-    """Load the model, then serve it until a signal drains it (server/drain.py)."""
-    configure_logging(config.server.log_level)
+def serving_app(config: Config) -> FastAPI:
+    """Load every model of `config` and build the app that serves them."""
     engines = []
     for engine in config.engines:
         own = config.for_engine(engine)
         engines.append((AsyncEngine(lambda own=own: load_engine(own), config.server.engine_stall_timeout), own))
+    return build_app(engines, config)
+
+
+def run_server(config: Config) -> None:
+    """Load the model, then serve it until a signal drains it (server/drain.py)."""
+    configure_logging(config.server.log_level)
+    # data parallelism: replicas, each a server of its own, behind this process (distributed/data_parallel.py)
+    if any(engine.data_parallel_size != 1 for engine in config.engines):
+        try:
+            serve_data_parallel(config, GRACEFUL_CLOSE_SECONDS)
+        except ConfigError as e:
+            raise fail(str(e), EXIT_CONFIG) from None
+        except ReplicaStartError as e:
+            raise fail(str(e), e.exit_code) from None
+        return
+    app = serving_app(config)
     host, port = config.server.host, config.server.port
-    names = ", ".join(aengine.engine.model_name for aengine, _ in engines)
-    typer.echo(f"Serving {names} at http://{host}:{port}/v1")
-    app = build_app(engines, config)
+    typer.echo(f"Serving {', '.join(model.name for model in app.state.models)} at http://{host}:{port}/v1")
     settings = uvicorn.Config(app, host=host, port=port, log_level=config.server.log_level,
                               timeout_graceful_shutdown=GRACEFUL_CLOSE_SECONDS)
     DrainingServer(settings, app.state.drain).run()
