@@ -9,12 +9,12 @@ tensor_parallel_size GPUs of its own. Because a replica is an unchanged server, 
 cancellation (the front closes the replica connection of a client that leaves; the replica aborts as for any
 client), errors and drain behave as with one engine.
 
-Lifetimes: replicas start with spawn (a fresh interpreter each), build their engines, and report their port on a
-pipe; the front serves once every replica's /health answers. A replica never outlives the front: the pipe closing
-(the front gone, even killed) drains it. SIGTERM from the front drains it as it would a lone server; Ctrl-C, which
-reaches the whole process group, is left to the front, which then sends that SIGTERM. A replica that dies is not
-restarted: its requests end with an error, the others keep serving, and the front's /health fails so that an
-orchestrator replaces the whole server.
+Lifetimes: replicas start (forked, or spawned on CUDA), build their engines, and report their port on a pipe; the
+front serves once every replica's /health answers. Signals are the front's alone: it passes each one on down the
+pipes, where a replica takes it as a lone server takes a signal (the first drains it, a second ends it), and the
+front exits once every replica has. A replica never outlives the front: the pipe closing (the front gone, even
+killed) drains it too. A replica that dies is not restarted: its requests end with an error, the others keep
+serving, and the front's /health fails so that an orchestrator replaces the whole server.
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ import multiprocessing as mp
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, replace
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from types import FrameType
 
 import httpx
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 10.0  # after the replicas' own drain (shutdown_timeout), for a stopped replica to exit
 POLL_S = 0.5
+STOP = "stop"  # the front's message to a replica, in place of a signal
 
 
 class ReplicaStartError(RuntimeError):
@@ -108,7 +110,12 @@ def replica_config(config: Config) -> Config:
 
 class Replica:
     def __init__(self, index: int, config: Config, placement: Placement) -> None:
-        context = mp.get_context("spawn")
+        # Fork where the replica runs on CPU: the front has imported everything a replica needs and has computed
+        # nothing (no PyTorch or OpenMP threads yet; OpenBLAS's pool handles fork), so a replica starts without
+        # importing it all again, seconds of each core. Spawn for CUDA, unusable in a child forked after the front
+        # has counted the GPUs, and off Linux.
+        fork = sys.platform == "linux" and placement.cuda_devices is None
+        context = mp.get_context("fork" if fork else "spawn")
         self.index = index
         self.conn, child = context.Pipe()
         # not a daemon: a replica with tensor parallelism starts worker processes of its own
@@ -143,13 +150,16 @@ class Replica:
         return ReplicaStartError(f"data-parallel replica {self.index} exited with {self.process.exitcode} while "
                                  "starting", self.process.exitcode or 1)
 
-    def terminate(self) -> None:
-        if self.alive:
-            self.process.terminate()
+    def signal_stop(self) -> None:
+        """What a signal is to a lone server: the first drains it, a second ends it at once."""
+        try:
+            self.conn.send(STOP)
+        except OSError:  # it has exited: its end of the pipe is closed
+            pass
 
     def stop(self, timeout: float) -> None:
-        """Drain it (SIGTERM), then kill it if it is still there after `timeout` seconds."""
-        self.terminate()
+        """Drain it, then kill it if it is still there after `timeout` seconds."""
+        self.signal_stop()
         self.process.join(timeout)
         if self.alive:
             self.process.kill()
@@ -173,11 +183,25 @@ def start_replicas(config: Config) -> list[Replica]:
 
 
 class ReplicaServer(DrainingServer):
-    """A replica's uvicorn: Ctrl-C reaches every process of the group, and only the front acts on it."""
+    """A replica's uvicorn stops when the front tells it to, never on a signal of its own: Ctrl-C reaches every
+    process of the group and a service manager's SIGTERM may too, and the front passes either on, once."""
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if sig != signal.SIGINT:
-            super().handle_exit(sig, frame)
+        pass
+
+    def follow(self, conn: Connection) -> None:
+        """Take each STOP from the front as a lone server takes a signal, and the front's end (however it went:
+        multiprocessing's sentinel of the parent process, which a forked child's copy of the pipe cannot hide) as
+        one too."""
+        front = mp.parent_process()
+        while True:
+            ready = wait([conn, front.sentinel])
+            if front.sentinel in ready:
+                log.warning("the API server is gone; draining")
+                super().handle_exit(signal.SIGTERM, None)
+                return
+            conn.recv()
+            super().handle_exit(signal.SIGTERM, None)
 
 
 def run_replica(index: int, config: Config, placement: Placement, conn: Connection) -> None:
@@ -191,7 +215,8 @@ def run_replica(index: int, config: Config, placement: Placement, conn: Connecti
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, placement.cpus)
     torch.set_num_threads(len(placement.cpus))
-    configure_logging(config.server.log_level)
+    if not logging.getLogger("localmoe").handlers:  # spawned: not forked from the front, which has its handler
+        configure_logging(config.server.log_level)
     try:
         app = serving_app(config)
     except typer.Exit as e:  # serving_app has said why
@@ -199,10 +224,11 @@ def run_replica(index: int, config: Config, placement: Placement, conn: Connecti
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     conn.send(sock.getsockname()[1])
-    threading.Thread(target=_drain_when_orphaned, args=(conn,), name="localmoe-dp-watch", daemon=True).start()
     settings = uvicorn.Config(app, log_level=config.server.log_level, timeout_graceful_shutdown=GRACEFUL_CLOSE_SECONDS,
                               access_log=False)  # the front logs each request
-    ReplicaServer(settings, app.state.drain).run(sockets=[sock])
+    server = ReplicaServer(settings, app.state.drain)
+    threading.Thread(target=server.follow, args=(conn,), name="localmoe-dp-follow", daemon=True).start()
+    server.run(sockets=[sock])
 
 
 def _healthy(url: str) -> bool:
@@ -210,12 +236,3 @@ def _healthy(url: str) -> bool:
         return httpx.get(f"{url}/health", timeout=5).status_code == 200
     except httpx.TransportError:
         return False
-
-
-def _drain_when_orphaned(conn: Connection) -> None:
-    """The front never writes to the pipe; it closes when the front exits, however it exits."""
-    try:
-        conn.recv()
-    except EOFError:
-        log.warning("the API server is gone; draining")
-        os.kill(os.getpid(), signal.SIGTERM)

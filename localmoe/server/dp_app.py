@@ -252,9 +252,9 @@ class _Fixed:
 
 
 class FrontServer(uvicorn.Server):
-    """The front's uvicorn: an exit signal is passed on to the replicas as SIGTERM (the first drains them, a second
-    ends them at once) and the front exits once they all have; until then it relays their answers (503 for new
-    requests while they drain)."""
+    """The front's uvicorn: each exit signal is passed on to the replicas (the first drains them, a second ends them
+    at once) and the front exits once they all have; until then it relays their answers (503 for new requests while
+    they drain)."""
 
     def __init__(self, settings: uvicorn.Config, replicas: list[Replica]) -> None:
         super().__init__(settings)
@@ -264,7 +264,7 @@ class FrontServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.stopping = True
         for replica in self.replicas:
-            replica.terminate()
+            replica.signal_stop()
 
     async def on_tick(self, counter: int) -> bool:
         if self.stopping and not any(replica.alive for replica in self.replicas):
