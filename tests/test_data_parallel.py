@@ -117,7 +117,7 @@ def test_unknown_replica_and_model_admin_are_refused(server):
 def test_a_killed_replica_fails_health_and_its_requests_while_the_other_serves(server, client):
     """Runs last: it leaves the server with one replica."""
     model = client.models.list().data[0].id
-    fields = {"max_tokens": 400, "extra_body": {"ignore_eos": True}}
+    fields = {"max_tokens": 1000, "extra_body": {"ignore_eos": True}}  # long enough to be killed mid-way
 
     def run(i: int) -> str:
         try:
