@@ -198,7 +198,7 @@ class ModelRunner:
                       "larger memory limit, a shorter max_model_len or kv_cache_memory leave more)")
         return OffloadPlan(model_dir, config.expert_offload_target, config.expert_cache_size or None,
                            config.expert_cache_policy, config.expert_prefetch, memory,
-                           memory_source=source)
+                           memory_source=source, measured_before_store=config.expert_cache_bytes == "auto")
 
     def _host_kv_bytes(self) -> int:
         """kv_cache_memory; by default 2 GiB, or an eighth of what the process may still use where that is less
