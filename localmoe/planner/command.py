@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from functools import partial
 from typing import Any
 
 from localmoe.models.hub import HubError, hub_snapshot, is_hub_id
+from localmoe.planner.gguf import gguf_config, gguf_weight_bytes, is_gguf
 from localmoe.planner.memory import KV_BYTES, KV_SCALE_BYTES, MARGIN_FRACTION, Plan, parse_device, plan_memory
 from localmoe.planner.shape import PlanError, load_config, model_shape
 
@@ -14,14 +16,15 @@ from localmoe.planner.shape import PlanError, load_config, model_shape
 def plan_command(model: str, dtype: str = "bf16", device: str = "H100-80GB", max_model_len: int | None = None,
                  max_num_seqs: int = 256, kv_cache_dtype: str = "auto", json_output: bool = False,
                  quantization: str = "auto") -> str:
-    """Plan `model` (checkpoint dir, config.json, known name or hub id) on `device`; the text to print.
+    """Plan `model` (checkpoint dir, config.json, GGUF file, known name or hub id) on `device`; the text to print.
 
     Raises PlanError (a ValueError) with a message for the user on any bad input.
     """
-    name, config = model_config(model)
+    name, config = (model, gguf_config(model)) if is_gguf(model) else model_config(model)
     plan = plan_memory(model_shape(name, config), parse_device(device), dtype=dtype, max_model_len=max_model_len,
                        max_num_seqs=max_num_seqs, kv_cache_dtype=kv_cache_dtype, quantization=quantization,
-                       quantization_config=config.get("quantization_config"))
+                       quantization_config=config.get("quantization_config"),
+                       held=partial(gguf_weight_bytes, model) if is_gguf(model) else None)
     return json.dumps(plan_dict(plan), indent=2) if json_output else format_plan(plan)
 
 
