@@ -153,6 +153,11 @@ def serve(
     enable_auto_tool_choice: Annotated[Optional[bool], typer.Option(
         "--enable-auto-tool-choice", help=flag_help(ServerConfig, "enable_auto_tool_choice"))] = None,
     tool_call_parser: Annotated[Optional[str], typer.Option(help=flag_help(ServerConfig, "tool_call_parser"))] = None,
+    # tenants: keys with roles, limits and priorities; counters shared through Redis
+    api_keys_file: Annotated[Optional[str], typer.Option(
+        envvar="LOCALMOE_API_KEYS_FILE", help=flag_help(ServerConfig, "api_keys_file"))] = None,
+    redis_url: Annotated[Optional[str], typer.Option(
+        envvar="LOCALMOE_REDIS_URL", help=flag_help(ServerConfig, "redis_url"))] = None,
     *,
     engine_flags: dict[str, Any],
 ) -> None:
@@ -167,7 +172,8 @@ def serve(
                                      log_level=log_level, shutdown_timeout=shutdown_timeout,
                                      engine_stall_timeout=engine_stall_timeout, chat_template=chat_template,
                                      enable_auto_tool_choice=enable_auto_tool_choice,
-                                     tool_call_parser=tool_call_parser)
+                                     tool_call_parser=tool_call_parser,
+                                     api_keys_file=api_keys_file, redis_url=redis_url)
     except ValueError as e:  # a ConfigError, or a TGI variable that does not parse
         raise fail(str(e), EXIT_CONFIG) from None
     run_server(settings)
