@@ -29,6 +29,8 @@ from localmoe.planner import PlanError, plan_command
 from localmoe.sampling_params import SamplingParams, SamplingParamsError
 from localmoe.server.app import build_app
 from localmoe.server.drain import DrainingServer
+from localmoe.server.redis_counters import check_redis
+from localmoe.server.usage_counters import CountersUnavailable
 from localmoe.server.tgi import tgi_environment
 from localmoe.train.corpus import build_corpus, summary
 from localmoe.train.trainer import TrainConfig
@@ -121,6 +123,11 @@ def load_engine(config: Config) -> LLMEngine:
 def run_server(config: Config) -> None:
     """Load the model, then serve it until a signal drains it (server/drain.py)."""
     configure_logging(config.server.log_level)
+    if config.server.redis_url is not None:  # tenants: the shared counters answer, or nothing starts
+        try:
+            check_redis(config.server.redis_url)
+        except CountersUnavailable as e:
+            raise fail(str(e), EXIT_CONFIG) from None
     engines = []
     for engine in config.engines:
         own = config.for_engine(engine)

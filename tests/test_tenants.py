@@ -18,7 +18,9 @@ import pytest
 import redis
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
+from typer.testing import CliRunner
 
+from localmoe import cli
 from localmoe.config import ConfigError, load_config
 from localmoe.server.rate_limits import KeyMetrics, RateLimiter
 from localmoe.server.redis_counters import RedisCounters
@@ -136,6 +138,16 @@ def test_bad_keys_files_are_refused_with_the_reason(tmp_path: Path, monkeypatch:
         load_config(None, {"server": {"api_keys_file": str(path), "api_key": "sk-flag"}})
     with pytest.raises(ConfigError, match="redis_url"):
         load_config(None, {"server": {"redis_url": "localhost:6379"}})
+
+
+def test_serve_refuses_a_bad_keys_file_or_an_unreachable_redis(tmp_path: Path) -> None:
+    """Before any model loads: exit 2 (a configuration that cannot be used) with the reason, no traceback."""
+    path = tmp_path / "keys.yaml"
+    path.write_text("keys:\n  - {key: a, tokens_per_minute: many}\n")
+    for args, reason in ((["--api-keys-file", str(path)], "keys.0.tokens_per_minute"),
+                         (["--redis-url", f"redis://127.0.0.1:{free_port()}/0"], "cannot reach Redis")):
+        result = CliRunner().invoke(cli.app, ["serve", "--model", "localmoe-random", *args])
+        assert result.exit_code == 2 and reason in result.output, result.output
 
 
 def test_a_key_priority_is_the_default_and_the_most_urgent() -> None:

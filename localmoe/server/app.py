@@ -57,7 +57,6 @@ def build_app(aengines: list[tuple[AsyncEngine, Config]], config: Config) -> Fas
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await limiter.counters.check()  # a --redis-url that cannot be reached stops the start
         for model in registry:
             model.start()
         try:

@@ -8,6 +8,7 @@ again, should another replica have admitted in between: two replicas can never b
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import redis.asyncio as redis
@@ -37,7 +38,6 @@ class RedisCounters:
         return f"{base}:requests", f"{base}:tokens", f"{base}:in_flight", f"{base}:totals"
 
     async def check(self) -> None:
-        """Refuse to start against a Redis that cannot be reached."""
         try:
             await self.redis.ping()
         except (RedisError, OSError) as e:
@@ -114,3 +114,15 @@ class RedisCounters:
 
     async def close(self) -> None:
         await self.redis.aclose()
+
+
+def check_redis(url: str) -> None:
+    """Refuse to start against a Redis that cannot be reached, before the models load (on a client of its own: an
+    asyncio client belongs to the event loop it first ran on)."""
+    async def ping() -> None:
+        counters = RedisCounters(url)
+        try:
+            await counters.check()
+        finally:
+            await counters.close()
+    asyncio.run(ping())

@@ -117,8 +117,5 @@ class LocalCounters:
     async def totals(self) -> dict[str, dict[str, int]]:
         return {name: dict(state.totals) for name, state in self.keys.items()}
 
-    async def check(self) -> None:
-        pass
-
     async def close(self) -> None:
         pass
