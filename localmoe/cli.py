@@ -29,6 +29,8 @@ from localmoe.planner import PlanError, plan_command
 from localmoe.sampling_params import SamplingParams, SamplingParamsError
 from localmoe.server.app import build_app
 from localmoe.server.drain import DrainingServer
+from localmoe.server.redis_counters import check_redis
+from localmoe.server.usage_counters import CountersUnavailable
 from localmoe.server.tgi import tgi_environment
 from localmoe.train.corpus import build_corpus, summary
 from localmoe.train.trainer import TrainConfig
@@ -121,6 +123,11 @@ def load_engine(config: Config) -> LLMEngine:
 def run_server(config: Config) -> None:
     """Load the model, then serve it until a signal drains it (server/drain.py)."""
     configure_logging(config.server.log_level)
+    if config.server.redis_url is not None:  # tenants: the shared counters answer, or nothing starts
+        try:
+            check_redis(config.server.redis_url)
+        except CountersUnavailable as e:
+            raise fail(str(e), EXIT_CONFIG) from None
     engines = []
     for engine in config.engines:
         own = config.for_engine(engine)
@@ -153,6 +160,11 @@ def serve(
     enable_auto_tool_choice: Annotated[Optional[bool], typer.Option(
         "--enable-auto-tool-choice", help=flag_help(ServerConfig, "enable_auto_tool_choice"))] = None,
     tool_call_parser: Annotated[Optional[str], typer.Option(help=flag_help(ServerConfig, "tool_call_parser"))] = None,
+    # tenants: keys with roles, limits and priorities; counters shared through Redis
+    api_keys_file: Annotated[Optional[str], typer.Option(
+        envvar="LOCALMOE_API_KEYS_FILE", help=flag_help(ServerConfig, "api_keys_file"))] = None,
+    redis_url: Annotated[Optional[str], typer.Option(
+        envvar="LOCALMOE_REDIS_URL", help=flag_help(ServerConfig, "redis_url"))] = None,
     *,
     engine_flags: dict[str, Any],
 ) -> None:
@@ -167,7 +179,8 @@ def serve(
                                      log_level=log_level, shutdown_timeout=shutdown_timeout,
                                      engine_stall_timeout=engine_stall_timeout, chat_template=chat_template,
                                      enable_auto_tool_choice=enable_auto_tool_choice,
-                                     tool_call_parser=tool_call_parser)
+                                     tool_call_parser=tool_call_parser,
+                                     api_keys_file=api_keys_file, redis_url=redis_url)
     except ValueError as e:  # a ConfigError, or a TGI variable that does not parse
         raise fail(str(e), EXIT_CONFIG) from None
     run_server(settings)

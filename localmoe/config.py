@@ -18,6 +18,7 @@ from localmoe.engine.speculative_config import SpeculativeConfig, parse_speculat
 from localmoe.models.hub import HubError, hub_checkpoint, hub_tokenizer, is_hub_id
 from localmoe.quant.scheme import LOAD_TIME, QuantScheme, quant_scheme
 from localmoe.server.chat_template import load_chat_template
+from localmoe.server.tenants import APIKey, key_ring, read_keys_file
 from localmoe.server.tool_parsers import TOOL_PARSERS
 from localmoe.server.tool_use import ToolSettings
 
@@ -32,6 +33,7 @@ class ConfigError(ValueError):
 ROUTINGS = ("topk_softmax", "expert_choice", "soft_moe", "hash")
 EXPERT_CACHE_POLICIES = ("lru", "lfu", "lfru")
 EXPERT_OFFLOAD_TARGETS = ("host", "disk")
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")  # what redis-py's from_url reads
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # vLLM's names; fp8 means e4m3
 # model.quantization_type values that name an unquantized dtype (the original guide's "fp16"): they set the dtype
 QUANTIZATION_DTYPES = {"fp16": "float16", "float16": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16",
@@ -309,14 +311,29 @@ class ServerConfig:
         None, "Select the tool call parser depending on the model that you're using. This is used to parse the "
         "model-generated tool call into OpenAI API format. Required for --enable-auto-tool-choice. "
         f"Choices: {', '.join(TOOL_PARSERS)}.")
+    # tenants: API keys with roles, limits and priorities, and the counters they share (server/rate_limits.py)
+    api_keys_file: str | None = setting(
+        None, "YAML file of API keys: `keys:`, a list of {name, key (or key_env: an environment variable holding "
+        "it), role (user or admin), priority, requests_per_minute, tokens_per_minute, max_concurrent_requests}; "
+        "they are taken beside --api-key and --admin-api-key. If unspecified, those two alone.")
+    redis_url: str | None = setting(
+        None, "Redis server (redis://HOST:PORT/DB, rediss://, unix://) holding the API keys' limits and usage, "
+        "shared by every replica that names it. If unspecified, each process counts on its own.")
 
     def validate(self) -> None:
         try:
             ToolSettings(self.enable_auto_tool_choice, self.tool_call_parser)
             if self.chat_template is not None:
                 load_chat_template(self.chat_template)
+            key_ring(self.api_key, self.admin_api_key, self.file_keys())
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        if self.redis_url is not None and not self.redis_url.startswith(REDIS_SCHEMES):
+            raise ConfigError(f"redis_url: {self.redis_url!r} is not a Redis URL ({', '.join(REDIS_SCHEMES)}...)")
+
+    def file_keys(self) -> tuple[APIKey, ...]:
+        """The keys of --api-keys-file (none without one)."""
+        return () if self.api_keys_file is None else tuple(read_keys_file(self.api_keys_file))
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,8 @@ from localmoe.server.protocol import (
 from localmoe.server.model_admin import ADMIN_PATHS, add_admin_routes
 from localmoe.server.model_registry import ModelRegistry
 from localmoe.server.tgi import add_tgi_routes
+from localmoe.server.rate_limits import USAGE_PATH, RateLimitMiddleware, add_usage_route, rate_limiter
+from localmoe.server.tenants import key_ring
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,11 @@ def build_app(aengines: list[tuple[AsyncEngine, Config]], config: Config) -> Fas
     for aengine, own in aengines:
         registry.add(aengine, own)
 
+    # tenants: the keys' limits, priorities and usage (server/rate_limits.py)
+    file_keys = config.server.file_keys()
+    keys = list(key_ring(config.server.api_key, config.server.admin_api_key, file_keys).values())
+    limiter = rate_limiter(metrics.registry, keys, config.server.redis_url)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         for model in registry:
@@ -57,19 +64,22 @@ def build_app(aengines: list[tuple[AsyncEngine, Config]], config: Config) -> Fas
         finally:
             for model in registry:
                 model.stop()
+            await limiter.counters.close()
 
     app = FastAPI(title="LocalMoE", version=__version__, lifespan=lifespan)
     install_openapi(app)
     app.state.models = registry
     app.state.drain = drain = Drain(lambda: registry.engines, config.server.shutdown_timeout)
+    app.add_middleware(RateLimitMiddleware, limiter=limiter)  # inside the drain: a refused request counts nothing
     app.add_middleware(DrainMiddleware, drain=drain)
     # outermost but one: nothing is answered before the key is checked; the admin routes take the admin key only
     app.add_middleware(APIKeyMiddleware, api_key=config.server.api_key, admin_key=config.server.admin_api_key,
-                       admin_paths=ADMIN_PATHS)
+                       admin_paths=ADMIN_PATHS, keys=file_keys, admin_reads=frozenset({USAGE_PATH}))
     app.add_middleware(HTTPMetricsMiddleware, counter=metrics.http_requests)  # outermost: counts every answer
     _add_error_handlers(app)
     add_admin_routes(app, registry, config)
     add_tgi_routes(app, registry)
+    add_usage_route(app, limiter)
 
     @app.get("/health")
     async def health() -> Response:

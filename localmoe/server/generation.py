@@ -23,6 +23,7 @@ from localmoe.outputs import RequestOutput
 from localmoe.sampling_params import SamplingParams
 from localmoe.server.errors import APIError
 from localmoe.server.metrics import ServerMetrics
+from localmoe.server.rate_limits import KeyUse
 
 T = TypeVar("T")
 
@@ -35,10 +36,13 @@ class Prompt:
 
 class Generation:
     def __init__(self, aengine: AsyncEngine, metrics: ServerMetrics, base_id: str,
-                 prompts: list[Prompt], params: list[SamplingParams], priority: int = 0,
-                 busy_status: HTTPStatus = HTTPStatus.SERVICE_UNAVAILABLE) -> None:
-        """`busy_status`: the answer when the waiting queue is full (TGI's routes answer 429)."""
+                 prompts: list[Prompt], params: list[SamplingParams], priority: int | None = None,
+                 busy_status: HTTPStatus = HTTPStatus.SERVICE_UNAVAILABLE, key_use: KeyUse | None = None) -> None:
+        """`priority`: what the request asks (None: nothing); `busy_status`: the answer when the waiting queue is
+        full (TGI's routes answer 429); `key_use`: the API key it came with, which sets its priority's default and
+        bound, and counts its tokens."""
         self.request_ids = [f"{base_id}-{i}" for i in range(len(prompts))]
+        priority = key_use.priority(priority) if key_use is not None else priority or 0
         try:  # every field checked against the model before the request takes a place, let alone a stream
             self.requests = [aengine.engine.make_request(request_id, prompt.text, prompt.token_ids, p, priority)
                              for request_id, prompt, p in zip(self.request_ids, prompts, params)]
@@ -57,6 +61,7 @@ class Generation:
         self.prompts = prompts
         self.base_id = base_id
         self.unfinished = set(self.request_ids)
+        self.key_use = key_use
         self._reserved = {request_id: p.n for request_id, p in zip(self.request_ids, params)}
 
     async def stream(self) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -99,11 +104,16 @@ class Generation:
 
     async def _pump(self, i: int, queue: asyncio.Queue[tuple[int, RequestOutput | Exception | None]]) -> None:
         request_id = self.request_ids[i]
+        last: RequestOutput | None = None  # its tokens not yet counted against its key
         try:
             async for output in self.aengine.stream(self.requests[i]):
+                last = output
                 if output.finished:
                     self.unfinished.discard(request_id)
                     self.metrics.observe_finished(output)
+                    if self.key_use is not None:  # counted before the client sees the end, for its next request
+                        last = None
+                        await self.key_use.count(output)
                 queue.put_nowait((i, output))
         except RequestError as e:
             queue.put_nowait((i, APIError(str(e), param=e.param)))
@@ -115,6 +125,8 @@ class Generation:
             queue.put_nowait((i, None))
         finally:
             self._release(request_id)
+            if self.key_use is not None and last is not None:  # aborted: what it used so far
+                self.key_use.count_later(last)
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:

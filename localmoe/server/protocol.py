@@ -136,6 +136,10 @@ class SamplingRequest(OpenAIRequest):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
 
+    def asked_priority(self) -> int | None:
+        """The priority the request sets, None where it sets none (its API key's then holds)."""
+        return self.priority if "priority" in self.model_fields_set else None
+
     def sampling_fields(self) -> dict[str, Any]:
         """The SamplingParams keyword arguments this request sets (None: keep the default)."""
         names = ("n", "temperature", "top_p", "presence_penalty", "frequency_penalty", "stop", "seed", "top_k",

@@ -31,6 +31,7 @@ from localmoe.server.protocol import (
     CompletionResponse, DeltaMessage, DeltaToolCall, FunctionCall, SamplingRequest, TokenLogprob, ToolCall,
     TopLogprob, UsageInfo,
 )
+from localmoe.server.rate_limits import key_use_of
 from localmoe.server.tool_use import ToolChoiceError, ToolDeltas, ToolSettings, ToolUse
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ class OpenAIServing:
             params = [dataclasses.replace(p, prompt_logprobs=request.logprobs) for p in params]
         await self.compile_grammar(params[0])
         generation = Generation(self.aengine, self.metrics, f"cmpl-{uuid.uuid4().hex}", prompts, params,
-                                request.priority)
+                                request.asked_priority(), key_use=key_use_of(raw_request))
         if request.stream:
             return _sse(self._completion_stream(request, generation), generation)
         outputs = await _final_outputs(raw_request, generation)
@@ -162,7 +163,7 @@ class OpenAIServing:
             params = dataclasses.replace(params, skip_special_tokens=False)
         await self.compile_grammar(params)
         generation = Generation(self.aengine, self.metrics, f"chatcmpl-{uuid.uuid4().hex}", [prompt], [params],
-                                request.priority)
+                                request.asked_priority(), key_use=key_use_of(raw_request))
         if request.stream:
             return _sse(self._chat_stream(request, use, generation), generation)
         outputs = await _final_outputs(raw_request, generation)
