@@ -227,9 +227,13 @@ def test_requests_per_minute(url: str) -> None:
     response = refused.value.response
     assert 1 <= int(response.headers["retry-after"]) <= 60
     assert response.json()["error"]["code"] == 429 and "requests per minute" in response.json()["error"]["message"]
+    tgi = httpx.post(f"{url}/generate", json={"inputs": "Hello", "parameters": {"max_new_tokens": 2}},
+                     headers={"Authorization": f"Bearer {KEYS['rpm']}"}, timeout=60)  # TGI's route, TGI's error
+    assert tgi.status_code == 429 and 1 <= int(tgi.headers["retry-after"]) <= 60
+    assert tgi.json()["error_type"] == "overloaded" and "requests per minute" in tgi.json()["error"]
     series = key_series(url)
     assert series["localmoe:api_key_requests_total", "rpm"] == 3
-    assert series["localmoe:api_key_requests_rejected_total", "rpm", "requests_per_minute"] == 1
+    assert series["localmoe:api_key_requests_rejected_total", "rpm", "requests_per_minute"] == 2
 
 
 def test_concurrent_requests(url: str) -> None:

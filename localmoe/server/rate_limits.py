@@ -35,7 +35,8 @@ from localmoe.server.usage_counters import CountersUnavailable, LocalCounters, R
 log = logging.getLogger(__name__)
 
 # what makes tokens: OpenAI's completions and chat completions, TGI's generate routes (POST only)
-LIMITED_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/generate", "/generate_stream", "/"})
+TGI_PATHS = frozenset({"/generate", "/generate_stream", "/"})
+LIMITED_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"}) | TGI_PATHS
 USAGE_PATH = "/v1/stats/usage"
 LIMIT_WORDS = {"requests_per_minute": "requests per minute", "tokens_per_minute": "tokens per minute",
                "max_concurrent_requests": "concurrent requests"}
@@ -178,7 +179,12 @@ class RateLimitMiddleware:
         ticket = uuid.uuid4().hex
         refused = await self.limiter.admit(key, ticket)
         if refused is not None:
-            await refusal_error(key, refused).response()(scope, receive, send)
+            error = refusal_error(key, refused)
+            if scope["path"] in TGI_PATHS:  # TGI's clients read its own error JSON
+                from localmoe.server.tgi import TGIError  # tgi.py imports this module
+
+                error = TGIError.of(error)
+            await error.response()(scope, receive, send)
             return
         scope["state"]["key_use"] = KeyUse(key, self.limiter)
         held = True

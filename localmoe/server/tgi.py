@@ -62,20 +62,20 @@ def tgi_environment(environ: dict[str, str]) -> dict[str, dict[str, Any]]:
 
 class TGIError(Exception):
     def __init__(self, message: str, status: HTTPStatus = HTTPStatus.UNPROCESSABLE_ENTITY,
-                 error_type: str = "validation") -> None:
+                 error_type: str = "validation", headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.message, self.status, self.error_type = message, status, error_type
+        self.message, self.status, self.error_type, self.headers = message, status, error_type, headers
 
     @classmethod
     def of(cls, error: APIError) -> "TGIError":
         status, kind = TGI_STATUS.get(error.status, (HTTPStatus.FAILED_DEPENDENCY, "generation"))
-        return cls(error.message, status, kind)
+        return cls(error.message, status, kind, error.headers)
 
     def body(self) -> dict[str, str]:
         return {"error": self.message, "error_type": self.error_type}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 class Grammar(BaseModel):
