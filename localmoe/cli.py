@@ -29,6 +29,7 @@ from localmoe.planner import PlanError, plan_command
 from localmoe.sampling_params import SamplingParams, SamplingParamsError
 from localmoe.server.app import build_app
 from localmoe.server.drain import DrainingServer
+from localmoe.server.instance_ports import instance_ports, listening_sockets
 from localmoe.server.tgi import tgi_environment
 from localmoe.train.corpus import build_corpus, summary
 from localmoe.train.trainer import TrainConfig
@@ -121,17 +122,21 @@ def load_engine(config: Config) -> LLMEngine:
 def run_server(config: Config) -> None:
     """Load the model, then serve it until a signal drains it (server/drain.py)."""
     configure_logging(config.server.log_level)
-    engines = []
-    for engine in config.engines:
-        own = config.for_engine(engine)
-        engines.append((AsyncEngine(lambda own=own: load_engine(own), config.server.engine_stall_timeout), own))
+    try:  # vllm_instances' own ports, bound before any model loads (server/instance_ports.py)
+        ports = instance_ports(config)
+        sockets = listening_sockets(config, ports) if ports else None
+    except ConfigError as e:
+        raise fail(str(e), EXIT_CONFIG) from None
+    engines = [(AsyncEngine(lambda own=own: load_engine(own), config.server.engine_stall_timeout), own)
+               for own in config.served()]
     host, port = config.server.host, config.server.port
     names = ", ".join(aengine.engine.model_name for aengine, _ in engines)
-    typer.echo(f"Serving {names} at http://{host}:{port}/v1")
+    typer.echo(f"Serving {names} at http://{host}:{port}/v1"
+               + "".join(f", {name} at http://{host}:{own_port}/v1 too" for own_port, name in ports.items()))
     app = build_app(engines, config)
     settings = uvicorn.Config(app, host=host, port=port, log_level=config.server.log_level,
                               timeout_graceful_shutdown=GRACEFUL_CLOSE_SECONDS)
-    DrainingServer(settings, app.state.drain).run()
+    DrainingServer(settings, app.state.drain).run(sockets)
 
 
 @app.command()

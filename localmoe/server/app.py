@@ -31,10 +31,12 @@ from localmoe.server.dashboard import DASHBOARD_PAGE
 from localmoe.server.drain import Drain, DrainMiddleware
 from localmoe.server.protocol import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
-    TokenizeRequest, TokenizeResponse,
+    ModelVersionCard, TokenizeRequest, TokenizeResponse,
 )
 from localmoe.server.model_admin import ADMIN_PATHS, add_admin_routes
-from localmoe.server.model_registry import ModelRegistry
+from localmoe.server.model_registry import ModelRegistry, ServedModel
+from localmoe.server.canary import VERSION_HEADER, sticky_key
+from localmoe.server.instance_ports import PinnedPortMiddleware, instance_ports
 from localmoe.server.tgi import add_tgi_routes
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,9 @@ def build_app(aengines: list[tuple[AsyncEngine, Config]], config: Config) -> Fas
     # outermost but one: nothing is answered before the key is checked; the admin routes take the admin key only
     app.add_middleware(APIKeyMiddleware, api_key=config.server.api_key, admin_key=config.server.admin_api_key,
                        admin_paths=ADMIN_PATHS)
+    ports = instance_ports(config)
+    if ports:  # vllm_instances' own ports (server/instance_ports.py): pins requests on them to their model
+        app.add_middleware(PinnedPortMiddleware, ports=ports)
     app.add_middleware(HTTPMetricsMiddleware, counter=metrics.http_requests)  # outermost: counts every answer
     _add_error_handlers(app)
     add_admin_routes(app, registry, config)
@@ -112,17 +117,33 @@ def build_app(aengines: list[tuple[AsyncEngine, Config]], config: Config) -> Fas
 
     @app.get("/v1/models")
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=model.name, root=model.config.engine.model_name or model.name,
-                                         max_model_len=model.serving.max_model_len, state="loaded")
-                               for model in registry])
+        cards = []
+        for name, versions in registry.listed().items():
+            model = next(iter(versions.values()))
+            cards.append(ModelCard(id=name, root=model.config.engine.model_name or name,
+                                   max_model_len=model.serving.max_model_len, state="loaded",
+                                   versions=[ModelVersionCard(version=v, root=m.config.engine.model_name or name,
+                                                              weight=m.weight) for v, m in versions.items()]))
+        return ModelList(data=cards)
+
+    # canary (server/canary.py): the version that serves a request is drawn by weight, sticky by a key it carries,
+    # and named in the answer's headers
+    def routed(request: CompletionRequest | ChatCompletionRequest, raw_request: Request) -> ServedModel:
+        return registry.route(request.model, sticky_key(raw_request.headers, request.user))
+
+    def with_version(response: Response, model: ServedModel) -> Response:
+        response.headers[VERSION_HEADER] = model.version
+        return response
 
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest, raw_request: Request) -> Response:
-        return await registry.get(request.model).serving.create_completion(request, raw_request)
+        model = routed(request, raw_request)
+        return with_version(await model.serving.create_completion(request, raw_request), model)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatCompletionRequest, raw_request: Request) -> Response:
-        return await registry.get(request.model).serving.create_chat_completion(request, raw_request)
+        model = routed(request, raw_request)
+        return with_version(await model.serving.create_chat_completion(request, raw_request), model)
 
     @app.post("/tokenize")
     async def tokenize(request: TokenizeRequest) -> TokenizeResponse:

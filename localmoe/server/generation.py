@@ -49,7 +49,7 @@ class Generation:
             raise APIError(f"this request asks for {num_seqs} sequences (prompts x n), more than the server ever "
                            f"holds at once ({aengine.capacity}: max_num_seqs + max_waiting_requests)", param="n")
         if not aengine.try_reserve(num_seqs):
-            metrics.requests_rejected.labels(metrics.model_name, str(busy_status.value)).inc()
+            metrics.requests_rejected.labels(*metrics.labels, str(busy_status.value)).inc()
             raise APIError("The server is overloaded: its waiting queue is full. Retry shortly.", busy_status,
                            headers={"Retry-After": "1"})
         self.aengine = aengine
