@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import logging.config
 import os
 import typing
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from localmoe.sampling_params import SamplingParams, SamplingParamsError
 from localmoe.server.app import build_app
 from localmoe.server.drain import DrainingServer
 from localmoe.server.instance_ports import instance_ports, listening_sockets
+from localmoe.server.request_log import json_log_config
 from localmoe.server.tgi import tgi_environment
 from localmoe.train.corpus import build_corpus, summary
 from localmoe.train.trainer import TrainConfig
@@ -100,8 +102,12 @@ def fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
-def configure_logging(level: str) -> None:
-    """LocalMoE's own log lines (kernel builds, failed requests, health, drain) beside uvicorn's, at its level."""
+def configure_logging(level: str, log_format: str = "text") -> None:
+    """LocalMoE's own log lines (kernel builds, failed requests, health, drain) beside uvicorn's, at its level; as
+    JSON with each request's id for json (server/request_log.py; uvicorn is given the same config)."""
+    if log_format == "json":
+        logging.config.dictConfig(json_log_config(level))
+        return
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
     logger = logging.getLogger("localmoe")
@@ -121,7 +127,7 @@ def load_engine(config: Config) -> LLMEngine:
 
 def run_server(config: Config) -> None:
     """Load the model, then serve it until a signal drains it (server/drain.py)."""
-    configure_logging(config.server.log_level)
+    configure_logging(config.server.log_level, config.server.log_format)
     try:  # vllm_instances' own ports, bound before any model loads (server/instance_ports.py)
         ports = instance_ports(config)
         sockets = listening_sockets(config, ports) if ports else None
@@ -135,7 +141,9 @@ def run_server(config: Config) -> None:
                + "".join(f", {name} at http://{host}:{own_port}/v1 too" for own_port, name in ports.items()))
     app = build_app(engines, config)
     settings = uvicorn.Config(app, host=host, port=port, log_level=config.server.log_level,
-                              timeout_graceful_shutdown=GRACEFUL_CLOSE_SECONDS)
+                              timeout_graceful_shutdown=GRACEFUL_CLOSE_SECONDS,
+                              **({"log_config": json_log_config(config.server.log_level)}
+                                 if config.server.log_format == "json" else {}))
     DrainingServer(settings, app.state.drain).run(sockets)
 
 
@@ -158,6 +166,9 @@ def serve(
     enable_auto_tool_choice: Annotated[Optional[bool], typer.Option(
         "--enable-auto-tool-choice", help=flag_help(ServerConfig, "enable_auto_tool_choice"))] = None,
     tool_call_parser: Annotated[Optional[str], typer.Option(help=flag_help(ServerConfig, "tool_call_parser"))] = None,
+    log_format: Annotated[Optional[str], typer.Option(help=flag_help(ServerConfig, "log_format"))] = None,
+    otlp_traces_endpoint: Annotated[Optional[str], typer.Option(
+        help=flag_help(ServerConfig, "otlp_traces_endpoint"))] = None,
     *,
     engine_flags: dict[str, Any],
 ) -> None:
@@ -172,7 +183,8 @@ def serve(
                                      log_level=log_level, shutdown_timeout=shutdown_timeout,
                                      engine_stall_timeout=engine_stall_timeout, chat_template=chat_template,
                                      enable_auto_tool_choice=enable_auto_tool_choice,
-                                     tool_call_parser=tool_call_parser)
+                                     tool_call_parser=tool_call_parser,
+                                     log_format=log_format, otlp_traces_endpoint=otlp_traces_endpoint)
     except ValueError as e:  # a ConfigError, or a TGI variable that does not parse
         raise fail(str(e), EXIT_CONFIG) from None
     run_server(settings)

@@ -7,6 +7,7 @@ the file, one flag per key; an unknown key is an error that names it.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -309,8 +310,19 @@ class ServerConfig:
         None, "Select the tool call parser depending on the model that you're using. This is used to parse the "
         "model-generated tool call into OpenAI API format. Required for --enable-auto-tool-choice. "
         f"Choices: {', '.join(TOOL_PARSERS)}.")
+    # logs and traces (issue 19): JSON log lines with each request's id; OpenTelemetry spans over OTLP
+    log_format: str = setting("text", "Format of the log lines: text, or json (one object per line, with the id of "
+                              "the request it belongs to: the caller's X-Request-Id, else a fresh one).")
+    otlp_traces_endpoint: str | None = setting(
+        None, "Target URL to which OpenTelemetry traces will be sent (gRPC, or OTLP/HTTP where "
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=http/protobuf): a span per request with queue, prefill and decode "
+        "spans, under the caller's traceparent. Needs the otel extra. If unspecified, no traces.")
 
     def validate(self) -> None:
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log_format: {self.log_format!r} is not one of text, json")
+        if self.otlp_traces_endpoint and importlib.util.find_spec("opentelemetry.sdk") is None:
+            raise ConfigError("otlp_traces_endpoint: traces need OpenTelemetry: pip install 'localmoe[otel]'")
         try:
             ToolSettings(self.enable_auto_tool_choice, self.tool_call_parser)
             if self.chat_template is not None:

@@ -37,6 +37,8 @@ from localmoe.server.model_admin import ADMIN_PATHS, add_admin_routes
 from localmoe.server.model_registry import ModelRegistry, ServedModel
 from localmoe.server.canary import VERSION_HEADER, sticky_key
 from localmoe.server.instance_ports import PinnedPortMiddleware, instance_ports
+from localmoe.server.request_log import RequestIdMiddleware
+from localmoe.server.tracing import RequestTracer, TracingMiddleware
 from localmoe.server.tgi import add_tgi_routes
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,9 @@ def build_app(aengines: list[tuple[AsyncEngine, Config]], config: Config) -> Fas
     for aengine, own in aengines:
         registry.add(aengine, own)
 
+    # OpenTelemetry only where asked for (server/tracing.py imports it then)
+    tracer = RequestTracer(config.server.otlp_traces_endpoint) if config.server.otlp_traces_endpoint else None
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         for model in registry:
@@ -59,6 +64,8 @@ def build_app(aengines: list[tuple[AsyncEngine, Config]], config: Config) -> Fas
         finally:
             for model in registry:
                 model.stop()
+            if tracer is not None:
+                tracer.shutdown()
 
     app = FastAPI(title="LocalMoE", version=__version__, lifespan=lifespan)
     install_openapi(app)
@@ -71,7 +78,10 @@ def build_app(aengines: list[tuple[AsyncEngine, Config]], config: Config) -> Fas
     ports = instance_ports(config)
     if ports:  # vllm_instances' own ports (server/instance_ports.py): pins requests on them to their model
         app.add_middleware(PinnedPortMiddleware, ports=ports)
-    app.add_middleware(HTTPMetricsMiddleware, counter=metrics.http_requests)  # outermost: counts every answer
+    app.add_middleware(HTTPMetricsMiddleware, counter=metrics.http_requests)  # counts every answer
+    if tracer is not None:
+        app.add_middleware(TracingMiddleware, tracer=tracer)
+    app.add_middleware(RequestIdMiddleware)  # outermost: every line logged about a request carries its id
     _add_error_handlers(app)
     add_admin_routes(app, registry, config)
     add_tgi_routes(app, registry)
