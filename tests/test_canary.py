@@ -14,9 +14,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from localmoe.config import ConfigError, load_config
-from localmoe.server.canary import VERSION_HEADER, choose_version, sticky_point
+import test_multi_model
+from localmoe.server.canary import VERSION_HEADER, choose_version
 from server_process import API_KEY, auth, free_port, serve
-from test_multi_model import ADMIN_KEY, PROMPT, SETTINGS, admin, alone, checkpoints, write  # noqa: F401 -- fixture
+from test_multi_model import ADMIN_KEY, PROMPT, SETTINGS, admin, write
+
+checkpoints = test_multi_model.checkpoints  # the same two checkpoints (a fixture), built for this module
 
 WEIGHTS = [("stable", 90.0), ("canary", 10.0)]
 
@@ -68,7 +71,7 @@ def test_versions_in_the_config_file(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def canary(checkpoints: dict[str, Path], tmp_path_factory):  # noqa: F811 -- test_multi_model's fixture
+def canary(checkpoints: dict[str, Path], tmp_path_factory):
     """`chat` served by two versions 90/10 (two different checkpoints, so a request routed to the wrong engine would
     show), and `solo` on a port of its own too, in the original's vllm_instances form."""
     directory = tmp_path_factory.mktemp("canary")
@@ -124,21 +127,24 @@ def test_requests_share_out_by_weight_and_metrics_say_which_version(canary) -> N
         == {("chat", "stable"), ("chat", "canary"), ("solo", "default")}
 
 
-def test_a_key_makes_the_choice_sticky_and_the_answer_names_the_version(canary, checkpoints) -> None:  # noqa: F811
-    url, _ = canary
-    texts = {"stable": alone(checkpoints["mixtral-a"]), "canary": alone(checkpoints["qwen-b"])}
+def test_a_key_makes_the_choice_sticky_and_the_answer_names_the_version(canary) -> None:
+    url, own = canary
     greedy = {"max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    solo = httpx.post(f"{own}/v1/completions", headers=auth(), json={"prompt": PROMPT, **greedy}).json()
+    texts = {}
     for version in ("stable", "canary"):
         user = key_on(version)
         answers = [complete(url, user=user, **greedy) for _ in range(3)]
         answers += [complete(url, {"X-Session-Id": user}, **greedy), complete(url, {"X-User": user}, **greedy)]
         assert {a.headers[VERSION_HEADER] for a in answers} == {version}
-        assert {a.json()["choices"][0]["text"] for a in answers} == {texts[version]}  # that version's engine
+        (texts[version],) = {a.json()["choices"][0]["text"] for a in answers}
         with httpx.stream("POST", f"{url}/v1/chat/completions", headers={**auth(), "X-Session-Id": user},
                           json={"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
                                 "stream": True}, timeout=120) as stream:
             assert stream.status_code == 200 and stream.headers[VERSION_HEADER] == version
             assert list(stream.iter_lines())[-2] == "data: [DONE]"
+    # each version's own engine answered: the canary's checkpoint is solo's, the stable one's another
+    assert texts["canary"] == solo["choices"][0]["text"] != texts["stable"]
 
 
 def test_an_instance_port_serves_its_model_alone(canary) -> None:
@@ -168,7 +174,7 @@ def test_weights_change_at_runtime_by_admin_only(canary) -> None:
     assert [(v["version"], v["weight"]) for v in cards[0]["versions"]] == [("stable", 0.0), ("canary", 1.0)]
 
 
-def test_a_version_loads_beside_the_others_and_unloads_alone(canary, checkpoints) -> None:  # noqa: F811
+def test_a_version_loads_beside_the_others_and_unloads_alone(canary, checkpoints) -> None:
     url, _ = canary
     body = {"model_name": str(checkpoints["mixtral-a"]), "served_model_name": "chat", "version": "nightly"}
     loaded = admin(url, "load", body)

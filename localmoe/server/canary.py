@@ -3,8 +3,8 @@
 A served name may point at several engines, its versions (a stable model and a canary, say, 90/10). A request
 without a key draws a version at random in proportion to the weights. A request with a key (the X-Session-Id or
 X-User header, else OpenAI's `user` field) hashes it to a point in [0, 1): the same key lands on the same version
-for as long as the weights stay. The versions split [0, 1) in their order, so raising the last version's weight
-(the canary's, when it was loaded last) moves keys only from the others onto it, never back.
+for as long as the weights stay. The versions split [0, 1) in their order, so as the last version's weight grows
+(the canary's, when it was loaded last) the keys it holds stay with it.
 """
 
 from __future__ import annotations

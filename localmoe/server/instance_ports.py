@@ -39,7 +39,8 @@ def listening_sockets(config: Config, ports: dict[int, str]) -> list[socket.sock
     sockets = []
     try:
         for port in (config.server.port, *ports):
-            sockets.append(socket.create_server((config.server.host, port), backlog=2048))
+            family = socket.AF_INET6 if ":" in config.server.host else socket.AF_INET
+            sockets.append(socket.create_server((config.server.host, port), family=family, backlog=2048))
     except OSError as e:
         for sock in sockets:
             sock.close()
