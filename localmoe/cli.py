@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import logging.config
 import os
 import typing
 from collections.abc import Callable
@@ -31,6 +32,8 @@ from localmoe.server.app import build_app
 from localmoe.server.drain import DrainingServer
 from localmoe.server.redis_counters import check_redis
 from localmoe.server.usage_counters import CountersUnavailable
+from localmoe.server.instance_ports import instance_ports, listening_sockets
+from localmoe.server.request_log import json_log_config
 from localmoe.server.tgi import tgi_environment
 from localmoe.train.corpus import build_corpus, summary
 from localmoe.train.trainer import TrainConfig
@@ -101,8 +104,12 @@ def fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
-def configure_logging(level: str) -> None:
-    """LocalMoE's own log lines (kernel builds, failed requests, health, drain) beside uvicorn's, at its level."""
+def configure_logging(level: str, log_format: str = "text") -> None:
+    """LocalMoE's own log lines (kernel builds, failed requests, health, drain) beside uvicorn's, at its level; as
+    JSON with each request's id for json (server/request_log.py; uvicorn is given the same config)."""
+    if log_format == "json":
+        logging.config.dictConfig(json_log_config(level))
+        return
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
     logger = logging.getLogger("localmoe")
@@ -122,23 +129,29 @@ def load_engine(config: Config) -> LLMEngine:
 
 def run_server(config: Config) -> None:
     """Load the model, then serve it until a signal drains it (server/drain.py)."""
-    configure_logging(config.server.log_level)
+    configure_logging(config.server.log_level, config.server.log_format)
     if config.server.redis_url is not None:  # tenants: the shared counters answer, or nothing starts
         try:
             check_redis(config.server.redis_url)
         except CountersUnavailable as e:
             raise fail(str(e), EXIT_CONFIG) from None
-    engines = []
-    for engine in config.engines:
-        own = config.for_engine(engine)
-        engines.append((AsyncEngine(lambda own=own: load_engine(own), config.server.engine_stall_timeout), own))
+    try:  # vllm_instances' own ports, bound before any model loads (server/instance_ports.py)
+        ports = instance_ports(config)
+        sockets = listening_sockets(config, ports) if ports else None
+    except ConfigError as e:
+        raise fail(str(e), EXIT_CONFIG) from None
+    engines = [(AsyncEngine(lambda own=own: load_engine(own), config.server.engine_stall_timeout), own)
+               for own in config.served()]
     host, port = config.server.host, config.server.port
     names = ", ".join(aengine.engine.model_name for aengine, _ in engines)
-    typer.echo(f"Serving {names} at http://{host}:{port}/v1")
+    typer.echo(f"Serving {names} at http://{host}:{port}/v1"
+               + "".join(f", {name} at http://{host}:{own_port}/v1 too" for own_port, name in ports.items()))
     app = build_app(engines, config)
     settings = uvicorn.Config(app, host=host, port=port, log_level=config.server.log_level,
-                              timeout_graceful_shutdown=GRACEFUL_CLOSE_SECONDS)
-    DrainingServer(settings, app.state.drain).run()
+                              timeout_graceful_shutdown=GRACEFUL_CLOSE_SECONDS,
+                              **({"log_config": json_log_config(config.server.log_level)}
+                                 if config.server.log_format == "json" else {}))
+    DrainingServer(settings, app.state.drain).run(sockets)
 
 
 @app.command()
@@ -165,6 +178,9 @@ def serve(
         envvar="LOCALMOE_API_KEYS_FILE", help=flag_help(ServerConfig, "api_keys_file"))] = None,
     redis_url: Annotated[Optional[str], typer.Option(
         envvar="LOCALMOE_REDIS_URL", help=flag_help(ServerConfig, "redis_url"))] = None,
+    log_format: Annotated[Optional[str], typer.Option(help=flag_help(ServerConfig, "log_format"))] = None,
+    otlp_traces_endpoint: Annotated[Optional[str], typer.Option(
+        help=flag_help(ServerConfig, "otlp_traces_endpoint"))] = None,
     *,
     engine_flags: dict[str, Any],
 ) -> None:
@@ -180,7 +196,8 @@ def serve(
                                      engine_stall_timeout=engine_stall_timeout, chat_template=chat_template,
                                      enable_auto_tool_choice=enable_auto_tool_choice,
                                      tool_call_parser=tool_call_parser,
-                                     api_keys_file=api_keys_file, redis_url=redis_url)
+                                     api_keys_file=api_keys_file, redis_url=redis_url,
+                                     log_format=log_format, otlp_traces_endpoint=otlp_traces_endpoint)
     except ValueError as e:  # a ConfigError, or a TGI variable that does not parse
         raise fail(str(e), EXIT_CONFIG) from None
     run_server(settings)

@@ -7,6 +7,7 @@ the file, one flag per key; an unknown key is an error that names it.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -319,8 +320,19 @@ class ServerConfig:
     redis_url: str | None = setting(
         None, "Redis server (redis://HOST:PORT/DB, rediss://, unix://) holding the API keys' limits and usage, "
         "shared by every replica that names it. If unspecified, each process counts on its own.")
+    # logs and traces (issue 19): JSON log lines with each request's id; OpenTelemetry spans over OTLP
+    log_format: str = setting("text", "Format of the log lines: text, or json (one object per line, with the id of "
+                              "the request it belongs to: the caller's X-Request-Id, else a fresh one).")
+    otlp_traces_endpoint: str | None = setting(
+        None, "Target URL to which OpenTelemetry traces will be sent (gRPC, or OTLP/HTTP where "
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=http/protobuf): a span per request with queue, prefill and decode "
+        "spans, under the caller's traceparent. Needs the otel extra. If unspecified, no traces.")
 
     def validate(self) -> None:
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log_format: {self.log_format!r} is not one of text, json")
+        if self.otlp_traces_endpoint and importlib.util.find_spec("opentelemetry.sdk") is None:
+            raise ConfigError("otlp_traces_endpoint: traces need OpenTelemetry: pip install 'localmoe[otel]'")
         try:
             ToolSettings(self.enable_auto_tool_choice, self.tool_call_parser)
             if self.chat_template is not None:
@@ -336,6 +348,83 @@ class ServerConfig:
         return () if self.api_keys_file is None else tuple(read_keys_file(self.api_keys_file))
 
 
+# ---- versions, canary weights, ports and devices of the models list (issue 19: several models in one server) ----
+DEFAULT_VERSION = "default"  # the version of a served name given one engine
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How one engine of a `models:` list is served, beside its engine settings: as which version of its served name,
+    with what share of that name's requests (weights are relative: 90 and 10 send 90% and 10%; 0 only what a sticky
+    key already holds), and on a port of its own too (the original project's vllm_instances `port`)."""
+
+    version: str = DEFAULT_VERSION
+    weight: float = 1.0
+    port: int | None = None
+
+
+def _versions(entry: dict[str, Any], where: str) -> list[tuple[str, dict[str, Any]]]:
+    """An entry with a `versions:` list is one served name with one engine per version, each version's keys over
+    the entry's own; any other entry is a name with one version."""
+    versions = entry.pop("versions", None)
+    if versions is None:
+        return [(where, entry)]
+    if not isinstance(versions, list) or not versions or not all(isinstance(v, dict) for v in versions):
+        raise ConfigError(f"{where}.versions: expected a list of mappings, one per version (version, weight, "
+                          "model_name and engine settings)")
+    if "version" in entry or "weight" in entry:
+        raise ConfigError(f"{where}: version and weight belong to each entry of its versions: list")
+    return [(f"{where}.versions[{i}]", {**entry, **version}) for i, version in enumerate(versions)]
+
+
+def _placement(entry: dict[str, Any], where: str) -> tuple[Placement, dict[str, Any]]:
+    """The entry's Placement, and its engine settings (gpu_ids turned into the engine's device)."""
+    entry = dict(entry)
+    version, weight = entry.pop("version", DEFAULT_VERSION), entry.pop("weight", 1.0)
+    port, gpu_ids = entry.pop("port", None), entry.pop("gpu_ids", None)
+    if not isinstance(version, str) or not version.strip():
+        raise ConfigError(f"{where}.version: expected a non-empty name, got {version!r}")
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 <= weight < float("inf"):
+        raise ConfigError(f"{where}.weight: expected a number >= 0, got {weight!r}")
+    if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536):
+        raise ConfigError(f"{where}.port: expected a TCP port number, got {port!r}")
+    if gpu_ids is not None:
+        entry.update(_devices(gpu_ids, where))
+    return Placement(version.strip(), float(weight), port), entry
+
+
+def _devices(gpu_ids: Any, where: str) -> dict[str, Any]:
+    """vllm_instances' gpu_ids as engine settings: one id is that CUDA device; ids 0..N-1 run tensor parallel over
+    N devices (rank r takes device r). Refused on a machine without them."""
+    ids = [gpu_ids] if isinstance(gpu_ids, int) else gpu_ids
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                        for i in ids):
+        raise ConfigError(f"{where}.gpu_ids: expected a list of CUDA device numbers, got {gpu_ids!r}")
+    import torch  # only where devices are named: reading a config never needs it otherwise
+
+    count = torch.cuda.device_count()
+    missing = [i for i in ids if i >= count]
+    if missing:
+        raise ConfigError(f"{where}.gpu_ids: this machine has no CUDA device {missing[0]} (it has {count})")
+    if len(ids) == 1:
+        return {"device": f"cuda:{ids[0]}"}
+    if sorted(ids) != list(range(len(ids))):
+        raise ConfigError(f"{where}.gpu_ids: tensor parallel rank r runs on CUDA device r, so several gpu_ids must "
+                          f"be 0..{len(ids) - 1}; got {ids}")
+    return {"device": "cuda", "tensor_parallel_size": len(ids)}
+
+
+def _check_weights(models: list[EngineConfig], placements: list[Placement], where: str) -> None:
+    """Every served name must take some traffic: the weights of its versions may not all be 0."""
+    totals: dict[str, float] = {}
+    for model, placement in zip(models, placements):
+        name = model.served_model_name or model.model_name
+        totals[name] = totals.get(name, 0.0) + placement.weight
+    idle = sorted(name for name, total in totals.items() if total == 0)
+    if idle:
+        raise ConfigError(f"{where}: the weights of {idle[0]!r}'s versions are all 0; give one a positive weight")
+
+
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -343,6 +432,10 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     # several models behind one endpoint (the file's `models:` or `vllm_instances:` list); empty: `engine` alone
     models: tuple[EngineConfig, ...] = ()
+    # versions, canary weights and own ports (issue 19): one Placement per entry of `models` (same order), and the
+    # one of the engine a config built by served() serves
+    placements: tuple[Placement, ...] = ()
+    placement: Placement = field(default_factory=Placement)
 
     @property
     def engines(self) -> tuple[EngineConfig, ...]:
@@ -351,7 +444,13 @@ class Config:
 
     def for_engine(self, engine: EngineConfig) -> "Config":
         """This config serving `engine` alone."""
-        return replace(self, engine=engine, models=())
+        return replace(self, engine=engine, models=(), placements=())
+
+    def served(self) -> list["Config"]:
+        """One config per engine served, each with its Placement (version, weight, port)."""
+        placements = self.placements or (self.placement,) * len(self.engines)
+        return [replace(self.for_engine(engine), placement=placement)
+                for engine, placement in zip(self.engines, placements)]
 
 
 SECTION_ALIASES = {"model": "model", "vllm": "engine", "engine": "engine", "server": "server"}
@@ -391,11 +490,13 @@ def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, A
         sections[SECTION_ALIASES[name]].update(body or {})
     for name, body in (overrides or {}).items():
         sections[name].update({k: v for k, v in body.items() if v is not None})
+    models, placements = _model_list(lists, sections["engine"], (overrides or {}).get("engine", {}))
     config = Config(
         model=_build(ModelConfig, sections["model"], "model"),
         engine=_build(EngineConfig, sections["engine"], "vllm"),
         server=_build(ServerConfig, sections["server"], "server"),
-        models=_model_list(lists, sections["engine"], (overrides or {}).get("engine", {})),
+        models=models,
+        placements=placements,
     )
     config.model.validate()
     engines = [config_for(config, engine).engine for engine in config.engines]
@@ -412,35 +513,36 @@ def config_for(config: Config, engine: EngineConfig) -> Config:
     return with_hub_snapshots(one)
 
 
-def _model_list(lists: dict[str, Any], defaults: dict[str, Any], flags: dict[str, Any]) -> tuple[EngineConfig, ...]:
+def _model_list(lists: dict[str, Any], defaults: dict[str, Any],
+                flags: dict[str, Any]) -> tuple[tuple[EngineConfig, ...], tuple[Placement, ...]]:
     """The engine settings of each entry of a `models:` (or `vllm_instances:`) list: the entry's own keys over the
     vllm section's and the command line's, which hold for every model; each served name once."""
     if len(lists) > 1:
         raise ConfigError("give the models as one list: `models:` or `vllm_instances:`, not both")
     if not lists:
-        return ()
+        return (), ()
     (key, entries), = lists.items()
     if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
         raise ConfigError(f"{key}: expected a list of mappings, one per model (model_name, served_model_name, ...)")
     if flags.get("model_name") is not None:
         raise ConfigError(f"--model names one model; the config file's {key}: list names them: give one of the two")
-    models = []
+    models, placements = [], []
     for index, entry in enumerate(entries):
-        entry = {INSTANCE_KEYS.get(k, k): v for k, v in entry.items()} if key == "vllm_instances" else entry
-        for unserved in ("port", "gpu_ids"):
-            if entry.pop(unserved, None) is not None:
-                raise ConfigError(f"{key}[{index}].{unserved}: serving a model on a port or devices of its own is "
-                                  "not available yet; every model is served on the shared endpoint")
-        if not entry.get("model_name"):
-            raise ConfigError(f"{key}[{index}]: model_name is required (a checkpoint directory, a hub id or "
-                              "localmoe-builtin)")
-        models.append(_build(EngineConfig, {**defaults, **entry}, f"{key}[{index}]"))
-    names = [m.served_model_name or m.model_name for m in models]
-    twice = sorted({n for n in names if names.count(n) > 1})
+        entry = {INSTANCE_KEYS.get(k, k): v for k, v in entry.items()} if key == "vllm_instances" else dict(entry)
+        for where, version in _versions(entry, f"{key}[{index}]"):
+            placement, version = _placement(version, where)
+            if not version.get("model_name"):
+                raise ConfigError(f"{where}: model_name is required (a checkpoint directory, a hub id or "
+                                  "localmoe-builtin)")
+            models.append(_build(EngineConfig, {**defaults, **version}, where))
+            placements.append(placement)
+    served = [(m.served_model_name or m.model_name, p.version) for m, p in zip(models, placements)]
+    twice = sorted({name for name, version in served if served.count((name, version)) > 1})
     if twice:
         raise ConfigError(f"{key}: the served name {twice[0]!r} is given to more than one model; set "
-                          "served_model_name to tell them apart")
-    return tuple(models)
+                          "served_model_name to tell them apart, or give them versions (a `versions:` list)")
+    _check_weights(models, placements, key)
+    return tuple(models), tuple(placements)
 
 
 def with_hub_snapshots(config: Config) -> Config:

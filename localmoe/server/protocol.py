@@ -372,6 +372,14 @@ class ChatCompletionChunk(BaseModel):
     usage: UsageInfo | None = None
 
 
+class ModelVersionCard(BaseModel):
+    """One version of a served name (server/canary.py): its checkpoint and its share of the name's requests."""
+
+    version: str
+    root: str
+    weight: float
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -381,6 +389,7 @@ class ModelCard(BaseModel):
     parent: str | None = None
     max_model_len: int
     state: str = "loaded"  # LocalMoE: where a model served beside others stands
+    versions: list[ModelVersionCard] = Field(default_factory=list)  # LocalMoE: its versions, canary weights
 
 
 class ModelList(BaseModel):
