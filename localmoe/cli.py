@@ -30,7 +30,6 @@ from localmoe.planner import PlanError, plan_command
 from localmoe.sampling_params import SamplingParams, SamplingParamsError
 from localmoe.server.app import build_app
 from localmoe.server.drain import DrainingServer
-from localmoe.server.redis_counters import check_redis
 from localmoe.server.usage_counters import CountersUnavailable
 from localmoe.server.instance_ports import instance_ports, listening_sockets
 from localmoe.server.request_log import json_log_config
@@ -131,6 +130,8 @@ def run_server(config: Config) -> None:
     """Load the model, then serve it until a signal drains it (server/drain.py)."""
     configure_logging(config.server.log_level, config.server.log_format)
     if config.server.redis_url is not None:  # tenants: the shared counters answer, or nothing starts
+        from localmoe.server.redis_counters import check_redis  # the redis client only where it is used
+
         try:
             check_redis(config.server.redis_url)
         except CountersUnavailable as e:

@@ -147,7 +147,7 @@ def test_json_log_lines_carry_the_request_id(traced) -> None:
 
 
 def test_serving_without_an_endpoint_never_imports_opentelemetry_sdk() -> None:
-    code = ("import sys; import localmoe.cli, localmoe.server.app, localmoe.server.tracing; "
+    code = ("import sys; import localmoe.cli, localmoe.server.app, localmoe.server.tracing, localmoe.server.rate_limits; "
             "print(sorted(m for m in sys.modules if m.startswith(('opentelemetry.sdk', 'opentelemetry.exporter'))))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True)
     assert done.stdout.strip().splitlines()[-1] == "[]"

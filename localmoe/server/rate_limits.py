@@ -28,7 +28,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from localmoe.outputs import RequestOutput
 from localmoe.server.errors import APIError
-from localmoe.server.redis_counters import RedisCounters
 from localmoe.server.tenants import APIKey
 from localmoe.server.usage_counters import CountersUnavailable, LocalCounters, Refusal, usage_summary
 
@@ -207,7 +206,12 @@ class RateLimitMiddleware:
 
 
 def rate_limiter(registry: CollectorRegistry, keys: list[APIKey], redis_url: str | None) -> RateLimiter:
-    counters = LocalCounters() if redis_url is None else RedisCounters(redis_url)
+    if redis_url is None:
+        counters: Counters = LocalCounters()
+    else:  # imported only here: the redis client imports OpenTelemetry's SDK where it is installed
+        from localmoe.server.redis_counters import RedisCounters
+
+        counters = RedisCounters(redis_url)
     return RateLimiter(counters, KeyMetrics(registry, keys), keys)
 
 
