@@ -96,7 +96,8 @@ def _check_config(name: str, config: dict, max_rank: int) -> int:
         (bool(config.get("rank_pattern")) or bool(config.get("alpha_pattern")),
          "rank_pattern / alpha_pattern (per-module ranks or alphas) are not supported"),
         (bool(config.get("trainable_token_indices")), "trainable_token_indices (embedding rows) are not supported"),
-        (not isinstance(config.get("r"), int) or config["r"] < 1, f"r must be a positive integer, got {config.get('r')}"),
+        (not isinstance(config.get("r"), int) or config["r"] < 1,
+         f"r must be a positive integer, got {config.get('r')}"),
     ]
     for bad, message in refusals:
         if bad:

@@ -35,6 +35,7 @@ from localmoe.server.protocol import (
 )
 from localmoe.server.model_admin import ADMIN_PATHS, add_admin_routes
 from localmoe.server.model_registry import ModelRegistry
+from localmoe.server.lora_admin import add_lora_routes, lora_admin_paths, lora_cards
 from localmoe.server.tgi import add_tgi_routes
 
 log = logging.getLogger(__name__)
@@ -65,11 +66,12 @@ def build_app(aengines: list[tuple[AsyncEngine, Config]], config: Config) -> Fas
     app.add_middleware(DrainMiddleware, drain=drain)
     # outermost but one: nothing is answered before the key is checked; the admin routes take the admin key only
     app.add_middleware(APIKeyMiddleware, api_key=config.server.api_key, admin_key=config.server.admin_api_key,
-                       admin_paths=ADMIN_PATHS)
+                       admin_paths=ADMIN_PATHS | lora_admin_paths())
     app.add_middleware(HTTPMetricsMiddleware, counter=metrics.http_requests)  # outermost: counts every answer
     _add_error_handlers(app)
     add_admin_routes(app, registry, config)
     add_tgi_routes(app, registry)
+    add_lora_routes(app, registry)
 
     @app.get("/health")
     async def health() -> Response:
@@ -114,7 +116,7 @@ def build_app(aengines: list[tuple[AsyncEngine, Config]], config: Config) -> Fas
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=model.name, root=model.config.engine.model_name or model.name,
                                          max_model_len=model.serving.max_model_len, state="loaded")
-                               for model in registry])
+                               for model in registry] + lora_cards(registry))
 
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest, raw_request: Request) -> Response:

@@ -19,6 +19,7 @@ from fastapi import Request
 
 from localmoe.engine.async_engine import AsyncEngine, EngineDeadError
 from localmoe.engine.llm_engine import RequestError
+from localmoe.lora.request import LoRARequest
 from localmoe.outputs import RequestOutput
 from localmoe.sampling_params import SamplingParams
 from localmoe.server.errors import APIError
@@ -36,11 +37,14 @@ class Prompt:
 class Generation:
     def __init__(self, aengine: AsyncEngine, metrics: ServerMetrics, base_id: str,
                  prompts: list[Prompt], params: list[SamplingParams], priority: int = 0,
-                 busy_status: HTTPStatus = HTTPStatus.SERVICE_UNAVAILABLE) -> None:
-        """`busy_status`: the answer when the waiting queue is full (TGI's routes answer 429)."""
+                 busy_status: HTTPStatus = HTTPStatus.SERVICE_UNAVAILABLE, lora: LoRARequest | None = None) -> None:
+        """`busy_status`: the answer when the waiting queue is full (TGI's routes answer 429); `lora`: the LoRA
+        adapter its prompts run with (its name is the model the response names)."""
         self.request_ids = [f"{base_id}-{i}" for i in range(len(prompts))]
+        self.model_name = aengine.engine.model_name if lora is None else lora.lora_name
         try:  # every field checked against the model before the request takes a place, let alone a stream
-            self.requests = [aengine.engine.make_request(request_id, prompt.text, prompt.token_ids, p, priority)
+            self.requests = [aengine.engine.make_request(request_id, prompt.text, prompt.token_ids, p, priority,
+                                                         lora)
                              for request_id, prompt, p in zip(self.request_ids, prompts, params)]
         except RequestError as e:
             raise APIError(str(e), param=e.param) from e

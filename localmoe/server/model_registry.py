@@ -65,10 +65,13 @@ class ModelRegistry:
         del self.models[name]
 
     def get(self, name: str | None) -> ServedModel:
-        """The model a request names, or the default where it names none; 404 for a name not served."""
+        """The model a request names (or whose LoRA adapter it names), or the default where it names none; 404 for a
+        name not served."""
         if name is None:
             return next(iter(self.models.values()))
-        model = self.models.get(name)
+        model = self.models.get(name) or next(
+            (m for m in self.models.values() if m.aengine.engine.lora and name in m.aengine.engine.lora.adapters),
+            None)
         if model is None:
             raise APIError(f"The model `{name}` does not exist.", HTTPStatus.NOT_FOUND, "model")
         return model
