@@ -116,7 +116,8 @@ def _place(name: str, module: str, a: torch.Tensor, b: torch.Tensor, model: nn.M
     if len(mapped) != 1 or mapped[0][0] not in targets:
         raise AdapterError(f"LoRA adapter {name!r}: {module} is not a layer LocalMoE adapts (the attention and MLP "
                            "projections and the routed experts are; embeddings, the output head and routers are not)")
-    param, _, piece = mapped[0]
+    param, placed, piece = mapped[0]
+    _check_layout(name, module, placed, b)
     weights = targets[param]
     index, rows = (piece if isinstance(piece, tuple) else (piece, None)) if weights.num_experts is not None \
         else ((), piece)
@@ -132,6 +133,7 @@ def _place_fused_experts(name: str, module: str, a: torch.Tensor, b: torch.Tenso
         weights = targets.get(mapped[0][0]) if len(mapped) == 1 else None
         if weights is None or weights.num_experts is None:
             continue
+        _check_layout(name, module, mapped[0][1], b)
         experts = weights.num_experts
         if a.shape[-1] == weights.in_features and b.shape[0] == weights.out_features and a.shape[0] % experts == 0:
             rank = a.shape[0] // experts
@@ -141,6 +143,14 @@ def _place_fused_experts(name: str, module: str, a: torch.Tensor, b: torch.Tenso
             return [LoraPiece(weights, slice(None), i, per_a, per_b[:, rows]) for i, rows in enumerate(weights.pieces)]
     raise AdapterError(f"LoRA adapter {name!r}: the factors of {module} (A {tuple(a.shape)}, B {tuple(b.shape)}) "
                        "fit neither its fused gate_up_proj nor its down_proj")
+
+
+def _check_layout(name: str, module: str, placed: torch.Tensor, b: torch.Tensor) -> None:
+    """The family loads this weight as the checkpoint stores it: a layout the loader rearranges (gpt-oss's
+    transposed, interleaved experts) would need its factors rearranged too, which is not done."""
+    if placed is not b:
+        raise AdapterError(f"LoRA adapter {name!r}: {module} is rearranged when this family loads it; LoRA on it is "
+                           "not supported")
 
 
 def _check_shapes(name: str, module: str, a: torch.Tensor, b: torch.Tensor, in_features: int, rows: int) -> None:
