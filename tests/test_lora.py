@@ -20,6 +20,7 @@ from localmoe import LoRARequest, SamplingParams
 from localmoe.config import ConfigError, load_config
 from localmoe.engine.llm_engine import RequestError
 from localmoe.lora.adapter import AdapterError
+from localmoe.server.lora_admin import LORA_PATHS, lora_admin_paths
 from server_process import API_KEY, SMALL_KV, auth, serve
 
 ADMIN_KEY = "sk-localmoe-admin"
@@ -217,6 +218,8 @@ def test_serve_with_adapters_and_load_them_at_runtime(tmp_path, tiny_mixtral_dir
         answer = httpx.post(load, json=body, headers=admin)
         assert answer.status_code == 200 and "added successfully" in answer.text
         assert httpx.post(load, json=body, headers=admin).status_code == 400  # already loaded
+        broken = httpx.post(load, json={"lora_name": "broken", "lora_path": str(tmp_path)}, headers=admin)
+        assert broken.status_code == 400 and "cannot read adapter_config.json" in broken.json()["error"]["message"]
         assert complete("runtime") == expected[first]
         unload = f"{server.url}/v1/unload_lora_adapter"
         assert httpx.post(unload, json={"lora_name": "runtime"}, headers=admin).status_code == 200
@@ -224,3 +227,11 @@ def test_serve_with_adapters_and_load_them_at_runtime(tmp_path, tiny_mixtral_dir
         gone = httpx.post(f"{server.url}/v1/completions", headers=auth(),
                           json={"model": "runtime", "prompt": "hi", "max_tokens": 2})
         assert gone.status_code == 404
+
+
+def test_runtime_lora_updating_opens_the_routes_to_api_keys_as_in_vllm(monkeypatch):
+    monkeypatch.delenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", raising=False)
+    monkeypatch.delenv("LOCALMOE_ALLOW_RUNTIME_LORA_UPDATING", raising=False)
+    assert lora_admin_paths() == LORA_PATHS  # the admin key's, by default
+    monkeypatch.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
+    assert lora_admin_paths() == frozenset()
