@@ -143,6 +143,13 @@ def run_server(config: Config) -> None:
         raise fail(str(e), EXIT_CONFIG) from None
     engines = [(AsyncEngine(lambda own=own: load_engine(own), config.server.engine_stall_timeout), own)
                for own in config.served()]
+    served = {aengine.engine.model_name for aengine, _ in engines}
+    # multi-LoRA: an adapter's base_model_name names one of the models served
+    unknown = sorted({base for _, own in engines for _, _, base in own.engine.lora_module_list
+                      if base not in (None, *served)})
+    if unknown:
+        raise fail(f"lora_modules: base_model_name {unknown[0]!r} is not a served model ({', '.join(sorted(served))})",
+                   EXIT_CONFIG)
     host, port = config.server.host, config.server.port
     names = ", ".join(aengine.engine.model_name for aengine, _ in engines)
     typer.echo(f"Serving {names} at http://{host}:{port}/v1"

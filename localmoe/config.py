@@ -8,6 +8,7 @@ the file, one flag per key; an unknown key is an error that names it.
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -189,8 +190,18 @@ class EngineConfig:
                                          "(the checkpoint's safetensors, read by offset).")
     expert_prefetch: bool = setting(False, "Load the next layer's likely experts (its router applied to this "
                                     "layer's hidden state) while this layer computes.")
+    # multi-LoRA (lora/): PEFT adapters served beside the base model, chosen per request by `model`
+    enable_lora: bool = setting(False, "If True, enable handling of LoRA adapters (PEFT's format). The fused "
+                                "decoder and CUDA graphs are off with it: every step runs the model's modules.")
+    lora_modules: list[str] | None = setting(None, "LoRA module configurations in either 'name=path' format "
+                                                    "or JSON format ('{\"name\": ..., \"path\": ..., "
+                                                    "\"base_model_name\": ...}'); the flag may be repeated.")
+    max_loras: int = setting(1, "Max number of LoRAs in a single batch (adapters resident at once; the least "
+                             "recently used one makes room for another).")
+    max_lora_rank: int = setting(16, "Max LoRA rank: adapters of a higher rank are refused.")
 
     def validate(self) -> None:
+        self.validate_lora()
         refusals = [
             (self.tensor_parallel_size < 1, "tensor_parallel_size", "tensor_parallel_size must be positive"),
             (self.distributed_executor_backend not in (None, "mp", "ray"), "distributed_executor_backend",
@@ -243,6 +254,51 @@ class EngineConfig:
         self.quant_scheme  # noqa: B018 -- a name we do not serve is refused at start
         self.speculative  # noqa: B018 -- refused at start too
         self.expert_cache_bytes, self.kv_cache_bytes  # noqa: B018 -- parsed now: a bad value is refused at start
+
+    def validate_lora(self) -> None:
+        if not self.enable_lora:
+            if self.lora_modules:
+                raise ConfigError("lora_modules: serving LoRA adapters needs enable_lora (--enable-lora)")
+            return
+        refusals = [
+            (self.max_loras < 1, "max_loras", "max_loras must be positive"),
+            (self.max_lora_rank < 1, "max_lora_rank", "max_lora_rank must be positive"),
+            (self.tensor_parallel_size > 1, "enable_lora", "LoRA adapters are not split across tensor-parallel "
+             "ranks yet; use tensor_parallel_size: 1"),
+            (self.offloads_experts, "enable_lora", "LoRA adapters run on resident experts; expert offloading is "
+             "not available with them yet"),
+            (self.quantization not in (None, "", "none"), "enable_lora",
+             "LoRA adapters over quantized weights are not available yet"),
+            (self.speculative_config is not None, "enable_lora",
+             "speculative decoding with LoRA adapters is not available yet"),
+        ]
+        for bad, key, message in refusals:
+            if bad:
+                raise ConfigError(f"{key}: {message}")
+        self.lora_module_list  # noqa: B018 -- a malformed entry is refused at start
+
+    @property
+    def lora_module_list(self) -> list[tuple[str, str, str | None]]:
+        """lora_modules as (name, path, base_model_name or None)."""
+        modules = []
+        for entry in self.lora_modules or []:
+            if isinstance(entry, str) and entry.lstrip().startswith("{"):
+                try:
+                    entry = json.loads(entry)
+                except ValueError as error:
+                    raise ConfigError(f"lora_modules: {entry!r} is not valid JSON: {error}") from None
+            if isinstance(entry, dict):
+                if not isinstance(entry.get("name"), str) or not isinstance(entry.get("path"), str) or \
+                        set(entry) - {"name", "path", "base_model_name"}:
+                    raise ConfigError(f"lora_modules: {entry} must have name and path (and may have "
+                                      "base_model_name), nothing else")
+                modules.append((entry["name"], entry["path"], entry.get("base_model_name")))
+                continue
+            name, sep, path = str(entry).partition("=")
+            if not sep or not name or not path:
+                raise ConfigError(f"lora_modules: {entry!r} is not name=path or a JSON object")
+            modules.append((name, path, None))
+        return modules
 
     @property
     def quant_scheme(self) -> QuantScheme | None:

@@ -19,10 +19,15 @@ processes (distributed/mp_executor.py), each building a runner of its own rank; 
 after loading (distributed/tensor_parallel.py) and allocates its shard of the KV pool. Rank 0 turns each scheduled
 batch into plain StepInputs and sends them to the workers, then all ranks run the same forward pass; the
 logits come together on rank 0.
+
+With --enable-lora the LoRA pass (lora/layers.py) wraps the loaded model before the experts pass, which then
+leaves its experts on the grouped path; the fused decoder and CUDA graphs stay off, so every step runs the
+modules that apply each token's adapter. Each step puts its adapters in slots first (lora/manager.py).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from functools import partial
@@ -49,7 +54,10 @@ from localmoe.layers.huge_pages import huge_page_zeros
 from localmoe.layers.kv_cache_dtype import cache_dtype, cache_shape
 from localmoe.layers.linear import pack_model, packing_supported
 from localmoe.layers.quant_linear import quantize_linears
+from localmoe.lora.manager import LoraManager
 from localmoe.models.loader import load_model, resolve_dtype
+
+log = logging.getLogger(__name__)
 
 
 DEFAULT_KV_BYTES = 2 * 2**30  # the CPU KV pool where memory allows
@@ -94,6 +102,7 @@ class StepInputs:
     sample_rows: list[int] = field(default_factory=list)
     sampling: list[int] = field(default_factory=list)  # batch index of each sampling sequence
     prompt_rows: dict[int, range] = field(default_factory=dict)  # batch index -> rows whose prompt logprobs are asked
+    lora_ids: list[int] = field(default_factory=list)  # each row's LoRA adapter number (0: the base model)
 
 
 @dataclass
@@ -125,6 +134,10 @@ class ModelRunner:
         self.model, self.hf_config = load_model(model_dir, config.dtype, self.device,
                                                 unread=offloaded_weight if config.offloads_experts else None,
                                                 quantization=config.quantization)
+        self.lora = None
+        if config.enable_lora:
+            self.lora = LoraManager(self.model, config.max_loras, config.max_lora_rank)
+            log.info("LoRA is enabled: the fused decoder and CUDA graphs are off, experts run on the grouped path")
         if config.tensor_parallel_size > 1:
             if self.model.quantized_checkpoint is not None:
                 raise ConfigError("tensor_parallel_size: a quantized checkpoint is not split across ranks yet")
@@ -155,7 +168,7 @@ class ModelRunner:
             pack_model(self.model)
         # the decoder layers in one kernel call where the model is of a shape it runs (one rank: no collectives)
         self.fused = (FusedDecoder.of(self.model) if packing and config.tensor_parallel_size == 1
-                      and not config.enforce_eager else None)
+                      and not config.enforce_eager and self.lora is None else None)
         self.block_size = config.block_size
         self.kv_caches: list[torch.Tensor] = []
         self.swap_caches: list[torch.Tensor] = []
@@ -234,7 +247,7 @@ class ModelRunner:
         # reads blocks from all over the pool.
         # CUDA graphs pad decode steps with rows that write to one scratch block past those the block manager owns
         graphs = (self.device.type == "cuda" and not config.enforce_eager and config.tensor_parallel_size == 1
-                  and not config.offloads_experts)
+                  and not config.offloads_experts and self.lora is None)
         shapes = kv_cache_shapes(self.model, num_blocks + graphs, config.block_size, self.kv_dtype)
         self.kv_caches = [huge_page_zeros(shape, self.kv_dtype) if self.device.type == "cpu"
                           else torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for shape in shapes]
@@ -277,6 +290,8 @@ class ModelRunner:
                     cache[:, dst.to(cache.device)] = swap[:, src].to(cache.device)
 
     def execute(self, batch: ScheduledBatch) -> StepLogits:
+        if self.lora is not None:
+            self.lora.activate({seq.request.lora for seq in batch.seqs if seq.request.lora is not None})
         return self.run(self.prepare(batch))
 
     @staticmethod
@@ -288,7 +303,9 @@ class ModelRunner:
                 step.prompt_rows[i] = range(len(step.input_ids),
                                             len(step.input_ids) + min(n, seq.num_prompt_tokens - start))
             drafts = seq.spec_token_ids  # verified in this step: every one of their rows samples
+            rows = len(step.input_ids)
             step.input_ids += seq.token_ids[start:start + n] + drafts if drafts else seq.token_ids[start:start + n]
+            step.lora_ids += [seq.request.lora_int_id] * (len(step.input_ids) - rows)
             step.positions += range(start, start + n)
             step.context_lens.append(start + n)
             if start + n == seq.num_tokens + len(drafts):
@@ -317,6 +334,8 @@ class ModelRunner:
                                            self.device)
             input_ids = torch.tensor(step.input_ids, device=self.device)
             positions = torch.tensor(step.positions, device=self.device)
+            if self.lora is not None:
+                self.lora.set_tokens(step.lora_ids, self.device)
             if self.fused is not None:
                 hidden, routing = self.fused(input_ids, positions, self.kv_caches, meta)
             else:

@@ -39,6 +39,7 @@ from localmoe.server.canary import VERSION_HEADER, sticky_key
 from localmoe.server.instance_ports import PinnedPortMiddleware, instance_ports
 from localmoe.server.request_log import RequestIdMiddleware
 from localmoe.server.tracing import RequestTracer, TracingMiddleware
+from localmoe.server.lora_admin import add_lora_routes, lora_admin_paths, lora_cards
 from localmoe.server.tgi import add_tgi_routes
 from localmoe.server.rate_limits import USAGE_PATH, RateLimitMiddleware, add_usage_route, rate_limiter
 from localmoe.server.tenants import key_ring
@@ -82,7 +83,8 @@ def build_app(aengines: list[tuple[AsyncEngine, Config]], config: Config) -> Fas
     app.add_middleware(DrainMiddleware, drain=drain)
     # outermost but one: nothing is answered before the key is checked; the admin routes take the admin key only
     app.add_middleware(APIKeyMiddleware, api_key=config.server.api_key, admin_key=config.server.admin_api_key,
-                       admin_paths=ADMIN_PATHS, keys=file_keys, admin_reads=frozenset({USAGE_PATH}))
+                       admin_paths=ADMIN_PATHS | lora_admin_paths(), keys=file_keys,
+                       admin_reads=frozenset({USAGE_PATH}))
     ports = instance_ports(config)
     if ports:  # vllm_instances' own ports (server/instance_ports.py): pins requests on them to their model
         app.add_middleware(PinnedPortMiddleware, ports=ports)
@@ -94,6 +96,7 @@ def build_app(aengines: list[tuple[AsyncEngine, Config]], config: Config) -> Fas
     add_admin_routes(app, registry, config)
     add_tgi_routes(app, registry)
     add_usage_route(app, limiter)
+    add_lora_routes(app, registry)
 
     @app.get("/health")
     async def health() -> Response:
@@ -143,7 +146,7 @@ def build_app(aengines: list[tuple[AsyncEngine, Config]], config: Config) -> Fas
                                    max_model_len=model.serving.max_model_len, state="loaded",
                                    versions=[ModelVersionCard(version=v, root=m.config.engine.model_name or name,
                                                               weight=m.weight) for v, m in versions.items()]))
-        return ModelList(data=cards)
+        return ModelList(data=cards + lora_cards(registry))
 
     # canary (server/canary.py): the version that serves a request is drawn by weight, sticky by a key it carries,
     # and named in the answer's headers

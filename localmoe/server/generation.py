@@ -20,6 +20,7 @@ from fastapi import Request
 
 from localmoe.engine.async_engine import AsyncEngine, EngineDeadError
 from localmoe.engine.llm_engine import RequestError
+from localmoe.lora.request import LoRARequest
 from localmoe.outputs import RequestOutput
 from localmoe.sampling_params import SamplingParams
 from localmoe.server.errors import APIError
@@ -40,14 +41,18 @@ class Prompt:
 class Generation:
     def __init__(self, aengine: AsyncEngine, metrics: ModelMetrics, base_id: str,
                  prompts: list[Prompt], params: list[SamplingParams], priority: int | None = None,
-                 busy_status: HTTPStatus = HTTPStatus.SERVICE_UNAVAILABLE, key_use: KeyUse | None = None) -> None:
+                 busy_status: HTTPStatus = HTTPStatus.SERVICE_UNAVAILABLE, key_use: KeyUse | None = None,
+                 lora: LoRARequest | None = None) -> None:
         """`priority`: what the request asks (None: nothing); `busy_status`: the answer when the waiting queue is
         full (TGI's routes answer 429); `key_use`: the API key it came with, which sets its priority's default and
-        bound, and counts its tokens."""
+        bound, and counts its tokens; `lora`: the LoRA adapter its prompts run with (its name is the model the
+        response names)."""
         self.request_ids = [f"{base_id}-{i}" for i in range(len(prompts))]
+        self.model_name = aengine.engine.model_name if lora is None else lora.lora_name
         priority = key_use.priority(priority) if key_use is not None else priority or 0
         try:  # every field checked against the model before the request takes a place, let alone a stream
-            self.requests = [aengine.engine.make_request(request_id, prompt.text, prompt.token_ids, p, priority)
+            self.requests = [aengine.engine.make_request(request_id, prompt.text, prompt.token_ids, p, priority,
+                                                         lora)
                              for request_id, prompt, p in zip(self.request_ids, prompts, params)]
         except RequestError as e:
             raise APIError(str(e), param=e.param) from e

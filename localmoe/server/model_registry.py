@@ -89,10 +89,15 @@ class ModelRegistry:
         if name is None and pinned is None:
             return next(iter(self.models.values()))
         name = name or pinned
-        versions = self.models.get(name) if pinned in (None, name) else None
+        versions = self.models.get(name) or self._adapter_owner(name) if pinned in (None, name) else None
         if versions is None:
             raise APIError(f"The model `{name}` does not exist.", HTTPStatus.NOT_FOUND, "model")
         return versions
+
+    def _adapter_owner(self, name: str) -> dict[str, ServedModel] | None:
+        """The versions of the model serving LoRA adapter `name`, if one does (its requests name the adapter)."""
+        return next((versions for versions in self.models.values() for m in versions.values()
+                     if m.aengine.engine.lora is not None and name in m.aengine.engine.lora.adapters), None)
 
     def get(self, name: str | None) -> ServedModel:
         """The model a request names (its first version: what statistics and tokenizing ask for)."""
