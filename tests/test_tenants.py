@@ -237,7 +237,8 @@ def test_requests_per_minute(url: str) -> None:
 
 
 def test_concurrent_requests(url: str) -> None:
-    stream = client(url, "solo").completions.create(model="m", prompt="Hello", max_tokens=16, stream=True,
+    # long enough that the server is still generating it (not just the client still reading it) when the next comes
+    stream = client(url, "solo").completions.create(model="m", prompt="Hello", max_tokens=1000, stream=True,
                                                    extra_body={"ignore_eos": True})
     next(iter(stream))  # in flight
     with pytest.raises(openai.RateLimitError) as refused:
