@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import httpx
 import openai
@@ -25,12 +26,17 @@ from localmoe.distributed.expert_placement import (load_routing_counts, model_pl
 from localmoe.distributed.layout import layout_plan
 from localmoe.layers.moe import moe_blocks
 from server_process import API_KEY, SMALL_KV, auth, serve
-from test_tensor_parallel import NEW, SETTINGS, checkpoints, run_prompts  # noqa: F401 -- checkpoints: a fixture
+from test_tensor_parallel import NEW, SETTINGS, family_checkpoints, run_prompts
 
 TRACE = Path(__file__).parents[1] / "benchmarks" / "traces" / "localmoe-builtin-heldout.jsonl"
 EP = {"tensor_parallel_size": 2, "enable_expert_parallel": True}
 # one placement per family, so each policy runs once; balanced reads a statistics file written by the test
 PLACEMENTS = {"mixtral": "contiguous", "qwen2_moe": "round-robin", "deepseek_v3": "balanced"}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> Callable[[str], Path]:
+    return family_checkpoints(tmp_path_factory)
 
 
 def stats_file(directory: Path, llm) -> Path:
@@ -45,7 +51,7 @@ def stats_file(directory: Path, llm) -> Path:
 
 
 @pytest.mark.parametrize("family", list(PLACEMENTS))
-def test_ep2_equals_one_process(checkpoints, family, tmp_path):  # noqa: F811 -- the imported fixture
+def test_ep2_equals_one_process(checkpoints, family, tmp_path):
     checkpoint = checkpoints(family)
     single = engine(checkpoint, **SETTINGS)
     expected_steps, expected_tokens = run_prompts(single)
@@ -137,7 +143,7 @@ def test_placements_keep_every_rank_the_same_number_of_experts():
         place_experts("contiguous", 2, 4)
 
 
-def test_served_ep2_equals_one_process(checkpoints, tmp_path):  # noqa: F811 -- the imported fixture
+def test_served_ep2_equals_one_process(checkpoints, tmp_path):
     checkpoint = checkpoints("qwen2_moe")
     prompts = ["Experts spread over ranks", "Mixture of experts, each whole on one rank"]
     single = engine(checkpoint, **SETTINGS)
@@ -176,16 +182,16 @@ def test_refused_settings_name_their_key(settings, refused):
         EngineConfig(**settings).validate()
 
 
-def test_a_layout_that_cannot_fit_is_refused_with_the_planners_numbers(checkpoints):  # noqa: F811
+def test_a_layout_that_cannot_fit_is_refused_with_the_planners_numbers(checkpoints):
     with pytest.raises(ConfigError, match=r"2 ranks \(expert parallel\) do not fit: each needs .* MiB, weights .*"
                                           r"routed experts .* KV cache .*localmoe plan"):
         engine(checkpoints("mixtral"), **EP, kv_cache_memory="64TiB")
 
 
-def test_stats_that_do_not_match_the_model_are_refused(checkpoints, tmp_path):  # noqa: F811
+def test_stats_that_do_not_match_the_model_are_refused(checkpoints, tmp_path):
     path = tmp_path / "stats.json"
     path.write_text(json.dumps({"layers": [{"tokens": [1, 2, 3]}]}))  # one layer; the model has two
-    with pytest.raises(ConfigError, match="enable_expert_parallel: the routing statistics count 3 experts in 1"):
+    with pytest.raises(ConfigError, match="expert_placement: the routing statistics count 3 experts in 1"):
         engine(checkpoints("mixtral"), **EP, expert_placement="balanced", expert_placement_stats=str(path))
     path.write_text("not json")
     with pytest.raises(ValueError, match="expert_placement_stats: cannot read routing counts"):

@@ -41,9 +41,8 @@ SETTINGS = {"enable_prefix_caching": True, "enable_chunked_prefill": True, "max_
 NEW = 32
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> Callable[[str], Path]:
-    """Each family's checkpoint, written once for the module."""
+def family_checkpoints(tmp_path_factory) -> Callable[[str], Path]:
+    """Each family's checkpoint, written on first use (test_expert_parallel.py's fixture too)."""
     made: dict[str, Path] = {}
 
     def get(family: str) -> Path:
@@ -56,6 +55,12 @@ def checkpoints(tmp_path_factory) -> Callable[[str], Path]:
                 made[family] = make_checkpoint(directory, arch, seed=5, **overrides)
         return made[family]
     return get
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> Callable[[str], Path]:
+    """Each family's checkpoint, written once for the module."""
+    return family_checkpoints(tmp_path_factory)
 
 
 def run_prompts(llm) -> tuple[list, list[list[int]]]:

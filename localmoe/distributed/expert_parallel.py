@@ -19,7 +19,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from localmoe.distributed.expert_placement import load_routing_counts, model_placement
 from localmoe.layers.moe import Experts, GroupedExperts, moe_blocks
 
 
@@ -76,10 +75,3 @@ def apply_ep(model: nn.Module, placement: torch.Tensor) -> None:
             raise ValueError(f"expert parallelism does not spread {type(moe.experts).__name__} ({path})")
         moe.experts = ExpertParallelExperts(moe.experts, owner[:moe.num_experts], rank)
 
-
-def placement_of(model: nn.Module, policy: str, stats: str | None, world: int) -> torch.Tensor:
-    """Each MoE layer's experts' ranks [L, E] under `policy`, balanced by the routing counts in file `stats`."""
-    blocks = moe_blocks(model)
-    num_experts = max((moe.num_experts for _, moe in blocks), default=0)
-    tokens = load_routing_counts(stats) if stats is not None else None
-    return model_placement(policy, num_experts, len(blocks), world, tokens)

@@ -1,5 +1,6 @@
-"""The check `serve` makes before it starts a tensor/expert-parallel engine's workers: can each rank hold its
-share? The numbers are the planner's (planner/parallel.py), so a refusal says what `localmoe plan` would.
+"""What rank 0 settles before it starts a tensor/expert-parallel engine's workers: can each rank hold its share
+(the planner's numbers, planner/parallel.py, so a refusal says what `localmoe plan` would), and which rank holds
+each routed expert (the placement every rank then applies: the routing counts are read once, here).
 
 On CUDA each rank has a device of its own: gpu_memory_utilization of it must hold the rank's weights and its KV
 cache (kv_cache_memory, else one max_model_len sequence). On CPU the ranks share this machine's memory: all N of
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 
 from localmoe.config import ConfigError, EngineConfig
+from localmoe.distributed.expert_placement import load_routing_counts, model_placement
 from localmoe.experts.memory_budget import memory_left
 from localmoe.models.loader import resolve_dtype
 from localmoe.planner.params import count_params
@@ -57,3 +59,17 @@ def refuse_unfit_layout(config: EngineConfig, model_dir: Path, device: torch.dev
         f"+ KV cache {kv / mib:.1f} MiB, and has {usable / mib:.1f} MiB ({where}); see `localmoe plan "
         f"--tensor-parallel-size {world}{' --enable-expert-parallel' if config.enable_expert_parallel else ''}`. "
         "Use more ranks, a smaller kv_cache_memory or max_model_len, or a quantized checkpoint")
+
+
+def expert_placement(config: EngineConfig, hf_config: dict) -> torch.Tensor:
+    """The rank of each routed expert of each MoE layer [L, E], as `config`'s expert_placement says."""
+    try:
+        shape = model_shape(hf_config.get("_name_or_path", "checkpoint"), hf_config)
+        if shape.moe is None:
+            raise ValueError("the model has no routed experts to spread")
+        counts = (load_routing_counts(config.expert_placement_stats) if config.expert_placement_stats is not None
+                  else None)
+        return model_placement(config.expert_placement, shape.moe.num_experts, len(shape.moe_layers),
+                               config.tensor_parallel_size, counts)
+    except ValueError as error:
+        raise ConfigError(f"expert_placement: {error}") from None

@@ -35,8 +35,8 @@ from torch import nn
 
 from localmoe.config import ConfigError, EngineConfig
 from localmoe.distributed.collectives import CollectiveStats, counted
-from localmoe.distributed.expert_parallel import apply_ep, placement_of
-from localmoe.distributed.layout import refuse_unfit_layout
+from localmoe.distributed.expert_parallel import apply_ep
+from localmoe.distributed.layout import expert_placement, refuse_unfit_layout
 from localmoe.distributed.mp_executor import MultiprocExecutor
 from localmoe.distributed.tensor_parallel import apply_tp
 from localmoe.engine.cuda_graphs import DecodeGraphs, capture_decode_graphs
@@ -109,26 +109,29 @@ class StepLogits:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_dir: Path, rank: int = 0) -> None:
+    def __init__(self, config: EngineConfig, model_dir: Path, rank: int = 0,
+                 placement: torch.Tensor | None = None) -> None:
+        """`placement`: the rank of each routed expert [L, E] under expert parallelism, as rank 0 decided it."""
         self.config = config
         self.device = resolve_device(config.device, rank)
         self.collectives = CollectiveStats()
         if rank == 0 and config.tensor_parallel_size > 1:
             hf_config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
             refuse_unfit_layout(config, model_dir, self.device, context_length(config, hf_config))
+            placement = expert_placement(config, hf_config) if config.enable_expert_parallel else None
         # rank 0 starts the other ranks first: they load while it does
         self.workers = (MultiprocExecutor(config.tensor_parallel_size, self.device,
-                                          partial(ModelRunner, config, model_dir))
+                                          partial(ModelRunner, config, model_dir, placement=placement))
                         if rank == 0 and config.tensor_parallel_size > 1 else None)
         try:
-            self._load(model_dir)
+            self._load(model_dir, placement)
             if self.workers is not None:
                 self.workers.wait_ready()
         except BaseException:
             self.shutdown()
             raise
 
-    def _load(self, model_dir: Path) -> None:
+    def _load(self, model_dir: Path, placement: torch.Tensor | None) -> None:
         config = self.config
         self.model, self.hf_config = load_model(model_dir, config.dtype, self.device,
                                                 unread=offloaded_weight if config.offloads_experts else None,
@@ -136,12 +139,11 @@ class ModelRunner:
         if config.tensor_parallel_size > 1:
             if self.model.quantized_checkpoint is not None:
                 raise ConfigError("tensor_parallel_size: a quantized checkpoint is not split across ranks yet")
-            key = "enable_expert_parallel" if config.enable_expert_parallel else "tensor_parallel_size"
+            key = "enable_expert_parallel" if placement is not None else "tensor_parallel_size"
             try:
-                apply_tp(self.model, split_experts=not config.enable_expert_parallel)
-                if config.enable_expert_parallel:
-                    apply_ep(self.model, placement_of(self.model, config.expert_placement,
-                                                      config.expert_placement_stats, config.tensor_parallel_size))
+                apply_tp(self.model, split_experts=placement is None)
+                if placement is not None:
+                    apply_ep(self.model, placement)
             except ValueError as error:
                 raise ConfigError(f"{key}: {error}") from None
         self.dtype = resolve_dtype(config.dtype, self.hf_config, self.device)

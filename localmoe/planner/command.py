@@ -14,7 +14,8 @@ from localmoe.planner.shape import PlanError, load_config, model_shape
 
 def plan_command(model: str, dtype: str = "bf16", device: str = "H100-80GB", max_model_len: int | None = None,
                  max_num_seqs: int = 256, kv_cache_dtype: str = "auto", json_output: bool = False,
-                 quantization: str = "auto", tensor_parallel_size: int = 1, enable_expert_parallel: bool = False) -> str:
+                 quantization: str = "auto", tensor_parallel_size: int = 1,
+                 enable_expert_parallel: bool = False) -> str:
     """Plan `model` (checkpoint dir, config.json, known name or hub id) on `device`; the text to print. With
     `tensor_parallel_size` > 1 (and `enable_expert_parallel`) the plan adds that layout, per rank.
 
