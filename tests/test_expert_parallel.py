@@ -16,9 +16,11 @@ import openai
 import pytest
 import torch
 from pytest import approx
+from typer.testing import CliRunner
 
 from family_parity import TOL, engine
 from localmoe import SamplingParams
+from localmoe.cli import app
 from localmoe.config import ConfigError, EngineConfig
 from localmoe.distributed.expert_parallel import ExpertParallelExperts
 from localmoe.distributed.expert_placement import (load_routing_counts, model_placement, place_experts,
@@ -196,3 +198,25 @@ def test_stats_that_do_not_match_the_model_are_refused(checkpoints, tmp_path):
     path.write_text("not json")
     with pytest.raises(ValueError, match="expert_placement_stats: cannot read routing counts"):
         load_routing_counts(path)
+
+
+def test_plan_prints_memory_per_rank_and_collective_bytes_per_token():
+    """Mixtral-8x7B (32 layers, D 4096, 8 experts of 3 x 4096 x 14336, bf16) at TP=2 with and without EP."""
+    runner = CliRunner()
+    layouts = {}
+    for flags in ([], ["--enable-expert-parallel"]):
+        result = runner.invoke(app, ["plan", "Mixtral-8x7B", "--tensor-parallel-size", "2", *flags, "--json"])
+        assert result.exit_code == 0, result.output
+        layouts[bool(flags)] = json.loads(result.output)["layout"]
+    expert = 3 * 4096 * 14336 * 2
+    for ep, layout in layouts.items():
+        assert layout["all_reduces_per_token"] == 65
+        assert layout["all_reduce_bytes_per_token"] == 65 * 4096 * 2  # EP adds no collective
+        assert layout["link_bytes_per_token"] == 65 * 4096 * 2  # a ring over 2 ranks: 2(N-1)/N = 1
+        assert layout["gather_bytes_per_sampled_token"] == 16000 * 2
+        assert layout["expert_bytes_per_rank"] == 32 * 4 * expert  # half the experts, or half of each
+        assert layout["experts_per_rank"] == (4 if ep else 8)
+    text = runner.invoke(app, ["plan", "DeepSeek-V3", "--tensor-parallel-size", "32", "--enable-expert-parallel"])
+    assert "8 whole experts per MoE layer" in text.output and "123 all-reduces" in text.output
+    refused = runner.invoke(app, ["plan", "Mixtral-8x7B", "--tensor-parallel-size", "16", "--enable-expert-parallel"])
+    assert refused.exit_code == 2 and "at least as many routed experts" in refused.output
