@@ -18,7 +18,7 @@ import torch
 from pytest import approx
 from typer.testing import CliRunner
 
-from family_parity import TOL, engine
+from family_parity import engine
 from localmoe import SamplingParams
 from localmoe.cli import app
 from localmoe.config import ConfigError, EngineConfig
@@ -27,8 +27,9 @@ from localmoe.distributed.expert_placement import (load_routing_counts, model_pl
                                                    rank_imbalance, rank_tokens)
 from localmoe.distributed.layout import layout_plan
 from localmoe.layers.moe import moe_blocks
-from server_process import API_KEY, SMALL_KV, auth, serve
-from test_tensor_parallel import NEW, SETTINGS, family_checkpoints, run_prompts
+from server_process import API_KEY, auth, serve
+from test_tensor_parallel import (NEW, SERVE_FLAGS, SETTINGS, assert_runs_as_one_process,
+                                  assert_served_as_one_process, family_checkpoints, run_prompts)
 
 TRACE = Path(__file__).parents[1] / "benchmarks" / "traces" / "localmoe-builtin-heldout.jsonl"
 EP = {"tensor_parallel_size": 2, "enable_expert_parallel": True}
@@ -62,14 +63,7 @@ def test_ep2_equals_one_process(checkpoints, family, tmp_path):
         placement["expert_placement_stats"] = str(stats_file(tmp_path, single))
     ep = engine(checkpoint, **EP, **placement, **SETTINGS)
     try:
-        steps, tokens = run_prompts(ep)
-        stats = ep.engine.stats
-        assert stats.prefix_cache_hits > 0 and stats.num_prefill_chunks_total > 0
-        assert tokens == expected_tokens and all(len(t) == NEW for t in tokens)
-        assert len(steps) == len(expected_steps)
-        for ours, theirs in zip(steps, expected_steps):
-            assert ours.shape == theirs.shape
-            assert (ours - theirs).abs().max().item() <= TOL
+        assert_runs_as_one_process(ep, expected_steps, expected_tokens)
 
         # each rank holds half of the routed experts, whole (as its own byte count says)
         runner = ep.engine.runner
@@ -150,19 +144,13 @@ def test_served_ep2_equals_one_process(checkpoints, tmp_path):
     prompts = ["Experts spread over ranks", "Mixture of experts, each whole on one rank"]
     single = engine(checkpoint, **SETTINGS)
     expected = single.generate(prompts, SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True, logprobs=1))
-    flags = [f"--{key.replace('_', '-')}" if value is True else f"--{key.replace('_', '-')}={value}"
-             for key, value in SETTINGS.items()]
-    with serve(tmp_path, "--model", str(checkpoint), "--dtype", "float32", "--block-size", "4", *SMALL_KV,
-               "--tensor-parallel-size", "2", "--enable-expert-parallel", "--expert-placement", "round-robin",
-               *flags) as server:
+    with serve(tmp_path, "--model", str(checkpoint), *SERVE_FLAGS, "--tensor-parallel-size", "2",
+               "--enable-expert-parallel", "--expert-placement", "round-robin") as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
         model = client.models.list().data[0].id
         served = client.completions.create(model=model, prompt=prompts, max_tokens=NEW, temperature=0, logprobs=1,
                                            extra_body={"ignore_eos": True})
-        for choice, want in zip(sorted(served.choices, key=lambda c: c.index), expected):
-            assert choice.text == want.outputs[0].text
-            theirs = [next(iter(d.values())).logprob for d in want.outputs[0].logprobs]
-            assert choice.logprobs.token_logprobs == approx(theirs, abs=TOL)
+        assert_served_as_one_process(served, expected)
         experts = httpx.get(f"{server.url}/v1/stats/experts", headers=auth()).json()
         parallel = experts["parallel"]
         assert parallel["tensor_parallel_size"] == 2 and parallel["expert_placement"] == "round-robin"

@@ -9,9 +9,6 @@ them must fit in what this process may still use.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 
 from localmoe.config import ConfigError, EngineConfig
@@ -34,9 +31,8 @@ def layout_plan(config: EngineConfig, hf_config: dict, device: torch.device, usa
                          config.enable_expert_parallel, itemsize, itemsize, 0, usable_bytes, max_model_len)
 
 
-def refuse_unfit_layout(config: EngineConfig, model_dir: Path, device: torch.device, max_model_len: int) -> None:
+def refuse_unfit_layout(config: EngineConfig, hf_config: dict, device: torch.device, max_model_len: int) -> None:
     """Raise ConfigError, with the planner's numbers, where the ranks cannot hold their weights and KV cache."""
-    hf_config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
     world = config.tensor_parallel_size
     if device.type == "cuda":
         usable, where = int(torch.cuda.get_device_properties(device).total_memory

@@ -18,7 +18,9 @@ With tensor_parallel_size N > 1 (nano-vllm's shape) the runner of rank 0, in the
 processes (distributed/mp_executor.py), each building a runner of its own rank; every runner shards its model
 after loading (distributed/tensor_parallel.py) and allocates its shard of the KV pool. Rank 0 turns each scheduled
 batch into plain StepInputs and sends them to the workers, then all ranks run the same forward pass; the
-logits come together on rank 0.
+logits come together on rank 0. With enable_expert_parallel the routed experts are spread whole over the same
+ranks instead (distributed/expert_parallel.py), as rank 0 places them before it starts the workers; rank 0 first
+refuses a layout whose ranks cannot hold their share (distributed/layout.py).
 """
 
 from __future__ import annotations
@@ -117,7 +119,7 @@ class ModelRunner:
         self.collectives = CollectiveStats()
         if rank == 0 and config.tensor_parallel_size > 1:
             hf_config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
-            refuse_unfit_layout(config, model_dir, self.device, context_length(config, hf_config))
+            refuse_unfit_layout(config, hf_config, self.device, context_length(config, hf_config))
             placement = expert_placement(config, hf_config) if config.enable_expert_parallel else None
         # rank 0 starts the other ranks first: they load while it does
         self.workers = (MultiprocExecutor(config.tensor_parallel_size, self.device,
