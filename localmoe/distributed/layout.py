@@ -54,7 +54,7 @@ def refuse_unfit_layout(config: EngineConfig, hf_config: dict, device: torch.dev
         f"{plan.weight_bytes_per_rank / mib:.1f} MiB (routed experts {plan.expert_bytes_per_rank / mib:.1f} MiB) "
         f"+ KV cache {kv / mib:.1f} MiB, and has {usable / mib:.1f} MiB ({where}); see `localmoe plan "
         f"--tensor-parallel-size {world}{' --enable-expert-parallel' if config.enable_expert_parallel else ''}`. "
-        "Use more ranks, a smaller kv_cache_memory or max_model_len, or a quantized checkpoint")
+        f"Use {'more ranks, ' if device.type == 'cuda' else ''}a smaller kv_cache_memory or max_model_len")
 
 
 def expert_placement(config: EngineConfig, hf_config: dict) -> torch.Tensor:
