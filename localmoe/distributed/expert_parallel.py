@@ -54,7 +54,8 @@ class ExpertParallelExperts(Experts):
 def _subset(experts: GroupedExperts, keep: torch.Tensor) -> GroupedExperts:
     """A GroupedExperts of the experts `keep` alone, in that order."""
     hidden, intermediate = experts.w2.shape[1:]
-    subset = GroupedExperts(len(keep), hidden, intermediate, experts.w13_bias is not None, experts.activation)
+    with torch.device("meta"):  # shapes only: the kept weights replace them
+        subset = GroupedExperts(len(keep), hidden, intermediate, experts.w13_bias is not None, experts.activation)
     for name in ("w13", "w2", "w13_bias", "w2_bias"):
         weight = getattr(experts, name)
         if weight is not None:
