@@ -303,11 +303,15 @@ def plan(
         help="Data type for kv cache storage: auto (the --dtype) or fp8 (one byte, plus a scale per row).")]
     = "auto",
     json_output: Annotated[bool, typer.Option("--json", help="Print the plan as JSON instead of a report.")] = False,
+    tensor_parallel_size: Annotated[int, typer.Option(
+        help="Plan this many ranks: memory per rank and the bytes each collective moves per token.")] = 1,
+    enable_expert_parallel: Annotated[bool, typer.Option(
+        help="With --tensor-parallel-size: routed experts spread whole over the ranks.")] = False,
 ) -> None:
     """Plan memory: parameters, weight and KV bytes, the parallel degree or expert cache that fits."""
     try:
         typer.echo(plan_command(model, dtype, device, max_model_len, max_num_seqs, kv_cache_dtype, json_output,
-                                quantization))
+                                quantization, tensor_parallel_size, enable_expert_parallel))
     except PlanError as e:
         raise fail(str(e), EXIT_CONFIG) from None
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from localmoe.distributed.expert_placement import PLACEMENTS
 from localmoe.engine.speculative_config import SpeculativeConfig, parse_speculative_config
 from localmoe.models.hub import HubError, hub_checkpoint, hub_tokenizer, is_hub_id
 from localmoe.quant.scheme import LOAD_TIME, QuantScheme, quant_scheme
@@ -199,10 +200,41 @@ class EngineConfig:
     max_loras: int = setting(1, "Max number of LoRAs in a single batch (adapters resident at once; the least "
                              "recently used one makes room for another).")
     max_lora_rank: int = setting(16, "Max LoRA rank: adapters of a higher rank are refused.")
+    # expert parallelism (distributed/expert_parallel.py, distributed/expert_placement.py)
+    enable_expert_parallel: bool = setting(False, "Use expert parallelism instead of tensor parallelism for MoE "
+                                           "layers: each of the --tensor-parallel-size ranks holds whole routed "
+                                           "experts, a share of them; attention, dense layers and shared experts "
+                                           "stay tensor-parallel.")
+    expert_placement: str = setting("contiguous", "Which rank holds each routed expert with "
+                                    "--enable-expert-parallel: contiguous (rank r the r-th block), round-robin "
+                                    "(expert e on rank e mod N), or balanced (the busiest experts spread first, by "
+                                    "the token counts of --expert-placement-stats).")
+    expert_placement_stats: str | None = setting(None, "Routing counts for --expert-placement balanced: a routing "
+                                                 "trace (--routing-trace's JSON lines) or a saved "
+                                                 "/v1/stats/experts answer.")
+
+    def _expert_parallel_refusals(self) -> list[tuple[bool, str, str]]:
+        balanced = self.expert_placement == "balanced"
+        return [
+            (self.enable_expert_parallel and self.tensor_parallel_size < 2, "enable_expert_parallel",
+             "expert parallelism spreads the experts over the tensor-parallel ranks: set tensor_parallel_size > 1"),
+            (self.enable_expert_parallel and self.offloads_experts, "enable_expert_parallel",
+             "expert offloading is not available with expert parallelism yet; keep experts resident "
+             "(expert_cache_size: 0)"),
+            (self.expert_placement not in PLACEMENTS, "expert_placement",
+             f"expert_placement {self.expert_placement!r} is not one of {', '.join(PLACEMENTS)}"),
+            (self.expert_placement != "contiguous" and not self.enable_expert_parallel, "expert_placement",
+             "an expert placement places experts on the ranks of --enable-expert-parallel, which is off"),
+            (balanced and self.expert_placement_stats is None, "expert_placement_stats",
+             "balanced placement needs the experts' token counts: a routing trace or a /v1/stats/experts JSON"),
+            (not balanced and self.expert_placement_stats is not None, "expert_placement_stats",
+             "routing counts are read for expert_placement: balanced alone"),
+        ]
 
     def validate(self) -> None:
         self.validate_lora()
         refusals = [
+            *self._expert_parallel_refusals(),
             (self.tensor_parallel_size < 1, "tensor_parallel_size", "tensor_parallel_size must be positive"),
             (self.distributed_executor_backend not in (None, "mp", "ray"), "distributed_executor_backend",
              f"distributed_executor_backend {self.distributed_executor_backend!r} is not one of mp, ray"),

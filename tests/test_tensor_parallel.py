@@ -39,11 +39,14 @@ SERVED = ["mixtral", "qwen2_moe"]
 # small steps, so the 45-token prompt is prefilled in chunks; small blocks, so the shared prefix fills some
 SETTINGS = {"enable_prefix_caching": True, "enable_chunked_prefill": True, "max_num_batched_tokens": 16}
 NEW = 32
+# `localmoe serve`'s flags for the engine() settings
+SERVE_FLAGS = ("--dtype", "float32", "--block-size", "4", *SMALL_KV, *(
+    f"--{key.replace('_', '-')}" if value is True else f"--{key.replace('_', '-')}={value}"
+    for key, value in SETTINGS.items()))
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> Callable[[str], Path]:
-    """Each family's checkpoint, written once for the module."""
+def family_checkpoints(tmp_path_factory) -> Callable[[str], Path]:
+    """Each family's checkpoint, written on first use (test_expert_parallel.py's fixture too)."""
     made: dict[str, Path] = {}
 
     def get(family: str) -> Path:
@@ -58,6 +61,12 @@ def checkpoints(tmp_path_factory) -> Callable[[str], Path]:
     return get
 
 
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> Callable[[str], Path]:
+    """Each family's checkpoint, written once for the module."""
+    return family_checkpoints(tmp_path_factory)
+
+
 def run_prompts(llm) -> tuple[list, list[list[int]]]:
     """Every step's logits and each request's greedy tokens: one prompt alone, then three sharing its 19-token
     prefix batched with a 45-token one."""
@@ -70,6 +79,26 @@ def run_prompts(llm) -> tuple[list, list[list[int]]]:
     return steps, [o.outputs[0].token_ids for o in outs]
 
 
+def assert_runs_as_one_process(llm, expected_steps: list, expected_tokens: list[list[int]]) -> None:
+    """run_prompts on `llm` gives the logits and tokens one process gave, prefix caching and chunked prefill used."""
+    steps, tokens = run_prompts(llm)
+    stats = llm.engine.stats
+    assert stats.prefix_cache_hits > 0 and stats.num_prefill_chunks_total > 0
+    assert tokens == expected_tokens and all(len(t) == NEW for t in tokens)
+    assert len(steps) == len(expected_steps)
+    for ours, theirs in zip(steps, expected_steps):
+        assert ours.shape == theirs.shape
+        assert (ours - theirs).abs().max().item() <= TOL
+
+
+def assert_served_as_one_process(served, expected: list) -> None:
+    """A served completion's texts and log-probabilities are those of one process's RequestOutputs."""
+    for choice, want in zip(sorted(served.choices, key=lambda c: c.index), expected):
+        assert choice.text == want.outputs[0].text
+        theirs = [next(iter(d.values())).logprob for d in want.outputs[0].logprobs]
+        assert choice.logprobs.token_logprobs == approx(theirs, abs=TOL)
+
+
 @pytest.mark.parametrize("family", [*FAMILIES, "deepseek_v3"])
 def test_tp2_equals_one_process(checkpoints, family):
     checkpoint = checkpoints(family)
@@ -77,14 +106,7 @@ def test_tp2_equals_one_process(checkpoints, family):
     expected_steps, expected_tokens = run_prompts(single)
     tp = engine(checkpoint, tensor_parallel_size=2, **SETTINGS)
     try:
-        steps, tokens = run_prompts(tp)
-        stats = tp.engine.stats
-        assert stats.prefix_cache_hits > 0 and stats.num_prefill_chunks_total > 0
-        assert tokens == expected_tokens and all(len(t) == NEW for t in tokens)
-        assert len(steps) == len(expected_steps)
-        for ours, theirs in zip(steps, expected_steps):
-            assert ours.shape == theirs.shape
-            assert (ours - theirs).abs().max().item() <= TOL
+        assert_runs_as_one_process(tp, expected_steps, expected_tokens)
         # each rank counts its own weights: half of one process's, plus the few replicated (norms, routers; MLA's
         # latent projections are every head's)
         per_rank = tp.engine.runner.rank_weight_bytes()
@@ -114,20 +136,14 @@ def test_served_tp2_equals_one_process_then_a_worker_dies(checkpoints, family, t
     prompts = ["The tensor-parallel engine", "Mixture of experts, split over ranks"]
     single = engine(checkpoint, **SETTINGS)
     expected = single.generate(prompts, SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True, logprobs=1))
-    flags = [f"--{key.replace('_', '-')}" if value is True else f"--{key.replace('_', '-')}={value}"
-             for key, value in SETTINGS.items()]
-    with serve(tmp_path, "--model", str(checkpoint), "--dtype", "float32", "--block-size", "4", *SMALL_KV,
-               "--tensor-parallel-size", "2", *flags) as server:
+    with serve(tmp_path, "--model", str(checkpoint), *SERVE_FLAGS, "--tensor-parallel-size", "2") as server:
         workers = workers_of(server.process.pid)
         assert len(workers) == 1
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
         model = client.models.list().data[0].id
         served = client.completions.create(model=model, prompt=prompts, max_tokens=NEW, temperature=0, logprobs=1,
                                            extra_body={"ignore_eos": True})
-        for choice, want in zip(sorted(served.choices, key=lambda c: c.index), expected):
-            assert choice.text == want.outputs[0].text
-            theirs = [next(iter(d.values())).logprob for d in want.outputs[0].logprobs]
-            assert choice.logprobs.token_logprobs == approx(theirs, abs=TOL)
+        assert_served_as_one_process(served, expected)
         if family == "mixtral":
             everyone = descendants(server.process.pid)
             server.process.send_signal(signal.SIGTERM)

@@ -380,7 +380,7 @@ class LLMEngine:
         if not force and now - self.snapshot.at < PUBLISH_INTERVAL_S:
             return
         bm = self.block_manager
-        self.snapshot = StatsSnapshot(self.stats, expert_stats(self.observer),
+        self.snapshot = StatsSnapshot(self.stats, expert_stats(self.observer, self.runner.parallel_stats()),
                                       self.memory.snapshot(bm.num_blocks, bm.num_free_blocks, bm.usage), now)
 
     @property

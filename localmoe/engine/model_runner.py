@@ -18,7 +18,9 @@ With tensor_parallel_size N > 1 (nano-vllm's shape) the runner of rank 0, in the
 processes (distributed/mp_executor.py), each building a runner of its own rank; every runner shards its model
 after loading (distributed/tensor_parallel.py) and allocates its shard of the KV pool. Rank 0 turns each scheduled
 batch into plain StepInputs and sends them to the workers, then all ranks run the same forward pass; the
-logits come together on rank 0.
+logits come together on rank 0. With enable_expert_parallel the routed experts are spread whole over the same
+ranks instead (distributed/expert_parallel.py), as rank 0 places them before it starts the workers; rank 0 first
+refuses a layout whose ranks cannot hold their share (distributed/layout.py).
 
 With --enable-lora the LoRA pass (lora/layers.py) wraps the loaded model before the experts pass, which then
 leaves its experts on the grouped path; the fused decoder and CUDA graphs stay off, so every step runs the
@@ -27,6 +29,7 @@ modules that apply each token's adapter. Each step puts its adapters in slots fi
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -38,12 +41,15 @@ import torch.distributed as dist
 from torch import nn
 
 from localmoe.config import ConfigError, EngineConfig
+from localmoe.distributed.collectives import CollectiveStats, counted
+from localmoe.distributed.expert_parallel import apply_ep
+from localmoe.distributed.layout import expert_placement, refuse_unfit_layout
 from localmoe.distributed.mp_executor import MultiprocExecutor
 from localmoe.distributed.tensor_parallel import apply_tp
 from localmoe.engine.cuda_graphs import DecodeGraphs, capture_decode_graphs
 from localmoe.engine.memory_profile import peak_step_bytes
 from localmoe.engine.scheduler import ScheduledBatch
-from localmoe.engine.stats import weights_bytes
+from localmoe.engine.stats import routed_expert_bytes, weights_bytes
 from localmoe.experts.memory_budget import RUNTIME_RESERVE, auto_cache_bytes, memory_left
 from localmoe.experts.offload import OffloadPlan, offloaded_weight
 from localmoe.experts.runtime import convert_experts
@@ -114,22 +120,29 @@ class StepLogits:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_dir: Path, rank: int = 0) -> None:
+    def __init__(self, config: EngineConfig, model_dir: Path, rank: int = 0,
+                 placement: torch.Tensor | None = None) -> None:
+        """`placement`: the rank of each routed expert [L, E] under expert parallelism, as rank 0 decided it."""
         self.config = config
         self.device = resolve_device(config.device, rank)
+        self.collectives = CollectiveStats()
+        if rank == 0 and config.tensor_parallel_size > 1:
+            hf_config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+            refuse_unfit_layout(config, hf_config, self.device, context_length(config, hf_config))
+            placement = expert_placement(config, hf_config) if config.enable_expert_parallel else None
         # rank 0 starts the other ranks first: they load while it does
         self.workers = (MultiprocExecutor(config.tensor_parallel_size, self.device,
-                                          partial(ModelRunner, config, model_dir))
+                                          partial(ModelRunner, config, model_dir, placement=placement))
                         if rank == 0 and config.tensor_parallel_size > 1 else None)
         try:
-            self._load(model_dir)
+            self._load(model_dir, placement)
             if self.workers is not None:
                 self.workers.wait_ready()
         except BaseException:
             self.shutdown()
             raise
 
-    def _load(self, model_dir: Path) -> None:
+    def _load(self, model_dir: Path, placement: torch.Tensor | None) -> None:
         config = self.config
         self.model, self.hf_config = load_model(model_dir, config.dtype, self.device,
                                                 unread=offloaded_weight if config.offloads_experts else None,
@@ -141,10 +154,13 @@ class ModelRunner:
         if config.tensor_parallel_size > 1:
             if self.model.quantized_checkpoint is not None:
                 raise ConfigError("tensor_parallel_size: a quantized checkpoint is not split across ranks yet")
+            key = "enable_expert_parallel" if placement is not None else "tensor_parallel_size"
             try:
-                apply_tp(self.model)
+                apply_tp(self.model, split_experts=placement is None)
+                if placement is not None:
+                    apply_ep(self.model, placement)
             except ValueError as error:
-                raise ConfigError(f"tensor_parallel_size: {error}") from None
+                raise ConfigError(f"{key}: {error}") from None
         self.dtype = resolve_dtype(config.dtype, self.hf_config, self.device)
         self.max_model_len = context_length(config, self.hf_config)
         self.kv_dtype = cache_dtype(config.kv_cache_dtype, self.dtype)
@@ -186,9 +202,25 @@ class ModelRunner:
     def weight_bytes(self) -> int:
         return weights_bytes(self.model, self.experts)
 
+    def expert_bytes(self) -> int:
+        return routed_expert_bytes(self.model)
+
+    def on_every_rank(self, method: str) -> list:
+        """`method()`'s result on each rank, as the ranks compute it, rank 0 first."""
+        return [getattr(self, method)(), *(self.workers.call(method, reply=True) if self.workers else [])]
+
     def rank_weight_bytes(self) -> list[int]:
         """Each rank's bytes of weights, as the ranks count them, rank 0 first."""
-        return [self.weight_bytes(), *(self.workers.call("weight_bytes", reply=True) if self.workers else [])]
+        return self.on_every_rank("weight_bytes")
+
+    def parallel_stats(self) -> dict | None:
+        """The layout and what the steps' collectives moved (distributed/collectives.py); None with one rank."""
+        config = self.config
+        if config.tensor_parallel_size == 1:
+            return None
+        return {"tensor_parallel_size": config.tensor_parallel_size,
+                "expert_placement": config.expert_placement if config.enable_expert_parallel else None,
+                "collective_bytes": self.collectives.summary()}
 
     def _on_workers(self, method: str, *args: object) -> None:
         """Have every worker run `method(*args)` on its runner, as rank 0 is about to; a no-op without workers."""
@@ -317,8 +349,12 @@ class ModelRunner:
         """The forward pass of one step, on every rank (rank 0 sends the step to the workers first); the logits
         are rank 0's."""
         self._on_workers("run", step)
+        before = counted()
         try:
-            return self._forward(step)
+            logits = self._forward(step)
+            self.collectives.observe(before, len(step.input_ids),
+                                     len(step.sample_rows) + sum(map(len, step.prompt_rows.values())))
+            return logits
         except Exception as error:
             if self.workers is not None:  # the ranks may be out of step now: no further step can be trusted
                 self.workers.stop(self.workers.problem() or f"a tensor-parallel step failed: {error!r}")
