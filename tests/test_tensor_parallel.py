@@ -154,7 +154,7 @@ def test_served_tp2_equals_one_process_then_a_worker_dies(checkpoints, family, t
 
 
 @pytest.mark.parametrize("settings, refused", [
-    ({"distributed_executor_backend": "ray"}, "ray backend is not available yet"),
+    ({"ray_cpus_per_worker": 0}, "ray_cpus_per_worker must be positive"),
     ({"distributed_executor_backend": "threads"}, "not one of mp, ray"),
     ({"tensor_parallel_size": 0}, "must be positive"),
     ({"tensor_parallel_size": 2, "expert_cache_size": 2}, "expert offloading is not available with tensor"),
