@@ -8,8 +8,9 @@ Each actor opens a listening socket on its node's IP (the address Ray reports, r
 rank 0 connects to it with a random key, and from then on executor.py drives the actor like a local process:
 the actor's `serve` runs the worker loop (worker.py) until the engine core stops it. The process group meets at
 rank 0's node IP. `serve` finishing (the loop ended, or the actor or its node died: Ray fails the call) is how a
-dead worker is seen; stopping kills the actors, removes the placement group and leaves the cluster (stopping it,
-when the engine core started it).
+dead worker is seen; stopping kills the actors and removes the placement group. The engine core stays connected to
+the cluster until it exits (Ray's own exit hook disconnects it, and stops a local cluster it started): Ray's
+shutdown resets the process's SIGTERM handler, which the server's graceful stop needs.
 
 The checkpoint must be at the same path on every node, and localmoe installed there, as with vLLM.
 """
@@ -93,11 +94,10 @@ class RayExecutor(Executor):
         if not ray.is_initialized():
             # RAY_ADDRESS, else the local cluster `ray start` left running, else a new local one
             ray.init()
-            self.releases.append(ray.shutdown)
         bundle = _bundle(self.cpus_per_worker, device)
         group = placement_group([bundle] * world_size, strategy="PACK", bundle_label_selector=[
             {NODE_ID_LABEL: ray.get_runtime_context().get_node_id()}, *[{}] * (world_size - 1)])
-        self.releases.insert(0, partial(remove_placement_group, group))
+        self.releases.append(partial(remove_placement_group, group))
         try:
             ray.get(group.ready(), timeout=PLACEMENT_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
