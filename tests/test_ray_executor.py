@@ -3,7 +3,7 @@ node_b, one CPU each, on a loopback address): `localmoe serve --tensor-parallel-
 --distributed-executor-backend ray` puts rank 0's bundle on the engine core's node and rank 1's actor on the other,
 serves the single process's greedy tokens and log-probabilities through the openai client, and a killed worker
 actor ends the stream in flight with an error and turns /health 503 within seconds. No Ray process outlives the
-module."""
+module; a cluster too small for the ranks is refused at once."""
 
 from __future__ import annotations
 
@@ -140,3 +140,14 @@ def test_a_killed_worker_fails_the_stream_and_health(cluster, server):
         time.sleep(0.2)
     server.process.send_signal(signal.SIGTERM)
     assert server.process.wait(timeout=60) == 0
+
+
+def test_a_cluster_too_small_is_refused_at_once(cluster, checkpoint, monkeypatch):
+    """Three ranks of one CPU each on a cluster of two CPUs: refused before any placement, naming what is
+    missing (not after the placement timeout)."""
+    monkeypatch.setenv("RAY_ADDRESS", cluster)
+    try:
+        with pytest.raises(RuntimeError, match=r"tensor_parallel_size 3 needs \{'CPU': 3\} of the Ray cluster"):
+            engine(checkpoint, tensor_parallel_size=3, distributed_executor_backend="ray")
+    finally:
+        ray.shutdown()

@@ -35,7 +35,7 @@ from localmoe.distributed.worker import run_worker
 
 log = logging.getLogger(__name__)
 
-# Only against a hang: a cluster without room for the bundles never readies them; a new actor starts an
+# Only against a hang: a cluster whose room for the bundles is taken never readies them; a new actor starts an
 # interpreter and imports torch, which on a busy node takes a while
 PLACEMENT_TIMEOUT_S = 120.0
 ACTOR_START_TIMEOUT_S = 300.0
@@ -95,15 +95,20 @@ class RayExecutor(Executor):
             # RAY_ADDRESS, else the local cluster `ray start` left running, else a new local one
             ray.init()
         bundle = _bundle(self.cpus_per_worker, device)
+        needed = {key: amount * world_size for key, amount in bundle.items()}
+        if any(ray.cluster_resources().get(key, 0) < amount for key, amount in needed.items()):
+            raise RuntimeError(f"tensor_parallel_size {world_size} needs {needed} of the Ray cluster, which has "
+                               f"{ray.cluster_resources()}; add nodes or lower tensor_parallel_size / "
+                               "ray_cpus_per_worker")
         group = placement_group([bundle] * world_size, strategy="PACK", bundle_label_selector=[
             {NODE_ID_LABEL: ray.get_runtime_context().get_node_id()}, *[{}] * (world_size - 1)])
         self.releases.append(partial(remove_placement_group, group))
         try:
             ray.get(group.ready(), timeout=PLACEMENT_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
-            raise RuntimeError(f"the Ray cluster has no room for {world_size} bundles of {bundle}, the first on "
-                               f"this node (it has {ray.available_resources()} free); add nodes or lower "
-                               "tensor_parallel_size / ray_cpus_per_worker") from None
+            raise RuntimeError(f"the Ray cluster has had no room for {world_size} bundles of {bundle}, the first on "
+                               f"this node, for {PLACEMENT_TIMEOUT_S:.0f} s (free: {ray.available_resources()})"
+                               ) from None
         host = ray.util.get_node_ip_address()
         init_method = f"tcp://{host}:{free_port(host)}"
         self._start_actors(group, world_size, init_method, device, make_runner)
