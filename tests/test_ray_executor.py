@@ -13,11 +13,9 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import openai
 import psutil
 import pytest
@@ -28,7 +26,7 @@ from checkpoints import make_checkpoint
 from family_parity import TOL, engine
 from localmoe import SamplingParams
 from server_process import API_KEY, REPO, SMALL_KV, ServerProcess, free_port, serve
-from test_tensor_parallel import NEW, SETTINGS
+from test_tensor_parallel import NEW, SETTINGS, kill_during_a_stream
 
 # Ray turns 127.0.0.1 into the machine's outward address (it refuses a loopback cluster of several nodes);
 # another loopback address keeps the cluster on this machine
@@ -126,18 +124,8 @@ def test_a_killed_worker_fails_the_stream_and_health(cluster, server):
     assert len(workers) == 1
     # the actor's process is a worker of node_b's raylet
     assert f"--node_id={placed['node_b']}" in workers[0].parent().cmdline()
-    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
-    stream = client.completions.create(model=client.models.list().data[0].id, prompt=PROMPTS[0], max_tokens=3000,
-                                       temperature=0, stream=True, extra_body={"ignore_eos": True})
-    next(iter(stream))
-    os.kill(workers[0].pid, signal.SIGKILL)
-    with pytest.raises(openai.APIError):
-        for _ in stream:
-            pass
-    deadline = time.monotonic() + 10
-    while httpx.get(f"{server.url}/health").status_code != 503:
-        assert time.monotonic() < deadline, "/health did not report the dead worker"
-        time.sleep(0.2)
+    kill_during_a_stream(server, openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0),
+                         workers[0].pid)
     server.process.send_signal(signal.SIGTERM)
     assert server.process.wait(timeout=60) == 0
 

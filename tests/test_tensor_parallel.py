@@ -22,7 +22,7 @@ from checkpoints import make_checkpoint
 from family_parity import TOL, engine, prompts_of, record_logits
 from localmoe import SamplingParams
 from localmoe.config import ConfigError, EngineConfig
-from server_process import API_KEY, SMALL_KV, serve
+from server_process import API_KEY, SMALL_KV, ServerProcess, serve
 from test_deepseek import checkpoint as deepseek_checkpoint
 
 # Mixtral with tied embeddings (the head shares the vocabulary shard); Qwen2-MoE with its gated shared expert,
@@ -105,6 +105,22 @@ def workers_of(pid: int) -> list[psutil.Process]:
     return [p for p in descendants(pid) if "spawn_main" in " ".join(p.cmdline())]
 
 
+def kill_during_a_stream(server: ServerProcess, client: openai.OpenAI, pid: int) -> None:
+    """SIGKILL process `pid` (a worker) while a stream is in flight: the stream ends with an error and /health
+    answers 503 within seconds."""
+    stream = client.completions.create(model=client.models.list().data[0].id, prompt="A long answer",
+                                       max_tokens=3000, temperature=0, stream=True, extra_body={"ignore_eos": True})
+    next(iter(stream))
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(openai.APIError):
+        for _ in stream:
+            pass
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{server.url}/health").status_code != 503:
+        assert time.monotonic() < deadline, "/health did not report the dead worker"
+        time.sleep(0.2)
+
+
 @pytest.mark.parametrize("family", SERVED)
 def test_served_tp2_equals_one_process_then_a_worker_dies(checkpoints, family, tmp_path):
     """The served engine's tokens and log-probabilities are the single process's. Then, on Mixtral, SIGTERM
@@ -135,17 +151,7 @@ def test_served_tp2_equals_one_process_then_a_worker_dies(checkpoints, family, t
             psutil.wait_procs(everyone, timeout=15)
             assert not [p for p in everyone if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
             return
-        stream = client.completions.create(model=model, prompt=prompts[0], max_tokens=3000, temperature=0,
-                                           stream=True, extra_body={"ignore_eos": True})
-        next(iter(stream))
-        os.kill(workers[0].pid, signal.SIGKILL)
-        with pytest.raises(openai.APIError):
-            for _ in stream:
-                pass
-        deadline = time.monotonic() + 10
-        while httpx.get(f"{server.url}/health").status_code != 503:
-            assert time.monotonic() < deadline, "/health did not report the dead worker"
-            time.sleep(0.2)
+        kill_during_a_stream(server, client, workers[0].pid)
         everyone = descendants(server.process.pid)
         server.process.send_signal(signal.SIGTERM)
         server.process.wait(timeout=60)
