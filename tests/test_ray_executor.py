@@ -7,7 +7,6 @@ module; a cluster too small for the ranks is refused at once."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -34,9 +33,10 @@ LOOPBACK = "127.0.0.2"
 PROMPTS = ["The tensor-parallel engine", "Mixture of experts, split over ranks"]
 
 
-def ray_command(*args: str, env: dict[str, str]) -> None:
-    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", *args], env=env, check=True, capture_output=True,
-                   timeout=180)
+def ray_command(*args: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", *args], capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 0, f"ray {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
 
 
 def ray_processes(temp_dir: str) -> list[psutil.Process]:
@@ -55,21 +55,27 @@ def cluster() -> Iterator[str]:
     this checkout."""
     temp_dir = tempfile.mkdtemp(prefix="lmray", dir="/tmp")  # short: Ray's socket paths live under it
     address = f"{LOOPBACK}:{free_port()}"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    node = ["--node-ip-address", LOOPBACK, "--num-cpus", "1"]
-    try:
-        ray_command("start", "--head", "--port", address.rsplit(":", 1)[1], *node, "--resources", '{"node_a": 1}',
-                    "--include-dashboard=false", "--temp-dir", temp_dir, env=env)
-        ray_command("start", "--address", address, *node, "--resources", '{"node_b": 1}', env=env)
-        yield address
-    finally:
-        started = ray_processes(temp_dir)
-        ray_command("stop", "--force", env=env)
-        psutil.wait_procs(started, timeout=15)
-        left = [p for p in ray_processes(temp_dir) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        assert not left, f"Ray processes outlived the cluster: {left}"
+    # the cluster, the server and this process (a Ray driver too) share these; Ray turns token authentication on
+    # for a head started where a token file exists (~/.ray/auth_token, left by any local ray.init)
+    env = {"PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    # a small object store: the engine passes nothing through it
+    node = ["--node-ip-address", LOOPBACK, "--num-cpus", "1", "--object-store-memory", str(100 * 2**20)]
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        patch.delenv("RAY_ADDRESS", raising=False)
+        try:
+            ray_command("start", "--head", "--port", address.rsplit(":", 1)[1], *node, "--resources",
+                        '{"node_a": 1}', "--include-dashboard=false", "--temp-dir", temp_dir)
+            ray_command("start", "--address", address, *node, "--resources", '{"node_b": 1}')
+            yield address
+        finally:
+            started = ray_processes(temp_dir)
+            ray_command("stop", "--force")
+            psutil.wait_procs(started, timeout=15)
+            left = [p for p in ray_processes(temp_dir) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+            shutil.rmtree(temp_dir, ignore_errors=True)
+            assert not left, f"Ray processes outlived the cluster: {left}"
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +89,7 @@ def server(cluster, checkpoint, tmp_path_factory) -> Iterator[ServerProcess]:
              for key, value in SETTINGS.items()]
     with serve(tmp_path_factory.mktemp("logs"), "--model", str(checkpoint), "--dtype", "float32", "--block-size",
                "4", *SMALL_KV, "--tensor-parallel-size", "2", "--distributed-executor-backend", "ray", *flags,
-               env={"RAY_ADDRESS": cluster, "RAY_USAGE_STATS_ENABLED": "0"}) as server:
+               env={"RAY_ADDRESS": cluster}) as server:
         yield server
 
 

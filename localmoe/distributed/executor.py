@@ -13,6 +13,7 @@ process holds one tensor-parallel engine at a time.
 from __future__ import annotations
 
 import logging
+import socket
 import weakref
 from multiprocessing.connection import Connection
 from typing import Callable, Protocol
@@ -26,6 +27,13 @@ log = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 10.0  # a stopped worker's time to exit before it is killed
 POLL_S = 0.5  # how often a wait for a worker's reply checks that the worker lives
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on `host` now, for the process group to meet at."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 class WorkerDiedError(RuntimeError):

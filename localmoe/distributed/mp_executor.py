@@ -7,21 +7,14 @@ pipe to rank 0 and rank r on CUDA device r; executor.py drives them.
 from __future__ import annotations
 
 import multiprocessing as mp
-import socket
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Callable
 
 import torch
 
-from localmoe.distributed.executor import Executor
+from localmoe.distributed.executor import Executor, free_port
 from localmoe.distributed.worker import run_worker
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -29,8 +29,7 @@ import torch
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from localmoe.distributed.executor import Executor
-from localmoe.distributed.mp_executor import free_port
+from localmoe.distributed.executor import Executor, free_port
 from localmoe.distributed.worker import run_worker
 
 log = logging.getLogger(__name__)
