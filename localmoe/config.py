@@ -119,8 +119,9 @@ class EngineConfig:
                                         "processes each hold 1/N of the attention heads, of the MLP and expert "
                                         "intermediate features, of the vocabulary and of the KV cache.")
     distributed_executor_backend: str | None = setting(None, "Backend to use for distributed model workers: mp "
-                                                       "(processes on this machine) or ray (not available yet). "
-                                                       "If unspecified: mp when tensor_parallel_size > 1.")
+                                                       "(processes on this machine) or ray (actors on the Ray "
+                                                       "cluster RAY_ADDRESS names, else a local one). If "
+                                                       "unspecified: mp when tensor_parallel_size > 1.")
     gpu_memory_utilization: float = setting(0.9, "The fraction of GPU memory to be used for the model executor, "
                                             "which can range from 0 to 1 (0.5: 50%); the KV cache gets what the "
                                             "weights leave of it. CUDA only: on CPU, --kv-cache-memory.")
@@ -230,6 +231,10 @@ class EngineConfig:
             (not balanced and self.expert_placement_stats is not None, "expert_placement_stats",
              "routing counts are read for expert_placement: balanced alone"),
         ]
+    # the Ray executor (distributed/ray_executor.py)
+    ray_cpus_per_worker: int = setting(1, "With --distributed-executor-backend ray: the CPUs each rank's placement "
+                                       "group bundle reserves (rank 0's, on the engine core's node, too); Ray "
+                                       "sets a worker's OMP_NUM_THREADS to it.")
 
     def validate(self) -> None:
         self.validate_lora()
@@ -238,8 +243,9 @@ class EngineConfig:
             (self.tensor_parallel_size < 1, "tensor_parallel_size", "tensor_parallel_size must be positive"),
             (self.distributed_executor_backend not in (None, "mp", "ray"), "distributed_executor_backend",
              f"distributed_executor_backend {self.distributed_executor_backend!r} is not one of mp, ray"),
-            (self.distributed_executor_backend == "ray", "distributed_executor_backend",
-             "the ray backend is not available yet; use mp (worker processes on this machine)"),
+            (self.distributed_executor_backend == "ray" and importlib.util.find_spec("ray") is None,
+             "distributed_executor_backend", "the ray backend needs Ray: pip install 'localmoe[ray]'"),
+            (self.ray_cpus_per_worker < 1, "ray_cpus_per_worker", "ray_cpus_per_worker must be positive"),
             (self.tensor_parallel_size > 1 and self.offloads_experts, "tensor_parallel_size",
              "expert offloading is not available with tensor parallelism yet; keep experts resident "
              "(expert_cache_size: 0) or use tensor_parallel_size: 1"),

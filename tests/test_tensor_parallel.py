@@ -22,7 +22,7 @@ from checkpoints import make_checkpoint
 from family_parity import TOL, engine, prompts_of, record_logits
 from localmoe import SamplingParams
 from localmoe.config import ConfigError, EngineConfig
-from server_process import API_KEY, SMALL_KV, serve
+from server_process import API_KEY, SMALL_KV, ServerProcess, serve
 from test_deepseek import checkpoint as deepseek_checkpoint
 
 # Mixtral with tied embeddings (the head shares the vocabulary shard); Qwen2-MoE with its gated shared expert,
@@ -127,6 +127,22 @@ def workers_of(pid: int) -> list[psutil.Process]:
     return [p for p in descendants(pid) if "spawn_main" in " ".join(p.cmdline())]
 
 
+def kill_during_a_stream(server: ServerProcess, client: openai.OpenAI, pid: int) -> None:
+    """SIGKILL process `pid` (a worker) while a stream is in flight: the stream ends with an error and /health
+    answers 503 within seconds."""
+    stream = client.completions.create(model=client.models.list().data[0].id, prompt="A long answer",
+                                       max_tokens=3000, temperature=0, stream=True, extra_body={"ignore_eos": True})
+    next(iter(stream))
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(openai.APIError):
+        for _ in stream:
+            pass
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{server.url}/health").status_code != 503:
+        assert time.monotonic() < deadline, "/health did not report the dead worker"
+        time.sleep(0.2)
+
+
 @pytest.mark.parametrize("family", SERVED)
 def test_served_tp2_equals_one_process_then_a_worker_dies(checkpoints, family, tmp_path):
     """The served engine's tokens and log-probabilities are the single process's. Then, on Mixtral, SIGTERM
@@ -151,17 +167,7 @@ def test_served_tp2_equals_one_process_then_a_worker_dies(checkpoints, family, t
             psutil.wait_procs(everyone, timeout=15)
             assert not [p for p in everyone if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
             return
-        stream = client.completions.create(model=model, prompt=prompts[0], max_tokens=3000, temperature=0,
-                                           stream=True, extra_body={"ignore_eos": True})
-        next(iter(stream))
-        os.kill(workers[0].pid, signal.SIGKILL)
-        with pytest.raises(openai.APIError):
-            for _ in stream:
-                pass
-        deadline = time.monotonic() + 10
-        while httpx.get(f"{server.url}/health").status_code != 503:
-            assert time.monotonic() < deadline, "/health did not report the dead worker"
-            time.sleep(0.2)
+        kill_during_a_stream(server, client, workers[0].pid)
         everyone = descendants(server.process.pid)
         server.process.send_signal(signal.SIGTERM)
         server.process.wait(timeout=60)
@@ -170,7 +176,7 @@ def test_served_tp2_equals_one_process_then_a_worker_dies(checkpoints, family, t
 
 
 @pytest.mark.parametrize("settings, refused", [
-    ({"distributed_executor_backend": "ray"}, "ray backend is not available yet"),
+    ({"ray_cpus_per_worker": 0}, "ray_cpus_per_worker must be positive"),
     ({"distributed_executor_backend": "threads"}, "not one of mp, ray"),
     ({"tensor_parallel_size": 0}, "must be positive"),
     ({"tensor_parallel_size": 2, "expert_cache_size": 2}, "expert offloading is not available with tensor"),

@@ -14,8 +14,9 @@ The step's tokens from every sequence are concatenated ([T]); attention metadata
 token's K/V goes and which blocks each sequence reads. Logits are computed only for sequences
 whose last token is in this step (those are the ones that sample).
 
-With tensor_parallel_size N > 1 (nano-vllm's shape) the runner of rank 0, in the engine core, starts N - 1 worker
-processes (distributed/mp_executor.py), each building a runner of its own rank; every runner shards its model
+With tensor_parallel_size N > 1 (nano-vllm's shape) the runner of rank 0, in the engine core, starts N - 1 workers
+(processes on this machine, distributed/mp_executor.py, or Ray actors, distributed/ray_executor.py), each building a
+runner of its own rank; every runner shards its model
 after loading (distributed/tensor_parallel.py) and allocates its shard of the KV pool. Rank 0 turns each scheduled
 batch into plain StepInputs and sends them to the workers, then all ranks run the same forward pass; the
 logits come together on rank 0. With enable_expert_parallel the routed experts are spread whole over the same
@@ -44,6 +45,7 @@ from localmoe.config import ConfigError, EngineConfig
 from localmoe.distributed.collectives import CollectiveStats, counted
 from localmoe.distributed.expert_parallel import apply_ep
 from localmoe.distributed.layout import expert_placement, refuse_unfit_layout
+from localmoe.distributed.executor import Executor
 from localmoe.distributed.mp_executor import MultiprocExecutor
 from localmoe.distributed.tensor_parallel import apply_tp
 from localmoe.engine.cuda_graphs import DecodeGraphs, capture_decode_graphs
@@ -95,6 +97,13 @@ def resolve_device(name: str, rank: int = 0) -> torch.device:
     return torch.device("cuda", rank) if device.type == "cuda" and rank else device
 
 
+def start_executor(config: EngineConfig, device: torch.device, make_runner: partial) -> Executor:
+    if config.distributed_executor_backend == "ray":  # Ray is an optional extra, imported only when asked for
+        from localmoe.distributed.ray_executor import RayExecutor
+        return RayExecutor(config.tensor_parallel_size, device, make_runner, config.ray_cpus_per_worker)
+    return MultiprocExecutor(config.tensor_parallel_size, device, make_runner)
+
+
 @dataclass
 class StepInputs:
     """One step's flat batch in plain numbers: what rank 0 sends every worker."""
@@ -121,18 +130,19 @@ class StepLogits:
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_dir: Path, rank: int = 0,
-                 placement: torch.Tensor | None = None) -> None:
-        """`placement`: the rank of each routed expert [L, E] under expert parallelism, as rank 0 decided it."""
+                 placement: torch.Tensor | None = None, device: torch.device | None = None) -> None:
+        """`placement`: the rank of each routed expert [L, E] under expert parallelism, as rank 0 decided it;
+        `device`: where the executor placed this rank (a Ray worker's one visible GPU), else by `rank`."""
         self.config = config
-        self.device = resolve_device(config.device, rank)
+        self.device = resolve_device(config.device, rank) if device is None else device
         self.collectives = CollectiveStats()
         if rank == 0 and config.tensor_parallel_size > 1:
             hf_config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
             refuse_unfit_layout(config, hf_config, self.device, context_length(config, hf_config))
             placement = expert_placement(config, hf_config) if config.enable_expert_parallel else None
         # rank 0 starts the other ranks first: they load while it does
-        self.workers = (MultiprocExecutor(config.tensor_parallel_size, self.device,
-                                          partial(ModelRunner, config, model_dir, placement=placement))
+        self.workers = (start_executor(config, self.device, partial(ModelRunner, config, model_dir,
+                                                                    placement=placement))
                         if rank == 0 and config.tensor_parallel_size > 1 else None)
         try:
             self._load(model_dir, placement)
