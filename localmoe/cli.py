@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import logging.config
 import os
 import typing
 from collections.abc import Callable
@@ -32,6 +33,9 @@ from localmoe.server.app import build_app
 from localmoe.server.drain import DrainingServer
 from localmoe.distributed.data_parallel import ReplicaStartError
 from localmoe.server.dp_app import serve_data_parallel
+from localmoe.server.usage_counters import CountersUnavailable
+from localmoe.server.instance_ports import instance_ports, listening_sockets
+from localmoe.server.request_log import json_log_config
 from localmoe.server.tgi import tgi_environment
 from localmoe.train.corpus import build_corpus, summary
 from localmoe.train.trainer import TrainConfig
@@ -102,8 +106,12 @@ def fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
-def configure_logging(level: str) -> None:
-    """LocalMoE's own log lines (kernel builds, failed requests, health, drain) beside uvicorn's, at its level."""
+def configure_logging(level: str, log_format: str = "text") -> None:
+    """LocalMoE's own log lines (kernel builds, failed requests, health, drain) beside uvicorn's, at its level; as
+    JSON with each request's id for json (server/request_log.py; uvicorn is given the same config)."""
+    if log_format == "json":
+        logging.config.dictConfig(json_log_config(level))
+        return
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
     logger = logging.getLogger("localmoe")
@@ -123,16 +131,28 @@ def load_engine(config: Config) -> LLMEngine:
 
 def serving_app(config: Config) -> FastAPI:
     """Load every model of `config` and build the app that serves them."""
-    engines = []
-    for engine in config.engines:
-        own = config.for_engine(engine)
-        engines.append((AsyncEngine(lambda own=own: load_engine(own), config.server.engine_stall_timeout), own))
+    engines = [(AsyncEngine(lambda own=own: load_engine(own), config.server.engine_stall_timeout), own)
+               for own in config.served()]
+    served = {aengine.engine.model_name for aengine, _ in engines}
+    # multi-LoRA: an adapter's base_model_name names one of the models served
+    unknown = sorted({base for _, own in engines for _, _, base in own.engine.lora_module_list
+                      if base not in (None, *served)})
+    if unknown:
+        raise fail(f"lora_modules: base_model_name {unknown[0]!r} is not a served model ({', '.join(sorted(served))})",
+                   EXIT_CONFIG)
     return build_app(engines, config)
 
 
 def run_server(config: Config) -> None:
     """Load the model, then serve it until a signal drains it (server/drain.py)."""
-    configure_logging(config.server.log_level)
+    configure_logging(config.server.log_level, config.server.log_format)
+    if config.server.redis_url is not None:  # tenants: the shared counters answer, or nothing starts
+        from localmoe.server.redis_counters import check_redis  # the redis client only where it is used
+
+        try:
+            check_redis(config.server.redis_url)
+        except CountersUnavailable as e:
+            raise fail(str(e), EXIT_CONFIG) from None
     # data parallelism: replicas, each a server of its own, behind this process (distributed/data_parallel.py)
     if any(engine.data_parallel_size != 1 for engine in config.engines):
         try:
@@ -142,12 +162,21 @@ def run_server(config: Config) -> None:
         except ReplicaStartError as e:
             raise fail(str(e), e.exit_code) from None
         return
+    try:  # vllm_instances' own ports, bound before any model loads (server/instance_ports.py)
+        ports = instance_ports(config)
+        sockets = listening_sockets(config, ports) if ports else None
+    except ConfigError as e:
+        raise fail(str(e), EXIT_CONFIG) from None
     app = serving_app(config)
     host, port = config.server.host, config.server.port
-    typer.echo(f"Serving {', '.join(model.name for model in app.state.models)} at http://{host}:{port}/v1")
+    names = ", ".join(model.name for model in app.state.models)
+    typer.echo(f"Serving {names} at http://{host}:{port}/v1"
+               + "".join(f", {name} at http://{host}:{own_port}/v1 too" for own_port, name in ports.items()))
     settings = uvicorn.Config(app, host=host, port=port, log_level=config.server.log_level,
-                              timeout_graceful_shutdown=GRACEFUL_CLOSE_SECONDS)
-    DrainingServer(settings, app.state.drain).run()
+                              timeout_graceful_shutdown=GRACEFUL_CLOSE_SECONDS,
+                              **({"log_config": json_log_config(config.server.log_level)}
+                                 if config.server.log_format == "json" else {}))
+    DrainingServer(settings, app.state.drain).run(sockets)
 
 
 @app.command()
@@ -169,6 +198,14 @@ def serve(
     enable_auto_tool_choice: Annotated[Optional[bool], typer.Option(
         "--enable-auto-tool-choice", help=flag_help(ServerConfig, "enable_auto_tool_choice"))] = None,
     tool_call_parser: Annotated[Optional[str], typer.Option(help=flag_help(ServerConfig, "tool_call_parser"))] = None,
+    # tenants: keys with roles, limits and priorities; counters shared through Redis
+    api_keys_file: Annotated[Optional[str], typer.Option(
+        envvar="LOCALMOE_API_KEYS_FILE", help=flag_help(ServerConfig, "api_keys_file"))] = None,
+    redis_url: Annotated[Optional[str], typer.Option(
+        envvar="LOCALMOE_REDIS_URL", help=flag_help(ServerConfig, "redis_url"))] = None,
+    log_format: Annotated[Optional[str], typer.Option(help=flag_help(ServerConfig, "log_format"))] = None,
+    otlp_traces_endpoint: Annotated[Optional[str], typer.Option(
+        help=flag_help(ServerConfig, "otlp_traces_endpoint"))] = None,
     *,
     engine_flags: dict[str, Any],
 ) -> None:
@@ -183,7 +220,9 @@ def serve(
                                      log_level=log_level, shutdown_timeout=shutdown_timeout,
                                      engine_stall_timeout=engine_stall_timeout, chat_template=chat_template,
                                      enable_auto_tool_choice=enable_auto_tool_choice,
-                                     tool_call_parser=tool_call_parser)
+                                     tool_call_parser=tool_call_parser,
+                                     api_keys_file=api_keys_file, redis_url=redis_url,
+                                     log_format=log_format, otlp_traces_endpoint=otlp_traces_endpoint)
     except ValueError as e:  # a ConfigError, or a TGI variable that does not parse
         raise fail(str(e), EXIT_CONFIG) from None
     run_server(settings)
@@ -281,11 +320,15 @@ def plan(
         help="Data type for kv cache storage: auto (the --dtype) or fp8 (one byte, plus a scale per row).")]
     = "auto",
     json_output: Annotated[bool, typer.Option("--json", help="Print the plan as JSON instead of a report.")] = False,
+    tensor_parallel_size: Annotated[int, typer.Option(
+        help="Plan this many ranks: memory per rank and the bytes each collective moves per token.")] = 1,
+    enable_expert_parallel: Annotated[bool, typer.Option(
+        help="With --tensor-parallel-size: routed experts spread whole over the ranks.")] = False,
 ) -> None:
     """Plan memory: parameters, weight and KV bytes, the parallel degree or expert cache that fits."""
     try:
         typer.echo(plan_command(model, dtype, device, max_model_len, max_num_seqs, kv_cache_dtype, json_output,
-                                quantization))
+                                quantization, tensor_parallel_size, enable_expert_parallel))
     except PlanError as e:
         raise fail(str(e), EXIT_CONFIG) from None
 

@@ -7,6 +7,8 @@ the file, one flag per key; an unknown key is an error that names it.
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -14,10 +16,12 @@ from typing import Any
 
 import yaml
 
+from localmoe.distributed.expert_placement import PLACEMENTS
 from localmoe.engine.speculative_config import SpeculativeConfig, parse_speculative_config
 from localmoe.models.hub import HubError, hub_checkpoint, hub_tokenizer, is_hub_id
 from localmoe.quant.scheme import LOAD_TIME, QuantScheme, quant_scheme
 from localmoe.server.chat_template import load_chat_template
+from localmoe.server.tenants import APIKey, key_ring, read_keys_file
 from localmoe.server.tool_parsers import TOOL_PARSERS
 from localmoe.server.tool_use import ToolSettings
 
@@ -32,6 +36,7 @@ class ConfigError(ValueError):
 ROUTINGS = ("topk_softmax", "expert_choice", "soft_moe", "hash")
 EXPERT_CACHE_POLICIES = ("lru", "lfu", "lfru")
 EXPERT_OFFLOAD_TARGETS = ("host", "disk")
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")  # what redis-py's from_url reads
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # vLLM's names; fp8 means e4m3
 # model.quantization_type values that name an unquantized dtype (the original guide's "fp16"): they set the dtype
 QUANTIZATION_DTYPES = {"fp16": "float16", "float16": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16",
@@ -114,8 +119,9 @@ class EngineConfig:
                                         "processes each hold 1/N of the attention heads, of the MLP and expert "
                                         "intermediate features, of the vocabulary and of the KV cache.")
     distributed_executor_backend: str | None = setting(None, "Backend to use for distributed model workers: mp "
-                                                       "(processes on this machine) or ray (not available yet). "
-                                                       "If unspecified: mp when tensor_parallel_size > 1.")
+                                                       "(processes on this machine) or ray (actors on the Ray "
+                                                       "cluster RAY_ADDRESS names, else a local one). If "
+                                                       "unspecified: mp when tensor_parallel_size > 1.")
     gpu_memory_utilization: float = setting(0.9, "The fraction of GPU memory to be used for the model executor, "
                                             "which can range from 0 to 1 (0.5: 50%); the KV cache gets what the "
                                             "weights leave of it. CUDA only: on CPU, --kv-cache-memory.")
@@ -191,14 +197,60 @@ class EngineConfig:
                                       "of its own with 1/N of the CPU cores (and tensor_parallel_size GPUs of its "
                                       "own on CUDA), behind one API server that sends each request to the least "
                                       "loaded replica, or to the one holding its prompt's prefix.")
+    # multi-LoRA (lora/): PEFT adapters served beside the base model, chosen per request by `model`
+    enable_lora: bool = setting(False, "If True, enable handling of LoRA adapters (PEFT's format). The fused "
+                                "decoder and CUDA graphs are off with it: every step runs the model's modules.")
+    lora_modules: list[str] | None = setting(None, "LoRA module configurations in either 'name=path' format "
+                                                    "or JSON format ('{\"name\": ..., \"path\": ..., "
+                                                    "\"base_model_name\": ...}'); the flag may be repeated.")
+    max_loras: int = setting(1, "Max number of LoRAs in a single batch (adapters resident at once; the least "
+                             "recently used one makes room for another).")
+    max_lora_rank: int = setting(16, "Max LoRA rank: adapters of a higher rank are refused.")
+    # expert parallelism (distributed/expert_parallel.py, distributed/expert_placement.py)
+    enable_expert_parallel: bool = setting(False, "Use expert parallelism instead of tensor parallelism for MoE "
+                                           "layers: each of the --tensor-parallel-size ranks holds whole routed "
+                                           "experts, a share of them; attention, dense layers and shared experts "
+                                           "stay tensor-parallel.")
+    expert_placement: str = setting("contiguous", "Which rank holds each routed expert with "
+                                    "--enable-expert-parallel: contiguous (rank r the r-th block), round-robin "
+                                    "(expert e on rank e mod N), or balanced (the busiest experts spread first, by "
+                                    "the token counts of --expert-placement-stats).")
+    expert_placement_stats: str | None = setting(None, "Routing counts for --expert-placement balanced: a routing "
+                                                 "trace (--routing-trace's JSON lines) or a saved "
+                                                 "/v1/stats/experts answer.")
+
+    def _expert_parallel_refusals(self) -> list[tuple[bool, str, str]]:
+        balanced = self.expert_placement == "balanced"
+        return [
+            (self.enable_expert_parallel and self.tensor_parallel_size < 2, "enable_expert_parallel",
+             "expert parallelism spreads the experts over the tensor-parallel ranks: set tensor_parallel_size > 1"),
+            (self.enable_expert_parallel and self.offloads_experts, "enable_expert_parallel",
+             "expert offloading is not available with expert parallelism yet; keep experts resident "
+             "(expert_cache_size: 0)"),
+            (self.expert_placement not in PLACEMENTS, "expert_placement",
+             f"expert_placement {self.expert_placement!r} is not one of {', '.join(PLACEMENTS)}"),
+            (self.expert_placement != "contiguous" and not self.enable_expert_parallel, "expert_placement",
+             "an expert placement places experts on the ranks of --enable-expert-parallel, which is off"),
+            (balanced and self.expert_placement_stats is None, "expert_placement_stats",
+             "balanced placement needs the experts' token counts: a routing trace or a /v1/stats/experts JSON"),
+            (not balanced and self.expert_placement_stats is not None, "expert_placement_stats",
+             "routing counts are read for expert_placement: balanced alone"),
+        ]
+    # the Ray executor (distributed/ray_executor.py)
+    ray_cpus_per_worker: int = setting(1, "With --distributed-executor-backend ray: the CPUs each rank's placement "
+                                       "group bundle reserves (rank 0's, on the engine core's node, too); Ray "
+                                       "sets a worker's OMP_NUM_THREADS to it.")
 
     def validate(self) -> None:
+        self.validate_lora()
         refusals = [
+            *self._expert_parallel_refusals(),
             (self.tensor_parallel_size < 1, "tensor_parallel_size", "tensor_parallel_size must be positive"),
             (self.distributed_executor_backend not in (None, "mp", "ray"), "distributed_executor_backend",
              f"distributed_executor_backend {self.distributed_executor_backend!r} is not one of mp, ray"),
-            (self.distributed_executor_backend == "ray", "distributed_executor_backend",
-             "the ray backend is not available yet; use mp (worker processes on this machine)"),
+            (self.distributed_executor_backend == "ray" and importlib.util.find_spec("ray") is None,
+             "distributed_executor_backend", "the ray backend needs Ray: pip install 'localmoe[ray]'"),
+            (self.ray_cpus_per_worker < 1, "ray_cpus_per_worker", "ray_cpus_per_worker must be positive"),
             (self.tensor_parallel_size > 1 and self.offloads_experts, "tensor_parallel_size",
              "expert offloading is not available with tensor parallelism yet; keep experts resident "
              "(expert_cache_size: 0) or use tensor_parallel_size: 1"),
@@ -245,6 +297,51 @@ class EngineConfig:
         self.quant_scheme  # noqa: B018 -- a name we do not serve is refused at start
         self.speculative  # noqa: B018 -- refused at start too
         self.expert_cache_bytes, self.kv_cache_bytes  # noqa: B018 -- parsed now: a bad value is refused at start
+
+    def validate_lora(self) -> None:
+        if not self.enable_lora:
+            if self.lora_modules:
+                raise ConfigError("lora_modules: serving LoRA adapters needs enable_lora (--enable-lora)")
+            return
+        refusals = [
+            (self.max_loras < 1, "max_loras", "max_loras must be positive"),
+            (self.max_lora_rank < 1, "max_lora_rank", "max_lora_rank must be positive"),
+            (self.tensor_parallel_size > 1, "enable_lora", "LoRA adapters are not split across tensor-parallel "
+             "ranks yet; use tensor_parallel_size: 1"),
+            (self.offloads_experts, "enable_lora", "LoRA adapters run on resident experts; expert offloading is "
+             "not available with them yet"),
+            (self.quantization not in (None, "", "none"), "enable_lora",
+             "LoRA adapters over quantized weights are not available yet"),
+            (self.speculative_config is not None, "enable_lora",
+             "speculative decoding with LoRA adapters is not available yet"),
+        ]
+        for bad, key, message in refusals:
+            if bad:
+                raise ConfigError(f"{key}: {message}")
+        self.lora_module_list  # noqa: B018 -- a malformed entry is refused at start
+
+    @property
+    def lora_module_list(self) -> list[tuple[str, str, str | None]]:
+        """lora_modules as (name, path, base_model_name or None)."""
+        modules = []
+        for entry in self.lora_modules or []:
+            if isinstance(entry, str) and entry.lstrip().startswith("{"):
+                try:
+                    entry = json.loads(entry)
+                except ValueError as error:
+                    raise ConfigError(f"lora_modules: {entry!r} is not valid JSON: {error}") from None
+            if isinstance(entry, dict):
+                if not isinstance(entry.get("name"), str) or not isinstance(entry.get("path"), str) or \
+                        set(entry) - {"name", "path", "base_model_name"}:
+                    raise ConfigError(f"lora_modules: {entry} must have name and path (and may have "
+                                      "base_model_name), nothing else")
+                modules.append((entry["name"], entry["path"], entry.get("base_model_name")))
+                continue
+            name, sep, path = str(entry).partition("=")
+            if not sep or not name or not path:
+                raise ConfigError(f"lora_modules: {entry!r} is not name=path or a JSON object")
+            modules.append((name, path, None))
+        return modules
 
     @property
     def quant_scheme(self) -> QuantScheme | None:
@@ -314,14 +411,117 @@ class ServerConfig:
         None, "Select the tool call parser depending on the model that you're using. This is used to parse the "
         "model-generated tool call into OpenAI API format. Required for --enable-auto-tool-choice. "
         f"Choices: {', '.join(TOOL_PARSERS)}.")
+    # tenants: API keys with roles, limits and priorities, and the counters they share (server/rate_limits.py)
+    api_keys_file: str | None = setting(
+        None, "YAML file of API keys: `keys:`, a list of {name, key (or key_env: an environment variable holding "
+        "it), role (user or admin), priority, requests_per_minute, tokens_per_minute, max_concurrent_requests}; "
+        "they are taken beside --api-key and --admin-api-key. If unspecified, those two alone.")
+    redis_url: str | None = setting(
+        None, "Redis server (redis://HOST:PORT/DB, rediss://, unix://) holding the API keys' limits and usage, "
+        "shared by every replica that names it. If unspecified, each process counts on its own.")
+    # logs and traces (issue 19): JSON log lines with each request's id; OpenTelemetry spans over OTLP
+    log_format: str = setting("text", "Format of the log lines: text, or json (one object per line, with the id of "
+                              "the request it belongs to: the caller's X-Request-Id, else a fresh one).")
+    otlp_traces_endpoint: str | None = setting(
+        None, "Target URL to which OpenTelemetry traces will be sent (gRPC, or OTLP/HTTP where "
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=http/protobuf): a span per request with queue, prefill and decode "
+        "spans, under the caller's traceparent. Needs the otel extra. If unspecified, no traces.")
 
     def validate(self) -> None:
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log_format: {self.log_format!r} is not one of text, json")
+        if self.otlp_traces_endpoint and importlib.util.find_spec("opentelemetry.sdk") is None:
+            raise ConfigError("otlp_traces_endpoint: traces need OpenTelemetry: pip install 'localmoe[otel]'")
         try:
             ToolSettings(self.enable_auto_tool_choice, self.tool_call_parser)
             if self.chat_template is not None:
                 load_chat_template(self.chat_template)
+            key_ring(self.api_key, self.admin_api_key, self.file_keys())
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        if self.redis_url is not None and not self.redis_url.startswith(REDIS_SCHEMES):
+            raise ConfigError(f"redis_url: {self.redis_url!r} is not a Redis URL ({', '.join(REDIS_SCHEMES)}...)")
+
+    def file_keys(self) -> tuple[APIKey, ...]:
+        """The keys of --api-keys-file (none without one)."""
+        return () if self.api_keys_file is None else tuple(read_keys_file(self.api_keys_file))
+
+
+# ---- versions, canary weights, ports and devices of the models list (issue 19: several models in one server) ----
+DEFAULT_VERSION = "default"  # the version of a served name given one engine
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How one engine of a `models:` list is served, beside its engine settings: as which version of its served name,
+    with what share of that name's requests (weights are relative: 90 and 10 send 90% and 10%; 0 only what a sticky
+    key already holds), and on a port of its own too (the original project's vllm_instances `port`)."""
+
+    version: str = DEFAULT_VERSION
+    weight: float = 1.0
+    port: int | None = None
+
+
+def _versions(entry: dict[str, Any], where: str) -> list[tuple[str, dict[str, Any]]]:
+    """An entry with a `versions:` list is one served name with one engine per version, each version's keys over
+    the entry's own; any other entry is a name with one version."""
+    versions = entry.pop("versions", None)
+    if versions is None:
+        return [(where, entry)]
+    if not isinstance(versions, list) or not versions or not all(isinstance(v, dict) for v in versions):
+        raise ConfigError(f"{where}.versions: expected a list of mappings, one per version (version, weight, "
+                          "model_name and engine settings)")
+    if "version" in entry or "weight" in entry:
+        raise ConfigError(f"{where}: version and weight belong to each entry of its versions: list")
+    return [(f"{where}.versions[{i}]", {**entry, **version}) for i, version in enumerate(versions)]
+
+
+def _placement(entry: dict[str, Any], where: str) -> tuple[Placement, dict[str, Any]]:
+    """The entry's Placement, and its engine settings (gpu_ids turned into the engine's device)."""
+    entry = dict(entry)
+    version, weight = entry.pop("version", DEFAULT_VERSION), entry.pop("weight", 1.0)
+    port, gpu_ids = entry.pop("port", None), entry.pop("gpu_ids", None)
+    if not isinstance(version, str) or not version.strip():
+        raise ConfigError(f"{where}.version: expected a non-empty name, got {version!r}")
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 <= weight < float("inf"):
+        raise ConfigError(f"{where}.weight: expected a number >= 0, got {weight!r}")
+    if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536):
+        raise ConfigError(f"{where}.port: expected a TCP port number, got {port!r}")
+    if gpu_ids is not None:
+        entry.update(_devices(gpu_ids, where))
+    return Placement(version.strip(), float(weight), port), entry
+
+
+def _devices(gpu_ids: Any, where: str) -> dict[str, Any]:
+    """vllm_instances' gpu_ids as engine settings: one id is that CUDA device; ids 0..N-1 run tensor parallel over
+    N devices (rank r takes device r). Refused on a machine without them."""
+    ids = [gpu_ids] if isinstance(gpu_ids, int) else gpu_ids
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                        for i in ids):
+        raise ConfigError(f"{where}.gpu_ids: expected a list of CUDA device numbers, got {gpu_ids!r}")
+    import torch  # only where devices are named: reading a config never needs it otherwise
+
+    count = torch.cuda.device_count()
+    missing = [i for i in ids if i >= count]
+    if missing:
+        raise ConfigError(f"{where}.gpu_ids: this machine has no CUDA device {missing[0]} (it has {count})")
+    if len(ids) == 1:
+        return {"device": f"cuda:{ids[0]}"}
+    if sorted(ids) != list(range(len(ids))):
+        raise ConfigError(f"{where}.gpu_ids: tensor parallel rank r runs on CUDA device r, so several gpu_ids must "
+                          f"be 0..{len(ids) - 1}; got {ids}")
+    return {"device": "cuda", "tensor_parallel_size": len(ids)}
+
+
+def _check_weights(models: list[EngineConfig], placements: list[Placement], where: str) -> None:
+    """Every served name must take some traffic: the weights of its versions may not all be 0."""
+    totals: dict[str, float] = {}
+    for model, placement in zip(models, placements):
+        name = model.served_model_name or model.model_name
+        totals[name] = totals.get(name, 0.0) + placement.weight
+    idle = sorted(name for name, total in totals.items() if total == 0)
+    if idle:
+        raise ConfigError(f"{where}: the weights of {idle[0]!r}'s versions are all 0; give one a positive weight")
 
 
 @dataclass(frozen=True)
@@ -331,6 +531,10 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     # several models behind one endpoint (the file's `models:` or `vllm_instances:` list); empty: `engine` alone
     models: tuple[EngineConfig, ...] = ()
+    # versions, canary weights and own ports (issue 19): one Placement per entry of `models` (same order), and the
+    # one of the engine a config built by served() serves
+    placements: tuple[Placement, ...] = ()
+    placement: Placement = field(default_factory=Placement)
 
     @property
     def engines(self) -> tuple[EngineConfig, ...]:
@@ -339,7 +543,13 @@ class Config:
 
     def for_engine(self, engine: EngineConfig) -> "Config":
         """This config serving `engine` alone."""
-        return replace(self, engine=engine, models=())
+        return replace(self, engine=engine, models=(), placements=())
+
+    def served(self) -> list["Config"]:
+        """One config per engine served, each with its Placement (version, weight, port)."""
+        placements = self.placements or (self.placement,) * len(self.engines)
+        return [replace(self.for_engine(engine), placement=placement)
+                for engine, placement in zip(self.engines, placements)]
 
 
 SECTION_ALIASES = {"model": "model", "vllm": "engine", "engine": "engine", "server": "server"}
@@ -379,11 +589,13 @@ def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, A
         sections[SECTION_ALIASES[name]].update(body or {})
     for name, body in (overrides or {}).items():
         sections[name].update({k: v for k, v in body.items() if v is not None})
+    models, placements = _model_list(lists, sections["engine"], (overrides or {}).get("engine", {}))
     config = Config(
         model=_build(ModelConfig, sections["model"], "model"),
         engine=_build(EngineConfig, sections["engine"], "vllm"),
         server=_build(ServerConfig, sections["server"], "server"),
-        models=_model_list(lists, sections["engine"], (overrides or {}).get("engine", {})),
+        models=models,
+        placements=placements,
     )
     config.model.validate()
     engines = [config_for(config, engine).engine for engine in config.engines]
@@ -400,35 +612,36 @@ def config_for(config: Config, engine: EngineConfig) -> Config:
     return with_hub_snapshots(one)
 
 
-def _model_list(lists: dict[str, Any], defaults: dict[str, Any], flags: dict[str, Any]) -> tuple[EngineConfig, ...]:
+def _model_list(lists: dict[str, Any], defaults: dict[str, Any],
+                flags: dict[str, Any]) -> tuple[tuple[EngineConfig, ...], tuple[Placement, ...]]:
     """The engine settings of each entry of a `models:` (or `vllm_instances:`) list: the entry's own keys over the
     vllm section's and the command line's, which hold for every model; each served name once."""
     if len(lists) > 1:
         raise ConfigError("give the models as one list: `models:` or `vllm_instances:`, not both")
     if not lists:
-        return ()
+        return (), ()
     (key, entries), = lists.items()
     if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
         raise ConfigError(f"{key}: expected a list of mappings, one per model (model_name, served_model_name, ...)")
     if flags.get("model_name") is not None:
         raise ConfigError(f"--model names one model; the config file's {key}: list names them: give one of the two")
-    models = []
+    models, placements = [], []
     for index, entry in enumerate(entries):
-        entry = {INSTANCE_KEYS.get(k, k): v for k, v in entry.items()} if key == "vllm_instances" else entry
-        for unserved in ("port", "gpu_ids"):
-            if entry.pop(unserved, None) is not None:
-                raise ConfigError(f"{key}[{index}].{unserved}: serving a model on a port or devices of its own is "
-                                  "not available yet; every model is served on the shared endpoint")
-        if not entry.get("model_name"):
-            raise ConfigError(f"{key}[{index}]: model_name is required (a checkpoint directory, a hub id or "
-                              "localmoe-builtin)")
-        models.append(_build(EngineConfig, {**defaults, **entry}, f"{key}[{index}]"))
-    names = [m.served_model_name or m.model_name for m in models]
-    twice = sorted({n for n in names if names.count(n) > 1})
+        entry = {INSTANCE_KEYS.get(k, k): v for k, v in entry.items()} if key == "vllm_instances" else dict(entry)
+        for where, version in _versions(entry, f"{key}[{index}]"):
+            placement, version = _placement(version, where)
+            if not version.get("model_name"):
+                raise ConfigError(f"{where}: model_name is required (a checkpoint directory, a hub id or "
+                                  "localmoe-builtin)")
+            models.append(_build(EngineConfig, {**defaults, **version}, where))
+            placements.append(placement)
+    served = [(m.served_model_name or m.model_name, p.version) for m, p in zip(models, placements)]
+    twice = sorted({name for name, version in served if served.count((name, version)) > 1})
     if twice:
         raise ConfigError(f"{key}: the served name {twice[0]!r} is given to more than one model; set "
-                          "served_model_name to tell them apart")
-    return tuple(models)
+                          "served_model_name to tell them apart, or give them versions (a `versions:` list)")
+    _check_weights(models, placements, key)
+    return tuple(models), tuple(placements)
 
 
 def with_hub_snapshots(config: Config) -> Config:

@@ -7,6 +7,7 @@ from typing import Any, Sequence
 
 from localmoe.config import load_config
 from localmoe.engine.llm_engine import LLMEngine
+from localmoe.lora.request import LoRARequest
 from localmoe.outputs import RequestOutput
 from localmoe.sampling_params import SamplingParams
 
@@ -28,21 +29,28 @@ class LLM:
         return self.engine.tokenizer
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
-                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Prompts are strings or {"prompt_token_ids": [...]}; outputs come back in input order."""
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[RequestOutput]:
+        """Prompts are strings or {"prompt_token_ids": [...]}; outputs come back in input order. `lora_request`:
+        one LoRA adapter for every prompt, or one per prompt (None: the base model), with enable_lora=True."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             sampling_params = [sampling_params or SamplingParams()] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ValueError("give one SamplingParams, or one per prompt")
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            lora_request = [lora_request] * len(prompts)
+        if len(lora_request) != len(prompts):
+            raise ValueError("give one LoRARequest, or one per prompt")
         order = []
-        for prompt, params in zip(prompts, sampling_params):
+        for prompt, params, lora in zip(prompts, sampling_params, lora_request):
             request_id = str(next(self._ids))
             if isinstance(prompt, str):
-                self.engine.add_request(request_id, prompt, None, params)
+                self.engine.add_request(request_id, prompt, None, params, lora_request=lora)
             else:
-                self.engine.add_request(request_id, prompt.get("prompt"), prompt["prompt_token_ids"], params)
+                self.engine.add_request(request_id, prompt.get("prompt"), prompt["prompt_token_ids"], params,
+                                        lora_request=lora)
             order.append(request_id)
         finished: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished_requests():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import fields
 from pathlib import Path
 
@@ -50,10 +51,16 @@ def test_unknown_key_is_named(tmp_path: Path) -> None:
         load_config(write(tmp_path, "vllm:\n  max_num_seqz: 3\n"))
 
 
-def test_ray_executor_is_refused_with_a_reason(tmp_path: Path) -> None:
+def test_ray_executor_without_ray_is_refused_with_a_reason(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     assert load_config(write(tmp_path, "vllm:\n  tensor_parallel_size: 4\n")).engine.tensor_parallel_size == 4
-    with pytest.raises(ConfigError, match="distributed_executor_backend.*ray backend is not available"):
-        load_config(write(tmp_path, "vllm:\n  tensor_parallel_size: 2\n  distributed_executor_backend: ray\n"))
+    path = write(tmp_path, "vllm:\n  tensor_parallel_size: 2\n  distributed_executor_backend: ray\n")
+    assert load_config(path).engine.distributed_executor_backend == "ray"
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "ray" else
+                        find_spec(name, *args))
+    with pytest.raises(ConfigError, match=r"distributed_executor_backend: the ray backend needs Ray: pip install"):
+        load_config(path)
 
 
 @pytest.mark.parametrize("text, key, reason", [
@@ -114,7 +121,7 @@ def test_every_engine_key_has_a_flag() -> None:
 def test_refused_flag_exits_2_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cli, "run_server", lambda config: pytest.fail("must not start"))
     result = CliRunner().invoke(cli.app, ["serve", "--tensor-parallel-size", "2", "--distributed-executor-backend",
-                                          "ray"])
+                                          "threads"])
     assert result.exit_code == 2
     assert "distributed_executor_backend" in result.output
 

@@ -329,23 +329,27 @@ def test_layers_sharing_a_pool_evict_each_others_experts_and_prefetch_never_take
     assert first.slot_expert.count(-1) == 1 and second.slot_expert.count(-1) == 1
 
 
-def test_auto_cache_size_takes_what_the_memory_limit_leaves(checkpoint, monkeypatch):
+@pytest.mark.parametrize("target", ["disk", "host"])
+def test_auto_cache_size_takes_what_the_memory_limit_leaves(checkpoint, monkeypatch, target):
     """expert_cache_memory auto: the process's limit (here a pretend cgroup) less what it holds and what is still
-    to come (KV pool, swap space, the runtime reserve), in whole experts per layer."""
+    to come (KV pool, swap space, the runtime reserve, and with the host target the store's own copy of the
+    experts), in whole experts per layer."""
     from localmoe.experts import memory_budget
 
-    probe = engine(checkpoint, expert_cache_size=1, expert_offload_target="disk")
+    probe = engine(checkpoint, expert_cache_size=1, expert_offload_target=target)
     expert_bytes, layers = probe.engine.experts.caches[0].expert_bytes, len(probe.engine.experts.caches)
+    store_bytes = probe.engine.experts.caches[0].store.host_bytes()
+    assert (store_bytes > 0) == (target == "host")
     kv = 8 * 2**20  # family_parity.engine's pool
     held = memory_budget.resident_bytes()
-    limit = held + kv + memory_budget.RUNTIME_RESERVE + layers * 5 * expert_bytes + 100
+    limit = held + kv + memory_budget.RUNTIME_RESERVE + store_bytes + layers * 5 * expert_bytes + 100
     monkeypatch.setattr(memory_budget, "cgroup_limit", lambda: limit)
     monkeypatch.setattr(memory_budget, "resident_bytes", lambda: held)
-    llm = engine(checkpoint, expert_cache_memory="auto", expert_offload_target="disk", swap_space=0)
+    llm = engine(checkpoint, expert_cache_memory="auto", expert_offload_target=target, swap_space=0)
     assert [c.capacity for c in llm.engine.experts.caches] == [5] * layers
     monkeypatch.setattr(memory_budget, "cgroup_limit", lambda: held + kv)  # nothing left for experts
     with pytest.raises(ValueError, match="less than one expert"):
-        engine(checkpoint, expert_cache_memory="auto", expert_offload_target="disk", swap_space=0)
+        engine(checkpoint, expert_cache_memory="auto", expert_offload_target=target, swap_space=0)
 
 
 def test_cgroup_limits_are_read_for_v1_and_v2(tmp_path):

@@ -37,6 +37,7 @@ from localmoe.layers.quant_linear import QuantLinear
 from localmoe.models.builtin import save_tokenizer
 from localmoe.models.gguf_file import read_blocks, read_gguf
 from localmoe.models.loader import load_model
+from localmoe.planner import PlanError, plan_command
 
 F32, F64, F16, BF16 = (GGMLQuantizationType[name] for name in ("F32", "F64", "F16", "BF16"))
 Q8_0, Q4_K, Q5_K, Q6_K = (GGMLQuantizationType[name] for name in ("Q8_0", "Q4_K", "Q5_K", "Q6_K"))
@@ -326,3 +327,23 @@ def test_what_cannot_be_served_is_refused(files, tmp_path):
     for model, asked in ((f32, "int8"), (source, "gguf")):
         with pytest.raises(ValueError, match=f"quantization '{asked}'"):
             engine(model, tokenizer=str(source), quantization=asked)
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_k_m"])
+def test_the_plan_counts_the_bytes_serving_holds(files, kind):
+    """`localmoe plan file.gguf` counts each tensor as the loader holds it (layer 1's widened q/k/v and its Q6_K
+    down projections included): the plan's bytes are the served model's own."""
+    source, paths = files
+    plan = json.loads(plan_command(str(paths[kind][0]), dtype="bf16", device="cpu:1", json_output=True))
+    runner = engine(paths[kind][0], tokenizer=str(source), dtype="bfloat16", enforce_eager=True).engine.runner
+    experts, vocab = runner.hf_config["num_local_experts"], runner.hf_config["vocab_size"]
+    held = dict(runner.model.named_parameters()) | dict(runner.model.named_buffers())
+
+    def padded(name: str, dim: int, rows: int) -> int:
+        return (held[name].shape[dim] - rows) * held[name].nbytes // held[name].shape[dim]
+    # serving pads the routers' and the head's rows to a multiple of 16 for the kernels; the plan counts none
+    padding = sum(padded(name, 0, experts) for name in held if name.endswith("mlp.gate.weight")) + sum(
+        padded(f"lm_head.{part}", dim, vocab) for part, dim in (("q", 0), ("scales", -1), ("zeros", -1)))
+    assert plan["quantization"] == "gguf" and plan["weight_bytes"] == runner.weight_bytes() - padding
+    with pytest.raises(PlanError, match="served in its own quantization"):
+        plan_command(str(paths[kind][0]), quantization="int4")

@@ -96,8 +96,8 @@ def test_model_lists_in_the_config_file(tmp_path: Path) -> None:
                            "more than one model"),
                           ("models:\n  - served_model_name: x\n", "model_name is required"),
                           ("models:\n  - model_name: localmoe-builtin\n    colour: red\n", "unknown key"),
-                          ("vllm_instances:\n  - name: a\n    model_name: localmoe-builtin\n    port: 8001\n",
-                           "port"),
+                          ("vllm_instances:\n  - name: a\n    model_name: localmoe-builtin\n    gpu_ids: [0]\n",
+                           "no CUDA device 0"),
                           ("models: localmoe-builtin\n", "list of mappings")):
         with pytest.raises(ConfigError, match=refused):
             load_config(write(tmp_path, text))

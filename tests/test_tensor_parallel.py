@@ -22,7 +22,7 @@ from checkpoints import make_checkpoint
 from family_parity import TOL, engine, prompts_of, record_logits
 from localmoe import SamplingParams
 from localmoe.config import ConfigError, EngineConfig
-from server_process import API_KEY, SMALL_KV, serve
+from server_process import API_KEY, SMALL_KV, ServerProcess, serve
 from test_deepseek import checkpoint as deepseek_checkpoint
 
 # Mixtral with tied embeddings (the head shares the vocabulary shard); Qwen2-MoE with its gated shared expert,
@@ -39,11 +39,14 @@ SERVED = ["mixtral", "qwen2_moe"]
 # small steps, so the 45-token prompt is prefilled in chunks; small blocks, so the shared prefix fills some
 SETTINGS = {"enable_prefix_caching": True, "enable_chunked_prefill": True, "max_num_batched_tokens": 16}
 NEW = 32
+# `localmoe serve`'s flags for the engine() settings
+SERVE_FLAGS = ("--dtype", "float32", "--block-size", "4", *SMALL_KV, *(
+    f"--{key.replace('_', '-')}" if value is True else f"--{key.replace('_', '-')}={value}"
+    for key, value in SETTINGS.items()))
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> Callable[[str], Path]:
-    """Each family's checkpoint, written once for the module."""
+def family_checkpoints(tmp_path_factory) -> Callable[[str], Path]:
+    """Each family's checkpoint, written on first use (test_expert_parallel.py's fixture too)."""
     made: dict[str, Path] = {}
 
     def get(family: str) -> Path:
@@ -58,6 +61,12 @@ def checkpoints(tmp_path_factory) -> Callable[[str], Path]:
     return get
 
 
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> Callable[[str], Path]:
+    """Each family's checkpoint, written once for the module."""
+    return family_checkpoints(tmp_path_factory)
+
+
 def run_prompts(llm) -> tuple[list, list[list[int]]]:
     """Every step's logits and each request's greedy tokens: one prompt alone, then three sharing its 19-token
     prefix batched with a 45-token one."""
@@ -70,6 +79,26 @@ def run_prompts(llm) -> tuple[list, list[list[int]]]:
     return steps, [o.outputs[0].token_ids for o in outs]
 
 
+def assert_runs_as_one_process(llm, expected_steps: list, expected_tokens: list[list[int]]) -> None:
+    """run_prompts on `llm` gives the logits and tokens one process gave, prefix caching and chunked prefill used."""
+    steps, tokens = run_prompts(llm)
+    stats = llm.engine.stats
+    assert stats.prefix_cache_hits > 0 and stats.num_prefill_chunks_total > 0
+    assert tokens == expected_tokens and all(len(t) == NEW for t in tokens)
+    assert len(steps) == len(expected_steps)
+    for ours, theirs in zip(steps, expected_steps):
+        assert ours.shape == theirs.shape
+        assert (ours - theirs).abs().max().item() <= TOL
+
+
+def assert_served_as_one_process(served, expected: list) -> None:
+    """A served completion's texts and log-probabilities are those of one process's RequestOutputs."""
+    for choice, want in zip(sorted(served.choices, key=lambda c: c.index), expected):
+        assert choice.text == want.outputs[0].text
+        theirs = [next(iter(d.values())).logprob for d in want.outputs[0].logprobs]
+        assert choice.logprobs.token_logprobs == approx(theirs, abs=TOL)
+
+
 @pytest.mark.parametrize("family", [*FAMILIES, "deepseek_v3"])
 def test_tp2_equals_one_process(checkpoints, family):
     checkpoint = checkpoints(family)
@@ -77,14 +106,7 @@ def test_tp2_equals_one_process(checkpoints, family):
     expected_steps, expected_tokens = run_prompts(single)
     tp = engine(checkpoint, tensor_parallel_size=2, **SETTINGS)
     try:
-        steps, tokens = run_prompts(tp)
-        stats = tp.engine.stats
-        assert stats.prefix_cache_hits > 0 and stats.num_prefill_chunks_total > 0
-        assert tokens == expected_tokens and all(len(t) == NEW for t in tokens)
-        assert len(steps) == len(expected_steps)
-        for ours, theirs in zip(steps, expected_steps):
-            assert ours.shape == theirs.shape
-            assert (ours - theirs).abs().max().item() <= TOL
+        assert_runs_as_one_process(tp, expected_steps, expected_tokens)
         # each rank counts its own weights: half of one process's, plus the few replicated (norms, routers; MLA's
         # latent projections are every head's)
         per_rank = tp.engine.runner.rank_weight_bytes()
@@ -105,6 +127,22 @@ def workers_of(pid: int) -> list[psutil.Process]:
     return [p for p in descendants(pid) if "spawn_main" in " ".join(p.cmdline())]
 
 
+def kill_during_a_stream(server: ServerProcess, client: openai.OpenAI, pid: int) -> None:
+    """SIGKILL process `pid` (a worker) while a stream is in flight: the stream ends with an error and /health
+    answers 503 within seconds."""
+    stream = client.completions.create(model=client.models.list().data[0].id, prompt="A long answer",
+                                       max_tokens=3000, temperature=0, stream=True, extra_body={"ignore_eos": True})
+    next(iter(stream))
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(openai.APIError):
+        for _ in stream:
+            pass
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{server.url}/health").status_code != 503:
+        assert time.monotonic() < deadline, "/health did not report the dead worker"
+        time.sleep(0.2)
+
+
 @pytest.mark.parametrize("family", SERVED)
 def test_served_tp2_equals_one_process_then_a_worker_dies(checkpoints, family, tmp_path):
     """The served engine's tokens and log-probabilities are the single process's. Then, on Mixtral, SIGTERM
@@ -114,20 +152,14 @@ def test_served_tp2_equals_one_process_then_a_worker_dies(checkpoints, family, t
     prompts = ["The tensor-parallel engine", "Mixture of experts, split over ranks"]
     single = engine(checkpoint, **SETTINGS)
     expected = single.generate(prompts, SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True, logprobs=1))
-    flags = [f"--{key.replace('_', '-')}" if value is True else f"--{key.replace('_', '-')}={value}"
-             for key, value in SETTINGS.items()]
-    with serve(tmp_path, "--model", str(checkpoint), "--dtype", "float32", "--block-size", "4", *SMALL_KV,
-               "--tensor-parallel-size", "2", *flags) as server:
+    with serve(tmp_path, "--model", str(checkpoint), *SERVE_FLAGS, "--tensor-parallel-size", "2") as server:
         workers = workers_of(server.process.pid)
         assert len(workers) == 1
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
         model = client.models.list().data[0].id
         served = client.completions.create(model=model, prompt=prompts, max_tokens=NEW, temperature=0, logprobs=1,
                                            extra_body={"ignore_eos": True})
-        for choice, want in zip(sorted(served.choices, key=lambda c: c.index), expected):
-            assert choice.text == want.outputs[0].text
-            theirs = [next(iter(d.values())).logprob for d in want.outputs[0].logprobs]
-            assert choice.logprobs.token_logprobs == approx(theirs, abs=TOL)
+        assert_served_as_one_process(served, expected)
         if family == "mixtral":
             everyone = descendants(server.process.pid)
             server.process.send_signal(signal.SIGTERM)
@@ -135,17 +167,7 @@ def test_served_tp2_equals_one_process_then_a_worker_dies(checkpoints, family, t
             psutil.wait_procs(everyone, timeout=15)
             assert not [p for p in everyone if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
             return
-        stream = client.completions.create(model=model, prompt=prompts[0], max_tokens=3000, temperature=0,
-                                           stream=True, extra_body={"ignore_eos": True})
-        next(iter(stream))
-        os.kill(workers[0].pid, signal.SIGKILL)
-        with pytest.raises(openai.APIError):
-            for _ in stream:
-                pass
-        deadline = time.monotonic() + 10
-        while httpx.get(f"{server.url}/health").status_code != 503:
-            assert time.monotonic() < deadline, "/health did not report the dead worker"
-            time.sleep(0.2)
+        kill_during_a_stream(server, client, workers[0].pid)
         everyone = descendants(server.process.pid)
         server.process.send_signal(signal.SIGTERM)
         server.process.wait(timeout=60)
@@ -154,7 +176,7 @@ def test_served_tp2_equals_one_process_then_a_worker_dies(checkpoints, family, t
 
 
 @pytest.mark.parametrize("settings, refused", [
-    ({"distributed_executor_backend": "ray"}, "ray backend is not available yet"),
+    ({"ray_cpus_per_worker": 0}, "ray_cpus_per_worker must be positive"),
     ({"distributed_executor_backend": "threads"}, "not one of mp, ray"),
     ({"tensor_parallel_size": 0}, "must be positive"),
     ({"tensor_parallel_size": 2, "expert_cache_size": 2}, "expert offloading is not available with tensor"),

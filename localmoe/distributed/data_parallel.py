@@ -72,6 +72,9 @@ def data_parallel_size(config: Config) -> int:
     size = sizes.pop()
     if size < 1:
         raise ConfigError("data_parallel_size must be positive")
+    if size > 1 and any(placement.port is not None for placement in config.placements):
+        raise ConfigError("data_parallel_size: a model's own port (vllm_instances' port) is not served by replicas "
+                          "yet; serve every model on the shared endpoint")
     if size > 1 and any(engine.routing_trace for engine in config.engines):
         raise ConfigError("routing_trace: every replica would append to the same file; trace with "
                           "data_parallel_size 1")
@@ -216,7 +219,7 @@ def run_replica(index: int, config: Config, placement: Placement, conn: Connecti
         os.sched_setaffinity(0, placement.cpus)
     torch.set_num_threads(len(placement.cpus))
     if not logging.getLogger("localmoe").handlers:  # spawned: not forked from the front, which has its handler
-        configure_logging(config.server.log_level)
+        configure_logging(config.server.log_level, config.server.log_format)
     try:
         app = serving_app(config)
     except typer.Exit as e:  # serving_app has said why

@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from localmoe.distributed.collectives import all_reduce, gather
 from localmoe.layers.linear import Linear, MergedLinear
 from localmoe.layers.mla import MultiHeadLatentAttention
 from localmoe.layers.norm import RMSNorm
@@ -34,9 +35,10 @@ from localmoe.layers.moe import GroupedExperts, SparseMoE
 from localmoe.models.llama import MLP, Attention, LlamaForCausalLM
 
 
-def apply_tp(model: nn.Module) -> None:
+def apply_tp(model: nn.Module, split_experts: bool = True) -> None:
     """Shard `model` in place for this process's rank of the default process group; raises ValueError, naming the
-    part, for a model it cannot split."""
+    part, for a model it cannot split. Without `split_experts` the routed experts stay whole, for apply_ep
+    (distributed/expert_parallel.py) to spread over the ranks."""
     rank, world = dist.get_rank(), dist.get_world_size()
     if not isinstance(model, LlamaForCausalLM):
         raise ValueError(f"tensor parallelism does not split {type(model).__name__} yet")
@@ -48,14 +50,14 @@ def apply_tp(model: nn.Module) -> None:
         else:
             raise ValueError(f"tensor parallelism does not split {type(layer.self_attn).__name__} (layer {i}) yet; "
                              "use tensor_parallel_size: 1")
-        _shard_feed_forward(layer.mlp, rank, world, f"layer {i}")
+        _shard_feed_forward(layer.mlp, rank, world, f"layer {i}", split_experts)
         for block in (layer.self_attn, layer.mlp):
             block.register_forward_hook(_all_reduce_output)
     _shard_vocabulary(model, rank, world)
 
 
 def _all_reduce_output(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-    dist.all_reduce(output)
+    all_reduce(output)
     return output
 
 
@@ -138,7 +140,7 @@ class ShardedRMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         squares = x32.square().sum(dim=-1, keepdim=True)
-        dist.all_reduce(squares)
+        all_reduce(squares)
         return (x32 * torch.rsqrt(squares / self.dim + self.eps)).to(x.dtype) * self.weight
 
 
@@ -173,7 +175,7 @@ def _shard_experts(experts: GroupedExperts, rank: int, world: int) -> None:
             experts.w2_bias = nn.Parameter(torch.zeros_like(experts.w2_bias), requires_grad=False)
 
 
-def _shard_feed_forward(mlp: nn.Module, rank: int, world: int, where: str) -> None:
+def _shard_feed_forward(mlp: nn.Module, rank: int, world: int, where: str, split_experts: bool) -> None:
     if isinstance(mlp, MLP):
         _shard_mlp(mlp, rank, world)
         return
@@ -183,7 +185,8 @@ def _shard_feed_forward(mlp: nn.Module, rank: int, world: int, where: str) -> No
         raise ValueError(f"tensor parallelism does not split {type(mlp).__name__} ({where}) yet")
     if not isinstance(mlp.experts, GroupedExperts):
         raise ValueError(f"tensor parallelism does not split {type(mlp.experts).__name__} ({where})")
-    _shard_experts(mlp.experts, rank, world)
+    if split_experts:
+        _shard_experts(mlp.experts, rank, world)
     if mlp.shared_expert is not None:
         _shard_mlp(mlp.shared_expert, rank, world)
 
@@ -201,7 +204,7 @@ class VocabParallelEmbedding(nn.Module):
         local = input_ids - self.start
         outside = (local < 0) | (local >= self.weight.shape[0])
         out = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside[:, None], 0)
-        dist.all_reduce(out)
+        all_reduce(out)
         return out
 
 
@@ -228,8 +231,8 @@ def _gather_logits(vocab: int, module: nn.Module, inputs: tuple, logits: torch.T
     """Rank 0 gets the whole vocabulary's logits [T, V]; the other ranks keep their shard (never read)."""
     logits = logits.contiguous()
     if dist.get_rank() != 0:
-        dist.gather(logits, dst=0)
+        gather(logits, None, dst=0)
         return logits
     shards = [torch.empty_like(logits) for _ in range(dist.get_world_size())]
-    dist.gather(logits, shards, dst=0)
+    gather(logits, shards, dst=0)
     return torch.cat(shards, dim=-1)[..., :vocab]

@@ -1,6 +1,8 @@
 """The paged KV cache's bookkeeping: which blocks each sequence owns, and the prefix cache.
 
-A full block is identified by a hash chained over (parent hash, its token ids). When its last
+A full block is identified by a hash chained over (parent hash, its token ids); a sequence's first block chains
+from its LoRA adapter's number (vLLM hashes the adapter in too), so K/V computed under one adapter is never
+found by another, or by the base model. When its last
 owner lets go it returns to the free list but stays findable by hash until it is handed out
 again, oldest-freed first (LRU).
 """
@@ -59,7 +61,7 @@ class BlockManager:
         if not self.enable_prefix_caching or seq.block_table or seq.params.prompt_logprobs is not None:
             return
         usable = (seq.num_tokens - 1) // self.block_size
-        parent = None
+        parent = _root(seq)
         for i in range(usable):
             tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
             h = hash((parent, tokens))
@@ -157,9 +159,14 @@ class BlockManager:
         full = seq.num_computed_tokens // self.block_size
         for i in range(len(seq.block_hashes), full):
             tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
-            h = hash((seq.block_hashes[-1] if seq.block_hashes else None, tokens))
+            h = hash((seq.block_hashes[-1] if seq.block_hashes else _root(seq), tokens))
             seq.block_hashes.append(h)
             block = self.blocks[seq.block_table[i]]
             if h not in self.hash_to_block:
                 block.hash, block.token_ids = h, tokens
                 self.hash_to_block[h] = block.block_id
+
+
+def _root(seq: Sequence) -> tuple[str, int] | None:
+    """What a sequence's first block hash chains from: None under the base model, else its adapter."""
+    return None if seq.request.lora is None else ("lora", seq.request.lora_int_id)

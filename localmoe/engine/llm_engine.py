@@ -35,6 +35,8 @@ from localmoe.engine.stats import (
 from localmoe.experts.observer import RoutingObserver
 from localmoe.experts.stats import expert_stats
 from localmoe.experts.trace import RoutingTrace, TracedTokens
+from localmoe.lora.adapter import AdapterError
+from localmoe.lora.request import LoRARequest
 from localmoe.models.builtin import resolve_model
 from localmoe.outputs import RequestOutput
 from localmoe.sampling_params import SamplingParams
@@ -77,6 +79,10 @@ class LLMEngine:
         self.runner = ModelRunner(config, model_dir)
         self.model, self.hf_config, self.device = self.runner.model, self.runner.hf_config, self.runner.device
         self.experts = self.runner.experts  # offloaded experts' store and caches (experts/runtime.py)
+        self.lora = self.runner.lora  # LoRA adapters by name, with --enable-lora (lora/manager.py)
+        for name, path, base in config.lora_module_list if self.lora is not None else []:
+            if base in (None, served_model_name):
+                self.lora.load(name, path)
         self.max_model_len = self.runner.max_model_len
         num_blocks, num_swap_blocks = self.runner.allocate_kv_cache()
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
@@ -139,7 +145,7 @@ class LLMEngine:
     # ---- requests -------------------------------------------------------------------------------
 
     def make_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int] | None,
-                     params: SamplingParams, priority: int = 0) -> Request:
+                     params: SamplingParams, priority: int = 0, lora_request: LoRARequest | None = None) -> Request:
         """Validate and tokenize; raises RequestError. Safe to call from any thread."""
         if prompt_token_ids is None:
             if prompt is None:
@@ -158,6 +164,14 @@ class LLMEngine:
                                f"{self.config.max_num_batched_tokens} (enable chunked prefill)", "prompt")
         self._check_limits(params, vocab)
         request = Request(request_id, prompt, list(prompt_token_ids), params, priority)
+        if lora_request is not None:
+            if self.lora is None:
+                raise RequestError(f"LoRA adapter {lora_request.lora_name!r} asked for, but this engine was started "
+                                   "without enable_lora (--enable-lora)", "model")
+            try:
+                request.lora = self.lora.resolve(lora_request)
+            except AdapterError as error:
+                raise RequestError(str(error), "model") from None
         if params.structured_outputs is not None:
             try:
                 request.grammar = self.structured.compile(params.structured_outputs)
@@ -207,8 +221,8 @@ class LLMEngine:
             self.scheduler.add(seq)
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int] | None,
-                    params: SamplingParams, priority: int = 0) -> None:
-        self.add(self.make_request(request_id, prompt, prompt_token_ids, params, priority))
+                    params: SamplingParams, priority: int = 0, lora_request: LoRARequest | None = None) -> None:
+        self.add(self.make_request(request_id, prompt, prompt_token_ids, params, priority, lora_request))
 
     def abort_request(self, request_id: str) -> None:
         request = self.requests.pop(request_id, None)
@@ -369,7 +383,7 @@ class LLMEngine:
         if not force and now - self.snapshot.at < PUBLISH_INTERVAL_S:
             return
         bm = self.block_manager
-        self.snapshot = StatsSnapshot(self.stats, expert_stats(self.observer),
+        self.snapshot = StatsSnapshot(self.stats, expert_stats(self.observer, self.runner.parallel_stats()),
                                       self.memory.snapshot(bm.num_blocks, bm.num_free_blocks, bm.usage), now)
 
     @property

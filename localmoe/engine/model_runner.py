@@ -14,15 +14,24 @@ The step's tokens from every sequence are concatenated ([T]); attention metadata
 token's K/V goes and which blocks each sequence reads. Logits are computed only for sequences
 whose last token is in this step (those are the ones that sample).
 
-With tensor_parallel_size N > 1 (nano-vllm's shape) the runner of rank 0, in the engine core, starts N - 1 worker
-processes (distributed/mp_executor.py), each building a runner of its own rank; every runner shards its model
+With tensor_parallel_size N > 1 (nano-vllm's shape) the runner of rank 0, in the engine core, starts N - 1 workers
+(processes on this machine, distributed/mp_executor.py, or Ray actors, distributed/ray_executor.py), each building a
+runner of its own rank; every runner shards its model
 after loading (distributed/tensor_parallel.py) and allocates its shard of the KV pool. Rank 0 turns each scheduled
 batch into plain StepInputs and sends them to the workers, then all ranks run the same forward pass; the
-logits come together on rank 0.
+logits come together on rank 0. With enable_expert_parallel the routed experts are spread whole over the same
+ranks instead (distributed/expert_parallel.py), as rank 0 places them before it starts the workers; rank 0 first
+refuses a layout whose ranks cannot hold their share (distributed/layout.py).
+
+With --enable-lora the LoRA pass (lora/layers.py) wraps the loaded model before the experts pass, which then
+leaves its experts on the grouped path; the fused decoder and CUDA graphs stay off, so every step runs the
+modules that apply each token's adapter. Each step puts its adapters in slots first (lora/manager.py).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 from dataclasses import dataclass, field
 from functools import partial
@@ -33,12 +42,16 @@ import torch.distributed as dist
 from torch import nn
 
 from localmoe.config import ConfigError, EngineConfig
+from localmoe.distributed.collectives import CollectiveStats, counted
+from localmoe.distributed.expert_parallel import apply_ep
+from localmoe.distributed.layout import expert_placement, refuse_unfit_layout
+from localmoe.distributed.executor import Executor
 from localmoe.distributed.mp_executor import MultiprocExecutor
 from localmoe.distributed.tensor_parallel import apply_tp
 from localmoe.engine.cuda_graphs import DecodeGraphs, capture_decode_graphs
 from localmoe.engine.memory_profile import peak_step_bytes
 from localmoe.engine.scheduler import ScheduledBatch
-from localmoe.engine.stats import weights_bytes
+from localmoe.engine.stats import routed_expert_bytes, weights_bytes
 from localmoe.experts.memory_budget import RUNTIME_RESERVE, auto_cache_bytes, memory_left
 from localmoe.experts.offload import OffloadPlan, offloaded_weight
 from localmoe.experts.runtime import convert_experts
@@ -49,7 +62,10 @@ from localmoe.layers.huge_pages import huge_page_zeros
 from localmoe.layers.kv_cache_dtype import cache_dtype, cache_shape
 from localmoe.layers.linear import pack_model, packing_supported
 from localmoe.layers.quant_linear import quantize_linears
+from localmoe.lora.manager import LoraManager
 from localmoe.models.loader import load_model, resolve_dtype
+
+log = logging.getLogger(__name__)
 
 
 DEFAULT_KV_BYTES = 2 * 2**30  # the CPU KV pool where memory allows
@@ -81,6 +97,13 @@ def resolve_device(name: str, rank: int = 0) -> torch.device:
     return torch.device("cuda", rank) if device.type == "cuda" and rank else device
 
 
+def start_executor(config: EngineConfig, device: torch.device, make_runner: partial) -> Executor:
+    if config.distributed_executor_backend == "ray":  # Ray is an optional extra, imported only when asked for
+        from localmoe.distributed.ray_executor import RayExecutor
+        return RayExecutor(config.tensor_parallel_size, device, make_runner, config.ray_cpus_per_worker)
+    return MultiprocExecutor(config.tensor_parallel_size, device, make_runner)
+
+
 @dataclass
 class StepInputs:
     """One step's flat batch in plain numbers: what rank 0 sends every worker."""
@@ -94,6 +117,7 @@ class StepInputs:
     sample_rows: list[int] = field(default_factory=list)
     sampling: list[int] = field(default_factory=list)  # batch index of each sampling sequence
     prompt_rows: dict[int, range] = field(default_factory=dict)  # batch index -> rows whose prompt logprobs are asked
+    lora_ids: list[int] = field(default_factory=list)  # each row's LoRA adapter number (0: the base model)
 
 
 @dataclass
@@ -105,33 +129,48 @@ class StepLogits:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_dir: Path, rank: int = 0) -> None:
+    def __init__(self, config: EngineConfig, model_dir: Path, rank: int = 0,
+                 placement: torch.Tensor | None = None, device: torch.device | None = None) -> None:
+        """`placement`: the rank of each routed expert [L, E] under expert parallelism, as rank 0 decided it;
+        `device`: where the executor placed this rank (a Ray worker's one visible GPU), else by `rank`."""
         self.config = config
-        self.device = resolve_device(config.device, rank)
+        self.device = resolve_device(config.device, rank) if device is None else device
+        self.collectives = CollectiveStats()
+        if rank == 0 and config.tensor_parallel_size > 1:
+            hf_config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+            refuse_unfit_layout(config, hf_config, self.device, context_length(config, hf_config))
+            placement = expert_placement(config, hf_config) if config.enable_expert_parallel else None
         # rank 0 starts the other ranks first: they load while it does
-        self.workers = (MultiprocExecutor(config.tensor_parallel_size, self.device,
-                                          partial(ModelRunner, config, model_dir))
+        self.workers = (start_executor(config, self.device, partial(ModelRunner, config, model_dir,
+                                                                    placement=placement))
                         if rank == 0 and config.tensor_parallel_size > 1 else None)
         try:
-            self._load(model_dir)
+            self._load(model_dir, placement)
             if self.workers is not None:
                 self.workers.wait_ready()
         except BaseException:
             self.shutdown()
             raise
 
-    def _load(self, model_dir: Path) -> None:
+    def _load(self, model_dir: Path, placement: torch.Tensor | None) -> None:
         config = self.config
         self.model, self.hf_config = load_model(model_dir, config.dtype, self.device,
                                                 unread=offloaded_weight if config.offloads_experts else None,
                                                 quantization=config.quantization)
+        self.lora = None
+        if config.enable_lora:
+            self.lora = LoraManager(self.model, config.max_loras, config.max_lora_rank)
+            log.info("LoRA is enabled: the fused decoder and CUDA graphs are off, experts run on the grouped path")
         if config.tensor_parallel_size > 1:
             if self.model.quantized_checkpoint is not None:
                 raise ConfigError("tensor_parallel_size: a quantized checkpoint is not split across ranks yet")
+            key = "enable_expert_parallel" if placement is not None else "tensor_parallel_size"
             try:
-                apply_tp(self.model)
+                apply_tp(self.model, split_experts=placement is None)
+                if placement is not None:
+                    apply_ep(self.model, placement)
             except ValueError as error:
-                raise ConfigError(f"tensor_parallel_size: {error}") from None
+                raise ConfigError(f"{key}: {error}") from None
         self.dtype = resolve_dtype(config.dtype, self.hf_config, self.device)
         self.max_model_len = context_length(config, self.hf_config)
         self.kv_dtype = cache_dtype(config.kv_cache_dtype, self.dtype)
@@ -155,7 +194,7 @@ class ModelRunner:
             pack_model(self.model)
         # the decoder layers in one kernel call where the model is of a shape it runs (one rank: no collectives)
         self.fused = (FusedDecoder.of(self.model) if packing and config.tensor_parallel_size == 1
-                      and not config.enforce_eager else None)
+                      and not config.enforce_eager and self.lora is None else None)
         self.block_size = config.block_size
         self.kv_caches: list[torch.Tensor] = []
         self.swap_caches: list[torch.Tensor] = []
@@ -173,9 +212,25 @@ class ModelRunner:
     def weight_bytes(self) -> int:
         return weights_bytes(self.model, self.experts)
 
+    def expert_bytes(self) -> int:
+        return routed_expert_bytes(self.model)
+
+    def on_every_rank(self, method: str) -> list:
+        """`method()`'s result on each rank, as the ranks compute it, rank 0 first."""
+        return [getattr(self, method)(), *(self.workers.call(method, reply=True) if self.workers else [])]
+
     def rank_weight_bytes(self) -> list[int]:
         """Each rank's bytes of weights, as the ranks count them, rank 0 first."""
-        return [self.weight_bytes(), *(self.workers.call("weight_bytes", reply=True) if self.workers else [])]
+        return self.on_every_rank("weight_bytes")
+
+    def parallel_stats(self) -> dict | None:
+        """The layout and what the steps' collectives moved (distributed/collectives.py); None with one rank."""
+        config = self.config
+        if config.tensor_parallel_size == 1:
+            return None
+        return {"tensor_parallel_size": config.tensor_parallel_size,
+                "expert_placement": config.expert_placement if config.enable_expert_parallel else None,
+                "collective_bytes": self.collectives.summary()}
 
     def _on_workers(self, method: str, *args: object) -> None:
         """Have every worker run `method(*args)` on its runner, as rank 0 is about to; a no-op without workers."""
@@ -198,7 +253,7 @@ class ModelRunner:
                       "larger memory limit, a shorter max_model_len or kv_cache_memory leave more)")
         return OffloadPlan(model_dir, config.expert_offload_target, config.expert_cache_size or None,
                            config.expert_cache_policy, config.expert_prefetch, memory,
-                           memory_source=source)
+                           memory_source=source, measured_before_store=config.expert_cache_bytes == "auto")
 
     def _host_kv_bytes(self) -> int:
         """kv_cache_memory; by default 2 GiB, or an eighth of what the process may still use where that is less
@@ -234,7 +289,7 @@ class ModelRunner:
         # reads blocks from all over the pool.
         # CUDA graphs pad decode steps with rows that write to one scratch block past those the block manager owns
         graphs = (self.device.type == "cuda" and not config.enforce_eager and config.tensor_parallel_size == 1
-                  and not config.offloads_experts)
+                  and not config.offloads_experts and self.lora is None)
         shapes = kv_cache_shapes(self.model, num_blocks + graphs, config.block_size, self.kv_dtype)
         self.kv_caches = [huge_page_zeros(shape, self.kv_dtype) if self.device.type == "cpu"
                           else torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for shape in shapes]
@@ -277,6 +332,8 @@ class ModelRunner:
                     cache[:, dst.to(cache.device)] = swap[:, src].to(cache.device)
 
     def execute(self, batch: ScheduledBatch) -> StepLogits:
+        if self.lora is not None:
+            self.lora.activate({seq.request.lora for seq in batch.seqs if seq.request.lora is not None})
         return self.run(self.prepare(batch))
 
     @staticmethod
@@ -288,7 +345,9 @@ class ModelRunner:
                 step.prompt_rows[i] = range(len(step.input_ids),
                                             len(step.input_ids) + min(n, seq.num_prompt_tokens - start))
             drafts = seq.spec_token_ids  # verified in this step: every one of their rows samples
+            rows = len(step.input_ids)
             step.input_ids += seq.token_ids[start:start + n] + drafts if drafts else seq.token_ids[start:start + n]
+            step.lora_ids += [seq.request.lora_int_id] * (len(step.input_ids) - rows)
             step.positions += range(start, start + n)
             step.context_lens.append(start + n)
             if start + n == seq.num_tokens + len(drafts):
@@ -300,8 +359,12 @@ class ModelRunner:
         """The forward pass of one step, on every rank (rank 0 sends the step to the workers first); the logits
         are rank 0's."""
         self._on_workers("run", step)
+        before = counted()
         try:
-            return self._forward(step)
+            logits = self._forward(step)
+            self.collectives.observe(before, len(step.input_ids),
+                                     len(step.sample_rows) + sum(map(len, step.prompt_rows.values())))
+            return logits
         except Exception as error:
             if self.workers is not None:  # the ranks may be out of step now: no further step can be trusted
                 self.workers.stop(self.workers.problem() or f"a tensor-parallel step failed: {error!r}")
@@ -317,6 +380,8 @@ class ModelRunner:
                                            self.device)
             input_ids = torch.tensor(step.input_ids, device=self.device)
             positions = torch.tensor(step.positions, device=self.device)
+            if self.lora is not None:
+                self.lora.set_tokens(step.lora_ids, self.device)
             if self.fused is not None:
                 hidden, routing = self.fused(input_ids, positions, self.kv_caches, meta)
             else:

@@ -9,6 +9,9 @@ sequence (largest priority value, newest) is preempted and recomputed later.
 With speculative decoding a decode may also take room for draft tokens (its lookahead, engine/spec_decode.py says
 how many): budgeted and given blocks here, when they are free without preempting anyone; the engine then proposes
 at most that many drafts, verified in the same step.
+
+With LoRA adapters the running sequences use at most max_loras distinct adapters (the slots the model holds); a
+waiting sequence whose adapter would be one too many waits, and those behind it may go first.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class Scheduler:
         self.chunked_prefill = config.enable_chunked_prefill
         self.max_chunk = config.max_chunked_prefill_tokens or config.max_num_batched_tokens
         self.block_manager = block_manager
+        self.max_loras = config.max_loras if config.enable_lora else None
         self.waiting: list[Sequence] = []  # kept sorted by Sequence.priority
         self.running: list[Sequence] = []  # kept sorted by Sequence.priority
         self.swapped: list[Sequence] = []  # preempted with their KV in host memory, sorted by priority
@@ -97,7 +101,7 @@ class Scheduler:
             seq = self.swapped[0]
             n = self._chunk(seq, budget)
             covered = max(len(seq.swap_table) * self.block_manager.block_size, seq.num_computed_tokens + n)
-            if not self.block_manager.can_allocate(seq, covered):  # it holds no device blocks now
+            if not self.block_manager.can_allocate(seq, covered) or not self._lora_fits(seq):  # no device blocks now
                 break
             batch.swap_in += self.block_manager.swap_in(seq)
             self.block_manager.allocate(seq, seq.num_computed_tokens + n)
@@ -105,9 +109,13 @@ class Scheduler:
             self._run(seq, batch, n)
             budget -= n
 
-        while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted
+        i = 0
+        while (i < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs and not preempted
                and not self.swapped):
-            seq = self.waiting[0]
+            seq = self.waiting[i]
+            if not self._lora_fits(seq):
+                i += 1
+                continue
             self.block_manager.allocate_cached_prefix(seq)
             n = self._chunk(seq, budget)
             needed = seq.num_tokens - seq.num_computed_tokens
@@ -117,12 +125,20 @@ class Scheduler:
                 break
             self.block_manager.count_prefix_lookup(seq)
             self.block_manager.allocate(seq, seq.num_computed_tokens + n)
-            self.waiting.pop(0)
+            self.waiting.pop(i)
             self._run(seq, batch, n)
             budget -= n
         self.num_prefill_chunks += sum(
             1 for s, n in zip(batch.seqs, batch.num_tokens) if s.num_computed_tokens + n < s.num_tokens)
         return batch
+
+    def _lora_fits(self, seq: Sequence) -> bool:
+        """Its adapter (if any) is one a running sequence uses already, or a slot is left for it."""
+        lora = seq.request.lora_int_id
+        if self.max_loras is None or not lora:
+            return True
+        held = {s.request.lora_int_id for s in self.running} - {0}
+        return lora in held or len(held) < self.max_loras
 
     def _lookahead(self, seq: Sequence, n: int, room: int) -> int:
         """Draft tokens a decode may add: within the budget's room, on blocks that are free now."""

@@ -20,6 +20,8 @@ from localmoe.sampling_params import SamplingParams
 if TYPE_CHECKING:
     from xgrammar import CompiledGrammar
 
+    from localmoe.lora.adapter import LoraAdapter
+
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
@@ -43,6 +45,12 @@ class Request:
     seqs: list["Sequence"] = field(default_factory=list)
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     grammar: CompiledGrammar | None = None  # params.structured_outputs, compiled (engine/structured_output.py)
+    lora: LoraAdapter | None = None  # the LoRA adapter it runs with (lora/); None: the base model
+
+    @property
+    def lora_int_id(self) -> int:
+        """Its adapter's number, 0 for the base model."""
+        return 0 if self.lora is None else self.lora.lora_int_id
 
     @property
     def finished(self) -> bool:

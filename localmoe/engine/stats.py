@@ -28,6 +28,7 @@ from torch import nn
 from localmoe.experts.cpu import packed_bytes
 from localmoe.experts.runtime import ServingExperts
 from localmoe.layers.kv_cache_dtype import dtype_name
+from localmoe.layers.moe import moe_blocks
 from localmoe.outputs import RequestOutput
 
 if TYPE_CHECKING:
@@ -98,6 +99,12 @@ def weights_bytes(model: nn.Module, experts: ServingExperts) -> int:
     held = {id(t) if t.is_mkldnn else t.data_ptr(): t for t in (*model.parameters(), *model.buffers())
             if t.device.type != "meta" and (t.is_mkldnn or t.data_ptr() not in slots)}
     return tensor_bytes(held.values()) + sum(packed_bytes(m) for m in model.modules())
+
+
+def routed_expert_bytes(model: nn.Module) -> int:
+    """Bytes of the routed experts this process holds (under expert parallelism, this rank's)."""
+    return sum(tensor_bytes((*moe.experts.parameters(), *moe.experts.buffers()))
+               + sum(packed_bytes(m) for m in moe.experts.modules()) for _, moe in moe_blocks(model))
 
 
 @dataclass

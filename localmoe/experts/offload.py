@@ -43,6 +43,9 @@ class OffloadPlan:
     memory: int | None = None  # bytes of slots over all MoE layers, split evenly between them
     quant: QuantScheme | None = None  # the experts are kept quantized (experts/quantized.py)
     memory_source: str = ""  # where `memory` came from, for a message when it holds too little
+    # `memory` was measured before the store was filled (expert_cache_memory: auto): a host store's own copy of the
+    # experts is in the same memory, so it comes out of `memory` too
+    measured_before_store: bool = False
 
     def pools(self, store: ExpertStore, paths: list[str], device: torch.device) -> list[SlotPool]:
         """Each layer's slots: a pool of its own of `capacity` slots or of its even share of `memory`; where that
@@ -52,21 +55,25 @@ class OffloadPlan:
         if self.capacity is not None:
             return [SlotPool(layer.form.tensors, min(self.capacity, layer.num_experts), self.policy, device)
                     for layer in layers]
-        per_layer = self.memory // max(len(paths), 1)
+        memory, source = self.memory, self.memory_source
+        if self.measured_before_store and store.target == "host":
+            memory = max(0, memory - store.host_bytes())
+            source += f", less the host store's copy of the experts, {store.host_bytes()} bytes"
+        per_layer = memory // max(len(paths), 1)
         if all(per_layer >= layer.form.nbytes for layer in layers):
             return [SlotPool(layer.form.tensors, min(per_layer // layer.form.nbytes, layer.num_experts),
                              self.policy, device) for layer in layers]
         forms = {tuple(sorted(layer.form.tensors.items())): layer for layer in layers}  # by tensor shapes, dtypes
         least = sum(layer.form.nbytes for layer in forms.values())  # one expert of each form
-        if device.type != "cpu" or self.memory < least:
+        if device.type != "cpu" or memory < least:
             needs = f"{least} bytes" if device.type == "cpu" else \
                 f"{sum(layer.form.nbytes for layer in layers)} bytes (one expert per layer on {device.type})"
-            raise ValueError(f"expert_cache_memory: {self.memory} bytes{self.memory_source} hold less than "
+            raise ValueError(f"expert_cache_memory: {memory} bytes{source} hold less than "
                              f"one expert a layer; the cache needs at least {needs}")
         shared = {}
         for form, first in forms.items():
             alike = [layer for layer in layers if layer.form.tensors == first.form.tensors]
-            slots = max(self.memory * len(alike) // len(layers) // first.form.nbytes, 1)
+            slots = max(memory * len(alike) // len(layers) // first.form.nbytes, 1)
             shared[form] = SlotPool(first.form.tensors, min(slots, sum(layer.num_experts for layer in alike)),
                                     self.policy, device)
         return [shared[tuple(sorted(layer.form.tensors.items()))] for layer in layers]

@@ -7,7 +7,7 @@ The model files build, and the loader fills, plain GroupedExperts on one device 
 - else TritonExperts (experts/gpu.py) on CUDA where triton imports (SwiGLU experts without biases);
 - else TiledExperts (experts/cpu.py) where our CPU kernel serves them;
 - else OneDNNExperts where oneDNN's layouts are supported (CPU), else the GroupedExperts stay.
-Expert-parallel experts are a further choice of the same pass.
+Under expert parallelism (distributed/expert_parallel.py) each rank's own experts get the same choice.
 """
 
 from __future__ import annotations
@@ -17,13 +17,14 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from localmoe.distributed.expert_parallel import ExpertParallelExperts
 from localmoe.experts.cache import ExpertCache
 from localmoe.experts.cpu import OneDNNExperts, TiledExperts, grouped_kernel_serves
 from localmoe.experts.gpu import TritonExperts, triton_serves
 from localmoe.experts.offload import OffloadPlan, offload_experts
 from localmoe.experts.quantized import quantize_experts
 from localmoe.experts.store import ExpertStore
-from localmoe.layers.moe import GroupedExperts, moe_blocks
+from localmoe.layers.moe import Experts, GroupedExperts, moe_blocks
 from localmoe.models.quantized_checkpoint import QuantizedCheckpoint
 from localmoe.quant.scheme import Quantizer
 
@@ -47,15 +48,22 @@ def convert_experts(model: nn.Module, device: torch.device, packing: bool, offlo
         plan = replace(offload, quant=None if checkpoint is not None else quant)
         return ServingExperts(*offload_experts(model, blocks, plan, device, checkpoint))
     for path, moe in blocks:
-        if not isinstance(moe.experts, GroupedExperts):
-            continue
-        quantized = quantize_experts(moe.experts, f"{path}.experts", quant) if quant is not None else None
-        if quantized is not None:
-            moe.experts = quantized
-        elif triton_serves(moe.experts):
-            moe.experts = TritonExperts(moe.experts)
-        elif grouped_kernel_serves(moe.experts):
-            moe.experts = TiledExperts.of(moe.experts)
-        elif packing:
-            moe.experts = OneDNNExperts(moe.experts)
+        if isinstance(moe.experts, ExpertParallelExperts):
+            moe.experts.local = _serving(moe.experts.local, f"{path}.experts", packing, quant)
+        elif isinstance(moe.experts, GroupedExperts):
+            moe.experts = _serving(moe.experts, f"{path}.experts", packing, quant)
     return ServingExperts()
+
+
+def _serving(experts: GroupedExperts, path: str, packing: bool, quant: Quantizer | None) -> Experts:
+    """Resident plain experts in the implementation that serves them here (`experts` unchanged where none)."""
+    quantized = quantize_experts(experts, path, quant) if quant is not None else None
+    if quantized is not None:
+        return quantized
+    if triton_serves(experts):
+        return TritonExperts(experts)
+    if grouped_kernel_serves(experts):
+        return TiledExperts.of(experts)
+    if packing:
+        return OneDNNExperts(experts)
+    return experts

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
+from localmoe.distributed.expert_parallel import ExpertParallelExperts
+from localmoe.distributed.expert_placement import rank_imbalance, rank_tokens
 from localmoe.experts.cache import ExpertCache
 from localmoe.experts.observer import RoutingObserver
 from localmoe.experts.offload import OffloadedExperts
@@ -42,7 +46,21 @@ def cache_stats(cache: ExpertCache) -> dict[str, Any]:
     }
 
 
-def expert_stats(observer: RoutingObserver) -> dict[str, Any]:
+def expert_parallel_stats(observer: RoutingObserver, world: int) -> dict[str, Any] | None:
+    """Tokens per rank (its experts' tokens) over the MoE layers, and the imbalance across ranks (rank_imbalance:
+    the mean over layers of max / mean); None unless the experts are spread over ranks."""
+    if not all(isinstance(moe.experts, ExpertParallelExperts) for moe in observer.blocks) or not observer.blocks:
+        return None
+    owners = torch.stack([moe.experts.owner for moe in observer.blocks])
+    per_rank = rank_tokens(observer.tokens[:, :owners.shape[1]], owners, world)
+    return {"tokens_per_rank": per_rank.sum(dim=0).tolist(), "rank_imbalance": rank_imbalance(per_rank),
+            "tokens_per_rank_per_layer": per_rank.tolist(), "experts_per_rank": [
+                torch.bincount(owner, minlength=world).tolist() for owner in owners]}
+
+
+def expert_stats(observer: RoutingObserver, parallel: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The statistics /v1/stats/experts answers; `parallel`: the tensor/expert-parallel engine's own (its size and
+    the bytes its collectives moved), to which the tokens per rank are added under expert parallelism."""
     layers = []
     for index, moe, tokens in zip(observer.layer_indices, observer.blocks, observer.tokens.tolist()):
         tokens = tokens[:moe.num_experts]
@@ -62,4 +80,7 @@ def expert_stats(observer: RoutingObserver) -> dict[str, Any]:
         "prefetched": prefetched, "prefetch_used": prefetch_used,
         "prefetch_accuracy": _ratio(prefetch_used, prefetched),
     }
-    return {"object": "expert_stats", "offloading": bool(caches), "layers": layers, "totals": totals}
+    if parallel is not None:
+        parallel = {**parallel, "expert_parallel": expert_parallel_stats(observer, parallel["tensor_parallel_size"])}
+    return {"object": "expert_stats", "offloading": bool(caches), "layers": layers, "totals": totals,
+            "parallel": parallel}

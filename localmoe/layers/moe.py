@@ -28,6 +28,9 @@ from localmoe.layers.linear import Linear, linear
 from localmoe.layers.routing import softmax_topk
 
 Activation = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (gate, up) halves -> expert hidden [.., I]
+# (weight "w13" or "w2", the pairs' inputs grouped by expert, (expert, its rows) spans, each pair's token) -> an
+# addition to that projection's outputs, or None
+PairDelta = Callable[[str, torch.Tensor, list[tuple[int, slice]], torch.Tensor], torch.Tensor | None]
 ExpertWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]  # w13, w2, biases
 
 
@@ -102,25 +105,32 @@ class GroupedExperts(GroupedPathExperts):
 
 
 def pair_outputs(x: torch.Tensor, ids: torch.Tensor, num_experts: int, expert: Callable[[int], ExpertWeights],
-                 activation: Activation) -> torch.Tensor:
+                 activation: Activation, delta: PairDelta | None = None) -> torch.Tensor:
     """Each (token, k) pair's expert output [T * K, D], zero where the id is -1; `expert(i)` gives expert i's
     weights. The pairs are grouped by expert, each active expert runs once over its tokens, the activation once
-    over all pairs in between."""
+    over all pairs in between. `delta` adds to each projection's output what a caller adds per pair (LoRA's
+    updates, lora/layers.py)."""
     num_tokens, top_k = ids.shape
     flat_ids = ids.flatten()
     counts = torch.bincount(flat_ids + 1, minlength=num_experts + 1).tolist()
     order = torch.argsort(flat_ids, stable=True)[counts[0]:]  # pairs left out (-1) sort first
     xs = x[order // top_k]  # the token of each pair, grouped by expert
-    groups, start = [], 0  # (expert, its rows of xs)
+    groups, spans, start = [], [], 0  # (expert's weights, its rows of xs); (expert, its rows)
     for index, count in enumerate(counts[1:]):
         if count:
             groups.append((expert(index), slice(start, start + count)))
+            spans.append((index, slice(start, start + count)))
             start += count
     pair_out = x.new_zeros(num_tokens * top_k, x.shape[1]) if counts[0] else torch.empty_like(xs)
     if groups:
         gate_up = torch.cat([linear(xs[rows], w13, b13) for (w13, _, b13, _), rows in groups])
+        if delta is not None and (extra := delta("w13", xs, spans, order // top_k)) is not None:
+            gate_up = gate_up + extra
         hidden = activation(*gate_up.chunk(2, dim=-1))
-        pair_out[order] = torch.cat([linear(hidden[rows], w2, b2) for (_, w2, _, b2), rows in groups])
+        down = torch.cat([linear(hidden[rows], w2, b2) for (_, w2, _, b2), rows in groups])
+        if delta is not None and (extra := delta("w2", hidden, spans, order // top_k)) is not None:
+            down = down + extra
+        pair_out[order] = down
     return pair_out
 
 

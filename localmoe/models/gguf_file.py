@@ -165,6 +165,9 @@ def _q6_k(blocks: torch.Tensor) -> QuantizedWeight:
 
 
 PACKED = {GGMLQuantizationType.Q8_0: _q8_0, GGMLQuantizationType.Q4_K: _q4_k, GGMLQuantizationType.Q6_K: _q6_k}
+# (bits, columns per scale) of the QuantizedWeight each packed type becomes, for the planner's byte counts
+PACKED_FORM = {GGMLQuantizationType.Q8_0: (8, 32), GGMLQuantizationType.Q4_K: (4, 32),
+               GGMLQuantizationType.Q6_K: (8, 16)}
 
 
 def _halves(blocks: torch.Tensor, at: int) -> torch.Tensor:

@@ -4,24 +4,31 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from functools import partial
 from typing import Any
 
 from localmoe.models.hub import HubError, hub_snapshot, is_hub_id
+from localmoe.planner.gguf import gguf_config, gguf_weight_bytes, is_gguf
 from localmoe.planner.memory import KV_BYTES, KV_SCALE_BYTES, MARGIN_FRACTION, Plan, parse_device, plan_memory
+from localmoe.planner.parallel import ParallelPlan
 from localmoe.planner.shape import PlanError, load_config, model_shape
 
 
 def plan_command(model: str, dtype: str = "bf16", device: str = "H100-80GB", max_model_len: int | None = None,
                  max_num_seqs: int = 256, kv_cache_dtype: str = "auto", json_output: bool = False,
-                 quantization: str = "auto") -> str:
-    """Plan `model` (checkpoint dir, config.json, known name or hub id) on `device`; the text to print.
+                 quantization: str = "auto", tensor_parallel_size: int = 1,
+                 enable_expert_parallel: bool = False) -> str:
+    """Plan `model` (checkpoint dir, config.json, GGUF file, known name or hub id) on `device`; the text to print.
+    With `tensor_parallel_size` > 1 (and `enable_expert_parallel`) the plan adds that layout, per rank.
 
     Raises PlanError (a ValueError) with a message for the user on any bad input.
     """
-    name, config = model_config(model)
+    name, config = (model, gguf_config(model)) if is_gguf(model) else model_config(model)
     plan = plan_memory(model_shape(name, config), parse_device(device), dtype=dtype, max_model_len=max_model_len,
                        max_num_seqs=max_num_seqs, kv_cache_dtype=kv_cache_dtype, quantization=quantization,
-                       quantization_config=config.get("quantization_config"))
+                       quantization_config=config.get("quantization_config"),
+                       held=partial(gguf_weight_bytes, model) if is_gguf(model) else None,
+                       tensor_parallel_size=tensor_parallel_size, expert_parallel=enable_expert_parallel)
     return json.dumps(plan_dict(plan), indent=2) if json_output else format_plan(plan)
 
 
@@ -61,6 +68,27 @@ def _bytes(n: int) -> str:
         if n >= size:
             return f"{n / size:.2f} {unit}"
     return f"{n} B"
+
+
+def layout_rows(layout: ParallelPlan, max_model_len: int) -> list[tuple[str, str]]:
+    """The layout's lines of the report: memory per rank, then what the collectives move per token."""
+    n = layout.tensor_parallel_size
+    experts = (f"{layout.experts_per_rank} whole experts per MoE layer" if layout.expert_parallel
+               else "1/{n} of every expert".format(n=n))
+    return [
+        ("Layout", f"tensor_parallel_size {n}" + (", expert parallel (EP size = TP size)" if layout.expert_parallel
+                                                  else "")),
+        ("  weights per rank", f"{_bytes(layout.weight_bytes_per_rank)} (routed experts "
+                               f"{_bytes(layout.expert_bytes_per_rank)}: {experts})"),
+        ("  KV per rank", f"{_bytes(layout.kv_bytes_per_token_per_rank)} per token; budget "
+                          f"{_bytes(layout.kv_budget_bytes_per_rank)}, {layout.max_concurrent_tokens:,} tokens; "
+                          f"weights + one {max_model_len}-token sequence {_fits(layout.fits)}"),
+        ("  collectives per token", f"{layout.all_reduces_per_token} all-reduces, "
+                                    f"{_bytes(layout.all_reduce_bytes_per_token)} per rank "
+                                    f"({_bytes(layout.link_bytes_per_token)} over each link in a ring); logits "
+                                    f"gather {_bytes(layout.gather_bytes_per_sampled_token)} per rank per sampled "
+                                    "token"),
+    ]
 
 
 def _fits(ok: bool) -> str:
@@ -111,6 +139,8 @@ def format_plan(plan: Plan) -> str:
         rows.append(("Expert cache, 1 device", f"{plan.experts_per_layer_cached} of {plan.num_experts} experts "
                                                f"per MoE layer ({_bytes(plan.expert_bytes)} per expert per layer; "
                                                "non-expert weights resident, KV for one sequence)"))
+    if plan.layout is not None:
+        rows += layout_rows(plan.layout, plan.max_model_len)
     rows += [("Note", note) for note in plan.notes]
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)

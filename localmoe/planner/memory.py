@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
+from localmoe.planner.parallel import ParallelPlan, plan_parallel
 from localmoe.planner.params import ParamCounts, count_params, kv_elements_per_token, kv_rows_per_token
-from localmoe.planner.quantization import QUANTIZATIONS, quantization_of, weight_bytes
+from localmoe.planner.quantization import QUANTIZATIONS, WeightBytes, quantization_of, weight_bytes
 from localmoe.planner.shape import ModelShape, PlanError
 
 GiB = 1 << 30
@@ -96,13 +97,19 @@ class Plan:
     expert_bytes: int  # one routed expert of one layer, as it is held while serving (packed, if quantized)
     experts_per_layer_cached: int | None  # expert cache on one device; None when the model fits
     notes: list[str] = field(default_factory=list)
+    layout: ParallelPlan | None = None  # the tensor/expert-parallel layout asked for, per rank
 
 
 def plan_memory(shape: ModelShape, device: Device, dtype: str = "bf16", max_model_len: int | None = None,
                 max_num_seqs: int = 256, kv_cache_dtype: str = "auto", quantization: str = "auto",
-                quantization_config: dict[str, Any] | None = None) -> Plan:
-    """Where `shape` fits on `device`: KV budget, parallel degree, or the size of an expert cache.
-    `quantization_config`: the checkpoint's (config.json), whose own bits and groups its weights keep."""
+                quantization_config: dict[str, Any] | None = None,
+                held: Callable[[ParamCounts, int], WeightBytes] | None = None, tensor_parallel_size: int = 1,
+                expert_parallel: bool = False) -> Plan:
+    """Where `shape` fits on `device`: KV budget, parallel degree, or the size of an expert cache; with
+    `tensor_parallel_size` > 1, memory per rank and collective bytes per token of that layout (`expert_parallel`:
+    routed experts spread whole). `quantization_config`: the checkpoint's (config.json), whose own bits and groups
+    its weights keep; `held`: bytes per parameter of a checkpoint that says them tensor by tensor (a GGUF file),
+    from its counts and the dtype's bytes."""
     if dtype not in BYTES_PER_PARAM:
         raise PlanError(f"unknown dtype {dtype!r}; use one of {', '.join(BYTES_PER_PARAM)} (8 and 4 bits: "
                         "--quantization)")
@@ -119,8 +126,14 @@ def plan_memory(shape: ModelShape, device: Device, dtype: str = "bf16", max_mode
                      f"{shape.max_position_embeddings}")
 
     params = count_params(shape)
-    quantized = quantization_of(quantization, quantization_config)
-    per_param = weight_bytes(quantized, BYTES_PER_PARAM[dtype], shape.hidden_size, shape.moe)
+    if held is not None:
+        if quantization not in ("auto", "gguf"):
+            raise PlanError(f"quantization {quantization!r}: a GGUF file is served in its own quantization")
+        quantization_name, per_param = "gguf", held(params, BYTES_PER_PARAM[dtype])
+    else:
+        quantized = quantization_of(quantization, quantization_config)
+        quantization_name = quantized.name
+        per_param = weight_bytes(quantized, BYTES_PER_PARAM[dtype], shape.hidden_size, shape.moe)
     weights = per_param.of(params)
     kv_per_token = (kv_elements_per_token(shape) * KV_BYTES[kv_cache_dtype]
                     + kv_rows_per_token(shape) * KV_SCALE_BYTES[kv_cache_dtype])
@@ -154,14 +167,19 @@ def plan_memory(shape: ModelShape, device: Device, dtype: str = "bf16", max_mode
         notes.append(f"parallel degree {degree} assumes weights and KV shard evenly over {degree} devices"
                      + (" (under tensor parallelism MLA's latent KV is replicated, not sharded)"
                         if shape.attention.is_mla else ""))
+    layout = None
+    if tensor_parallel_size > 1 or expert_parallel:
+        layout = plan_parallel(shape, params, per_param, tensor_parallel_size, expert_parallel,
+                               BYTES_PER_PARAM[dtype], KV_BYTES[kv_cache_dtype], KV_SCALE_BYTES[kv_cache_dtype],
+                               usable, max_model_len)
     return Plan(
-        model=shape.name, architecture=shape.architecture, dtype=dtype, quantization=quantized.name,
+        model=shape.name, architecture=shape.architecture, dtype=dtype, quantization=quantization_name,
         kv_cache_dtype=kv_cache_dtype,
         device=device.name, device_memory_bytes=device.memory_bytes, cuda_context_bytes=device.context_bytes,
         margin_bytes=device.margin_bytes, usable_bytes=usable,
         max_model_len=max_model_len, max_model_len_is_default=is_default, max_num_seqs=max_num_seqs,
         params=params, weight_bytes=weights,
-        weight_bytes_per_quantization={quantized.name: weights} if quantization_config else {
+        weight_bytes_per_quantization={quantization_name: weights} if quantization_config or held else {
             q: weight_bytes(quantization_of(q), BYTES_PER_PARAM[dtype], shape.hidden_size, shape.moe).of(params)
             for q in QUANTIZATIONS},
         kv_attention="mla" if shape.attention.is_mla else "standard",
@@ -172,7 +190,7 @@ def plan_memory(shape: ModelShape, device: Device, dtype: str = "bf16", max_mode
         parallel_max_concurrent_tokens=parallel_tokens, parallel_requested_fits=bool(degree) and
         requested <= parallel_tokens,
         num_experts=shape.moe.num_experts if shape.moe else 0, expert_bytes=expert_bytes,
-        experts_per_layer_cached=cached, notes=notes,
+        experts_per_layer_cached=cached, notes=notes, layout=layout,
     )
 
 

@@ -31,11 +31,18 @@ from localmoe.server.dashboard import DASHBOARD_PAGE
 from localmoe.server.drain import Drain, DrainMiddleware
 from localmoe.server.protocol import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
-    TokenizeRequest, TokenizeResponse,
+    ModelVersionCard, TokenizeRequest, TokenizeResponse,
 )
 from localmoe.server.model_admin import ADMIN_PATHS, add_admin_routes
-from localmoe.server.model_registry import ModelRegistry
+from localmoe.server.model_registry import ModelRegistry, ServedModel
+from localmoe.server.canary import VERSION_HEADER, sticky_key
+from localmoe.server.instance_ports import PinnedPortMiddleware, instance_ports
+from localmoe.server.request_log import RequestIdMiddleware
+from localmoe.server.tracing import RequestTracer, TracingMiddleware
+from localmoe.server.lora_admin import add_lora_routes, lora_admin_paths, lora_cards
 from localmoe.server.tgi import add_tgi_routes
+from localmoe.server.rate_limits import USAGE_PATH, RateLimitMiddleware, add_usage_route, rate_limiter
+from localmoe.server.tenants import key_ring
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +55,13 @@ def build_app(aengines: list[tuple[AsyncEngine, Config]], config: Config) -> Fas
     for aengine, own in aengines:
         registry.add(aengine, own)
 
+    # tenants: the keys' limits, priorities and usage (server/rate_limits.py)
+    file_keys = config.server.file_keys()
+    keys = list(key_ring(config.server.api_key, config.server.admin_api_key, file_keys).values())
+    limiter = rate_limiter(metrics.registry, keys, config.server.redis_url)
+    # OpenTelemetry only where asked for (server/tracing.py imports it then)
+    tracer = RequestTracer(config.server.otlp_traces_endpoint) if config.server.otlp_traces_endpoint else None
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         for model in registry:
@@ -57,19 +71,32 @@ def build_app(aengines: list[tuple[AsyncEngine, Config]], config: Config) -> Fas
         finally:
             for model in registry:
                 model.stop()
+            await limiter.counters.close()
+            if tracer is not None:
+                tracer.shutdown()
 
     app = FastAPI(title="LocalMoE", version=__version__, lifespan=lifespan)
     install_openapi(app)
     app.state.models = registry
     app.state.drain = drain = Drain(lambda: registry.engines, config.server.shutdown_timeout)
+    app.add_middleware(RateLimitMiddleware, limiter=limiter)  # inside the drain: a refused request counts nothing
     app.add_middleware(DrainMiddleware, drain=drain)
     # outermost but one: nothing is answered before the key is checked; the admin routes take the admin key only
     app.add_middleware(APIKeyMiddleware, api_key=config.server.api_key, admin_key=config.server.admin_api_key,
-                       admin_paths=ADMIN_PATHS)
-    app.add_middleware(HTTPMetricsMiddleware, counter=metrics.http_requests)  # outermost: counts every answer
+                       admin_paths=ADMIN_PATHS | lora_admin_paths(), keys=file_keys,
+                       admin_reads=frozenset({USAGE_PATH}))
+    ports = instance_ports(config)
+    if ports:  # vllm_instances' own ports (server/instance_ports.py): pins requests on them to their model
+        app.add_middleware(PinnedPortMiddleware, ports=ports)
+    app.add_middleware(HTTPMetricsMiddleware, counter=metrics.http_requests)  # counts every answer
+    if tracer is not None:
+        app.add_middleware(TracingMiddleware, tracer=tracer)
+    app.add_middleware(RequestIdMiddleware)  # outermost: every line logged about a request carries its id
     _add_error_handlers(app)
     add_admin_routes(app, registry, config)
     add_tgi_routes(app, registry)
+    add_usage_route(app, limiter)
+    add_lora_routes(app, registry)
 
     @app.get("/health")
     async def health() -> Response:
@@ -112,17 +139,33 @@ def build_app(aengines: list[tuple[AsyncEngine, Config]], config: Config) -> Fas
 
     @app.get("/v1/models")
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=model.name, root=model.config.engine.model_name or model.name,
-                                         max_model_len=model.serving.max_model_len, state="loaded")
-                               for model in registry])
+        cards = []
+        for name, versions in registry.listed().items():
+            model = next(iter(versions.values()))
+            cards.append(ModelCard(id=name, root=model.config.engine.model_name or name,
+                                   max_model_len=model.serving.max_model_len, state="loaded",
+                                   versions=[ModelVersionCard(version=v, root=m.config.engine.model_name or name,
+                                                              weight=m.weight) for v, m in versions.items()]))
+        return ModelList(data=cards + lora_cards(registry))
+
+    # canary (server/canary.py): the version that serves a request is drawn by weight, sticky by a key it carries,
+    # and named in the answer's headers
+    def routed(request: CompletionRequest | ChatCompletionRequest, raw_request: Request) -> ServedModel:
+        return registry.route(request.model, sticky_key(raw_request.headers, request.user))
+
+    def with_version(response: Response, model: ServedModel) -> Response:
+        response.headers[VERSION_HEADER] = model.version
+        return response
 
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest, raw_request: Request) -> Response:
-        return await registry.get(request.model).serving.create_completion(request, raw_request)
+        model = routed(request, raw_request)
+        return with_version(await model.serving.create_completion(request, raw_request), model)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatCompletionRequest, raw_request: Request) -> Response:
-        return await registry.get(request.model).serving.create_chat_completion(request, raw_request)
+        model = routed(request, raw_request)
+        return with_version(await model.serving.create_chat_completion(request, raw_request), model)
 
     @app.post("/tokenize")
     async def tokenize(request: TokenizeRequest) -> TokenizeResponse:

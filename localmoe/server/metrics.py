@@ -27,6 +27,7 @@ from localmoe.server.stats import PerformanceWindow
 
 # a full waiting queue's answer: 503 with Retry-After (OpenAI routes), 429 "overloaded" (TGI's routes)
 REJECTION_STATUSES = (HTTPStatus.SERVICE_UNAVAILABLE, HTTPStatus.TOO_MANY_REQUESTS)
+MODEL_LABELS = ["model_name", "version"]  # on every series of a model: its served name, and which version of it
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
                 40.0, 80.0, 160.0, 640.0, 2560.0)
 
@@ -92,52 +93,52 @@ def token_buckets(max_model_len: int) -> list[float]:
 
 class EngineStatsCollector(Collector):
     """Turns each served model's engine stats snapshot, and its engine loop's (LoopSnapshot), into gauge, counter
-    and histogram families at scrape time, one series per model."""
+    and histogram families at scrape time, one series per model version."""
 
-    def __init__(self, models: dict[str, "ModelMetrics"]) -> None:
+    def __init__(self, models: dict[tuple[str, str], "ModelMetrics"]) -> None:
         self.models = models  # the live registry of served models (ServerMetrics.models)
 
     def collect(self) -> Iterator[Metric]:
-        read = [(name, model.read_stats(), model.read_loop()) for name, model in self.models.items()]
+        read = [(model.labels, model.read_stats(), model.read_loop()) for model in self.models.values()]
         for kind, source, table in ((GaugeMetricFamily, 1, ENGINE_GAUGES), (CounterMetricFamily, 1, ENGINE_COUNTERS),
                                     (GaugeMetricFamily, 2, LOOP_GAUGES)):
             for metric, attr, doc in table:
-                family = kind(metric, doc, labels=["model_name"])
+                family = kind(metric, doc, labels=MODEL_LABELS)
                 for row in read:
                     if row[source] is not None:
-                        family.add_metric([row[0]], float(getattr(row[source], attr)))
+                        family.add_metric(row[0], float(getattr(row[source], attr)))
                 yield family
         for metric, attr, doc in LOOP_HISTOGRAMS:
-            family = HistogramMetricFamily(metric, doc, labels=["model_name"])
-            for name, _, loop in read:
+            family = HistogramMetricFamily(metric, doc, labels=MODEL_LABELS)
+            for labels, _, loop in read:
                 if loop is not None:
                     histogram = getattr(loop, attr)
                     bounds = [floatToGoString(b) for b in (*histogram.bounds, float("inf"))]
-                    family.add_metric([name], list(zip(bounds, map(float, histogram.cumulative))), histogram.total)
+                    family.add_metric(labels, list(zip(bounds, map(float, histogram.cumulative))), histogram.total)
             yield family
         yield from self._spec_decode([(row[0], row[1].spec_decode) for row in read
                                       if row[1] is not None and row[1].spec_decode is not None])
         admitted = GaugeMetricFamily(
             "localmoe:num_sequences_admitted",
             "Sequences (prompts x n) holding a place in the bound max_num_seqs + max_waiting_requests.",
-            labels=["model_name"])
-        for name, model in self.models.items():
-            admitted.add_metric([name], float(model.read_admitted()))
+            labels=MODEL_LABELS)
+        for model in self.models.values():
+            admitted.add_metric(model.labels, float(model.read_admitted()))
         yield admitted
 
 
     @staticmethod
-    def _spec_decode(read: list[tuple[str, SpecDecodeStats]]) -> Iterator[Metric]:
+    def _spec_decode(read: list[tuple[list[str], SpecDecodeStats]]) -> Iterator[Metric]:
         for metric, attr, doc in SPEC_DECODE_COUNTERS:
-            family = CounterMetricFamily(metric, doc, labels=["model_name"])
-            for name, stats in read:
-                family.add_metric([name], float(getattr(stats, attr)))
+            family = CounterMetricFamily(metric, doc, labels=MODEL_LABELS)
+            for labels, stats in read:
+                family.add_metric(labels, float(getattr(stats, attr)))
             yield family
         per_pos = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos",
-                                      "Accepted tokens per draft position.", labels=["model_name", "position"])
-        for name, stats in read:
+                                      "Accepted tokens per draft position.", labels=[*MODEL_LABELS, "position"])
+        for labels, stats in read:
             for position, count in enumerate(stats.num_accepted_tokens_per_pos):
-                per_pos.add_metric([name, str(position)], float(count))
+                per_pos.add_metric([*labels, str(position)], float(count))
         yield per_pos
 
 
@@ -146,46 +147,47 @@ class ExpertStatsCollector(Collector):
     tokens per (layer, expert), and per layer the load imbalance and, with offloading, cache hits, misses, bytes
     loaded."""
 
-    def __init__(self, models: dict[str, "ModelMetrics"]) -> None:
+    def __init__(self, models: dict[tuple[str, str], "ModelMetrics"]) -> None:
         self.models = models
 
     def collect(self) -> Iterator[Metric]:
         tokens = CounterMetricFamily("localmoe:expert_tokens", "Tokens routed to each expert of each MoE layer.",
-                                     labels=["model_name", "layer", "expert"])
+                                     labels=[*MODEL_LABELS, "layer", "expert"])
         imbalance = GaugeMetricFamily("localmoe:expert_load_imbalance",
                                       "Max over mean tokens per expert of a MoE layer (1 is even).",
-                                      labels=["model_name", "layer"])
-        cache = {key: CounterMetricFamily(f"localmoe:{metric}", doc, labels=["model_name", "layer"])
+                                      labels=[*MODEL_LABELS, "layer"])
+        cache = {key: CounterMetricFamily(f"localmoe:{metric}", doc, labels=[*MODEL_LABELS, "layer"])
                  for key, metric, doc in (
                      ("hits", "expert_cache_hits", "Experts a step wanted that were already in the expert cache."),
                      ("misses", "expert_cache_misses", "Experts a step wanted that had to be loaded."),
                      ("bytes_loaded", "expert_bytes_loaded", "Bytes of expert weights loaded into the cache."))}
-        for name, model in self.models.items():
+        for model in self.models.values():
             for layer in model.read_expert_stats()["layers"]:
                 index = str(layer["layer"])
                 for expert, count in enumerate(layer["tokens"]):
-                    tokens.add_metric([name, index, str(expert)], float(count))
-                imbalance.add_metric([name, index], layer["load_imbalance"])
+                    tokens.add_metric([*model.labels, index, str(expert)], float(count))
+                imbalance.add_metric([*model.labels, index], layer["load_imbalance"])
                 stats = layer["cache"] or {"hits": [0], "misses": [0], "bytes_loaded": 0}
                 for key, family in cache.items():
                     value = stats[key]
-                    family.add_metric([name, index], float(sum(value) if isinstance(value, list) else value))
+                    family.add_metric([*model.labels, index], float(sum(value) if isinstance(value, list) else value))
         yield from (tokens, imbalance, *cache.values())
 
 
 class ServerMetrics:
     """One registry per app, so several apps (or tests) never share or clash over metrics; each model the app
-    serves adds its series under its own model_name label (add_model), as vLLM labels its own."""
+    serves adds its series under its own model_name label (add_model), as vLLM labels its own, and the version of
+    that name it is (server/canary.py)."""
 
     def __init__(self, max_model_len: int) -> None:
         """`max_model_len`: the largest context of the models served, which bounds the token-count buckets."""
         self.registry = CollectorRegistry()
         for default in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):  # what the global registry carries
             self.registry.register(default)
-        self.models: dict[str, ModelMetrics] = {}
+        self.models: dict[tuple[str, str], ModelMetrics] = {}
         self.registry.register(EngineStatsCollector(self.models))
         self.registry.register(ExpertStatsCollector(self.models))
-        labels = ["model_name"]
+        labels = MODEL_LABELS
         self.requests_rejected = Counter(
             "localmoe:requests_rejected", "Requests refused because the waiting queue was full, by the status "
             "answered: 503 on the OpenAI routes, 429 on TGI's (its 'overloaded').", labels + ["status"],
@@ -215,17 +217,20 @@ class ServerMetrics:
             "vllm:request_max_num_generation_tokens", "Histogram of maximum number of requested generation tokens.",
             labels, buckets=token_buckets(max_model_len), registry=self.registry)
 
-    def add_model(self, model_name: str, read_stats: Callable[[], Any], read_expert_stats: Callable[[], dict],
-                  read_admitted: Callable[[], int], read_loop: Callable[[], LoopSnapshot | None]) -> "ModelMetrics":
-        model = ModelMetrics(self, model_name, read_stats, read_expert_stats, read_admitted, read_loop)
-        self.models[model_name] = model
+    def add_model(self, model_name: str, version: str, read_stats: Callable[[], Any],
+                  read_expert_stats: Callable[[], dict], read_admitted: Callable[[], int],
+                  read_loop: Callable[[], LoopSnapshot | None]) -> "ModelMetrics":
+        model = ModelMetrics(self, model_name, version, read_stats, read_expert_stats, read_admitted, read_loop)
+        self.models[model_name, version] = model
         for status in REJECTION_STATUSES:  # exported at 0 from the start, so rate() and alerts see the first one
-            self.requests_rejected.labels(model_name, str(status.value))
+            self.requests_rejected.labels(*model.labels, str(status.value))
         return model
 
-    def remove_model(self, model_name: str) -> None:
-        """Its engine's series go (its request counters and histograms stay, as counts of what it served)."""
-        self.models.pop(model_name, None)
+    def remove_model(self, model: "ModelMetrics") -> None:
+        """Its engine's series go (its request counters and histograms stay, as counts of what it served); a
+        switch that put another engine under the same labels already replaced it."""
+        if self.models.get((model.model_name, model.version)) is model:
+            del self.models[model.model_name, model.version]
 
     def errors(self) -> dict[str, float]:
         """Responses with a client (4xx) or server (5xx, 503s included) error so far, on any route."""
@@ -240,11 +245,12 @@ class ModelMetrics:
     """One served model's part of the server's metrics: what its engine publishes, read at scrape time, and the
     requests it finished, observed under its model_name."""
 
-    def __init__(self, server: ServerMetrics, model_name: str, read_stats: Callable[[], Any],
+    def __init__(self, server: ServerMetrics, model_name: str, version: str, read_stats: Callable[[], Any],
                  read_expert_stats: Callable[[], dict], read_admitted: Callable[[], int],
                  read_loop: Callable[[], LoopSnapshot | None]) -> None:
         self.server = server
-        self.model_name = model_name
+        self.model_name, self.version = model_name, version
+        self.labels = [model_name, version]
         self.read_stats, self.read_expert_stats = read_stats, read_expert_stats
         self.read_admitted, self.read_loop = read_admitted, read_loop
         self.requests_rejected = server.requests_rejected
@@ -253,27 +259,28 @@ class ModelMetrics:
     def observe_finished(self, output: RequestOutput) -> None:
         """Record one finished request (all of its n completions) from its last RequestOutput."""
         self.recent.observe(output)
-        server, name = self.server, self.model_name
+        server, name = self.server, self.labels
         generated = sum(len(c.token_ids) for c in output.outputs)
         for completion in output.outputs:
-            server.request_success.labels(name, completion.finish_reason or "abort").inc()
-        server.request_prompt_tokens.labels(name).observe(len(output.prompt_token_ids))
-        server.request_generation_tokens.labels(name).observe(generated)
+            server.request_success.labels(*name, completion.finish_reason or "abort").inc()
+        server.request_prompt_tokens.labels(*name).observe(len(output.prompt_token_ids))
+        server.request_generation_tokens.labels(*name).observe(generated)
         times = output.metrics
         arrival, first, finished = (times.get(k) for k in ("arrival_time", "first_token_time", "finished_time"))
         if arrival is not None and finished is not None:
-            server.e2e_request_latency.labels(name).observe(finished - arrival)
+            server.e2e_request_latency.labels(*name).observe(finished - arrival)
         if arrival is not None and first is not None:
-            server.time_to_first_token.labels(name).observe(first - arrival)
+            server.time_to_first_token.labels(*name).observe(first - arrival)
         steps = max(len(c.token_ids) for c in output.outputs)  # n completions decode side by side
-        server.request_max_num_generation_tokens.labels(name).observe(steps)
+        server.request_max_num_generation_tokens.labels(*name).observe(steps)
         if first is not None and finished is not None:  # as vLLM: 0 for a request of one token
-            server.request_time_per_output_token.labels(name).observe((finished - first) / max(steps - 1, 1))
+            server.request_time_per_output_token.labels(*name).observe((finished - first) / max(steps - 1, 1))
 
     def totals(self) -> dict[str, float]:
         """Requests this model finished, and responses with a client (4xx) or server (5xx) error on any route."""
         requests = sum(sample.value for sample in self.server.request_success.collect()[0].samples
-                       if sample.name.endswith("_total") and sample.labels["model_name"] == self.model_name)
+                       if sample.name.endswith("_total")
+                       and [sample.labels["model_name"], sample.labels["version"]] == self.labels)
         return {"requests": requests, **self.server.errors()}
 
 

@@ -136,6 +136,10 @@ class SamplingRequest(OpenAIRequest):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
 
+    def asked_priority(self) -> int | None:
+        """The priority the request sets, None where it sets none (its API key's then holds)."""
+        return self.priority if "priority" in self.model_fields_set else None
+
     def sampling_fields(self) -> dict[str, Any]:
         """The SamplingParams keyword arguments this request sets (None: keep the default)."""
         names = ("n", "temperature", "top_p", "presence_penalty", "frequency_penalty", "stop", "seed", "top_k",
@@ -368,6 +372,14 @@ class ChatCompletionChunk(BaseModel):
     usage: UsageInfo | None = None
 
 
+class ModelVersionCard(BaseModel):
+    """One version of a served name (server/canary.py): its checkpoint and its share of the name's requests."""
+
+    version: str
+    root: str
+    weight: float
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -377,6 +389,7 @@ class ModelCard(BaseModel):
     parent: str | None = None
     max_model_len: int
     state: str = "loaded"  # LocalMoE: where a model served beside others stands
+    versions: list[ModelVersionCard] = Field(default_factory=list)  # LocalMoE: its versions, canary weights
 
 
 class ModelList(BaseModel):

@@ -19,6 +19,7 @@ from starlette.background import BackgroundTask
 
 from localmoe.engine.async_engine import AsyncEngine
 from localmoe.engine.structured_output import GrammarError
+from localmoe.lora.request import LoRARequest
 from localmoe.outputs import CompletionOutput, Logprob, RequestOutput
 from localmoe.sampling_params import SamplingParams, SamplingParamsError, StructuredOutputsParams
 from localmoe.server.chat_template import ChatTemplates
@@ -31,6 +32,7 @@ from localmoe.server.protocol import (
     CompletionResponse, DeltaMessage, DeltaToolCall, FunctionCall, SamplingRequest, TokenLogprob, ToolCall,
     TopLogprob, UsageInfo,
 )
+from localmoe.server.rate_limits import key_use_of
 from localmoe.server.tool_use import ToolChoiceError, ToolDeltas, ToolSettings, ToolUse
 
 log = logging.getLogger(__name__)
@@ -122,6 +124,11 @@ class OpenAIServing:
         except ToolChoiceError as e:
             raise APIError(str(e), param=e.param) from e
 
+    def lora_request(self, model: str | None) -> LoRARequest | None:
+        """The LoRA adapter a request's `model` names, where it names one of this engine's (vLLM's routing)."""
+        lora = self.aengine.engine.lora
+        return LoRARequest(model) if lora is not None and model in lora.adapters else None
+
     # ---- endpoints -----------------------------------------------------------------------------
 
     async def create_completion(self, request: CompletionRequest, raw_request: Request) -> Response:
@@ -131,7 +138,8 @@ class OpenAIServing:
             params = [dataclasses.replace(p, prompt_logprobs=request.logprobs) for p in params]
         await self.compile_grammar(params[0])
         generation = Generation(self.aengine, self.metrics, f"cmpl-{uuid.uuid4().hex}", prompts, params,
-                                request.priority)
+                                request.asked_priority(), key_use=key_use_of(raw_request),
+                                lora=self.lora_request(request.model))
         if request.stream:
             return _sse(self._completion_stream(request, generation), generation)
         outputs = await _final_outputs(raw_request, generation)
@@ -150,7 +158,7 @@ class OpenAIServing:
                     index=i * request.n + c.index, text=echo + c.text, finish_reason=c.finish_reason,
                     stop_reason=c.stop_reason, logprobs=logprobs))
         choices.sort(key=lambda choice: choice.index)
-        return JSONResponse(CompletionResponse(id=generation.base_id, model=self.model_name,
+        return JSONResponse(CompletionResponse(id=generation.base_id, model=generation.model_name,
                                                choices=choices, usage=_usage(outputs)).model_dump())
 
     async def create_chat_completion(self, request: ChatCompletionRequest, raw_request: Request) -> Response:
@@ -162,7 +170,8 @@ class OpenAIServing:
             params = dataclasses.replace(params, skip_special_tokens=False)
         await self.compile_grammar(params)
         generation = Generation(self.aengine, self.metrics, f"chatcmpl-{uuid.uuid4().hex}", [prompt], [params],
-                                request.priority)
+                                request.asked_priority(), key_use=key_use_of(raw_request),
+                                lora=self.lora_request(request.model))
         if request.stream:
             return _sse(self._chat_stream(request, use, generation), generation)
         outputs = await _final_outputs(raw_request, generation)
@@ -178,7 +187,7 @@ class OpenAIServing:
                 finish_reason=read.finish_reason, stop_reason=c.stop_reason,
                 logprobs=_chat_logprobs(c, 0, params.logprobs) if params.logprobs is not None else None))
         return JSONResponse(ChatCompletionResponse(id=generation.base_id,
-                                                   model=self.model_name, choices=choices,
+                                                   model=generation.model_name, choices=choices,
                                                    usage=_usage(outputs)).model_dump())
 
     def _prompt_logprobs(self, output: RequestOutput) -> CompletionLogprobs:
@@ -202,7 +211,7 @@ class OpenAIServing:
 
         def chunk(index: int, text: str, **fields: Any) -> str:
             choice = CompletionChoice(index=index, text=text, **fields)
-            return _data(CompletionResponse(id=stream_id, created=created, model=self.model_name, choices=[choice]))
+            return _data(CompletionResponse(id=stream_id, created=created, model=generation.model_name, choices=[choice]))
 
         sent = _Progress()
         last: dict[int, RequestOutput] = {}
@@ -223,7 +232,7 @@ class OpenAIServing:
                             stop_reason=delta.stop_reason)
         if request.include_usage:
             usage = _usage([last[i] for i in sorted(last)])
-            yield _data(CompletionResponse(id=stream_id, created=created, model=self.model_name, choices=[],
+            yield _data(CompletionResponse(id=stream_id, created=created, model=generation.model_name, choices=[],
                                            usage=usage))
 
     async def _chat_stream(self, request: ChatCompletionRequest, use: ToolUse,
@@ -231,7 +240,7 @@ class OpenAIServing:
         stream_id, created, top_logprobs = generation.base_id, int(time.time()), request.num_logprobs
 
         def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
-            return _data(ChatCompletionChunk(id=stream_id, created=created, model=self.model_name,
+            return _data(ChatCompletionChunk(id=stream_id, created=created, model=generation.model_name,
                                              choices=choices, usage=usage))
 
         for index in range(request.n):

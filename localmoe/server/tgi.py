@@ -23,6 +23,7 @@ from localmoe.sampling_params import SamplingParams, SamplingParamsError, Struct
 from localmoe.server.errors import APIError
 from localmoe.server.generation import Generation, Prompt, unless_disconnected
 from localmoe.server.model_registry import ModelRegistry, ServedModel
+from localmoe.server.rate_limits import key_use_of
 
 # TGI's launcher settings (environment variables) -> ours, (section, key, parse)
 TGI_ENVIRONMENT = {
@@ -61,20 +62,20 @@ def tgi_environment(environ: dict[str, str]) -> dict[str, dict[str, Any]]:
 
 class TGIError(Exception):
     def __init__(self, message: str, status: HTTPStatus = HTTPStatus.UNPROCESSABLE_ENTITY,
-                 error_type: str = "validation") -> None:
+                 error_type: str = "validation", headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.message, self.status, self.error_type = message, status, error_type
+        self.message, self.status, self.error_type, self.headers = message, status, error_type, headers
 
     @classmethod
     def of(cls, error: APIError) -> "TGIError":
         status, kind = TGI_STATUS.get(error.status, (HTTPStatus.FAILED_DEPENDENCY, "generation"))
-        return cls(error.message, status, kind)
+        return cls(error.message, status, kind, error.headers)
 
     def body(self) -> dict[str, str]:
         return {"error": self.message, "error_type": self.error_type}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 class Grammar(BaseModel):
@@ -152,7 +153,7 @@ class TGIServing:
         self.tokenizer = model.serving.tokenizer
         self.special = set(self.tokenizer.all_special_ids)
 
-    async def start(self, request: GenerateRequest) -> tuple[Generation, SamplingParams, Prompt]:
+    async def start(self, request: GenerateRequest, raw: Request) -> tuple[Generation, SamplingParams, Prompt]:
         params = sampling_params(request.parameters)
         ids = self.tokenizer.encode(request.inputs)
         if request.parameters.truncate is not None:
@@ -162,7 +163,7 @@ class TGIServing:
         try:
             await serving.compile_grammar(params)
             generation = Generation(serving.aengine, self.model.metrics, f"tgi-{uuid.uuid4().hex}", [prompt],
-                                    [params], busy_status=HTTPStatus.TOO_MANY_REQUESTS)
+                                    [params], busy_status=HTTPStatus.TOO_MANY_REQUESTS, key_use=key_use_of(raw))
             return generation, params, prompt
         except APIError as e:
             raise TGIError.of(e) from None
@@ -208,7 +209,7 @@ class TGIServing:
     async def generate(self, request: GenerateRequest, raw: Request, as_list: bool) -> Response:
         """One answer (in a one-element list on TGI's compat route)."""
         started = time.monotonic()
-        generation, params, prompt = await self.start(request)
+        generation, params, prompt = await self.start(request, raw)
         try:
             outputs = await unless_disconnected(raw, generation.final_outputs())
         except APIError as e:
@@ -224,8 +225,8 @@ class TGIServing:
             body["details"] = self.details(output, params, request.parameters.top_n_tokens)
         return JSONResponse([body] if as_list else body, headers=self.headers(output, started))
 
-    async def generate_stream(self, request: GenerateRequest) -> Response:
-        generation, params, prompt = await self.start(request)
+    async def generate_stream(self, request: GenerateRequest, raw: Request) -> Response:
+        generation, params, prompt = await self.start(request, raw)
         top_n = request.parameters.top_n_tokens
         prefix = prompt.text if request.parameters.return_full_text else ""
 
@@ -277,13 +278,14 @@ def add_tgi_routes(app: FastAPI, registry: ModelRegistry) -> None:
     async def compat(raw: Request) -> Response:
         request = await _read(raw)
         serving = TGIServing(registry.get(None))
-        return await (serving.generate_stream(request) if request.stream else serving.generate(request, raw, True))
+        return await (serving.generate_stream(request, raw) if request.stream
+                      else serving.generate(request, raw, True))
 
     async def generate(raw: Request) -> Response:
         return await TGIServing(registry.get(None)).generate(await _read(raw), raw, False)
 
     async def generate_stream(raw: Request) -> Response:
-        return await TGIServing(registry.get(None)).generate_stream(await _read(raw))
+        return await TGIServing(registry.get(None)).generate_stream(await _read(raw), raw)
 
     app.add_api_route("/", compat, methods=["POST"], include_in_schema=False)
     app.add_api_route("/generate", generate, methods=["POST"], include_in_schema=False)

@@ -1,0 +1,71 @@
+"""What rank 0 settles before it starts a tensor/expert-parallel engine's workers: can each rank hold its share
+(the planner's numbers, planner/parallel.py, so a refusal says what `localmoe plan` would), and which rank holds
+each routed expert (the placement every rank then applies: the routing counts are read once, here).
+
+On CUDA each rank has a device of its own: gpu_memory_utilization of it must hold the rank's weights and its KV
+cache (kv_cache_memory, else one max_model_len sequence). On CPU the ranks share this machine's memory: all N of
+them must fit in what this process may still use.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from localmoe.config import ConfigError, EngineConfig
+from localmoe.distributed.expert_placement import load_routing_counts, model_placement
+from localmoe.experts.memory_budget import memory_left
+from localmoe.models.loader import resolve_dtype
+from localmoe.planner.params import count_params
+from localmoe.planner.parallel import ParallelPlan, plan_parallel
+from localmoe.planner.quantization import quantization_of, weight_bytes
+from localmoe.planner.shape import PlanError, model_shape
+
+
+def layout_plan(config: EngineConfig, hf_config: dict, device: torch.device, usable_bytes: int,
+                max_model_len: int) -> ParallelPlan:
+    """The planner's layout of this checkpoint under `config`'s parallelism, in the dtype it will be served in."""
+    shape = model_shape(hf_config.get("_name_or_path", "checkpoint"), hf_config)
+    itemsize = resolve_dtype(config.dtype, hf_config, device).itemsize
+    per_param = weight_bytes(quantization_of("none"), itemsize, shape.hidden_size, shape.moe)
+    return plan_parallel(shape, count_params(shape), per_param, config.tensor_parallel_size,
+                         config.enable_expert_parallel, itemsize, itemsize, 0, usable_bytes, max_model_len)
+
+
+def refuse_unfit_layout(config: EngineConfig, hf_config: dict, device: torch.device, max_model_len: int) -> None:
+    """Raise ConfigError, with the planner's numbers, where the ranks cannot hold their weights and KV cache."""
+    world = config.tensor_parallel_size
+    if device.type == "cuda":
+        usable, where = int(torch.cuda.get_device_properties(device).total_memory
+                            * config.gpu_memory_utilization), "gpu_memory_utilization of each device"
+    else:
+        usable, where = memory_left() // world, f"1/{world} of the memory this process may use"
+    try:
+        plan = layout_plan(config, hf_config, device, usable, max_model_len)
+    except PlanError:  # an architecture the planner does not know: the ranks' loading is the check
+        return
+    kv = config.kv_cache_bytes or plan.kv_bytes_per_token_per_rank * max_model_len
+    need = plan.weight_bytes_per_rank + kv
+    if need <= usable:
+        return
+    mib = 2**20
+    layout = "expert parallel" if config.enable_expert_parallel else "tensor parallel"
+    raise ConfigError(
+        f"tensor_parallel_size: {world} ranks ({layout}) do not fit: each needs {need / mib:.1f} MiB, weights "
+        f"{plan.weight_bytes_per_rank / mib:.1f} MiB (routed experts {plan.expert_bytes_per_rank / mib:.1f} MiB) "
+        f"+ KV cache {kv / mib:.1f} MiB, and has {usable / mib:.1f} MiB ({where}); see `localmoe plan "
+        f"--tensor-parallel-size {world}{' --enable-expert-parallel' if config.enable_expert_parallel else ''}`. "
+        f"Use {'more ranks, ' if device.type == 'cuda' else ''}a smaller kv_cache_memory or max_model_len")
+
+
+def expert_placement(config: EngineConfig, hf_config: dict) -> torch.Tensor:
+    """The rank of each routed expert of each MoE layer [L, E], as `config`'s expert_placement says."""
+    try:
+        shape = model_shape(hf_config.get("_name_or_path", "checkpoint"), hf_config)
+        if shape.moe is None:
+            raise ValueError("the model has no routed experts to spread")
+        counts = (load_routing_counts(config.expert_placement_stats) if config.expert_placement_stats is not None
+                  else None)
+        return model_placement(config.expert_placement, shape.moe.num_experts, len(shape.moe_layers),
+                               config.tensor_parallel_size, counts)
+    except ValueError as error:
+        raise ConfigError(f"expert_placement: {error}") from None
