@@ -43,7 +43,9 @@ from localmoe.server.model_admin import ADMIN_PATHS
 log = logging.getLogger(__name__)
 
 LOAD_POLL_S = 1.0  # how often the router reads each replica's queue and KV usage
-HEALTH_TIMEOUT_S = 5.0
+# the front's own requests to a replica (health, metrics): a wedged replica must not wedge /health, /metrics or the
+# load poll with it
+OWN_REQUEST_TIMEOUT_S = 5.0
 HOP_BY_HOP = frozenset({"host", "connection", "keep-alive", "transfer-encoding", "te", "upgrade", "content-length"})
 
 
@@ -69,7 +71,8 @@ def build_dp_app(replicas: list[Replica], config: Config) -> FastAPI:
             await asyncio.sleep(LOAD_POLL_S)
             for index in live():
                 try:
-                    answer = await client.get(f"{replicas[index].url}/metrics", headers=own_headers)
+                    answer = await client.get(f"{replicas[index].url}/metrics", headers=own_headers,
+                                              timeout=OWN_REQUEST_TIMEOUT_S)
                 except httpx.HTTPError:
                     continue  # dead or busy: its requests tell it, and /health
                 if answer.status_code == HTTPStatus.OK:
@@ -96,7 +99,7 @@ def build_dp_app(replicas: list[Replica], config: Config) -> FastAPI:
         """503 while any replica is dead, unhealthy or draining."""
         async def replica_ok(replica: Replica) -> bool:
             try:
-                answer = await client.get(f"{replica.url}/health", timeout=HEALTH_TIMEOUT_S)
+                answer = await client.get(f"{replica.url}/health", timeout=OWN_REQUEST_TIMEOUT_S)
             except httpx.HTTPError:
                 return False
             return answer.status_code == HTTPStatus.OK
@@ -114,9 +117,10 @@ def build_dp_app(replicas: list[Replica], config: Config) -> FastAPI:
         families: dict[str, Metric] = {}
         for index in live():
             try:
-                answer = await client.get(f"{replicas[index].url}/metrics", headers=headers)
+                answer = await client.get(f"{replicas[index].url}/metrics", headers=headers,
+                                          timeout=OWN_REQUEST_TIMEOUT_S)
             except httpx.HTTPError:
-                continue  # it died just now: dp_replica_up says so
+                continue  # it died just now (dp_replica_up says so) or is wedged (/health says so)
             if answer.status_code != HTTPStatus.OK:  # the key was refused: answer as the replica did
                 return Response(answer.content, answer.status_code, _forwarded(answer.headers.items()))
             _merge(families, text_string_to_metric_families(answer.text), str(index))
