@@ -112,6 +112,7 @@ def test_unknown_replica_and_model_admin_are_refused(server):
     assert httpx.get(f"{server.url}/v1/models?replica=7", headers=auth()).status_code == 400
     answer = httpx.post(f"{server.url}/v1/models/unload", json={"model": "x"}, headers=auth())
     assert answer.status_code == 501 and "data parallelism" in answer.json()["error"]["message"]
+    assert httpx.post(f"{server.url}/v1/load_lora_adapter", json={}, headers=auth()).status_code == 501
 
 
 def test_a_killed_replica_fails_health_and_its_requests_while_the_other_serves(server, client):

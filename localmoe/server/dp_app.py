@@ -6,7 +6,7 @@ request (/v1/models, /v1/stats/*, /dashboard, /docs) to the first live replica, 
 `?replica=N`. Keys are checked by the replicas, which run with the same settings. A client that hangs up before
 its answer closes the replica connection, and the replica aborts the request. A replica that dies mid-request
 ends it with OpenAI's error (503), or with an error event and [DONE] where it was streaming. Model load, unload and
-switch would change one replica only, so they are refused here.
+switch, and LoRA adapters' load and unload, would change one replica only, so they are refused here.
 
 /health fails while any replica is dead or unhealthy (the others keep serving). /metrics gathers every replica's
 series with a `replica` label added, beside the front's own: requests routed to each replica and why, and
@@ -38,6 +38,7 @@ from localmoe.distributed.data_parallel import STOP_TIMEOUT_S, Replica, start_re
 from localmoe.server.dp_router import Router, prefix_blocks
 from localmoe.server.errors import APIError
 from localmoe.server.generation import unless_disconnected
+from localmoe.server.lora_admin import LORA_PATHS
 from localmoe.server.model_admin import ADMIN_PATHS
 
 log = logging.getLogger(__name__)
@@ -133,9 +134,9 @@ def build_dp_app(replicas: list[Replica], config: Config) -> FastAPI:
 
     @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"])
     async def forward(path: str, request: Request) -> Response:
-        if f"/{path}" in ADMIN_PATHS:
-            raise APIError("loading, unloading and switching models is not available with data parallelism yet: "
-                           "each replica would change alone", HTTPStatus.NOT_IMPLEMENTED)
+        if f"/{path}" in ADMIN_PATHS | LORA_PATHS:
+            raise APIError("loading, unloading and switching models or LoRA adapters is not available with data "
+                           "parallelism yet: each replica would change alone", HTTPStatus.NOT_IMPLEMENTED)
         body = await request.body()
         index, reason = _pick(request, body, router, live(), len(replicas))
         if reason is not None:
