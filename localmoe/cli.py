@@ -21,6 +21,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 import uvicorn
+from fastapi import FastAPI
 
 from localmoe.config import DEFAULT_CONFIG_PATH, Config, ConfigError, EngineConfig, ServerConfig, load_config
 from localmoe.engine.async_engine import AsyncEngine
@@ -30,6 +31,8 @@ from localmoe.planner import PlanError, plan_command
 from localmoe.sampling_params import SamplingParams, SamplingParamsError
 from localmoe.server.app import build_app
 from localmoe.server.drain import DrainingServer
+from localmoe.distributed.data_parallel import ReplicaStartError
+from localmoe.server.dp_app import serve_data_parallel
 from localmoe.server.usage_counters import CountersUnavailable
 from localmoe.server.instance_ports import instance_ports, listening_sockets
 from localmoe.server.request_log import json_log_config
@@ -126,6 +129,20 @@ def load_engine(config: Config) -> LLMEngine:
         raise fail(str(e), EXIT_LOAD) from None
 
 
+def serving_app(config: Config) -> FastAPI:
+    """Load every model of `config` and build the app that serves them."""
+    engines = [(AsyncEngine(lambda own=own: load_engine(own), config.server.engine_stall_timeout), own)
+               for own in config.served()]
+    served = {aengine.engine.model_name for aengine, _ in engines}
+    # multi-LoRA: an adapter's base_model_name names one of the models served
+    unknown = sorted({base for _, own in engines for _, _, base in own.engine.lora_module_list
+                      if base not in (None, *served)})
+    if unknown:
+        raise fail(f"lora_modules: base_model_name {unknown[0]!r} is not a served model ({', '.join(sorted(served))})",
+                   EXIT_CONFIG)
+    return build_app(engines, config)
+
+
 def run_server(config: Config) -> None:
     """Load the model, then serve it until a signal drains it (server/drain.py)."""
     configure_logging(config.server.log_level, config.server.log_format)
@@ -136,25 +153,25 @@ def run_server(config: Config) -> None:
             check_redis(config.server.redis_url)
         except CountersUnavailable as e:
             raise fail(str(e), EXIT_CONFIG) from None
+    # data parallelism: replicas, each a server of its own, behind this process (distributed/data_parallel.py)
+    if any(engine.data_parallel_size != 1 for engine in config.engines):
+        try:
+            serve_data_parallel(config, GRACEFUL_CLOSE_SECONDS)
+        except ConfigError as e:
+            raise fail(str(e), EXIT_CONFIG) from None
+        except ReplicaStartError as e:
+            raise fail(str(e), e.exit_code) from None
+        return
     try:  # vllm_instances' own ports, bound before any model loads (server/instance_ports.py)
         ports = instance_ports(config)
         sockets = listening_sockets(config, ports) if ports else None
     except ConfigError as e:
         raise fail(str(e), EXIT_CONFIG) from None
-    engines = [(AsyncEngine(lambda own=own: load_engine(own), config.server.engine_stall_timeout), own)
-               for own in config.served()]
-    served = {aengine.engine.model_name for aengine, _ in engines}
-    # multi-LoRA: an adapter's base_model_name names one of the models served
-    unknown = sorted({base for _, own in engines for _, _, base in own.engine.lora_module_list
-                      if base not in (None, *served)})
-    if unknown:
-        raise fail(f"lora_modules: base_model_name {unknown[0]!r} is not a served model ({', '.join(sorted(served))})",
-                   EXIT_CONFIG)
+    app = serving_app(config)
     host, port = config.server.host, config.server.port
-    names = ", ".join(aengine.engine.model_name for aengine, _ in engines)
+    names = ", ".join(model.name for model in app.state.models)
     typer.echo(f"Serving {names} at http://{host}:{port}/v1"
                + "".join(f", {name} at http://{host}:{own_port}/v1 too" for own_port, name in ports.items()))
-    app = build_app(engines, config)
     settings = uvicorn.Config(app, host=host, port=port, log_level=config.server.log_level,
                               timeout_graceful_shutdown=GRACEFUL_CLOSE_SECONDS,
                               **({"log_config": json_log_config(config.server.log_level)}

@@ -192,6 +192,11 @@ class EngineConfig:
                                          "(the checkpoint's safetensors, read by offset).")
     expert_prefetch: bool = setting(False, "Load the next layer's likely experts (its router applied to this "
                                     "layer's hidden state) while this layer computes.")
+    # data parallelism (distributed/data_parallel.py): replicas of the whole server behind one API server
+    data_parallel_size: int = setting(1, "Number of data parallel replicas: independent engines, each in a process "
+                                      "of its own with 1/N of the CPU cores (and tensor_parallel_size GPUs of its "
+                                      "own on CUDA), behind one API server that sends each request to the least "
+                                      "loaded replica, or to the one holding its prompt's prefix.")
     # multi-LoRA (lora/): PEFT adapters served beside the base model, chosen per request by `model`
     enable_lora: bool = setting(False, "If True, enable handling of LoRA adapters (PEFT's format). The fused "
                                 "decoder and CUDA graphs are off with it: every step runs the model's modules.")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import CONFIG_MAPPING, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
-from localmoe.config import Config, EngineConfig
+from localmoe.config import Config, ConfigError, EngineConfig
 from localmoe.engine.block_manager import BlockManager
 from localmoe.engine.draft_proposer import DraftModelProposer
 from localmoe.engine.model_runner import ModelRunner
@@ -115,6 +115,9 @@ class LLMEngine:
 
     @classmethod
     def from_config(cls, config: Config) -> "LLMEngine":
+        if config.engine.data_parallel_size != 1:  # replicas are processes behind `localmoe serve`'s API server
+            raise ConfigError("data_parallel_size: one engine is one replica; serve replicas with `localmoe serve "
+                              "--data-parallel-size N`")
         model_dir, name = resolve_model(config.engine.model_name, config.model)
         return cls(config.engine, model_dir, config.engine.served_model_name or name)
 
