@@ -19,8 +19,9 @@ REPO = Path(__file__).resolve().parent.parent
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 RUNTIME = [Requirement(r) for r in PROJECT["dependencies"]]
 EXTRAS = [Requirement(r) for extra in PROJECT["optional-dependencies"].values() for r in extra]
-# modules only the GPU path imports, and only where they are installed (layers/triton_kernels.py): the `gpu` extra's
-GPU_ONLY = {"triton"}
+# modules of an extra, imported only where its feature is asked for: the GPU path's Triton where it is installed
+# (layers/triton_kernels.py), Ray by --distributed-executor-backend ray (engine/model_runner.py)
+EXTRA_ONLY = {"triton": "gpu", "ray": "ray"}
 
 
 def distributions(modules: set[str]) -> dict[str, set[str]]:
@@ -58,16 +59,18 @@ def test_every_dependency_has_an_upper_bound_that_the_installed_version_meets() 
 def test_every_module_localmoe_imports_is_a_runtime_dependency() -> None:
     modules = set().union(*(imported(path.read_text()) for path in (REPO / "localmoe").rglob("*.py")))
     runtime = {canonicalize_name(r.name) for r in RUNTIME}
-    gpu = {canonicalize_name(Requirement(r).name) for r in PROJECT["optional-dependencies"]["gpu"]}
-    for module, providers in distributions(modules - GPU_ONLY).items():
+    for module, providers in distributions(modules - set(EXTRA_ONLY)).items():
         assert providers & runtime, f"localmoe imports {module} ({providers or 'not installed'}), not a dependency"
-    assert all(distributions({module})[module] & gpu for module in GPU_ONLY)
+    for module, extra in EXTRA_ONLY.items():
+        assert distributions({module})[module] & {canonicalize_name(Requirement(r).name)
+                                                  for r in PROJECT["optional-dependencies"][extra]}, (module, extra)
 
 
-def test_serving_on_cpu_never_imports_the_gpu_extra() -> None:
-    """The GPU-only modules are imported where a step runs on CUDA, never by the server or an engine on CPU."""
-    code = ("import sys; import localmoe.server.app, localmoe.llm, localmoe.engine.model_runner; "
-            f"print(sorted(m for m in {sorted(GPU_ONLY)} if m in sys.modules))")
+def test_serving_on_cpu_never_imports_an_extra() -> None:
+    """The extras' modules are imported where their feature runs (a step on CUDA, a Ray cluster), never by the server
+    or an engine on CPU."""
+    code = ("import sys; import localmoe.server.app, localmoe.llm, localmoe.engine.model_runner, localmoe.cli; "
+            f"print(sorted(m for m in {sorted(EXTRA_ONLY)} if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True)
     assert done.stdout.strip().splitlines()[-1] == "[]"
 
