@@ -6,6 +6,7 @@ build that died."""
 from __future__ import annotations
 
 import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -174,13 +175,21 @@ def load_kernels_in_a_new_process() -> subprocess.CompletedProcess:
 @pytest.mark.avx512_bf16
 @pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="needs a CPU with AVX512-BF16")
 def test_a_build_killed_midway_does_not_block_the_next_process(tmp_path, monkeypatch):
-    """The killed builder leaves torch's lock file behind (on which torch's own cache waited forever); its flock
-    went with it. The next server builds (a real build, minutes on 2 cores) and serves; a process after it loads
+    """The killed builder leaves torch's lock file behind (on which torch's own cache waited forever) and the objects
+    it had compiled; its flock went with it. The next server finishes the build (ninja, on those objects: the
+    session's own, so that it links rather than spends minutes compiling) and serves; a process after it loads
     the build."""
+    assert cpu_kernels.kernels() is not None  # the session's build, whose objects the killed build had made
+    session_build = Path(cpu_kernels.status()["directory"])
     monkeypatch.setenv("LOCALMOE_KERNEL_CACHE", str(tmp_path))
     monkeypatch.delenv("LOCALMOE_CPU_KERNELS", raising=False)
     directory = Path(subprocess.run([sys.executable, "-c", WHERE], cwd=ROOT, capture_output=True, text=True,
                                     check=True, timeout=600).stdout.strip())  # as the server will compute it
+    assert directory.name == session_build.name  # the same key: the same sources, flags and CPU
+    for made in [*session_build.glob("*.o"), *(session_build / name for name in ("build.ninja", ".ninja_log",
+                                                                               ".ninja_deps"))]:
+        shutil.copy2(made, directory / made.name)  # mtimes kept: ninja finds them up to date
+    assert not (directory / cpu_kernels.BUILT).exists() and not list(directory.glob("*.so"))
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(directory / cpu_kernels.BUILD_LOCK),
                                cpu_kernels.TORCH_BATON], stdout=subprocess.PIPE, text=True)
     try:
