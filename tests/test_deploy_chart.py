@@ -72,7 +72,7 @@ def test_the_multi_model_values_serve_a_models_list(rendered: dict[str, list[dic
 
     docs = rendered["values-multi-model.yaml"]
     config = yaml.safe_load(next(d for d in docs if d["kind"] == "ConfigMap")["data"]["config.yaml"])
-    models = _model_list({"models": config["models"]}, config["vllm"], {})
+    models, _ = _model_list({"models": config["models"]}, config["vllm"], {})
     assert [m.served_model_name for m in models] == ["qwen-moe", "olmoe"] and models[0].kv_cache_memory == "4GiB"
     env = {e["name"] for e in container(docs).get("env", [])}
     assert "LOCALMOE_MODEL" not in env and "LOCALMOE_ADMIN_API_KEY" in env

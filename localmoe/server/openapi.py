@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from localmoe.server.auth import OPEN_PATHS
+from localmoe.server.lora_admin import lora_admin_paths
 from localmoe.server.model_admin import ADMIN_PATHS
 from localmoe.server.protocol import ChatCompletionResponse, CompletionResponse, ErrorResponse
 
@@ -94,7 +95,7 @@ def honest(schema: dict[str, Any]) -> dict[str, Any]:
             if body is not None and "model" in body.get("properties", {}) or any(
                     parameter["name"] == "model" for parameter in operation.get("parameters", [])):
                 responses["404"] = NOT_FOUND
-            if path in ADMIN_PATHS:
+            if path in ADMIN_PATHS | lora_admin_paths():
                 responses.update(ADMIN)
             operation["responses"] = dict(sorted(responses.items()))
     for name in UNUSED:  # in this order: HTTPValidationError is what refers to ValidationError
