@@ -65,7 +65,7 @@ class GgufCheckpoint:
         Hugging Face's order."""
         heads = {"q_proj": self.config["num_attention_heads"], "k_proj": self.config["num_key_value_heads"]}
         for tensor in self.reader.tensors:
-            for name, expert in _hf_names(tensor.name, self.config["num_local_experts"], self.path):
+            for name, expert in hf_names(tensor.name, self.config["num_local_experts"], self.path):
                 if skip(name):
                     continue
                 dense, weight = read_blocks(tensor.data if expert is None else tensor.data[expert],
@@ -84,7 +84,7 @@ class GgufCheckpoint:
         for tensor in self.reader.tensors:
             dtype = torch.from_numpy(np.empty(0, tensor.data.dtype)).dtype
             whole = TensorLocation(self.path, int(tensor.data_offset), dtype, tuple(tensor.data.shape))
-            for name, expert in _hf_names(tensor.name, self.config["num_local_experts"], self.path):
+            for name, expert in hf_names(tensor.name, self.config["num_local_experts"], self.path):
                 location = whole if expert is None else whole.rows(expert, 1)
                 yield f"{name.removesuffix('.weight')}.{tensor.tensor_type.name}", TensorLocation(
                     location.path, location.offset, dtype, whole.shape[-2:])
@@ -112,7 +112,7 @@ def read_gguf(path: Path) -> GgufCheckpoint:
     reader = GGUFReader(path)
     config = _config(reader, path)
     for tensor in reader.tensors:
-        _hf_names(tensor.name, config["num_local_experts"], path)
+        hf_names(tensor.name, config["num_local_experts"], path)
         if not _dequantizable(tensor.tensor_type):
             raise ValueError(f"{path}: tensor {tensor.name!r} is of type {tensor.tensor_type.name}, which the gguf "
                              "library cannot dequantize")
@@ -191,7 +191,7 @@ def _rotary_rows(rows: int, heads: int) -> torch.Tensor:
     return torch.arange(rows).view(heads, -1, 2).transpose(1, 2).flatten()
 
 
-def _hf_names(name: str, experts: int, path: Path) -> list[tuple[str, int | None]]:
+def hf_names(name: str, experts: int, path: Path) -> list[tuple[str, int | None]]:
     """A GGUF tensor's Hugging Face names, each with its index into a stack of experts (None: the whole tensor)."""
     if m := _EXPERTS.fullmatch(name):
         prefix, projection = f"model.layers.{m[1]}.block_sparse_moe.experts", EXPERT_PROJECTIONS[m[2]]

@@ -8,7 +8,7 @@ from functools import partial
 from typing import Any
 
 from localmoe.models.hub import HubError, hub_snapshot, is_hub_id
-from localmoe.planner.gguf import gguf_config, gguf_weight_bytes, is_gguf
+from localmoe.planner.gguf import gguf_weight_bytes, is_gguf, read_for_plan
 from localmoe.planner.memory import KV_BYTES, KV_SCALE_BYTES, MARGIN_FRACTION, Plan, parse_device, plan_memory
 from localmoe.planner.parallel import ParallelPlan
 from localmoe.planner.shape import PlanError, load_config, model_shape
@@ -23,11 +23,12 @@ def plan_command(model: str, dtype: str = "bf16", device: str = "H100-80GB", max
 
     Raises PlanError (a ValueError) with a message for the user on any bad input.
     """
-    name, config = (model, gguf_config(model)) if is_gguf(model) else model_config(model)
+    gguf = read_for_plan(model) if is_gguf(model) else None
+    name, config = (model, gguf.config) if gguf is not None else model_config(model)
     plan = plan_memory(model_shape(name, config), parse_device(device), dtype=dtype, max_model_len=max_model_len,
                        max_num_seqs=max_num_seqs, kv_cache_dtype=kv_cache_dtype, quantization=quantization,
                        quantization_config=config.get("quantization_config"),
-                       held=partial(gguf_weight_bytes, model) if is_gguf(model) else None,
+                       held=partial(gguf_weight_bytes, gguf) if gguf is not None else None,
                        tensor_parallel_size=tensor_parallel_size, expert_parallel=enable_expert_parallel)
     return json.dumps(plan_dict(plan), indent=2) if json_output else format_plan(plan)
 

@@ -90,6 +90,12 @@ class QuantizedWeight:
         return QuantizedWeight(packed, scales, zeros, self.bits, self.float8)
 
 
+def common_form(forms: list[tuple[int, int]]) -> tuple[int, int]:
+    """The (bits, group size) that holds each of these integer forms exactly: the most bits, the greatest common
+    group."""
+    return max(bits for bits, _ in forms), math.gcd(*(group for _, group in forms))
+
+
 def assemble(shape: torch.Size, pieces: list[tuple[object, QuantizedWeight]]) -> QuantizedWeight | None:
     """A weight of `shape` [..., N, K] from QuantizedWeights each filling its rows `where` (an index into the leading
     dimensions, as a model's map_weight gives it; None: the whole). Integer pieces of different bits or group sizes
@@ -99,7 +105,7 @@ def assemble(shape: torch.Size, pieces: list[tuple[object, QuantizedWeight]]) ->
     if any((w.bits, w.float8, w.group_size) != (first.bits, first.float8, first.group_size) for _, w in pieces):
         if any(w.float8 for _, w in pieces):
             return None
-        bits, group = max(w.bits for _, w in pieces), math.gcd(*(w.group_size for _, w in pieces))
+        bits, group = common_form([(w.bits, w.group_size) for _, w in pieces])
         pieces = [(where, w.widened(bits, group)) for where, w in pieces]
         first = pieces[0][1]
     packed = torch.zeros((*shape[:-1], shape[-1] * first.bits // 8), dtype=torch.uint8)
