@@ -334,10 +334,11 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> StepLogits:
         if self.lora is not None:
             self.lora.activate({seq.request.lora for seq in batch.seqs if seq.request.lora is not None})
-        return self.run(self.prepare(batch))
+        return self.run(self.prepare(batch, with_lora=self.lora is not None))
 
     @staticmethod
-    def prepare(batch: ScheduledBatch) -> StepInputs:
+    def prepare(batch: ScheduledBatch, with_lora: bool = False) -> StepInputs:
+        """`with_lora`: each row's adapter number too (a list as long as the step's tokens: only LoRA reads it)."""
         step = StepInputs(query_lens=batch.num_tokens, block_tables=[s.block_table for s in batch.seqs])
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens)):
             start = seq.num_computed_tokens
@@ -347,7 +348,8 @@ class ModelRunner:
             drafts = seq.spec_token_ids  # verified in this step: every one of their rows samples
             rows = len(step.input_ids)
             step.input_ids += seq.token_ids[start:start + n] + drafts if drafts else seq.token_ids[start:start + n]
-            step.lora_ids += [seq.request.lora_int_id] * (len(step.input_ids) - rows)
+            if with_lora:
+                step.lora_ids += [seq.request.lora_int_id] * (len(step.input_ids) - rows)
             step.positions += range(start, start + n)
             step.context_lens.append(start + n)
             if start + n == seq.num_tokens + len(drafts):
