@@ -20,22 +20,33 @@ from pathlib import Path
 from localmoe import LLM, SamplingParams
 from localmoe.models.builtin import SHIPPED_DIR
 
-CONFIGS = {
-    "none": None,
-    "ngram k=4 n=1..4": {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 1},
-    "ngram k=2 n=2..3": {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3, "prompt_lookup_min": 2},
-    "draft_model=itself k=3": {"model": str(SHIPPED_DIR), "num_speculative_tokens": 3},
-}
+def configs(model: Path) -> dict[str, dict | None]:
+    ngram = {"method": "ngram", "prompt_lookup_min": 1}
+    return {"none": None,
+            "ngram k=4 n=1..4": ngram | {"num_speculative_tokens": 4, "prompt_lookup_max": 4},
+            "ngram k=8 n=1..4": ngram | {"num_speculative_tokens": 8, "prompt_lookup_max": 4},
+            "draft_model=itself k=3": {"model": str(model), "num_speculative_tokens": 3}}
 
 
-def prompts(count: int, chars: int) -> list[str]:
-    text = (SHIPPED_DIR / "heldout_sample.txt").read_text()
-    passages = [text[i:i + chars] for i in range(0, 2 * chars * count, 2 * chars)]
-    return [f"{p}\n\n{p}\n\n{p[:60]}" for p in passages]
+def passages(model: Path, count: int, chars: int) -> list[str]:
+    """Passages of the held-out sample, twice as long as quoted, so each has its true continuation."""
+    text = (model / "heldout_sample.txt").read_text()
+    return [text[i:i + 2 * chars] for i in range(0, 2 * chars * count, 2 * chars)]
 
 
-def run(config: dict | None, texts: list[str], temperature: float, max_tokens: int, dtype: str) -> dict:
-    llm = LLM(dtype=dtype, kv_cache_memory=256 * 2**20, speculative_config=config)
+def prompt(passage: str, chars: int) -> str:
+    quoted = passage[:chars]
+    return f"{quoted}\n\n{quoted}\n\n{quoted[:60]}"
+
+
+def quoted_chars(passage: str, output: str) -> int:
+    """How far the output follows the passage from where the prompt stopped quoting it."""
+    expected = passage[60:]
+    return next((i for i, (a, b) in enumerate(zip(expected, output)) if a != b), min(len(expected), len(output)))
+
+
+def run(model: Path, config: dict | None, texts: list[str], temperature: float, max_tokens: int, dtype: str) -> dict:
+    llm = LLM(model=str(model), dtype=dtype, kv_cache_memory=256 * 2**20, speculative_config=config)
     engine, steps = llm.engine, [0]
     step = engine.step
 
@@ -47,7 +58,8 @@ def run(config: dict | None, texts: list[str], temperature: float, max_tokens: i
     outputs = llm.generate(texts, SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True,
                                                  seed=1))
     stats = engine.stats.spec_decode
-    result = {"steps": steps[0], "token_ids": [o.outputs[0].token_ids for o in outputs]}
+    result = {"steps": steps[0], "token_ids": [o.outputs[0].token_ids for o in outputs],
+              "texts": [o.outputs[0].text for o in outputs]}
     one = SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True, seed=1)
     llm.generate(texts[0], SamplingParams(max_tokens=8))  # warm
     start, tokens = time.perf_counter(), 0
@@ -64,27 +76,33 @@ def run(config: dict | None, texts: list[str], temperature: float, max_tokens: i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=SHIPPED_DIR, help="a checkpoint with a heldout_sample.txt")
     parser.add_argument("--prompts", type=int, default=5)
     parser.add_argument("--chars", type=int, default=600, help="characters of each passage")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--out", type=Path, default=Path("results/spec_acceptance.json"))
     args = parser.parse_args()
-    texts = prompts(args.prompts, args.chars)
+    sources = passages(args.model, args.prompts, args.chars)
+    texts = [prompt(p, args.chars) for p in sources]
     rows = []
     for temperature in (0.0, 1.0):
         plain = None
-        for name, config in CONFIGS.items():
-            result = run(config, texts, temperature, args.max_tokens, args.dtype)
+        for name, config in configs(args.model).items():
+            result = run(args.model, config, texts, temperature, args.max_tokens, args.dtype)
             plain = plain or result
+            if name == "none" and temperature == 0:
+                quoted = [quoted_chars(p, t) for p, t in zip(sources, result["texts"])]
+                print(json.dumps({"greedy_quoted_chars": quoted, "output_chars": [len(t) for t in result["texts"]]}))
             same = result["token_ids"] == plain["token_ids"] if temperature == 0 else None
             speedup = result["one_stream_tokens_per_s"] / plain["one_stream_tokens_per_s"]
             rows.append({"config": name, "temperature": temperature, "same_as_plain": same,
                          "one_stream_speedup_over_none": speedup,
-                         **{k: v for k, v in result.items() if k != "token_ids"}})
+                         **{k: v for k, v in result.items() if k not in ("token_ids", "texts")}})
             print(json.dumps(rows[-1]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"dtype": args.dtype, "max_tokens": args.max_tokens, "rows": rows}, indent=1))
+    args.out.write_text(json.dumps({"model": str(args.model), "dtype": args.dtype, "max_tokens": args.max_tokens,
+                                    "greedy_quoted_chars": quoted, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

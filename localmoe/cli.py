@@ -288,6 +288,13 @@ def train(
     eval_every: Annotated[int, typer.Option(
         help="Steps between held-out perplexity evaluations.")] = TrainConfig.eval_every,
     seed: Annotated[int, typer.Option(help="Random seed of initialisation and data order.")] = TrainConfig.seed,
+    warmup_steps: Annotated[int, typer.Option(
+        help="Steps of linear learning-rate warm-up.")] = TrainConfig.warmup_steps,
+    init_from: Annotated[Optional[Path], typer.Option(
+        help="Continue from this checkpoint (its weights and tokenizer; the shape options are ignored).")] = None,
+    repeat_fraction: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Share of training windows that repeat a passage, teaching the model to quote "
+                               "its context.")] = TrainConfig.repeat_fraction,
 ) -> None:
     """Train the built-in MoE on public-domain English and write a Hugging Face checkpoint."""
     if not (corpus / "train.txt").exists():
@@ -295,7 +302,8 @@ def train(
     cfg = TrainConfig(corpus_dir=corpus, out_dir=out, steps=steps, hidden_size=hidden_size,
                       intermediate_size=intermediate_size, num_layers=num_layers, num_heads=num_heads,
                       num_kv_heads=num_kv_heads, num_experts=num_experts, top_k=top_k, vocab_size=vocab_size,
-                      context=context, batch_size=batch_size, lr=lr, eval_every=eval_every, seed=seed)
+                      context=context, batch_size=batch_size, lr=lr, eval_every=eval_every, seed=seed,
+                      warmup_steps=warmup_steps, init_from=init_from, repeat_fraction=repeat_fraction)
     report = run_training(cfg)
     typer.echo(f"held-out perplexity {report['heldout_perplexity']:.2f} after {steps} steps "
                f"({report['wall_seconds']:.0f} s); expert imbalance per layer {report['expert_imbalance']}; "

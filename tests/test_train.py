@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 from checkpoints import reference_model
 from localmoe import LLM, SamplingParams
 from localmoe.train.corpus import extract_austen, join_documents
-from localmoe.train.trainer import TrainConfig, train
+from localmoe.train.trainer import TrainConfig, repeated_window, train
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +24,16 @@ def trained(tmp_path_factory):
     cfg = TrainConfig(corpus_dir=corpus, out_dir=out, vocab_size=400, hidden_size=64, intermediate_size=96,
                       num_layers=2, num_heads=4, num_kv_heads=2, num_experts=4, top_k=2, context=64,
                       batch_size=8, steps=40, lr=5e-3, warmup_steps=5, eval_every=20, eval_windows=8)
+    return out, train(cfg)
+
+
+@pytest.fixture(scope="module")
+def continued(trained, tmp_path_factory):
+    """The second stage: the trained checkpoint, on windows that all repeat a passage."""
+    first, report = trained
+    out = tmp_path_factory.mktemp("continued")
+    cfg = TrainConfig(corpus_dir=Path(report["config"]["corpus_dir"]), out_dir=out, context=64, batch_size=8, steps=40, lr=5e-3,
+                      warmup_steps=5, eval_every=20, eval_windows=8, init_from=first, repeat_fraction=1.0)
     return out, train(cfg)
 
 
@@ -49,3 +60,23 @@ def test_checkpoint_loads_in_transformers_and_localmoe_alike(trained):
     got = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
     assert got[0].outputs[0].token_ids == expected
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False).startswith("<|user|>")
+
+
+def test_a_repeated_window_is_a_passage_and_its_copies():
+    tokens = torch.arange(1000, dtype=torch.int32)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        window = repeated_window(tokens, [-1, -2], 64, g)
+        period = int((window == -2).nonzero()[0]) + 1
+        assert 16 + 2 <= period < 32 and len(window) == 64
+        assert torch.equal(window[period:], window[:64 - period])
+        passage = window[:period - 2]
+        assert torch.equal(passage, torch.arange(int(passage[0]), int(passage[0]) + len(passage), dtype=torch.int32))
+
+
+def test_the_second_stage_continues_the_checkpoint_and_learns_to_copy(trained, continued):
+    (first, report), (out, again) = trained, continued
+    assert (out / "tokenizer.json").read_text() == (first / "tokenizer.json").read_text()
+    # Its first loss is the trained model's on repeated passages, well below a fresh model's ln(400) ~ 6.
+    assert again["loss_curve"][0] < report["loss_curve"][0] - 1
+    assert sum(again["loss_curve"][-5:]) / 5 < sum(again["loss_curve"][:5]) / 5 - 0.2

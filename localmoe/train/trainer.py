@@ -3,6 +3,10 @@
 The model is transformers' Mixtral (training may use any PyTorch code; serving never does), with
 its Switch-style load-balancing loss; the result is a standard Hugging Face checkpoint directory
 that LocalMoE serves through its own forward pass.
+
+A second stage continues from a checkpoint (`init_from`, keeping its tokenizer) with a share of windows that
+repeat a passage (`repeat_fraction`): a model trained only on running text, with a short context, never learns
+to copy what its prompt already holds, and quoting, editing and code are what prompt-lookup speculation serves.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from tokenizers import Tokenizer
 
+from localmoe.models.builtin import save_tokenizer
 from localmoe.train.corpus import read_documents
 from localmoe.train.evaluate import write_heldout_sample
 from localmoe.train.tokenizer import train_tokenizer
@@ -45,6 +50,8 @@ class TrainConfig:
     eval_every: int = 250
     eval_windows: int = 64
     seed: int = 0
+    init_from: Path | None = None
+    repeat_fraction: float = 0.0
 
 
 def encode_documents(tokenizer: Tokenizer, documents: list[str]) -> torch.Tensor:
@@ -54,6 +61,23 @@ def encode_documents(tokenizer: Tokenizer, documents: list[str]) -> torch.Tensor
     for encoding in tokenizer.encode_batch(documents):
         ids += encoding.ids + [eos]
     return torch.tensor(ids, dtype=torch.int32)
+
+
+def repeated_window(tokens: torch.Tensor, separator: list[int], context: int, g: torch.Generator) -> torch.Tensor:
+    """A passage of 16 to context/2 tokens, then the separator, over and over until the window is full: every
+    copy after the first is predictable from the context alone."""
+    length = int(torch.randint(16, context // 2 - len(separator), (1,), generator=g))
+    start = int(torch.randint(0, len(tokens) - length, (1,), generator=g))
+    unit = torch.cat([tokens[start:start + length], torch.tensor(separator, dtype=tokens.dtype)])
+    return unit.repeat(context // len(unit) + 1)[:context]
+
+
+def training_batch(tokens: torch.Tensor, separator: list[int], cfg: TrainConfig, g: torch.Generator) -> torch.Tensor:
+    """Windows of running text, `repeat_fraction` of them replaced by repeated passages."""
+    offsets = torch.randint(0, len(tokens) - cfg.context - 1, (cfg.batch_size,), generator=g)
+    repeats = torch.rand(cfg.batch_size, generator=g) < cfg.repeat_fraction
+    return torch.stack([repeated_window(tokens, separator, cfg.context, g) if repeat else tokens[o:o + cfg.context]
+                        for o, repeat in zip(offsets.tolist(), repeats.tolist())]).long()
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -76,6 +100,14 @@ def build_model(cfg: TrainConfig, vocab_size: int):
         initializer_range=0.02)
     torch.manual_seed(cfg.seed)
     return MixtralForCausalLM(config)
+
+
+def load_model(directory: Path):
+    """A checkpoint to train further, in float32 (autocast gives the bf16 matmuls), with the router losses on."""
+    from transformers import MixtralForCausalLM
+
+    torch.manual_seed(0)
+    return MixtralForCausalLM.from_pretrained(directory, dtype=torch.float32, output_router_logits=True)
 
 
 @torch.no_grad()
@@ -104,10 +136,16 @@ def train(cfg: TrainConfig) -> dict:
     """Tokenizer, then model; writes the checkpoint and training.json into cfg.out_dir."""
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     train_docs = read_documents(cfg.corpus_dir / "train.txt")
-    tokenizer = train_tokenizer(train_docs, cfg.vocab_size, cfg.out_dir)
+    if cfg.init_from is None:
+        tokenizer = train_tokenizer(train_docs, cfg.vocab_size, cfg.out_dir)
+        model = build_model(cfg, tokenizer.get_vocab_size())
+    else:
+        tokenizer = Tokenizer.from_file(str(cfg.init_from / "tokenizer.json"))
+        save_tokenizer(tokenizer, cfg.out_dir)
+        model = load_model(cfg.init_from)
     train_tokens = encode_documents(tokenizer, train_docs)
     heldout_tokens = encode_documents(tokenizer, read_documents(cfg.corpus_dir / "heldout.txt"))
-    model = build_model(cfg, tokenizer.get_vocab_size())
+    separator = tokenizer.encode("\n\n").ids
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -119,8 +157,7 @@ def train(cfg: TrainConfig) -> dict:
     with Progress(*columns) as progress:
         task = progress.add_task("training", total=cfg.steps)
         for step in range(cfg.steps):
-            offsets = torch.randint(0, len(train_tokens) - cfg.context - 1, (cfg.batch_size,), generator=g)
-            batch = torch.stack([train_tokens[o:o + cfg.context] for o in offsets.tolist()]).long()
+            batch = training_batch(train_tokens, separator, cfg, g)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg)
             with torch.autocast("cpu", dtype=torch.bfloat16):
