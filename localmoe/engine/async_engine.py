@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 # Test-only fault injection, read once: "engine-exit" ends the engine thread at its next step as a crash would,
 # "engine-stall" blocks that step for good. Never set in production; the tests of /health use it.
 FAULT = os.environ.get("LOCALMOE_FAULT_INJECTION", "")
+# how often idle data-parallel ranks with expert parallelism agree whether one has work: a request's wait at most
+LOCKSTEP_POLL_S = 0.02
 
 
 class EngineDeadError(RuntimeError):
@@ -175,6 +177,7 @@ class AsyncEngine:
 
     def _run(self) -> None:
         idle = False
+        lockstep = self.engine.runner.expert_group is not None
         while not self._stopped:
             self._heartbeat = time.monotonic()
             self.loop_stats.tick()
@@ -184,25 +187,38 @@ class AsyncEngine:
                     self.engine.publish_stats()
                     self.loop_stats.publish(time.monotonic())
                     idle = True
-                self._wakeup.wait(timeout=1.0)
+                if lockstep and self.engine.runner.expert_group.failure is None:
+                    # expert parallelism over data-parallel ranks: step with the others, which may have work; when
+                    # none has, wait a moment (a rank that gets a request waits for the others to come round)
+                    try:
+                        self.engine.step()  # no request of its own: at most a dummy step, nothing to deliver
+                    except Exception:  # noqa: BLE001 -- the ranks' group has failed: /health says so
+                        log.exception("a data-parallel step with no request of this rank's failed")
+                    if self.engine.in_lockstep():
+                        continue
+                self._wakeup.wait(timeout=LOCKSTEP_POLL_S if lockstep else 1.0)
                 self._wakeup.clear()
                 continue
             idle = False
-            _inject_fault()
-            started = time.monotonic()
-            try:
-                outputs = self.engine.step()
-            except Exception as error:  # noqa: BLE001 -- outside any one request: every request fails, the pool heals
-                log.exception("engine step failed; aborting every request")
-                failed = self.engine.recover()
-                self._deliver_all([(request_id, RuntimeError(f"engine step failed: {error}"))
-                                   for request_id in failed])
-                continue
-            self.loop_stats.after_step(outputs, started)
-            items: list[tuple[str, object]] = [(output.request_id, output) for output in outputs]
-            items += [(request_id, RequestFailedError(f"the request failed: {error!r}"))
-                      for request_id, error in self.engine.take_failures().items()]
-            self._deliver_all(items)
+            self._step()
+
+    def _step(self) -> None:
+        """One engine step, its outputs (and failures) to their streams."""
+        _inject_fault()
+        started = time.monotonic()
+        try:
+            outputs = self.engine.step()
+        except Exception as error:  # noqa: BLE001 -- outside any one request: every request fails, the pool heals
+            log.exception("engine step failed; aborting every request")
+            failed = self.engine.recover()
+            self._deliver_all([(request_id, RuntimeError(f"engine step failed: {error}"))
+                               for request_id in failed])
+            return
+        self.loop_stats.after_step(outputs, started)
+        items: list[tuple[str, object]] = [(output.request_id, output) for output in outputs]
+        items += [(request_id, RequestFailedError(f"the request failed: {error!r}"))
+                  for request_id, error in self.engine.take_failures().items()]
+        self._deliver_all(items)
 
     def _drain_inbox(self) -> None:
         while True:

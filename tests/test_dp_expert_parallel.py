@@ -1,0 +1,145 @@
+"""Expert parallelism over data-parallel ranks (data_parallel_size 2 with enable_expert_parallel; gloo on CPU) on
+tiny random Mixtral, Qwen2-MoE (shared expert) and DeepSeek-V3 (MLA, a dense first layer) checkpoints: two rank
+processes, each with requests of its own, compute the logits (within 1e-4) and the 32 greedy tokens one process
+computes for the same requests, with prefix caching and chunked prefill on; the rank that runs out of requests
+first takes part in the other's steps by dummy steps; each rank holds half the routed experts; the collectives'
+bytes are the planner's. Then `localmoe serve --data-parallel-size 2 --enable-expert-parallel` through the
+openai client, whose killed replica fails the other's requests and /health instead of hanging it; the planner's
+figures and the refusals."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import httpx
+import openai
+import psutil
+import pytest
+from pytest import approx
+from typer.testing import CliRunner
+
+from family_parity import TOL, engine, prompts_of, record_logits
+from localmoe import SamplingParams
+from localmoe.cli import app
+from localmoe.config import ConfigError, EngineConfig
+from localmoe.distributed.executor import free_port
+from localmoe.distributed.layout import layout_plan
+from server_process import API_KEY, auth, healthy, serve
+from test_expert_parallel import PLACEMENTS, stats_file
+from test_tensor_parallel import NEW, SERVE_FLAGS, SETTINGS, assert_served_as_one_process, family_checkpoints
+
+DP_EP = {"data_parallel_size": 2, "enable_expert_parallel": True}
+SHORT = 8  # rank 1's first request ends this many tokens in, while rank 0's runs on: rank 1 then takes dummy steps
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> Callable[[str], Path]:
+    return family_checkpoints(tmp_path_factory)
+
+
+def workloads() -> list[list[tuple[list[list[int]], int]]]:
+    """Each rank's generate calls (prompts, max_tokens): rank 0 one prompt, then three sharing its 19-token prefix
+    with a 45-token one (chunked); rank 1 one prompt that stops early, then two sharing its prefix."""
+    shared = prompts_of([19], seed=7)[0]
+    rank0 = [shared + tail for tail in prompts_of([3, 6, 1], seed=8)] + prompts_of([45], seed=9)
+    other = prompts_of([13], seed=10)[0]
+    rank1 = [other + tail for tail in prompts_of([2, 5, 9], seed=11)]
+    return [[(rank0[:1], NEW), (rank0[1:], NEW)], [(rank1[:1], SHORT), (rank1[1:], NEW)]]
+
+
+def run_workload(llm, calls: list[tuple[list[list[int]], int]]) -> tuple[list, list[list[int]]]:
+    """Every step's logits and each request's greedy tokens."""
+    steps = record_logits(llm)
+    tokens = []
+    for prompts, max_tokens in calls:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                            SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
+        tokens += [o.outputs[0].token_ids for o in outs]
+    return steps, tokens
+
+
+def run_rank(rank: int, port: int, checkpoint: Path, settings: dict, results: mp.Queue) -> None:
+    """One data-parallel rank's process: its workload, and what the test checks of it."""
+    import torch
+    torch.set_num_threads(1)
+    llm = engine(checkpoint, **DP_EP, data_parallel_rank=rank, data_parallel_master_port=port, **settings)
+    try:
+        steps, tokens = run_workload(llm, workloads()[rank])
+        eng = llm.engine
+        eng.publish_stats()
+        plan = layout_plan(eng.config, eng.hf_config, eng.device, 2**40, 64)
+        stats = eng.stats
+        owners = [moe.experts.owner.tolist() for moe in eng.observer.blocks]
+        results.put((rank, {"steps": [step.numpy() for step in steps], "tokens": tokens, "expert_bytes": eng.runner.expert_bytes(),
+                            "experts": eng.snapshot.experts, "owners": owners,
+                            "plan": (plan.all_gather_bytes_per_token, plan.reduce_scatter_bytes_per_token),
+                            "prefix_hits": stats.prefix_cache_hits, "chunks": stats.num_prefill_chunks_total}))
+    finally:
+        llm.engine.runner.shutdown()
+
+
+def run_ranks(checkpoint: Path, settings: dict) -> list[dict]:
+    """Both ranks' results, rank 0 first."""
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    port = free_port()
+    processes = [context.Process(target=run_rank, args=(rank, port, checkpoint, settings, results))
+                 for rank in range(2)]
+    for process in processes:
+        process.start()
+    try:
+        got = dict(results.get(timeout=240) for _ in processes)
+    finally:
+        for process in processes:
+            process.join(30)
+            if process.is_alive():
+                process.kill()
+    return [got[0], got[1]]
+
+
+@pytest.mark.parametrize("family", list(PLACEMENTS))
+def test_dp2_ep_equals_one_process(checkpoints, family, tmp_path):
+    checkpoint = checkpoints(family)
+    expected = []
+    for calls in workloads():
+        single = engine(checkpoint, **SETTINGS)
+        expected.append(run_workload(single, calls))
+    whole = single.engine.runner.expert_bytes()
+    placement = {"expert_placement": PLACEMENTS[family]}
+    if family == "deepseek_v3":
+        placement["expert_placement_stats"] = str(stats_file(tmp_path, single))
+    ranks = run_ranks(checkpoint, {**SETTINGS, **placement})
+
+    for rank, (got, (want_steps, want_tokens)) in enumerate(zip(ranks, expected)):
+        assert got["tokens"] == want_tokens, f"rank {rank}"
+        assert len(got["steps"]) == len(want_steps)
+        for ours, theirs in zip(got["steps"], want_steps):
+            assert ours.shape == theirs.shape
+            assert abs(ours - theirs.numpy()).max() <= TOL
+        assert got["prefix_hits"] > 0
+        # each rank holds half of the routed experts (its own byte count), the same placement as the other
+        assert got["expert_bytes"] == approx(whole / 2, rel=0.01)
+        assert got["owners"] == ranks[0]["owners"]
+        parallel = got["experts"]["parallel"]
+        assert parallel["data_parallel_size"] == 2 and parallel["data_parallel_rank"] == rank
+        # tokens per rank: where this rank's routed tokens went
+        spread = parallel["expert_parallel"]
+        assert sum(spread["tokens_per_rank"]) == got["experts"]["totals"]["tokens_routed"] > 0
+        assert all(n > 0 for n in spread["tokens_per_rank"]) and spread["rank_imbalance"] >= 1.0
+        # the collectives moved what the planner says for every row exchanged (padded to the busier rank)
+        moved = parallel["collective_bytes"]
+        gathered, scattered = got["plan"]
+        assert moved["padded_rows"] >= moved["tokens"] > 0
+        assert moved["all_gather_bytes"] == moved["padded_rows"] * gathered > 0
+        assert moved["reduce_scatter_bytes"] == moved["padded_rows"] * scattered > 0
+        assert moved["all_reduce_bytes"] == moved["gather_bytes"] == 0
+    assert ranks[0]["chunks"] > 0  # the 45-token prompt, in 16-token chunks
+    # rank 1's first request ended while rank 0's decoded on: rank 1 joined those steps with no tokens
+    assert ranks[1]["experts"]["parallel"]["dummy_steps"] >= NEW - SHORT
