@@ -143,3 +143,110 @@ def test_dp2_ep_equals_one_process(checkpoints, family, tmp_path):
     assert ranks[0]["chunks"] > 0  # the 45-token prompt, in 16-token chunks
     # rank 1's first request ended while rank 0's decoded on: rank 1 joined those steps with no tokens
     assert ranks[1]["experts"]["parallel"]["dummy_steps"] >= NEW - SHORT
+
+
+def replica_running(url: str) -> list[float]:
+    """Requests running on each replica, as /metrics says."""
+    counts = [0.0, 0.0]
+    for line in httpx.get(f"{url}/metrics", headers=auth()).text.splitlines():
+        if line.startswith("vllm:num_requests_running{") and 'replica="' in line:
+            counts[int(line.split('replica="')[1][0])] += float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def test_served_dp2_ep_equals_one_process_then_a_replica_dies(checkpoints, tmp_path):
+    """Requests on both replicas answer as one process would; then a killed replica ends the other's request with
+    an error (it cannot step alone) and /health fails, on the front and on the surviving replica."""
+    checkpoint = checkpoints("qwen2_moe")
+    prompts = ["Experts spread over replicas", "Mixture of experts, each whole on one rank",
+               "Attention stays with its replica", "Every step together"]
+    single = engine(checkpoint, **SETTINGS)
+    params = SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True, logprobs=1)
+    expected = [single.generate(prompt, params)[0] for prompt in prompts]
+    with serve(tmp_path, "--model", str(checkpoint), *SERVE_FLAGS, "--data-parallel-size", "2",
+               "--enable-expert-parallel", "--expert-placement", "round-robin") as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+        model = client.models.list().data[0].id
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            served = list(pool.map(lambda p: client.completions.create(
+                model=model, prompt=p, max_tokens=NEW, temperature=0, logprobs=1, extra_body={"ignore_eos": True}),
+                prompts))
+        for answer, want in zip(served, expected):
+            assert_served_as_one_process(answer, [want])
+        for replica in range(2):
+            experts = httpx.get(f"{server.url}/v1/stats/experts?replica={replica}", headers=auth()).json()
+            parallel = experts["parallel"]
+            assert parallel["data_parallel_rank"] == replica and parallel["expert_placement"] == "round-robin"
+            assert sum(parallel["expert_parallel"]["tokens_per_rank"]) == experts["totals"]["tokens_routed"] > 0
+            assert parallel["collective_bytes"]["all_gather_bytes_per_token"] > 0
+
+        def run(i: int) -> str:
+            try:
+                chunks = list(client.completions.create(model=model, prompt=f"stream {i}", max_tokens=1000,
+                                                        stream=True, extra_body={"ignore_eos": True}))
+                return chunks[-1].choices[0].finish_reason
+            except openai.APIError as e:
+                return f"error: {e}"
+
+        with ThreadPoolExecutor(2) as pool:
+            futures = [pool.submit(run, i) for i in range(2)]
+            deadline = time.monotonic() + 30
+            while replica_running(server.url) != [1, 1]:
+                assert time.monotonic() < deadline, "the two requests did not start, one on each replica"
+                time.sleep(0.02)
+            replicas = [p for p in psutil.Process(server.process.pid).children()
+                        if "resource_tracker" not in " ".join(p.cmdline())]
+            assert len(replicas) == 2
+            os.kill(replicas[0].pid, signal.SIGKILL)
+            outcomes = [f.result(timeout=60) for f in futures]
+        assert all(o.startswith("error:") for o in outcomes), outcomes
+        assert any("collective failed" in o for o in outcomes)  # the survivor's own request
+        assert not healthy(server.url)
+        # the survivor answers, and refuses to serve: its group has failed (what its own /health reports)
+        answer = httpx.post(f"{server.url}/v1/completions", headers=auth(), timeout=30,
+                            json={"model": model, "prompt": "after", "max_tokens": 2})
+        assert answer.status_code == 503 and "collective failed" in answer.json()["error"]["message"]
+
+
+def test_plan_prints_memory_per_rank_and_collective_bytes_per_token():
+    """Mixtral-8x7B (32 MoE layers, D 4096, top-2 of 8 experts of 3 x 4096 x 14336, bf16) over 2 data-parallel
+    ranks: half the experts each, everything else whole; per token each MoE layer all-gathers D activations and
+    the routing (2 x 2 float32) and reduce-scatters both ranks' rows."""
+    runner = CliRunner()
+    result = runner.invoke(app, ["plan", "Mixtral-8x7B", "--data-parallel-size", "2", "--enable-expert-parallel",
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    layout = json.loads(result.output)["layout"]
+    whole = json.loads(runner.invoke(app, ["plan", "Mixtral-8x7B", "--json"]).output)
+    expert = 3 * 4096 * 14336 * 2
+    assert layout["data_parallel_size"] == 2 and layout["experts_per_rank"] == 4
+    assert layout["expert_bytes_per_rank"] == 32 * 4 * expert
+    assert layout["weight_bytes_per_rank"] == whole["weight_bytes"] - 32 * 4 * expert
+    assert layout["all_gather_bytes_per_token"] == 32 * (4096 * 2 + 2 * 2 * 4)
+    assert layout["reduce_scatter_bytes_per_token"] == 32 * 2 * 4096 * 2
+    assert layout["all_reduce_bytes_per_token"] == layout["gather_bytes_per_sampled_token"] == 0
+    assert layout["link_bytes_per_token"] == 32 * (4096 * 2 + 16) + 32 * 4096 * 2  # a ring over 2 ranks
+    text = runner.invoke(app, ["plan", "Mixtral-8x7B", "--data-parallel-size", "2", "--enable-expert-parallel"])
+    assert "data_parallel_size 2, expert parallel" in text.output and "all-gather 256.50 KiB" in text.output
+    refused = runner.invoke(app, ["plan", "Mixtral-8x7B", "--data-parallel-size", "2"])
+    assert refused.exit_code == 2 and "with --enable-expert-parallel" in refused.output
+
+
+@pytest.mark.parametrize("settings, refused", [
+    ({**DP_EP, "tensor_parallel_size": 2}, "enable_expert_parallel: expert parallelism over data-parallel replicas "
+                                           "of a tensor-parallel engine"),
+    ({"data_parallel_size": 2, "data_parallel_rank": 0}, "data_parallel_rank: a data-parallel rank is served alone"),
+    ({**DP_EP, "data_parallel_rank": 2}, r"data_parallel_rank must be in \[0, data_parallel_size 2\)"),
+    ({**DP_EP, "enable_lora": True}, "enable_lora: LoRA adapters are not available with expert parallelism over"),
+    ({**DP_EP, "speculative_config": {"method": "ngram", "num_speculative_tokens": 2}},
+     "speculative_config: speculative decoding is not available"),
+])
+def test_refused_settings_name_their_key(settings, refused):
+    with pytest.raises(ConfigError, match=refused):
+        EngineConfig(**settings).validate()
+
+
+def test_a_layout_that_cannot_fit_is_refused_before_the_ranks_meet(checkpoints):
+    with pytest.raises(ConfigError, match=r"data_parallel_size: 2 ranks \(expert parallel\) do not fit: each needs "
+                                          r".*localmoe plan --data-parallel-size 2 --enable-expert-parallel"):
+        engine(checkpoints("mixtral"), **DP_EP, data_parallel_rank=0, kv_cache_memory="64TiB")
