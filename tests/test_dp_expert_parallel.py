@@ -11,16 +11,12 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import os
-import signal
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
 import httpx
 import openai
-import psutil
 import pytest
 from pytest import approx
 from typer.testing import CliRunner
@@ -32,6 +28,7 @@ from localmoe.config import ConfigError, EngineConfig
 from localmoe.distributed.executor import free_port
 from localmoe.distributed.layout import layout_plan
 from server_process import API_KEY, auth, healthy, serve
+from test_data_parallel import kill_a_replica_during
 from test_expert_parallel import PLACEMENTS, stats_file
 from test_tensor_parallel import NEW, SERVE_FLAGS, SETTINGS, assert_served_as_one_process, family_checkpoints
 
@@ -145,15 +142,6 @@ def test_dp2_ep_equals_one_process(checkpoints, family, tmp_path):
     assert ranks[1]["experts"]["parallel"]["dummy_steps"] >= NEW - SHORT
 
 
-def replica_running(url: str) -> list[float]:
-    """Requests running on each replica, as /metrics says."""
-    counts = [0.0, 0.0]
-    for line in httpx.get(f"{url}/metrics", headers=auth()).text.splitlines():
-        if line.startswith("vllm:num_requests_running{") and 'replica="' in line:
-            counts[int(line.split('replica="')[1][0])] += float(line.rsplit(" ", 1)[1])
-    return counts
-
-
 def test_served_dp2_ep_equals_one_process_then_a_replica_dies(checkpoints, tmp_path):
     """Requests on both replicas answer as one process would; then a killed replica ends the other's request with
     an error (it cannot step alone) and /health fails, on the front and on the surviving replica."""
@@ -188,17 +176,7 @@ def test_served_dp2_ep_equals_one_process_then_a_replica_dies(checkpoints, tmp_p
             except openai.APIError as e:
                 return f"error: {e}"
 
-        with ThreadPoolExecutor(2) as pool:
-            futures = [pool.submit(run, i) for i in range(2)]
-            deadline = time.monotonic() + 30
-            while replica_running(server.url) != [1, 1]:
-                assert time.monotonic() < deadline, "the two requests did not start, one on each replica"
-                time.sleep(0.02)
-            replicas = [p for p in psutil.Process(server.process.pid).children()
-                        if "resource_tracker" not in " ".join(p.cmdline())]
-            assert len(replicas) == 2
-            os.kill(replicas[0].pid, signal.SIGKILL)
-            outcomes = [f.result(timeout=60) for f in futures]
+        outcomes = kill_a_replica_during(server, run, 1)
         assert all(o.startswith("error:") for o in outcomes), outcomes
         assert any("collective failed" in o for o in outcomes)  # the survivor's own request
         assert not healthy(server.url)

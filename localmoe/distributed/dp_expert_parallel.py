@@ -45,12 +45,15 @@ class ExpertGroup:
     """This rank's place among the data-parallel ranks whose MoE layers run together, and the step they agreed."""
 
     def __init__(self, rank: int, size: int, init_method: str, device: torch.device) -> None:
-        init_distributed(rank, size, init_method, device)
-        self.rank, self.size, self.device = rank, size, device
+        self.rank, self.size, self.init_method, self.device = rank, size, init_method, device
         self.tokens = [0] * size  # each rank's tokens in the step agreed last
         self.idle = False  # no rank held a request at the last agreement
         self.dummy_steps = 0
         self.failure: str | None = None
+
+    def join(self) -> None:
+        """Meet the other ranks, once this one has loaded: the wait for the slowest to load is not a collective's."""
+        init_distributed(self.rank, self.size, self.init_method, self.device)
 
     @property
     def rows(self) -> int:

@@ -155,6 +155,8 @@ class ModelRunner:
             self._load(model_dir, placement)
             if self.workers is not None:
                 self.workers.wait_ready()
+            if self.expert_group is not None:
+                self.expert_group.join()
         except BaseException:
             self.shutdown()
             raise
