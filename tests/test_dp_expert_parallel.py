@@ -24,7 +24,8 @@ from typer.testing import CliRunner
 from family_parity import TOL, engine, prompts_of, record_logits
 from localmoe import SamplingParams
 from localmoe.cli import app
-from localmoe.config import ConfigError, EngineConfig
+from localmoe.config import ConfigError, EngineConfig, load_config
+from localmoe.distributed import data_parallel
 from localmoe.distributed.executor import free_port
 from localmoe.distributed.layout import layout_plan
 from server_process import API_KEY, auth, healthy, serve
@@ -161,6 +162,14 @@ def test_served_dp2_ep_equals_one_process_then_a_replica_dies(checkpoints, tmp_p
                 prompts))
         for answer, want in zip(served, expected):
             assert_served_as_one_process(answer, [want])
+        # a client that leaves mid-stream: its replica aborts the request and the ranks step on together
+        body = {"model": model, "prompt": "Go on", "max_tokens": 500, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=auth(), timeout=60) as answer:
+            lines = answer.iter_lines()
+            assert any(next(lines).startswith("data: {") for _ in range(4))
+        again = client.completions.create(model=model, prompt=prompts[0], max_tokens=NEW, temperature=0,
+                                          logprobs=1, extra_body={"ignore_eos": True})
+        assert_served_as_one_process(again, expected[:1])
         for replica in range(2):
             experts = httpx.get(f"{server.url}/v1/stats/experts?replica={replica}", headers=auth()).json()
             parallel = experts["parallel"]
@@ -228,3 +237,12 @@ def test_a_layout_that_cannot_fit_is_refused_before_the_ranks_meet(checkpoints):
     with pytest.raises(ConfigError, match=r"data_parallel_size: 2 ranks \(expert parallel\) do not fit: each needs "
                                           r".*localmoe plan --data-parallel-size 2 --enable-expert-parallel"):
         engine(checkpoints("mixtral"), **DP_EP, data_parallel_rank=0, kv_cache_memory="64TiB")
+
+
+def test_one_model_per_server(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("vllm:\n  data_parallel_size: 2\n  enable_expert_parallel: true\nmodels:\n"
+                    "  - model_name: localmoe-builtin\n    served_model_name: a\n"
+                    "  - model_name: localmoe-builtin\n    served_model_name: b\n")
+    with pytest.raises(ConfigError, match="enable_expert_parallel: the replicas' ranks meet in one process group"):
+        data_parallel.data_parallel_size(load_config(path))
