@@ -14,6 +14,10 @@ Admission is counted here, on the event loop, in sequences (prompts x n): a requ
 synchronously, before its first await, so a burst cannot overshoot the bound. The loop's heartbeat
 and the thread's fate are what /health reports: a dead engine thread, a dead tensor-parallel worker, or a loop that
 makes no progress while work waits is unhealthy, and its waiting requests are failed rather than left hanging.
+
+With expert parallelism over data-parallel ranks (distributed/dp_expert_parallel.py) the loop steps even without
+a request of its own while another rank has one (its steps need this rank's), and when no rank has one it asks
+again every LOCKSTEP_POLL_S instead of sleeping until a request arrives.
 """
 
 from __future__ import annotations
