@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -29,11 +31,12 @@ from localmoe.distributed import data_parallel
 from localmoe.distributed.executor import free_port
 from localmoe.distributed.layout import layout_plan
 from server_process import API_KEY, auth, healthy, serve
-from test_data_parallel import kill_a_replica_during
+from test_data_parallel import kill_a_replica_during, per_replica
 from test_expert_parallel import PLACEMENTS, stats_file
 from test_tensor_parallel import NEW, SERVE_FLAGS, SETTINGS, assert_served_as_one_process, family_checkpoints
 
 DP_EP = {"data_parallel_size": 2, "enable_expert_parallel": True}
+DP_EP_FLAGS = ("--data-parallel-size", "2", "--enable-expert-parallel")
 SHORT = 8  # rank 1's first request ends this many tokens in, while rank 0's runs on: rank 1 then takes dummy steps
 
 
@@ -152,8 +155,8 @@ def test_served_dp2_ep_equals_one_process_then_a_replica_dies(checkpoints, tmp_p
     single = engine(checkpoint, **SETTINGS)
     params = SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True, logprobs=1)
     expected = [single.generate(prompt, params)[0] for prompt in prompts]
-    with serve(tmp_path, "--model", str(checkpoint), *SERVE_FLAGS, "--data-parallel-size", "2",
-               "--enable-expert-parallel", "--expert-placement", "round-robin") as server:
+    with serve(tmp_path, "--model", str(checkpoint), *SERVE_FLAGS, *DP_EP_FLAGS, "--expert-placement",
+               "round-robin") as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
         model = client.models.list().data[0].id
         with ThreadPoolExecutor(len(prompts)) as pool:
@@ -193,6 +196,24 @@ def test_served_dp2_ep_equals_one_process_then_a_replica_dies(checkpoints, tmp_p
         answer = httpx.post(f"{server.url}/v1/completions", headers=auth(), timeout=30,
                             json={"model": model, "prompt": "after", "max_tokens": 2})
         assert answer.status_code == 503 and "collective failed" in answer.json()["error"]["message"]
+
+
+def test_sigterm_drains_a_request_whose_replica_needs_the_idle_ones_steps(checkpoints, tmp_path):
+    """One request in flight, on one replica: SIGTERM drains both, and the idle one steps on (its engine shut down)
+    until the other's request is done."""
+    with serve(tmp_path, "--model", str(checkpoints("mixtral")), *SERVE_FLAGS, *DP_EP_FLAGS) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+        model = client.models.list().data[0].id
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(client.completions.create, model=model, prompt="Drain me", max_tokens=300,
+                                 extra_body={"ignore_eos": True})
+            deadline = time.monotonic() + 30
+            while sum(per_replica(server.url)["vllm:num_requests_running"].values()) != 1:
+                assert time.monotonic() < deadline, "the request did not start"
+                time.sleep(0.02)
+            server.process.send_signal(signal.SIGTERM)
+            assert answer.result(timeout=120).choices[0].finish_reason == "length"
+        assert server.process.wait(timeout=60) == 0
 
 
 def test_plan_prints_memory_per_rank_and_collective_bytes_per_token():

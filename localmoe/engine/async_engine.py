@@ -17,7 +17,8 @@ makes no progress while work waits is unhealthy, and its waiting requests are fa
 
 With expert parallelism over data-parallel ranks (distributed/dp_expert_parallel.py) the loop steps even without
 a request of its own while another rank has one (its steps need this rank's), and when no rank has one it asks
-again every LOCKSTEP_POLL_S instead of sleeping until a request arrives.
+again every LOCKSTEP_POLL_S instead of sleeping until a request arrives; shut down, it steps on until no rank has
+a request, so that a drain on every rank lets the others' requests finish.
 """
 
 from __future__ import annotations
@@ -88,6 +89,9 @@ class AsyncEngine:
         self._wakeup.set()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
+        # expert parallelism over data-parallel ranks: the others' requests still need this rank's steps
+        while self._thread.is_alive() and isinstance(self._built, LLMEngine) and self._built.in_lockstep():
+            self._thread.join(timeout=1)
         if isinstance(self._built, LLMEngine):
             self._built.runner.shutdown()
 
@@ -182,7 +186,7 @@ class AsyncEngine:
     def _run(self) -> None:
         idle = False
         lockstep = self.engine.runner.expert_group is not None
-        while not self._stopped:
+        while not self._stopped or (lockstep and self.engine.in_lockstep()):
             self._heartbeat = time.monotonic()
             self.loop_stats.tick()
             self._drain_inbox()
