@@ -118,7 +118,8 @@ class LLMEngine:
         # replicas are processes behind `localmoe serve`'s API server; with expert parallelism one is given its rank
         if config.engine.data_parallel_size != 1 and config.engine.data_parallel_rank is None:
             raise ConfigError("data_parallel_size: one engine is one replica; serve replicas with `localmoe serve "
-                              "--data-parallel-size N`")
+                              "--data-parallel-size N` (with enable_expert_parallel, an engine per rank: give each "
+                              "its data_parallel_rank)")
         model_dir, name = resolve_model(config.engine.model_name, config.model)
         return cls(config.engine, model_dir, config.engine.served_model_name or name)
 
