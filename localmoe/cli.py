@@ -154,7 +154,7 @@ def run_server(config: Config) -> None:
         except CountersUnavailable as e:
             raise fail(str(e), EXIT_CONFIG) from None
     # data parallelism: replicas, each a server of its own, behind this process (distributed/data_parallel.py)
-    if any(engine.data_parallel_size != 1 for engine in config.engines):
+    if any(engine.data_parallel_size != 1 and engine.data_parallel_rank is None for engine in config.engines):
         try:
             serve_data_parallel(config, GRACEFUL_CLOSE_SECONDS)
         except ConfigError as e:
@@ -331,12 +331,16 @@ def plan(
     tensor_parallel_size: Annotated[int, typer.Option(
         help="Plan this many ranks: memory per rank and the bytes each collective moves per token.")] = 1,
     enable_expert_parallel: Annotated[bool, typer.Option(
-        help="With --tensor-parallel-size: routed experts spread whole over the ranks.")] = False,
+        help="With --tensor-parallel-size or --data-parallel-size: routed experts spread whole over the ranks.")]
+    = False,
+    data_parallel_size: Annotated[int, typer.Option(
+        help="With --enable-expert-parallel: plan this many data-parallel ranks, each whole but for its share of "
+             "the routed experts.")] = 1,
 ) -> None:
     """Plan memory: parameters, weight and KV bytes, the parallel degree or expert cache that fits."""
     try:
         typer.echo(plan_command(model, dtype, device, max_model_len, max_num_seqs, kv_cache_dtype, json_output,
-                                quantization, tensor_parallel_size, enable_expert_parallel))
+                                quantization, tensor_parallel_size, enable_expert_parallel, data_parallel_size))
     except PlanError as e:
         raise fail(str(e), EXIT_CONFIG) from None
 

@@ -196,7 +196,17 @@ class EngineConfig:
     data_parallel_size: int = setting(1, "Number of data parallel replicas: independent engines, each in a process "
                                       "of its own with 1/N of the CPU cores (and tensor_parallel_size GPUs of its "
                                       "own on CUDA), behind one API server that sends each request to the least "
-                                      "loaded replica, or to the one holding its prompt's prefix.")
+                                      "loaded replica, or to the one holding its prompt's prefix. With "
+                                      "--enable-expert-parallel the replicas also spread the routed experts "
+                                      "among them and run their MoE layers together.")
+    data_parallel_rank: int | None = setting(None, "With --data-parallel-size and --enable-expert-parallel: serve "
+                                             "only this rank, one engine and no API server in front (the ranks "
+                                             "started one by one, as vLLM's external launch; `localmoe serve "
+                                             "--data-parallel-size N` alone starts them all itself).")
+    data_parallel_address: str = setting("127.0.0.1", "The address of data-parallel rank 0, where the ranks "
+                                         "of --enable-expert-parallel meet (torch.distributed).")
+    data_parallel_master_port: int = setting(29550, "The port on --data-parallel-address where the ranks of "
+                                             "--enable-expert-parallel meet.")
     # multi-LoRA (lora/): PEFT adapters served beside the base model, chosen per request by `model`
     enable_lora: bool = setting(False, "If True, enable handling of LoRA adapters (PEFT's format). The fused "
                                 "decoder and CUDA graphs are off with it: every step runs the model's modules.")
@@ -208,9 +218,10 @@ class EngineConfig:
     max_lora_rank: int = setting(16, "Max LoRA rank: adapters of a higher rank are refused.")
     # expert parallelism (distributed/expert_parallel.py, distributed/expert_placement.py)
     enable_expert_parallel: bool = setting(False, "Use expert parallelism instead of tensor parallelism for MoE "
-                                           "layers: each of the --tensor-parallel-size ranks holds whole routed "
-                                           "experts, a share of them; attention, dense layers and shared experts "
-                                           "stay tensor-parallel.")
+                                           "layers: each of the --tensor-parallel-size ranks (or of the "
+                                           "--data-parallel-size replicas) holds whole routed experts, a share of "
+                                           "them; attention, dense layers and shared experts stay tensor-parallel "
+                                           "(whole on each data-parallel replica).")
     expert_placement: str = setting("contiguous", "Which rank holds each routed expert with "
                                     "--enable-expert-parallel: contiguous (rank r the r-th block), round-robin "
                                     "(expert e on rank e mod N), or balanced (the busiest experts spread first, by "
@@ -219,11 +230,36 @@ class EngineConfig:
                                                  "trace (--routing-trace's JSON lines) or a saved "
                                                  "/v1/stats/experts answer.")
 
+    @property
+    def data_expert_parallel(self) -> bool:
+        """Expert parallelism over data-parallel replicas (distributed/dp_expert_parallel.py)."""
+        return self.enable_expert_parallel and self.data_parallel_size > 1
+
+    @property
+    def expert_parallel_size(self) -> int:
+        """The ranks the routed experts are spread over (1: none)."""
+        if not self.enable_expert_parallel:
+            return 1
+        return self.data_parallel_size if self.data_expert_parallel else self.tensor_parallel_size
+
     def _expert_parallel_refusals(self) -> list[tuple[bool, str, str]]:
         balanced = self.expert_placement == "balanced"
         return [
-            (self.enable_expert_parallel and self.tensor_parallel_size < 2, "enable_expert_parallel",
-             "expert parallelism spreads the experts over the tensor-parallel ranks: set tensor_parallel_size > 1"),
+            (self.enable_expert_parallel and self.tensor_parallel_size < 2 and self.data_parallel_size < 2,
+             "enable_expert_parallel", "expert parallelism spreads the experts over the tensor-parallel ranks or "
+             "the data-parallel replicas: set tensor_parallel_size > 1 or data_parallel_size > 1"),
+            (self.enable_expert_parallel and self.tensor_parallel_size > 1 and self.data_parallel_size > 1,
+             "enable_expert_parallel", "expert parallelism over data-parallel replicas of a tensor-parallel engine "
+             "is not available yet; use tensor_parallel_size 1 or data_parallel_size 1"),
+            (self.data_expert_parallel and self.enable_lora, "enable_lora", "LoRA adapters are not available with "
+             "expert parallelism over data-parallel replicas yet"),
+            (self.data_expert_parallel and self.speculative_config is not None, "speculative_config",
+             "speculative decoding is not available with expert parallelism over data-parallel replicas yet"),
+            (self.data_parallel_rank is not None and not self.data_expert_parallel, "data_parallel_rank",
+             "a data-parallel rank is served alone only for --enable-expert-parallel (its ranks meet); plain "
+             "replicas are independent servers"),
+            (self.data_parallel_rank is not None and not 0 <= self.data_parallel_rank < self.data_parallel_size,
+             "data_parallel_rank", f"data_parallel_rank must be in [0, data_parallel_size {self.data_parallel_size})"),
             (self.enable_expert_parallel and self.offloads_experts, "enable_expert_parallel",
              "expert offloading is not available with expert parallelism yet; keep experts resident "
              "(expert_cache_size: 0)"),

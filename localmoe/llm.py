@@ -53,7 +53,10 @@ class LLM:
                                         lora_request=lora)
             order.append(request_id)
         finished: dict[str, RequestOutput] = {}
-        while self.engine.has_unfinished_requests():
+        # with expert parallelism over data-parallel ranks every rank's generate steps until none has a request
+        # (vLLM's offline data parallelism: each rank calls generate as often, with prompts of its own or none)
+        lockstep = self.engine.runner.expert_group is not None
+        while self.engine.has_unfinished_requests() or lockstep:
             for output in self.engine.step():
                 if output.finished:
                     finished[output.request_id] = output
@@ -61,6 +64,7 @@ class LLM:
                 for other in order:
                     self.engine.abort_request(other)
                 raise RuntimeError(f"prompt {order.index(request_id)} failed: {error}") from error
+            lockstep = self.engine.in_lockstep()
         return [finished[i] for i in order]
 
     def chat(self, messages: list[dict] | list[list[dict]],

@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import httpx
 import openai
@@ -115,6 +116,22 @@ def test_unknown_replica_and_model_admin_are_refused(server):
     assert httpx.post(f"{server.url}/v1/load_lora_adapter", json={}, headers=auth()).status_code == 501
 
 
+def kill_a_replica_during(server, run: Callable[[int], str], each: int) -> list[str]:
+    """`run(i)`'s outcome for `each` requests per replica (the router alternates), started at once; replica 0 is
+    killed (SIGKILL) once they all run."""
+    with ThreadPoolExecutor(2 * each) as pool:
+        futures = [pool.submit(run, i) for i in range(2 * each)]
+        deadline = time.monotonic() + 30
+        while list(per_replica(server.url)["vllm:num_requests_running"].values()) != [each, each]:
+            assert time.monotonic() < deadline, f"the requests did not start, {each} on each replica"
+            time.sleep(0.02)
+        replicas = [p for p in psutil.Process(server.process.pid).children()
+                    if "resource_tracker" not in " ".join(p.cmdline())]
+        assert len(replicas) == 2
+        os.kill(replicas[0].pid, signal.SIGKILL)
+        return [f.result(timeout=60) for f in futures]
+
+
 def test_a_killed_replica_fails_health_and_its_requests_while_the_other_serves(server, client):
     """Runs last: it leaves the server with one replica."""
     model = client.models.list().data[0].id
@@ -129,17 +146,7 @@ def test_a_killed_replica_fails_health_and_its_requests_while_the_other_serves(s
         except openai.APIError as e:
             return f"error: {e}"
 
-    with ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(run, i) for i in range(4)]  # two on each replica: the router alternates
-        deadline = time.monotonic() + 30
-        while list(per_replica(server.url)["vllm:num_requests_running"].values()) != [2, 2]:
-            assert time.monotonic() < deadline, "the four requests did not start, two on each replica"
-            time.sleep(0.02)
-        replicas = [p for p in psutil.Process(server.process.pid).children()
-                    if "resource_tracker" not in " ".join(p.cmdline())]
-        assert len(replicas) == 2
-        os.kill(replicas[0].pid, signal.SIGKILL)
-        outcomes = [f.result(timeout=60) for f in futures]
+    outcomes = kill_a_replica_during(server, run, 2)
     assert sorted(o.startswith("error:") for o in outcomes) == [False, False, True, True], outcomes
     assert outcomes.count("length") == 2
     assert not healthy(server.url)

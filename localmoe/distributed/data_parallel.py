@@ -15,6 +15,10 @@ pipes, where a replica takes it as a lone server takes a signal (the first drain
 front exits once every replica has. A replica never outlives the front: the pipe closing (the front gone, even
 killed) drains it too. A replica that dies is not restarted: its requests end with an error, the others keep
 serving, and the front's /health fails so that an orchestrator replaces the whole server.
+
+With --enable-expert-parallel the replicas are the ranks of one expert-parallel group as well
+(distributed/dp_expert_parallel.py): replica i is rank i, they meet on a port the front picks, and each holds
+1/N of the routed experts. Their steps then run together, so a replica that dies fails the others' steps too.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ import torch
 import typer
 import uvicorn
 
-from localmoe.config import Config, ConfigError
+from localmoe.config import Config, ConfigError, EngineConfig
+from localmoe.distributed.executor import free_port
 from localmoe.engine.model_runner import resolve_device
 from localmoe.server.drain import DrainingServer
 
@@ -75,6 +80,9 @@ def data_parallel_size(config: Config) -> int:
     if size > 1 and any(placement.port is not None for placement in config.placements):
         raise ConfigError("data_parallel_size: a model's own port (vllm_instances' port) is not served by replicas "
                           "yet; serve every model on the shared endpoint")
+    if size > 1 and len(config.engines) > 1 and any(e.enable_expert_parallel for e in config.engines):
+        raise ConfigError("enable_expert_parallel: the replicas' ranks meet in one process group, for one model; "
+                          "serve one model with data_parallel_size and expert parallelism")
     if size > 1 and any(engine.routing_trace for engine in config.engines):
         raise ConfigError("routing_trace: every replica would append to the same file; trace with "
                           "data_parallel_size 1")
@@ -104,15 +112,21 @@ def placements(config: Config, size: int) -> list[Placement]:
             for i in range(size)]
 
 
-def replica_config(config: Config) -> Config:
-    """`config` as one replica serves it: one engine per model, on a loopback port it picks itself."""
-    return replace(config, engine=replace(config.engine, data_parallel_size=1),
-                   models=tuple(replace(m, data_parallel_size=1) for m in config.models),
+def replica_config(config: Config, index: int, meeting_port: int) -> Config:
+    """`config` as replica `index` serves it, on a loopback port it picks itself: one engine per model, or with
+    expert parallelism rank `index` of the engines that meet on `meeting_port`."""
+    def engine_of(engine: EngineConfig) -> EngineConfig:
+        if engine.enable_expert_parallel:
+            return replace(engine, data_parallel_rank=index, data_parallel_address="127.0.0.1",
+                           data_parallel_master_port=meeting_port)
+        return replace(engine, data_parallel_size=1)
+
+    return replace(config, engine=engine_of(config.engine), models=tuple(map(engine_of, config.models)),
                    server=replace(config.server, host="127.0.0.1", port=0))
 
 
 class Replica:
-    def __init__(self, index: int, config: Config, placement: Placement) -> None:
+    def __init__(self, index: int, config: Config, placement: Placement, meeting_port: int) -> None:
         # Fork where the replica runs on CPU: the front has imported everything a replica needs and has computed
         # nothing (no PyTorch or OpenMP threads yet; OpenBLAS's pool handles fork), so a replica starts without
         # importing it all again, seconds of each core. Spawn for CUDA, unusable in a child forked after the front
@@ -123,7 +137,7 @@ class Replica:
         self.conn, child = context.Pipe()
         # not a daemon: a replica with tensor parallelism starts worker processes of its own
         self.process = context.Process(target=run_replica, name=f"localmoe-dp-replica{index}",
-                                       args=(index, replica_config(config), placement, child))
+                                       args=(index, replica_config(config, index, meeting_port), placement, child))
         self.process.start()
         child.close()
         self.url: str | None = None  # once it reports its port
@@ -174,7 +188,8 @@ def start_replicas(config: Config) -> list[Replica]:
     """Start every replica and wait until each answers /health (its engines built); a replica that fails to
     start stops the others and raises ReplicaStartError."""
     size = data_parallel_size(config)
-    replicas = [Replica(i, config, placement) for i, placement in enumerate(placements(config, size))]
+    meeting_port = free_port()  # where the ranks of expert parallelism meet
+    replicas = [Replica(i, config, placement, meeting_port) for i, placement in enumerate(placements(config, size))]
     try:
         for replica in replicas:
             replica.wait_ready()

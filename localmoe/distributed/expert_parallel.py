@@ -15,6 +15,9 @@ batch moves T * D per rank per block, no more than TP, and needs no all-to-all w
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Callable
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -64,15 +67,17 @@ def _subset(experts: GroupedExperts, keep: torch.Tensor) -> GroupedExperts:
     return subset
 
 
-def apply_ep(model: nn.Module, placement: torch.Tensor) -> None:
+def apply_ep(model: nn.Module, placement: torch.Tensor,
+             spread: Callable[[GroupedExperts, torch.Tensor], Experts] | None = None) -> None:
     """Keep this rank's routed experts of every MoE layer, as `placement` [L, E] (each expert's rank) says; raises
-    ValueError, naming the layer, for experts it cannot spread."""
-    rank = dist.get_rank()
+    ValueError, naming the layer, for experts it cannot spread. `spread(experts, owner)` makes a layer's
+    ExpertParallelExperts (data-parallel ranks exchange their tokens in theirs: dp_expert_parallel.py)."""
+    if spread is None:
+        spread = partial(ExpertParallelExperts, rank=dist.get_rank())
     blocks = moe_blocks(model)
     if len(blocks) != placement.shape[0]:
         raise ValueError(f"the expert placement covers {placement.shape[0]} MoE layers; the model has {len(blocks)}")
     for (path, moe), owner in zip(blocks, placement):
         if not isinstance(moe.experts, GroupedExperts):
             raise ValueError(f"expert parallelism does not spread {type(moe.experts).__name__} ({path})")
-        moe.experts = ExpertParallelExperts(moe.experts, owner[:moe.num_experts], rank)
-
+        moe.experts = spread(moe.experts, owner[:moe.num_experts])

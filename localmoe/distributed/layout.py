@@ -1,4 +1,5 @@
-"""What rank 0 settles before it starts a tensor/expert-parallel engine's workers: can each rank hold its share
+"""What rank 0 settles before it starts a tensor/expert-parallel engine's workers (and each data-parallel rank with
+expert parallelism before it joins the others): can each rank hold its share
 (the planner's numbers, planner/parallel.py, so a refusal says what `localmoe plan` would), and which rank holds
 each routed expert (the placement every rank then applies: the routing counts are read once, here).
 
@@ -28,12 +29,13 @@ def layout_plan(config: EngineConfig, hf_config: dict, device: torch.device, usa
     itemsize = resolve_dtype(config.dtype, hf_config, device).itemsize
     per_param = weight_bytes(quantization_of("none"), itemsize, shape.hidden_size, shape.moe)
     return plan_parallel(shape, count_params(shape), per_param, config.tensor_parallel_size,
-                         config.enable_expert_parallel, itemsize, itemsize, 0, usable_bytes, max_model_len)
+                         config.enable_expert_parallel, itemsize, itemsize, 0, usable_bytes, max_model_len,
+                         config.data_parallel_size if config.data_expert_parallel else 1)
 
 
 def refuse_unfit_layout(config: EngineConfig, hf_config: dict, device: torch.device, max_model_len: int) -> None:
     """Raise ConfigError, with the planner's numbers, where the ranks cannot hold their weights and KV cache."""
-    world = config.tensor_parallel_size
+    world = config.data_parallel_size if config.data_expert_parallel else config.tensor_parallel_size
     if device.type == "cuda":
         usable, where = int(torch.cuda.get_device_properties(device).total_memory
                             * config.gpu_memory_utilization), "gpu_memory_utilization of each device"
@@ -49,11 +51,12 @@ def refuse_unfit_layout(config: EngineConfig, hf_config: dict, device: torch.dev
         return
     mib = 2**20
     layout = "expert parallel" if config.enable_expert_parallel else "tensor parallel"
+    key = "data_parallel_size" if config.data_expert_parallel else "tensor_parallel_size"
     raise ConfigError(
-        f"tensor_parallel_size: {world} ranks ({layout}) do not fit: each needs {need / mib:.1f} MiB, weights "
+        f"{key}: {world} ranks ({layout}) do not fit: each needs {need / mib:.1f} MiB, weights "
         f"{plan.weight_bytes_per_rank / mib:.1f} MiB (routed experts {plan.expert_bytes_per_rank / mib:.1f} MiB) "
         f"+ KV cache {kv / mib:.1f} MiB, and has {usable / mib:.1f} MiB ({where}); see `localmoe plan "
-        f"--tensor-parallel-size {world}{' --enable-expert-parallel' if config.enable_expert_parallel else ''}`. "
+        f"--{key.replace('_', '-')} {world}{' --enable-expert-parallel' if config.enable_expert_parallel else ''}`. "
         f"Use {'more ranks, ' if device.type == 'cuda' else ''}a smaller kv_cache_memory or max_model_len")
 
 
@@ -66,6 +69,6 @@ def expert_placement(config: EngineConfig, hf_config: dict) -> torch.Tensor:
         counts = (load_routing_counts(config.expert_placement_stats) if config.expert_placement_stats is not None
                   else None)
         return model_placement(config.expert_placement, shape.moe.num_experts, len(shape.moe_layers),
-                               config.tensor_parallel_size, counts)
+                               config.expert_parallel_size, counts)
     except ValueError as error:
         raise ConfigError(f"expert_placement: {error}") from None

@@ -14,6 +14,11 @@ Admission is counted here, on the event loop, in sequences (prompts x n): a requ
 synchronously, before its first await, so a burst cannot overshoot the bound. The loop's heartbeat
 and the thread's fate are what /health reports: a dead engine thread, a dead tensor-parallel worker, or a loop that
 makes no progress while work waits is unhealthy, and its waiting requests are failed rather than left hanging.
+
+With expert parallelism over data-parallel ranks (distributed/dp_expert_parallel.py) the loop steps even without
+a request of its own while another rank has one (its steps need this rank's), and when no rank has one it asks
+again every LOCKSTEP_POLL_S instead of sleeping until a request arrives; shut down, it steps on until no rank has
+a request, so that a drain on every rank lets the others' requests finish.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ log = logging.getLogger(__name__)
 # Test-only fault injection, read once: "engine-exit" ends the engine thread at its next step as a crash would,
 # "engine-stall" blocks that step for good. Never set in production; the tests of /health use it.
 FAULT = os.environ.get("LOCALMOE_FAULT_INJECTION", "")
+# how often idle data-parallel ranks with expert parallelism agree whether one has work: a request's wait at most
+LOCKSTEP_POLL_S = 0.02
 
 
 class EngineDeadError(RuntimeError):
@@ -82,6 +89,9 @@ class AsyncEngine:
         self._wakeup.set()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
+        # expert parallelism over data-parallel ranks: the others' requests still need this rank's steps
+        while self._thread.is_alive() and isinstance(self._built, LLMEngine) and self._built.in_lockstep():
+            self._thread.join(timeout=1)
         if isinstance(self._built, LLMEngine):
             self._built.runner.shutdown()
 
@@ -175,7 +185,8 @@ class AsyncEngine:
 
     def _run(self) -> None:
         idle = False
-        while not self._stopped:
+        lockstep = self.engine.runner.expert_group is not None
+        while not self._stopped or (lockstep and self.engine.in_lockstep()):
             self._heartbeat = time.monotonic()
             self.loop_stats.tick()
             self._drain_inbox()
@@ -184,25 +195,38 @@ class AsyncEngine:
                     self.engine.publish_stats()
                     self.loop_stats.publish(time.monotonic())
                     idle = True
-                self._wakeup.wait(timeout=1.0)
+                if lockstep and self.engine.runner.expert_group.failure is None:
+                    # expert parallelism over data-parallel ranks: step with the others, which may have work; when
+                    # none has, wait a moment (a rank that gets a request waits for the others to come round)
+                    try:
+                        self.engine.step()  # no request of its own: at most a dummy step, nothing to deliver
+                    except Exception:  # noqa: BLE001 -- the ranks' group has failed: /health says so
+                        log.exception("a data-parallel step with no request of this rank's failed")
+                    if self.engine.in_lockstep():
+                        continue
+                self._wakeup.wait(timeout=LOCKSTEP_POLL_S if lockstep else 1.0)
                 self._wakeup.clear()
                 continue
             idle = False
-            _inject_fault()
-            started = time.monotonic()
-            try:
-                outputs = self.engine.step()
-            except Exception as error:  # noqa: BLE001 -- outside any one request: every request fails, the pool heals
-                log.exception("engine step failed; aborting every request")
-                failed = self.engine.recover()
-                self._deliver_all([(request_id, RuntimeError(f"engine step failed: {error}"))
-                                   for request_id in failed])
-                continue
-            self.loop_stats.after_step(outputs, started)
-            items: list[tuple[str, object]] = [(output.request_id, output) for output in outputs]
-            items += [(request_id, RequestFailedError(f"the request failed: {error!r}"))
-                      for request_id, error in self.engine.take_failures().items()]
-            self._deliver_all(items)
+            self._step()
+
+    def _step(self) -> None:
+        """One engine step, its outputs (and failures) to their streams."""
+        _inject_fault()
+        started = time.monotonic()
+        try:
+            outputs = self.engine.step()
+        except Exception as error:  # noqa: BLE001 -- outside any one request: every request fails, the pool heals
+            log.exception("engine step failed; aborting every request")
+            failed = self.engine.recover()
+            self._deliver_all([(request_id, RuntimeError(f"engine step failed: {error}"))
+                               for request_id in failed])
+            return
+        self.loop_stats.after_step(outputs, started)
+        items: list[tuple[str, object]] = [(output.request_id, output) for output in outputs]
+        items += [(request_id, RequestFailedError(f"the request failed: {error!r}"))
+                  for request_id, error in self.engine.take_failures().items()]
+        self._deliver_all(items)
 
     def _drain_inbox(self) -> None:
         while True:

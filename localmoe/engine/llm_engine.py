@@ -115,9 +115,11 @@ class LLMEngine:
 
     @classmethod
     def from_config(cls, config: Config) -> "LLMEngine":
-        if config.engine.data_parallel_size != 1:  # replicas are processes behind `localmoe serve`'s API server
+        # replicas are processes behind `localmoe serve`'s API server; with expert parallelism one is given its rank
+        if config.engine.data_parallel_size != 1 and config.engine.data_parallel_rank is None:
             raise ConfigError("data_parallel_size: one engine is one replica; serve replicas with `localmoe serve "
-                              "--data-parallel-size N`")
+                              "--data-parallel-size N` (with enable_expert_parallel, an engine per rank: give each "
+                              "its data_parallel_rank)")
         model_dir, name = resolve_model(config.engine.model_name, config.model)
         return cls(config.engine, model_dir, config.engine.served_model_name or name)
 
@@ -236,6 +238,12 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def in_lockstep(self) -> bool:
+        """Whether other data-parallel ranks may need this engine's steps though it has no request (expert
+        parallelism over them): until a step no rank held a request in."""
+        group = self.runner.expert_group
+        return group is not None and group.failure is None and not group.idle
+
     # ---- the step -------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
@@ -247,6 +255,8 @@ class LLMEngine:
         """
         batch = self.scheduler.schedule()
         self.runner.swap(batch)
+        if self.runner.expert_group is not None:  # the data-parallel ranks' MoE layers run every step together
+            self.runner.join_step(sum(batch.num_tokens), len(self.requests))
         if not batch.seqs:
             return []
         started = time.monotonic()

@@ -21,7 +21,10 @@ after loading (distributed/tensor_parallel.py) and allocates its shard of the KV
 batch into plain StepInputs and sends them to the workers, then all ranks run the same forward pass; the
 logits come together on rank 0. With enable_expert_parallel the routed experts are spread whole over the same
 ranks instead (distributed/expert_parallel.py), as rank 0 places them before it starts the workers; rank 0 first
-refuses a layout whose ranks cannot hold their share (distributed/layout.py).
+refuses a layout whose ranks cannot hold their share (distributed/layout.py). With data_parallel_size N and
+enable_expert_parallel this runner is one data-parallel rank of N (distributed/dp_expert_parallel.py): the whole
+model but for its share of the routed experts, whose MoE layers exchange tokens with the other ranks' each step;
+the fused decoder and CUDA graphs are off there (the exchange is in the experts modules they bypass).
 
 With --enable-lora the LoRA pass (lora/layers.py) wraps the loaded model before the experts pass, which then
 leaves its experts on the grouped path; the fused decoder and CUDA graphs stay off, so every step runs the
@@ -43,6 +46,7 @@ from torch import nn
 
 from localmoe.config import ConfigError, EngineConfig
 from localmoe.distributed.collectives import CollectiveStats, counted
+from localmoe.distributed.dp_expert_parallel import DataParallelExperts, ExpertGroup, join_step
 from localmoe.distributed.expert_parallel import apply_ep
 from localmoe.distributed.layout import expert_placement, refuse_unfit_layout
 from localmoe.distributed.executor import Executor
@@ -136,10 +140,13 @@ class ModelRunner:
         self.config = config
         self.device = resolve_device(config.device, rank) if device is None else device
         self.collectives = CollectiveStats()
-        if rank == 0 and config.tensor_parallel_size > 1:
+        if rank == 0 and (config.tensor_parallel_size > 1 or config.data_expert_parallel):
             hf_config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
             refuse_unfit_layout(config, hf_config, self.device, context_length(config, hf_config))
             placement = expert_placement(config, hf_config) if config.enable_expert_parallel else None
+        self.expert_group = (ExpertGroup(config.data_parallel_rank, config.data_parallel_size, f"tcp://"
+                                         f"{config.data_parallel_address}:{config.data_parallel_master_port}",
+                                         self.device) if config.data_expert_parallel else None)
         # rank 0 starts the other ranks first: they load while it does
         self.workers = (start_executor(config, self.device, partial(ModelRunner, config, model_dir,
                                                                     placement=placement))
@@ -148,6 +155,8 @@ class ModelRunner:
             self._load(model_dir, placement)
             if self.workers is not None:
                 self.workers.wait_ready()
+            if self.expert_group is not None:
+                self.expert_group.join()
         except BaseException:
             self.shutdown()
             raise
@@ -171,6 +180,11 @@ class ModelRunner:
                     apply_ep(self.model, placement)
             except ValueError as error:
                 raise ConfigError(f"{key}: {error}") from None
+        elif self.expert_group is not None:
+            try:
+                apply_ep(self.model, placement, partial(DataParallelExperts, group=self.expert_group))
+            except ValueError as error:
+                raise ConfigError(f"enable_expert_parallel: {error}") from None
         self.dtype = resolve_dtype(config.dtype, self.hf_config, self.device)
         self.max_model_len = context_length(config, self.hf_config)
         self.kv_dtype = cache_dtype(config.kv_cache_dtype, self.dtype)
@@ -194,19 +208,24 @@ class ModelRunner:
             pack_model(self.model)
         # the decoder layers in one kernel call where the model is of a shape it runs (one rank: no collectives)
         self.fused = (FusedDecoder.of(self.model) if packing and config.tensor_parallel_size == 1
-                      and not config.enforce_eager and self.lora is None else None)
+                      and self.expert_group is None and not config.enforce_eager and self.lora is None else None)
         self.block_size = config.block_size
         self.kv_caches: list[torch.Tensor] = []
         self.swap_caches: list[torch.Tensor] = []
         self.graphs: DecodeGraphs | None = None
 
     def shutdown(self) -> None:
-        """Stop the worker processes, if any."""
+        """Stop the worker processes, if any, and leave the data-parallel ranks' group."""
         if self.workers is not None:
             self.workers.stop()
+        if self.expert_group is not None:
+            self.expert_group.leave()
 
     def health_problem(self) -> str | None:
-        """Why this runner cannot run a step (a worker process has gone), or None."""
+        """Why this runner cannot run a step (a worker process has gone, the data-parallel ranks fell out of step),
+        or None."""
+        if self.expert_group is not None:
+            return self.expert_group.failure
         return None if self.workers is None else self.workers.problem()
 
     def weight_bytes(self) -> int:
@@ -226,11 +245,23 @@ class ModelRunner:
     def parallel_stats(self) -> dict | None:
         """The layout and what the steps' collectives moved (distributed/collectives.py); None with one rank."""
         config = self.config
-        if config.tensor_parallel_size == 1:
+        if config.tensor_parallel_size == 1 and self.expert_group is None:
             return None
-        return {"tensor_parallel_size": config.tensor_parallel_size,
+        layout = {"tensor_parallel_size": config.tensor_parallel_size}
+        if self.expert_group is not None:
+            layout = {"data_parallel_size": config.data_parallel_size, "data_parallel_rank": config.data_parallel_rank,
+                      "dummy_steps": self.expert_group.dummy_steps}
+        return {**layout, "expert_parallel_size": config.expert_parallel_size,
                 "expert_placement": config.expert_placement if config.enable_expert_parallel else None,
                 "collective_bytes": self.collectives.summary()}
+
+    def join_step(self, tokens: int, requests: int) -> None:
+        """With expert parallelism over data-parallel ranks: agree this step with the other ranks, and take part in
+        it with no tokens of this rank's where it has none and another has some (dp_expert_parallel.py)."""
+        before = counted()
+        join_step(self.model, self.expert_group, tokens, requests)
+        if not tokens and self.expert_group.peers_compute:
+            self.collectives.observe(before, 0, 0, self.expert_group.rows)
 
     def _on_workers(self, method: str, *args: object) -> None:
         """Have every worker run `method(*args)` on its runner, as rank 0 is about to; a no-op without workers."""
@@ -289,7 +320,7 @@ class ModelRunner:
         # reads blocks from all over the pool.
         # CUDA graphs pad decode steps with rows that write to one scratch block past those the block manager owns
         graphs = (self.device.type == "cuda" and not config.enforce_eager and config.tensor_parallel_size == 1
-                  and not config.offloads_experts and self.lora is None)
+                  and self.expert_group is None and not config.offloads_experts and self.lora is None)
         shapes = kv_cache_shapes(self.model, num_blocks + graphs, config.block_size, self.kv_dtype)
         self.kv_caches = [huge_page_zeros(shape, self.kv_dtype) if self.device.type == "cpu"
                           else torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for shape in shapes]
@@ -365,11 +396,16 @@ class ModelRunner:
         try:
             logits = self._forward(step)
             self.collectives.observe(before, len(step.input_ids),
-                                     len(step.sample_rows) + sum(map(len, step.prompt_rows.values())))
+                                     len(step.sample_rows) + sum(map(len, step.prompt_rows.values())),
+                                     self.expert_group.rows if self.expert_group is not None else 0)
             return logits
         except Exception as error:
-            if self.workers is not None:  # the ranks may be out of step now: no further step can be trusted
+            # the ranks may be out of step now: no further step can be trusted
+            if self.workers is not None:
                 self.workers.stop(self.workers.problem() or f"a tensor-parallel step failed: {error!r}")
+            if self.expert_group is not None:
+                self.expert_group.fail(f"a step failed on data-parallel rank {self.config.data_parallel_rank}: "
+                                       f"{error!r}")
             raise
 
     @torch.inference_mode()

@@ -81,6 +81,6 @@ def expert_stats(observer: RoutingObserver, parallel: dict[str, Any] | None = No
         "prefetch_accuracy": _ratio(prefetch_used, prefetched),
     }
     if parallel is not None:
-        parallel = {**parallel, "expert_parallel": expert_parallel_stats(observer, parallel["tensor_parallel_size"])}
+        parallel = {**parallel, "expert_parallel": expert_parallel_stats(observer, parallel["expert_parallel_size"])}
     return {"object": "expert_stats", "offloading": bool(caches), "layers": layers, "totals": totals,
             "parallel": parallel}

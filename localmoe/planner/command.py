@@ -17,9 +17,10 @@ from localmoe.planner.shape import PlanError, load_config, model_shape
 def plan_command(model: str, dtype: str = "bf16", device: str = "H100-80GB", max_model_len: int | None = None,
                  max_num_seqs: int = 256, kv_cache_dtype: str = "auto", json_output: bool = False,
                  quantization: str = "auto", tensor_parallel_size: int = 1,
-                 enable_expert_parallel: bool = False) -> str:
+                 enable_expert_parallel: bool = False, data_parallel_size: int = 1) -> str:
     """Plan `model` (checkpoint dir, config.json, GGUF file, known name or hub id) on `device`; the text to print.
-    With `tensor_parallel_size` > 1 (and `enable_expert_parallel`) the plan adds that layout, per rank.
+    With `tensor_parallel_size` > 1 (and `enable_expert_parallel`), or `data_parallel_size` > 1 with
+    `enable_expert_parallel`, the plan adds that layout, per rank.
 
     Raises PlanError (a ValueError) with a message for the user on any bad input.
     """
@@ -29,7 +30,8 @@ def plan_command(model: str, dtype: str = "bf16", device: str = "H100-80GB", max
                        max_num_seqs=max_num_seqs, kv_cache_dtype=kv_cache_dtype, quantization=quantization,
                        quantization_config=config.get("quantization_config"),
                        held=partial(gguf_weight_bytes, gguf) if gguf is not None else None,
-                       tensor_parallel_size=tensor_parallel_size, expert_parallel=enable_expert_parallel)
+                       tensor_parallel_size=tensor_parallel_size, expert_parallel=enable_expert_parallel,
+                       data_parallel_size=data_parallel_size)
     return json.dumps(plan_dict(plan), indent=2) if json_output else format_plan(plan)
 
 
@@ -73,22 +75,43 @@ def _bytes(n: int) -> str:
 
 def layout_rows(layout: ParallelPlan, max_model_len: int) -> list[tuple[str, str]]:
     """The layout's lines of the report: memory per rank, then what the collectives move per token."""
+    if layout.data_parallel_size > 1:
+        return _data_parallel_rows(layout, max_model_len)
     n = layout.tensor_parallel_size
     experts = (f"{layout.experts_per_rank} whole experts per MoE layer" if layout.expert_parallel
                else "1/{n} of every expert".format(n=n))
     return [
         ("Layout", f"tensor_parallel_size {n}" + (", expert parallel (EP size = TP size)" if layout.expert_parallel
                                                   else "")),
-        ("  weights per rank", f"{_bytes(layout.weight_bytes_per_rank)} (routed experts "
-                               f"{_bytes(layout.expert_bytes_per_rank)}: {experts})"),
-        ("  KV per rank", f"{_bytes(layout.kv_bytes_per_token_per_rank)} per token; budget "
-                          f"{_bytes(layout.kv_budget_bytes_per_rank)}, {layout.max_concurrent_tokens:,} tokens; "
-                          f"weights + one {max_model_len}-token sequence {_fits(layout.fits)}"),
+        *_memory_rows(layout, experts, max_model_len),
         ("  collectives per token", f"{layout.all_reduces_per_token} all-reduces, "
                                     f"{_bytes(layout.all_reduce_bytes_per_token)} per rank "
                                     f"({_bytes(layout.link_bytes_per_token)} over each link in a ring); logits "
                                     f"gather {_bytes(layout.gather_bytes_per_sampled_token)} per rank per sampled "
                                     "token"),
+    ]
+
+
+def _data_parallel_rows(layout: ParallelPlan, max_model_len: int) -> list[tuple[str, str]]:
+    n = layout.data_parallel_size
+    return [
+        ("Layout", f"data_parallel_size {n}, expert parallel (EP size = DP size): attention, dense layers and "
+                   "shared experts whole on each rank"),
+        *_memory_rows(layout, f"{layout.experts_per_rank} whole experts per MoE layer", max_model_len),
+        ("  collectives per token", f"all-gather {_bytes(layout.all_gather_bytes_per_token)} and reduce-scatter "
+                                    f"{_bytes(layout.reduce_scatter_bytes_per_token)} per rank over the MoE "
+                                    f"layers ({_bytes(layout.link_bytes_per_token)} over each link in a ring); "
+                                    "steps pad to the busiest rank's tokens"),
+    ]
+
+
+def _memory_rows(layout: ParallelPlan, experts: str, max_model_len: int) -> list[tuple[str, str]]:
+    return [
+        ("  weights per rank", f"{_bytes(layout.weight_bytes_per_rank)} (routed experts "
+                               f"{_bytes(layout.expert_bytes_per_rank)}: {experts})"),
+        ("  KV per rank", f"{_bytes(layout.kv_bytes_per_token_per_rank)} per token; budget "
+                          f"{_bytes(layout.kv_budget_bytes_per_rank)}, {layout.max_concurrent_tokens:,} tokens; "
+                          f"weights + one {max_model_len}-token sequence {_fits(layout.fits)}"),
     ]
 
 

@@ -104,11 +104,11 @@ def plan_memory(shape: ModelShape, device: Device, dtype: str = "bf16", max_mode
                 max_num_seqs: int = 256, kv_cache_dtype: str = "auto", quantization: str = "auto",
                 quantization_config: dict[str, Any] | None = None,
                 held: Callable[[ParamCounts, int], WeightBytes] | None = None, tensor_parallel_size: int = 1,
-                expert_parallel: bool = False) -> Plan:
+                expert_parallel: bool = False, data_parallel_size: int = 1) -> Plan:
     """Where `shape` fits on `device`: KV budget, parallel degree, or the size of an expert cache; with
     `tensor_parallel_size` > 1, memory per rank and collective bytes per token of that layout (`expert_parallel`:
-    routed experts spread whole). `quantization_config`: the checkpoint's (config.json), whose own bits and groups
-    its weights keep; `held`: bytes per parameter of a checkpoint that says them tensor by tensor (a GGUF file),
+    routed experts spread whole; over `data_parallel_size` replicas where that is > 1). `quantization_config`: the
+    checkpoint's (config.json), whose own bits and groups its weights keep; `held`: bytes per parameter of a checkpoint that says them tensor by tensor (a GGUF file),
     from its counts and the dtype's bytes."""
     if dtype not in BYTES_PER_PARAM:
         raise PlanError(f"unknown dtype {dtype!r}; use one of {', '.join(BYTES_PER_PARAM)} (8 and 4 bits: "
@@ -168,10 +168,10 @@ def plan_memory(shape: ModelShape, device: Device, dtype: str = "bf16", max_mode
                      + (" (under tensor parallelism MLA's latent KV is replicated, not sharded)"
                         if shape.attention.is_mla else ""))
     layout = None
-    if tensor_parallel_size > 1 or expert_parallel:
+    if tensor_parallel_size > 1 or expert_parallel or data_parallel_size > 1:
         layout = plan_parallel(shape, params, per_param, tensor_parallel_size, expert_parallel,
                                BYTES_PER_PARAM[dtype], KV_BYTES[kv_cache_dtype], KV_SCALE_BYTES[kv_cache_dtype],
-                               usable, max_model_len)
+                               usable, max_model_len, data_parallel_size)
     return Plan(
         model=shape.name, architecture=shape.architecture, dtype=dtype, quantization=quantization_name,
         kv_cache_dtype=kv_cache_dtype,
