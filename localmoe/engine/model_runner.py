@@ -51,16 +51,18 @@ from localmoe.distributed.tensor_parallel import apply_tp
 from localmoe.engine.cuda_graphs import DecodeGraphs, capture_decode_graphs
 from localmoe.engine.memory_profile import peak_step_bytes
 from localmoe.engine.scheduler import ScheduledBatch
-from localmoe.engine.stats import routed_expert_bytes, weights_bytes
+from localmoe.engine.stats import expert_cache_memory, routed_expert_bytes, weights_bytes
 from localmoe.experts.memory_budget import RUNTIME_RESERVE, auto_cache_bytes, memory_left
 from localmoe.experts.offload import OffloadPlan, offloaded_weight
 from localmoe.experts.runtime import convert_experts
+from localmoe.experts.stats import layer_caches
 from localmoe.layers.attention import AttentionMetadata
 from localmoe.layers.cpu_kernels import kernels
 from localmoe.engine.fused_decoder import FusedDecoder
 from localmoe.layers.huge_pages import huge_page_zeros
 from localmoe.layers.kv_cache_dtype import cache_dtype, cache_shape
 from localmoe.layers.linear import pack_model, packing_supported
+from localmoe.layers.moe import moe_blocks
 from localmoe.layers.quant_linear import quantize_linears
 from localmoe.lora.manager import LoraManager
 from localmoe.models.loader import load_model, resolve_dtype
@@ -168,7 +170,7 @@ class ModelRunner:
             try:
                 apply_tp(self.model, split_experts=placement is None)
                 if placement is not None:
-                    apply_ep(self.model, placement)
+                    apply_ep(self.model, placement, self.device)
             except ValueError as error:
                 raise ConfigError(f"{key}: {error}") from None
         self.dtype = resolve_dtype(config.dtype, self.hf_config, self.device)
@@ -231,6 +233,21 @@ class ModelRunner:
         return {"tensor_parallel_size": config.tensor_parallel_size,
                 "expert_placement": config.expert_placement if config.enable_expert_parallel else None,
                 "collective_bytes": self.collectives.summary()}
+
+    def expert_caches(self) -> dict:
+        """This rank's expert caches: each MoE layer's statistics (experts/stats.py), the experts its store holds per
+        layer, and the cache's memory."""
+        store = self.experts.store
+        return {"layers": layer_caches([moe for _, moe in moe_blocks(self.model)]),
+                "held": [layer.held for layer in store.layers.values()] if store is not None else [],
+                "memory": expert_cache_memory(self.experts)}
+
+    def rank_caches(self) -> list[dict] | None:
+        """Each rank's expert_caches, rank 0 first, where the ranks offload their own experts (expert parallelism
+        with offloading); else None: the caches, if any, are this process's."""
+        if self.workers is None or not self.config.offloads_experts:
+            return None
+        return self.on_every_rank("expert_caches")
 
     def _on_workers(self, method: str, *args: object) -> None:
         """Have every worker run `method(*args)` on its runner, as rank 0 is about to; a no-op without workers."""

@@ -15,6 +15,10 @@ the whole projection adds two float32 sums a layer); each sampled token's logits
 bytes from each rank. Expert parallelism adds no collective: every rank has every token after the attention
 block's all-reduce (the dispatch) and the feed-forward block's all-reduce sums the experts' outputs (the combine).
 A ring all-reduce sends 2(N-1)/N of its payload over each rank's link: `link_bytes_per_token`.
+
+Where a rank cannot hold its whole experts beside the rest of its weights and one max_model_len sequence, expert
+parallelism composes with offloading: `experts_cached_per_rank` is how many of its own experts per MoE layer a
+rank's expert cache holds in what is left (--expert-cache-size), the others kept in its store.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class ParallelPlan:
     all_reduce_bytes_per_token: int
     gather_bytes_per_sampled_token: int
     link_bytes_per_token: int  # a ring all-reduce's bytes over each rank's link, all reduces of a token
+    experts_cached_per_rank: int | None = None  # EP that does not fit: a rank's expert cache, experts per layer
 
 
 def _kv_heads_per_rank(num_kv_heads: int, world: int) -> int:
@@ -74,6 +79,11 @@ def plan_parallel(shape: ModelShape, params: ParamCounts, per_param: WeightBytes
     rank_shape = replace(shape, attention=rank_attention)
     kv_per_token = kv_elements_per_token(rank_shape) * kv_bytes + kv_rows_per_token(rank_shape) * kv_scale_bytes
     budget = max(0, usable_bytes - weights)
+    fits = weights + kv_per_token * max_model_len <= usable_bytes
+    cached = None
+    if expert_parallel and not fits and params.num_moe_layers:
+        room = usable_bytes - per_param.of_non_expert(rank) - kv_per_token * max_model_len
+        cached = min(experts_per_rank, max(0, room // (per_param.expert * params.num_moe_layers)))
     reduces = 2 * shape.num_layers + 1
     reduce_bytes = reduces * shape.hidden_size * activation_bytes
     if a.qk_norm == "full":
@@ -84,7 +94,7 @@ def plan_parallel(shape: ModelShape, params: ParamCounts, per_param: WeightBytes
         experts_per_rank=experts_per_rank if expert_parallel else (moe.num_experts if moe else 0),
         kv_bytes_per_token_per_rank=kv_per_token, kv_budget_bytes_per_rank=budget,
         max_concurrent_tokens=budget // kv_per_token if kv_per_token else 0,
-        fits=weights + kv_per_token * max_model_len <= usable_bytes,
+        fits=fits, experts_cached_per_rank=cached,
         all_reduces_per_token=reduces, all_reduce_bytes_per_token=reduce_bytes,
         gather_bytes_per_sampled_token=-(-shape.vocab_size // world) * activation_bytes,
         link_bytes_per_token=reduce_bytes * 2 * (world - 1) // world)
