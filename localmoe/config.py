@@ -256,9 +256,6 @@ class EngineConfig:
              "tensor_parallel_size", "expert offloading does not split experts by feature across tensor-parallel "
              "ranks; add enable_expert_parallel (each rank offloads its own experts), keep experts resident "
              "(expert_cache_size: 0) or use tensor_parallel_size: 1"),
-            (self.tensor_parallel_size > 1 and self.quantization not in (None, "", "none"), "tensor_parallel_size",
-             "quantization is not available with tensor parallelism yet; serve unquantized weights or use "
-             "tensor_parallel_size: 1"),
             (self.swap_space < 0, "swap_space", "swap_space must not be negative"),
             (self.model_name.endswith(".gguf") and not self.tokenizer, "tokenizer",
              "a GGUF file needs --tokenizer pointing at the original checkpoint directory"),

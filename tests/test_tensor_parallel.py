@@ -180,7 +180,6 @@ def test_served_tp2_equals_one_process_then_a_worker_dies(checkpoints, family, t
     ({"distributed_executor_backend": "threads"}, "not one of mp, ray"),
     ({"tensor_parallel_size": 0}, "must be positive"),
     ({"tensor_parallel_size": 2, "expert_cache_size": 2}, "add enable_expert_parallel"),
-    ({"tensor_parallel_size": 2, "quantization": "int8"}, "quantization is not available with tensor"),
 ])
 def test_refused_layouts_name_their_key(settings, refused):
     with pytest.raises(ConfigError, match=refused):

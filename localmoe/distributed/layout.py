@@ -28,7 +28,7 @@ def layout_plan(config: EngineConfig, hf_config: dict, device: torch.device, usa
     """The planner's layout of this checkpoint under `config`'s parallelism, in the dtype it will be served in."""
     shape = model_shape(hf_config.get("_name_or_path", "checkpoint"), hf_config)
     itemsize = resolve_dtype(config.dtype, hf_config, device).itemsize
-    per_param = weight_bytes(quantization_of("none"), itemsize, shape.hidden_size, shape.moe)
+    per_param = weight_bytes(quantization_of(config.quantization or "none"), itemsize, shape.hidden_size, shape.moe)
     return plan_parallel(shape, count_params(shape), per_param, config.tensor_parallel_size,
                          config.enable_expert_parallel, itemsize, itemsize, 0, usable_bytes, max_model_len)
 

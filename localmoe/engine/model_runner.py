@@ -21,7 +21,8 @@ after loading (distributed/tensor_parallel.py) and allocates its shard of the KV
 batch into plain StepInputs and sends them to the workers, then all ranks run the same forward pass; the
 logits come together on rank 0. With enable_expert_parallel the routed experts are spread whole over the same
 ranks instead (distributed/expert_parallel.py), as rank 0 places them before it starts the workers; rank 0 first
-refuses a layout whose ranks cannot hold their share (distributed/layout.py).
+refuses a layout whose ranks cannot hold their share (distributed/layout.py). A quantization asked for at load
+quantizes each rank's shard as one process would the whole (distributed/sharded_quantization.py).
 
 With --enable-lora the LoRA pass (lora/layers.py) wraps the loaded model before the experts pass, which then
 leaves its experts on the grouped path; the fused decoder and CUDA graphs stay off, so every step runs the
@@ -47,6 +48,7 @@ from localmoe.distributed.expert_parallel import apply_ep
 from localmoe.distributed.layout import expert_placement, refuse_unfit_layout
 from localmoe.distributed.executor import Executor
 from localmoe.distributed.mp_executor import MultiprocExecutor
+from localmoe.distributed.sharded_quantization import ShardedScheme
 from localmoe.distributed.tensor_parallel import apply_tp
 from localmoe.engine.cuda_graphs import DecodeGraphs, capture_decode_graphs
 from localmoe.engine.memory_profile import peak_step_bytes
@@ -163,16 +165,21 @@ class ModelRunner:
         if config.enable_lora:
             self.lora = LoraManager(self.model, config.max_loras, config.max_lora_rank)
             log.info("LoRA is enabled: the fused decoder and CUDA graphs are off, experts run on the grouped path")
+        # the checkpoint's own integers, or a quantization asked for at load
+        quant = self.model.quantized_checkpoint or config.quant_scheme
         if config.tensor_parallel_size > 1:
             if self.model.quantized_checkpoint is not None:
-                raise ConfigError("tensor_parallel_size: a quantized checkpoint is not split across ranks yet")
+                raise ConfigError("tensor_parallel_size: a quantized checkpoint is not split across ranks yet; "
+                                  "serve its unquantized original with --quantization")
             key = "enable_expert_parallel" if placement is not None else "tensor_parallel_size"
             try:
-                apply_tp(self.model, split_experts=placement is None)
+                row_parallel = apply_tp(self.model, split_experts=placement is None)
                 if placement is not None:
                     apply_ep(self.model, placement, self.device)
             except ValueError as error:
                 raise ConfigError(f"{key}: {error}") from None
+            if quant is not None:  # each rank's shard quantized as one process quantizes the whole
+                quant = ShardedScheme.of(quant, row_parallel)
         self.dtype = resolve_dtype(config.dtype, self.hf_config, self.device)
         self.max_model_len = context_length(config, self.hf_config)
         self.kv_dtype = cache_dtype(config.kv_cache_dtype, self.dtype)
@@ -184,14 +191,15 @@ class ModelRunner:
         if self.device.type == "cpu":
             kernels()  # built (or loaded from their cache) now, before the server is ready, never inside a request
         packing = packing_supported(self.dtype, self.device)
-        # the checkpoint's own integers, or a quantization asked for at load
-        quant = self.model.quantized_checkpoint or config.quant_scheme
         try:
             self.experts = convert_experts(self.model, self.device, packing, self._offload_plan(model_dir), quant)
         except ValueError as error:
             raise ConfigError(str(error)) from None
         if quant is not None and not quant.experts_only:
-            quantize_linears(self.model, quant)
+            try:
+                quantize_linears(self.model, quant)
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
         if packing:
             pack_model(self.model)
         # the decoder layers in one kernel call where the model is of a shape it runs (one rank: no collectives)
