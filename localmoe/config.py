@@ -183,10 +183,11 @@ class EngineConfig:
                                         "per sequence per engine step). If unspecified, no trace.")
     expert_cache_size: int = setting(0, "Expert offloading: experts per MoE layer kept in cache slots on the "
                                      "compute device, the others where --expert-offload-target says; 0: all "
-                                     "resident.")
+                                     "resident. With --enable-expert-parallel: each rank's, of its own experts.")
     expert_cache_memory: str | None = setting(None, "Expert offloading by size: the expert cache's bytes over all "
                                               "MoE layers (512MiB, 4G, ...), or auto: what the process's memory "
-                                              "limit leaves. Excludes --expert-cache-size.")
+                                              "limit leaves. Excludes --expert-cache-size. With "
+                                              "--enable-expert-parallel: each rank's, for its own experts.")
     expert_cache_policy: str = setting("lru", "Which cached expert makes room for another: lru, lfu or lfru.")
     expert_offload_target: str = setting("host", "Where experts outside the cache live: host (memory) or disk "
                                          "(the checkpoint's safetensors, read by offset).")
@@ -260,9 +261,12 @@ class EngineConfig:
              "replicas are independent servers"),
             (self.data_parallel_rank is not None and not 0 <= self.data_parallel_rank < self.data_parallel_size,
              "data_parallel_rank", f"data_parallel_rank must be in [0, data_parallel_size {self.data_parallel_size})"),
-            (self.enable_expert_parallel and self.offloads_experts, "enable_expert_parallel",
-             "expert offloading is not available with expert parallelism yet; keep experts resident "
-             "(expert_cache_size: 0)"),
+            (self.data_expert_parallel and self.offloads_experts, "enable_expert_parallel",
+             "expert offloading is not available with expert parallelism over data-parallel replicas yet; keep "
+             "experts resident (expert_cache_size: 0) or use tensor_parallel_size > 1"),
+            (self.enable_expert_parallel and self.expert_cache_bytes == "auto", "expert_cache_memory",
+             "auto sizes one process's cache from the memory it may use; with expert parallelism the ranks share "
+             "it: give each rank's cache in bytes"),
             (self.expert_placement not in PLACEMENTS, "expert_placement",
              f"expert_placement {self.expert_placement!r} is not one of {', '.join(PLACEMENTS)}"),
             (self.expert_placement != "contiguous" and not self.enable_expert_parallel, "expert_placement",
@@ -287,12 +291,10 @@ class EngineConfig:
             (self.distributed_executor_backend == "ray" and importlib.util.find_spec("ray") is None,
              "distributed_executor_backend", "the ray backend needs Ray: pip install 'localmoe[ray]'"),
             (self.ray_cpus_per_worker < 1, "ray_cpus_per_worker", "ray_cpus_per_worker must be positive"),
-            (self.tensor_parallel_size > 1 and self.offloads_experts, "tensor_parallel_size",
-             "expert offloading is not available with tensor parallelism yet; keep experts resident "
+            (self.tensor_parallel_size > 1 and self.offloads_experts and not self.enable_expert_parallel,
+             "tensor_parallel_size", "expert offloading does not split experts by feature across tensor-parallel "
+             "ranks; add enable_expert_parallel (each rank offloads its own experts), keep experts resident "
              "(expert_cache_size: 0) or use tensor_parallel_size: 1"),
-            (self.tensor_parallel_size > 1 and self.quantization not in (None, "", "none"), "tensor_parallel_size",
-             "quantization is not available with tensor parallelism yet; serve unquantized weights or use "
-             "tensor_parallel_size: 1"),
             (self.swap_space < 0, "swap_space", "swap_space must not be negative"),
             (self.model_name.endswith(".gguf") and not self.tokenizer, "tokenizer",
              "a GGUF file needs --tokenizer pointing at the original checkpoint directory"),

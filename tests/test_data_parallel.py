@@ -1,5 +1,5 @@
 """Data parallelism: `localmoe serve --data-parallel-size 2` on a tiny random Mixtral (float32), one server for the
-module, through the openai client. Greedy outputs equal the offline engine's; a burst lands on both replicas;
+module, through the openai client; Qwen2-MoE and DeepSeek-V3 each get a server of their own for greedy parity. Greedy outputs equal the offline engine's; a burst lands on both replicas;
 requests sharing a long prefix land on one replica, whose prefix cache hits; a client that leaves aborts its
 request on its replica; a killed replica fails /health and ends exactly its own in-flight requests with an error
 while the other keeps serving. The router's choices and the refusals are checked without a server."""
@@ -26,6 +26,7 @@ from localmoe.config import ConfigError, load_config
 from localmoe.distributed import data_parallel
 from localmoe.server.dp_router import AFFINITY_SLACK, PREFIX_BLOCK_CHARS, Router, prefix_blocks
 from server_process import API_KEY, SMALL_KV, auth, healthy, serve
+from test_tensor_parallel import family_checkpoints
 
 PROMPTS = ["The first replica", "Data parallel serving", "Mixture of experts", "Route me anywhere",
            "Four more words here", "One two three", "Least loaded wins", "Abort nothing"]
@@ -77,6 +78,24 @@ def test_greedy_outputs_equal_the_offline_engine_and_a_burst_lands_on_both(serve
     assert sum(served.values()) == len(PROMPTS) and all(n > 0 for n in served.values()), served
     routed = delta(before, after, "localmoe:dp_requests_routed_total")
     assert routed == served
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
+def test_other_families_serve_as_one_process(family, tmp_path_factory):
+    """Qwen2-MoE (gated shared expert) and DeepSeek-V3 (MLA, dense first layer, grouped sigmoid routing), one server
+    each: a burst's greedy outputs are the offline engine's, and both replicas served some of it."""
+    checkpoint = family_checkpoints(tmp_path_factory)(family)
+    prompts = PROMPTS[:4]
+    expected = engine(checkpoint, block_size=16).generate(prompts, SamplingParams(max_tokens=NEW, temperature=0))
+    with serve(tmp_path_factory.mktemp(f"dp-{family}"), "--model", str(checkpoint), "--dtype", "float32",
+               *SMALL_KV, "--data-parallel-size", "2") as running:
+        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+        model = client.models.list().data[0].id
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            answers = list(pool.map(lambda p: complete(client, model, p), prompts))
+        assert [a.choices[0].text for a in answers] == [e.outputs[0].text for e in expected]
+        served = per_replica(running.url)["vllm:request_success_total"]
+        assert sum(served.values()) == len(prompts) and all(served[r] > 0 for r in ("0", "1")), served
 
 
 def test_requests_sharing_a_prefix_land_on_one_replica_and_hit_its_cache(server, client):

@@ -100,6 +100,45 @@ def test_ep2_equals_one_process(checkpoints, family, tmp_path):
         ep.engine.runner.shutdown()
 
 
+# a budget below each rank's experts per layer (top-2 of 2 held), so both ranks' caches miss
+OFFLOADS = {"mixtral": {"expert_cache_size": 1, "expert_offload_target": "host"},
+            "qwen2_moe": {"expert_cache_size": 1, "expert_offload_target": "disk"}}
+
+
+@pytest.mark.parametrize("family", list(OFFLOADS))
+def test_ep2_with_offloading_equals_one_process_without(checkpoints, family):
+    """Each rank offloads its own experts: its store holds them alone, its cache misses, and the logits and tokens
+    are one resident process's; the statistics count each rank's cache."""
+    checkpoint = checkpoints(family)
+    single = engine(checkpoint, **SETTINGS)
+    expected_steps, expected_tokens = run_prompts(single)
+    ep = engine(checkpoint, **EP, **OFFLOADS[family], **SETTINGS)
+    try:
+        assert_runs_as_one_process(ep, expected_steps, expected_tokens)
+        ep.engine.publish_stats()
+        experts, memory = ep.engine.snapshot.experts, ep.engine.snapshot.memory
+        ranks = experts["parallel"]["ranks"]
+        assert [r["rank"] for r in ranks] == [0, 1] and all(r["cache_misses"] > 0 for r in ranks)
+        assert sum(r["cache_misses"] for r in ranks) == experts["totals"]["cache_misses"]
+        assert sum(r["bytes_loaded"] for r in ranks) == experts["totals"]["bytes_loaded"] > 0
+        blocks = moe_blocks(ep.engine.model)
+        owners = torch.stack([moe.experts.owner for _, moe in blocks])
+        for rank, report in enumerate(ranks):  # each rank's store holds its own experts, as the placement says
+            assert report["store_experts"] == [torch.nonzero(owner == rank).flatten().tolist() for owner in owners]
+        store = ep.engine.runner.experts.store
+        assert [layer.held for layer in store.layers.values()] == ranks[0]["store_experts"]
+        # per layer, each expert's misses are its rank's: the merged lists count every expert somewhere
+        assert all(sum(layer["cache"]["misses"]) > 0 for layer in experts["layers"])
+        cache = memory["expert_cache"]
+        assert [r["slots"] for r in cache["ranks"]] == [len(blocks)] * 2 and cache["slots"] == 2 * len(blocks)
+        assert cache["budget_bytes"] == sum(r["budget_bytes"] for r in cache["ranks"]) > 0
+        whole = single.engine.runner.expert_bytes()
+        stored = [r["store_host_bytes"] for r in cache["ranks"]]
+        assert stored == ([whole // 2] * 2 if OFFLOADS[family]["expert_offload_target"] == "host" else [0, 0])
+    finally:
+        ep.engine.runner.shutdown()
+
+
 def trace_halves(tmp_path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens per (layer, expert) of the first and of the second half of the built-in model's routing trace."""
     lines = TRACE.read_text().splitlines()
@@ -140,12 +179,18 @@ def test_placements_keep_every_rank_the_same_number_of_experts():
 
 
 def test_served_ep2_equals_one_process(checkpoints, tmp_path):
+    """Served with each rank offloading its own experts to disk, a cache of one expert per layer per rank (by
+    bytes): /v1/stats/experts and /v1/stats/memory report each rank's cache."""
     checkpoint = checkpoints("qwen2_moe")
     prompts = ["Experts spread over ranks", "Mixture of experts, each whole on one rank"]
     single = engine(checkpoint, **SETTINGS)
     expected = single.generate(prompts, SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True, logprobs=1))
+    hf = single.engine.hf_config
+    one_expert = 3 * hf["hidden_size"] * hf["moe_intermediate_size"] * 4  # float32 w1, w2, w3
+    layers = len(moe_blocks(single.engine.model))
     with serve(tmp_path, "--model", str(checkpoint), *SERVE_FLAGS, "--tensor-parallel-size", "2",
-               "--enable-expert-parallel", "--expert-placement", "round-robin") as server:
+               "--enable-expert-parallel", "--expert-placement", "round-robin", "--expert-offload-target", "disk",
+               "--expert-cache-memory", str(layers * one_expert)) as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
         model = client.models.list().data[0].id
         served = client.completions.create(model=model, prompt=prompts, max_tokens=NEW, temperature=0, logprobs=1,
@@ -157,11 +202,16 @@ def test_served_ep2_equals_one_process(checkpoints, tmp_path):
         assert sum(parallel["expert_parallel"]["tokens_per_rank"]) == experts["totals"]["tokens_routed"] > 0
         assert parallel["expert_parallel"]["rank_imbalance"] >= 1.0
         assert parallel["collective_bytes"]["bytes_per_token"] > 0
+        assert [r["store_experts"] for r in parallel["ranks"]] == [[[0, 2]] * layers, [[1, 3]] * layers]
+        assert all(r["cache_misses"] > 0 for r in parallel["ranks"])
+        memory = httpx.get(f"{server.url}/v1/stats/memory", headers=auth()).json()["expert_cache"]
+        assert [r["budget_bytes"] for r in memory["ranks"]] == [layers * one_expert] * 2
+        assert [r["offload_target"] for r in memory["ranks"]] == ["disk"] * 2
 
 
 @pytest.mark.parametrize("settings, refused", [
     ({"enable_expert_parallel": True}, "enable_expert_parallel: expert parallelism spreads"),
-    ({**EP, "expert_cache_size": 2}, "enable_expert_parallel: expert offloading is not available with expert"),
+    ({**EP, "expert_cache_memory": "auto"}, "expert_cache_memory: auto sizes one process's cache"),
     ({**EP, "expert_placement": "random"}, "not one of contiguous, round-robin, balanced"),
     ({**EP, "expert_placement": "balanced"}, "expert_placement_stats: balanced placement needs"),
     ({"expert_placement": "round-robin"}, "expert_placement: an expert placement places"),
@@ -204,6 +254,15 @@ def test_plan_prints_memory_per_rank_and_collective_bytes_per_token():
         assert layout["gather_bytes_per_sampled_token"] == 16000 * 2
         assert layout["expert_bytes_per_rank"] == 32 * 4 * expert  # half the experts, or half of each
         assert layout["experts_per_rank"] == (4 if ep else 8)
+    assert layouts[True]["experts_cached_per_rank"] is None  # 4 experts a layer fit beside the rest on an H100
+    # on a 40 GB device a rank's 4 experts a layer (42 GiB) do not: its expert cache holds fewer, its store the rest
+    small = runner.invoke(app, ["plan", "Mixtral-8x7B", "--tensor-parallel-size", "2", "--enable-expert-parallel",
+                                "--device", "A100-40GB", "--max-model-len", "4096", "--json"])
+    cached = json.loads(small.output)["layout"]["experts_cached_per_rank"]
+    assert 0 < cached < 4
+    text = runner.invoke(app, ["plan", "Mixtral-8x7B", "--tensor-parallel-size", "2", "--enable-expert-parallel",
+                               "--device", "A100-40GB", "--max-model-len", "4096"])
+    assert f"expert cache per rank  {cached} of its 4 experts per MoE layer" in text.output
     text = runner.invoke(app, ["plan", "DeepSeek-V3", "--tensor-parallel-size", "32", "--enable-expert-parallel"])
     assert "8 whole experts per MoE layer" in text.output and "123 all-reduces" in text.output
     refused = runner.invoke(app, ["plan", "Mixtral-8x7B", "--tensor-parallel-size", "16", "--enable-expert-parallel"])

@@ -179,8 +179,7 @@ def test_served_tp2_equals_one_process_then_a_worker_dies(checkpoints, family, t
     ({"ray_cpus_per_worker": 0}, "ray_cpus_per_worker must be positive"),
     ({"distributed_executor_backend": "threads"}, "not one of mp, ray"),
     ({"tensor_parallel_size": 0}, "must be positive"),
-    ({"tensor_parallel_size": 2, "expert_cache_size": 2}, "expert offloading is not available with tensor"),
-    ({"tensor_parallel_size": 2, "quantization": "int8"}, "quantization is not available with tensor"),
+    ({"tensor_parallel_size": 2, "expert_cache_size": 2}, "add enable_expert_parallel"),
 ])
 def test_refused_layouts_name_their_key(settings, refused):
     with pytest.raises(ConfigError, match=refused):

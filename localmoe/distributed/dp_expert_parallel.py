@@ -100,8 +100,9 @@ class DataParallelExperts(ExpertParallelExperts):
     """A MoE layer's routed experts spread over data-parallel ranks: called with this rank's tokens, it exchanges
     them with the other ranks' (see the module's docstring) and returns the experts' output for its own."""
 
-    def __init__(self, experts: GroupedExperts, owner: torch.Tensor, group: ExpertGroup) -> None:
-        super().__init__(experts, owner, group.rank)
+    def __init__(self, experts: GroupedExperts, owner: torch.Tensor, group: ExpertGroup,
+                 device: torch.device) -> None:
+        super().__init__(experts, owner, group.rank, device)
         self.group = group
         self.hidden_size, self.dtype = experts.w2.shape[1], experts.w2.dtype  # of the rows a dummy step sends
 

@@ -28,30 +28,33 @@ from localmoe.layers.moe import Experts, GroupedExperts, moe_blocks
 class ExpertParallelExperts(Experts):
     """The experts of one MoE layer this rank holds (`local`, E_r of them, whichever implementation the experts
     pass then gives them), behind the layer's global expert ids: forward maps each id to its local index, -1
-    where another rank holds it. `owner` [E] is every expert's rank (for the statistics per rank)."""
+    where another rank holds it. `owner` [E] is every expert's rank (for the statistics per rank); `held` the
+    global ids of this rank's experts, in local order. With offloading the experts' weights are not loaded (meta):
+    the offloading pass then gives `local` this rank's experts from a store of its own (experts/offload.py)."""
 
-    def __init__(self, experts: GroupedExperts, owner: torch.Tensor, rank: int) -> None:
+    def __init__(self, experts: GroupedExperts, owner: torch.Tensor, rank: int, device: torch.device) -> None:
         super().__init__()
         self.num_experts = experts.num_experts
         self.owner = owner.cpu()
         mine = torch.nonzero(self.owner == rank).flatten()
+        self.held: list[int] = mine.tolist()
         # global id + 1 -> local id: index 0 is id -1 (routed nowhere), which stays -1
         local_of = torch.full((self.num_experts + 1,), -1, dtype=torch.long)
         local_of[mine + 1] = torch.arange(len(mine))
-        self.register_buffer("local_of", local_of.to(experts.w13.device), persistent=False)
+        self.register_buffer("local_of", local_of.to(device), persistent=False)
         self.local: Experts = _subset(experts, mine)
 
-    def _local_ids(self, ids: torch.Tensor) -> torch.Tensor:
+    def local_ids(self, ids: torch.Tensor) -> torch.Tensor:
         return self.local_of[ids + 1]
 
     def partial(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return self.local.partial(x, weights, self._local_ids(ids))
+        return self.local.partial(x, weights, self.local_ids(ids))
 
     def combine(self, weights: torch.Tensor, total: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return self.local.combine(weights, total, dtype)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return self.local(x, weights, self._local_ids(ids))
+        return self.local(x, weights, self.local_ids(ids))
 
 
 def _subset(experts: GroupedExperts, keep: torch.Tensor) -> GroupedExperts:
@@ -67,11 +70,12 @@ def _subset(experts: GroupedExperts, keep: torch.Tensor) -> GroupedExperts:
     return subset
 
 
-def apply_ep(model: nn.Module, placement: torch.Tensor,
-             spread: Callable[[GroupedExperts, torch.Tensor], Experts] | None = None) -> None:
-    """Keep this rank's routed experts of every MoE layer, as `placement` [L, E] (each expert's rank) says; raises
-    ValueError, naming the layer, for experts it cannot spread. `spread(experts, owner)` makes a layer's
-    ExpertParallelExperts (data-parallel ranks exchange their tokens in theirs: dp_expert_parallel.py)."""
+def apply_ep(model: nn.Module, placement: torch.Tensor, device: torch.device,
+             spread: Callable[..., Experts] | None = None) -> None:
+    """Keep this rank's routed experts of every MoE layer, as `placement` [L, E] (each expert's rank) says, on
+    `device`; raises ValueError, naming the layer, for experts it cannot spread. `spread(experts, owner, device=)`
+    makes a layer's ExpertParallelExperts (data-parallel ranks exchange their tokens in theirs:
+    dp_expert_parallel.py)."""
     if spread is None:
         spread = partial(ExpertParallelExperts, rank=dist.get_rank())
     blocks = moe_blocks(model)
@@ -80,4 +84,4 @@ def apply_ep(model: nn.Module, placement: torch.Tensor,
     for (path, moe), owner in zip(blocks, placement):
         if not isinstance(moe.experts, GroupedExperts):
             raise ValueError(f"expert parallelism does not spread {type(moe.experts).__name__} ({path})")
-        moe.experts = spread(moe.experts, owner[:moe.num_experts])
+        moe.experts = spread(moe.experts, owner[:moe.num_experts], device=device)

@@ -15,7 +15,10 @@ and norms stay replicated: every rank routes the same tokens to the same experts
 head keep V/N rows each (padded to equal shards): the embedding's partial lookups are all-reduced, the head's
 logits gathered on rank 0, the only rank that samples.
 
-Runs before the experts pass (experts/runtime.py) and pack_model, which then lay out each rank's shard.
+Runs before the experts pass (experts/runtime.py), the quantization pass and pack_model, which then lay out each
+rank's shard; it names the parameters it split along their columns (row-parallel: o_proj, down projections, the
+experts' w2), whose rows a quantization of the shard must treat as parts of whole rows
+(distributed/sharded_quantization.py).
 """
 
 from __future__ import annotations
@@ -35,10 +38,11 @@ from localmoe.layers.moe import GroupedExperts, SparseMoE
 from localmoe.models.llama import MLP, Attention, LlamaForCausalLM
 
 
-def apply_tp(model: nn.Module, split_experts: bool = True) -> None:
-    """Shard `model` in place for this process's rank of the default process group; raises ValueError, naming the
-    part, for a model it cannot split. Without `split_experts` the routed experts stay whole, for apply_ep
-    (distributed/expert_parallel.py) to spread over the ranks."""
+def apply_tp(model: nn.Module, split_experts: bool = True) -> frozenset[str]:
+    """Shard `model` in place for this process's rank of the default process group; returns the names of the
+    parameters split along their columns. Raises ValueError, naming the part, for a model it cannot split. Without
+    `split_experts` the routed experts stay whole, for apply_ep (distributed/expert_parallel.py) to spread over the
+    ranks."""
     rank, world = dist.get_rank(), dist.get_world_size()
     if not isinstance(model, LlamaForCausalLM):
         raise ValueError(f"tensor parallelism does not split {type(model).__name__} yet")
@@ -54,6 +58,11 @@ def apply_tp(model: nn.Module, split_experts: bool = True) -> None:
         for block in (layer.self_attn, layer.mlp):
             block.register_forward_hook(_all_reduce_output)
     _shard_vocabulary(model, rank, world)
+    return frozenset(f"{path}.{name}" for path, module in model.named_modules()
+                     for name in getattr(module, ROW_PARALLEL, ()))
+
+
+ROW_PARALLEL = "row_parallel_params"  # a module's attribute: its parameters split along their columns
 
 
 def _all_reduce_output(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -83,6 +92,7 @@ def _column_parallel(linear: nn.Linear, rows: torch.Tensor) -> None:
 def _row_parallel(linear: Linear, columns: torch.Tensor, rank: int) -> None:
     linear.weight = _keep(linear.weight, 1, columns)
     linear.in_features = len(columns)
+    setattr(linear, ROW_PARALLEL, ("weight",))
     if rank != 0:
         linear.bias = None
 
@@ -169,6 +179,7 @@ def _shard_experts(experts: GroupedExperts, rank: int, world: int) -> None:
     rows = torch.cat([share, intermediate + share])  # w13: gate rows, then up rows
     experts.w13 = _keep(experts.w13, 1, rows)
     experts.w2 = _keep(experts.w2, 2, share)
+    setattr(experts, ROW_PARALLEL, ("w2",))
     if experts.w13_bias is not None:
         experts.w13_bias = _keep(experts.w13_bias, 1, rows)
         if rank != 0:  # mixed by the routing weights like the rest, so added once when kept on one rank

@@ -393,8 +393,9 @@ class LLMEngine:
         if not force and now - self.snapshot.at < PUBLISH_INTERVAL_S:
             return
         bm = self.block_manager
-        self.snapshot = StatsSnapshot(self.stats, expert_stats(self.observer, self.runner.parallel_stats()),
-                                      self.memory.snapshot(bm.num_blocks, bm.num_free_blocks, bm.usage), now)
+        ranks = self.runner.rank_caches()  # the workers' caches too, under expert parallelism with offloading
+        self.snapshot = StatsSnapshot(self.stats, expert_stats(self.observer, self.runner.parallel_stats(), ranks),
+                                      self.memory.snapshot(bm.num_blocks, bm.num_free_blocks, bm.usage, ranks), now)
 
     @property
     def stats(self) -> EngineStats:

@@ -21,10 +21,12 @@ after loading (distributed/tensor_parallel.py) and allocates its shard of the KV
 batch into plain StepInputs and sends them to the workers, then all ranks run the same forward pass; the
 logits come together on rank 0. With enable_expert_parallel the routed experts are spread whole over the same
 ranks instead (distributed/expert_parallel.py), as rank 0 places them before it starts the workers; rank 0 first
-refuses a layout whose ranks cannot hold their share (distributed/layout.py). With data_parallel_size N and
-enable_expert_parallel this runner is one data-parallel rank of N (distributed/dp_expert_parallel.py): the whole
-model but for its share of the routed experts, whose MoE layers exchange tokens with the other ranks' each step;
-the fused decoder and CUDA graphs are off there (the exchange is in the experts modules they bypass).
+refuses a layout whose ranks cannot hold their share (distributed/layout.py). A quantization asked for at load
+quantizes each rank's shard as one process would the whole (distributed/sharded_quantization.py). With
+data_parallel_size N and enable_expert_parallel this runner is one data-parallel rank of N
+(distributed/dp_expert_parallel.py): the whole model but for its share of the routed experts, whose MoE layers
+exchange tokens with the other ranks' each step; the fused decoder and CUDA graphs are off there (the exchange is
+in the experts modules they bypass).
 
 With --enable-lora the LoRA pass (lora/layers.py) wraps the loaded model before the experts pass, which then
 leaves its experts on the grouped path; the fused decoder and CUDA graphs stay off, so every step runs the
@@ -51,20 +53,23 @@ from localmoe.distributed.expert_parallel import apply_ep
 from localmoe.distributed.layout import expert_placement, refuse_unfit_layout
 from localmoe.distributed.executor import Executor
 from localmoe.distributed.mp_executor import MultiprocExecutor
+from localmoe.distributed.sharded_quantization import ShardedScheme
 from localmoe.distributed.tensor_parallel import apply_tp
 from localmoe.engine.cuda_graphs import DecodeGraphs, capture_decode_graphs
 from localmoe.engine.memory_profile import peak_step_bytes
 from localmoe.engine.scheduler import ScheduledBatch
-from localmoe.engine.stats import routed_expert_bytes, weights_bytes
+from localmoe.engine.stats import expert_cache_memory, routed_expert_bytes, weights_bytes
 from localmoe.experts.memory_budget import RUNTIME_RESERVE, auto_cache_bytes, memory_left
 from localmoe.experts.offload import OffloadPlan, offloaded_weight
 from localmoe.experts.runtime import convert_experts
+from localmoe.experts.stats import layer_caches
 from localmoe.layers.attention import AttentionMetadata
 from localmoe.layers.cpu_kernels import kernels
 from localmoe.engine.fused_decoder import FusedDecoder
 from localmoe.layers.huge_pages import huge_page_zeros
 from localmoe.layers.kv_cache_dtype import cache_dtype, cache_shape
 from localmoe.layers.linear import pack_model, packing_supported
+from localmoe.layers.moe import moe_blocks
 from localmoe.layers.quant_linear import quantize_linears
 from localmoe.lora.manager import LoraManager
 from localmoe.models.loader import load_model, resolve_dtype
@@ -170,19 +175,24 @@ class ModelRunner:
         if config.enable_lora:
             self.lora = LoraManager(self.model, config.max_loras, config.max_lora_rank)
             log.info("LoRA is enabled: the fused decoder and CUDA graphs are off, experts run on the grouped path")
+        # the checkpoint's own integers, or a quantization asked for at load
+        quant = self.model.quantized_checkpoint or config.quant_scheme
         if config.tensor_parallel_size > 1:
             if self.model.quantized_checkpoint is not None:
-                raise ConfigError("tensor_parallel_size: a quantized checkpoint is not split across ranks yet")
+                raise ConfigError("tensor_parallel_size: a quantized checkpoint is not split across ranks yet; "
+                                  "serve its unquantized original with --quantization")
             key = "enable_expert_parallel" if placement is not None else "tensor_parallel_size"
             try:
-                apply_tp(self.model, split_experts=placement is None)
+                row_parallel = apply_tp(self.model, split_experts=placement is None)
                 if placement is not None:
-                    apply_ep(self.model, placement)
+                    apply_ep(self.model, placement, self.device)
             except ValueError as error:
                 raise ConfigError(f"{key}: {error}") from None
+            if quant is not None:  # each rank's shard quantized as one process quantizes the whole
+                quant = ShardedScheme.of(quant, row_parallel)
         elif self.expert_group is not None:
             try:
-                apply_ep(self.model, placement, partial(DataParallelExperts, group=self.expert_group))
+                apply_ep(self.model, placement, self.device, partial(DataParallelExperts, group=self.expert_group))
             except ValueError as error:
                 raise ConfigError(f"enable_expert_parallel: {error}") from None
         self.dtype = resolve_dtype(config.dtype, self.hf_config, self.device)
@@ -196,14 +206,15 @@ class ModelRunner:
         if self.device.type == "cpu":
             kernels()  # built (or loaded from their cache) now, before the server is ready, never inside a request
         packing = packing_supported(self.dtype, self.device)
-        # the checkpoint's own integers, or a quantization asked for at load
-        quant = self.model.quantized_checkpoint or config.quant_scheme
         try:
             self.experts = convert_experts(self.model, self.device, packing, self._offload_plan(model_dir), quant)
         except ValueError as error:
             raise ConfigError(str(error)) from None
         if quant is not None and not quant.experts_only:
-            quantize_linears(self.model, quant)
+            try:
+                quantize_linears(self.model, quant)
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
         if packing:
             pack_model(self.model)
         # the decoder layers in one kernel call where the model is of a shape it runs (one rank: no collectives)
@@ -262,6 +273,21 @@ class ModelRunner:
         join_step(self.model, self.expert_group, tokens, requests)
         if not tokens and self.expert_group.peers_compute:
             self.collectives.observe(before, 0, 0, self.expert_group.rows)
+
+    def expert_caches(self) -> dict:
+        """This rank's expert caches: each MoE layer's statistics (experts/stats.py), the experts its store holds per
+        layer, and the cache's memory."""
+        store = self.experts.store
+        return {"layers": layer_caches([moe for _, moe in moe_blocks(self.model)]),
+                "held": [layer.held for layer in store.layers.values()] if store is not None else [],
+                "memory": expert_cache_memory(self.experts)}
+
+    def rank_caches(self) -> list[dict] | None:
+        """Each rank's expert_caches, rank 0 first, where the ranks offload their own experts (expert parallelism
+        with offloading); else None: the caches, if any, are this process's."""
+        if self.workers is None or not self.config.offloads_experts:
+            return None
+        return self.on_every_rank("expert_caches")
 
     def _on_workers(self, method: str, *args: object) -> None:
         """Have every worker run `method(*args)` on its runner, as rank 0 is about to; a no-op without workers."""

@@ -118,9 +118,17 @@ class MemoryAccount:
     swap_bytes: int
     experts: ServingExperts
 
-    def snapshot(self, num_blocks: int, num_free_blocks: int, usage: float) -> dict[str, Any]:
-        caches, store = self.experts.caches, self.experts.store
-        pools = list({id(c.pool): c.pool for c in caches}.values())
+    def snapshot(self, num_blocks: int, num_free_blocks: int, usage: float,
+                 rank_caches: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """`rank_caches`: each rank's expert caches (expert parallelism with offloading, ModelRunner.rank_caches):
+        the expert cache's bytes are then their sum, and each rank's are listed under `ranks`."""
+        expert_cache = expert_cache_memory(self.experts)
+        if rank_caches:
+            ranks = [rank["memory"] for rank in rank_caches]
+            expert_cache |= {key: sum(rank[key] for rank in ranks) for key in
+                             ("slots", "budget_bytes", "resident_bytes", "store_host_bytes")}
+            expert_cache |= {"experts_per_layer": sum(rank["experts_per_layer"] for rank in ranks),
+                             "ranks": [{"rank": r, **rank} for r, rank in enumerate(ranks)]}
         device: dict[str, Any] = {"type": self.device.type}
         if self.device.type == "cuda":
             device |= {"allocated_bytes": torch.cuda.memory_allocated(self.device),
@@ -131,18 +139,25 @@ class MemoryAccount:
             "weights_bytes": self.weights_bytes,
             "kv_cache": {"bytes": self.kv_bytes, "dtype": dtype_name(self.kv_dtype), "num_blocks": num_blocks,
                          "num_free_blocks": num_free_blocks, "usage": usage, "swap_bytes": self.swap_bytes},
-            "expert_cache": {
-                "enabled": bool(caches),
-                "experts_per_layer": sum(p.capacity for p in pools) / len(caches) if caches else 0,
-                "slots": sum(p.capacity for p in pools),
-                "shared_slots": len(pools) < len(caches),  # layers share slots (experts/cache.py's SlotPool)
-                "policy": caches[0].policy if caches else None,
-                "offload_target": store.target if store is not None else None,
-                "budget_bytes": sum(p.nbytes for p in pools),
-                "resident_bytes": sum(c.resident_bytes for c in caches),
-                "store_host_bytes": store.host_bytes() if store is not None else 0,
-            },
+            "expert_cache": expert_cache,
         }
+
+
+def expert_cache_memory(experts: ServingExperts) -> dict[str, Any]:
+    """The expert cache's slots and bytes in this process, and its store's host copy."""
+    caches, store = experts.caches, experts.store
+    pools = list({id(c.pool): c.pool for c in caches}.values())
+    return {
+        "enabled": bool(caches),
+        "experts_per_layer": sum(p.capacity for p in pools) / len(caches) if caches else 0,
+        "slots": sum(p.capacity for p in pools),
+        "shared_slots": len(pools) < len(caches),  # layers share slots (experts/cache.py's SlotPool)
+        "policy": caches[0].policy if caches else None,
+        "offload_target": store.target if store is not None else None,
+        "budget_bytes": sum(p.nbytes for p in pools),
+        "resident_bytes": sum(c.resident_bytes for c in caches),
+        "store_host_bytes": store.host_bytes() if store is not None else 0,
+    }
 
 
 

@@ -183,12 +183,13 @@ class ExpertCache:
 
     def waves(self, expert_ids: torch.Tensor) -> Iterator[torch.Tensor]:
         """For routed expert ids [T, K], yield slot ids [T, K] wave by wave: each wave's experts are resident
-        (and pinned) while it runs; pairs whose expert is not in the wave are -1."""
+        (and pinned) while it runs; pairs whose expert is not in the wave are -1, as are pairs routed to id -1 (an
+        expert another rank holds, under expert parallelism)."""
         self.wait_prefetch()
         pool = self.pool
         self.clock += 1
         pool.clock += 1
-        needed = torch.unique(expert_ids).tolist()
+        needed = [e for e in torch.unique(expert_ids).tolist() if e >= 0]
         wanted = set(needed)
         self.stats.prefetch_hits[list(self._prefetched & wanted)] += 1
         self._prefetched.clear()
@@ -205,9 +206,9 @@ class ExpertCache:
                 for expert in wave:
                     slots.append(self._load(expert, {(self.path, e) for e in wave}, pin=True))
                     pool.touch((self.path, expert))
-                slot_of = torch.full((self.num_experts,), -1, dtype=torch.long)
-                slot_of[wave] = torch.tensor(slots)
-                yield slot_of.to(expert_ids.device)[expert_ids]
+                slot_of = torch.full((self.num_experts + 1,), -1, dtype=torch.long)  # index 0: id -1
+                slot_of[torch.tensor(wave) + 1] = torch.tensor(slots)
+                yield slot_of.to(expert_ids.device)[expert_ids + 1]
             finally:
                 pool.pinned.difference_update(slots)
 

@@ -8,6 +8,9 @@ in its tiles as it comes in), else the grouped path; a quantized checkpoint's ex
 store's `checkpoint`), on the quantized kernel or the quantized reference path. With prefetch, each layer guesses
 the next layer's experts by applying that layer's router to its own input, and has them loaded on a background
 thread while it computes.
+
+Under expert parallelism each rank offloads the experts it holds alone (ExpertParallelExperts' `local`): its store
+holds those experts, numbered in the rank's local order, and its caches serve the ids the rank maps them to.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from localmoe.distributed.expert_parallel import ExpertParallelExperts
 from localmoe.experts.cache import ExpertCache, SlotPool
 from localmoe.experts.cpu import TiledExperts, kernel_serves
 from localmoe.experts.quantized import checkpoint_form, quant_form, slot_experts
@@ -111,6 +115,8 @@ class OffloadedExperts(Experts):
                 self.compute.w2_bias.copy_(self.biases[1][held])
             part = self.compute.partial(x, weights, slots)
             total = part if total is None else total + part
+        if total is None:  # no pair routed here (all on other ranks, under expert parallelism): a zero part
+            total = self.compute.partial(x, weights, torch.full_like(ids, -1))
         return total
 
     def combine(self, weights: torch.Tensor, total: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -126,12 +132,13 @@ def offload_experts(model: nn.Module, blocks: list[tuple[str, SparseMoE]], plan:
         if not moe.plain_top_k:
             raise ValueError(f"expert_cache_size: expert offloading serves plain top-k routing, not the routing of "
                              f"{type(moe).__name__} ({getattr(moe, 'routing', '')})")
-    dtype = blocks[0][1].experts.w13.dtype if blocks else torch.get_default_dtype()
+    dtype = served(blocks[0][1]).w13.dtype if blocks else torch.get_default_dtype()
     store = ExpertStore(plan.target, dtype, model.map_weight, pin_memory=device.type == "cuda", checkpoint=checkpoint)
     for path, moe in blocks:
-        experts = moe.experts
+        experts = served(moe)
+        held = moe.experts.held if isinstance(moe.experts, ExpertParallelExperts) else None
         store.add_layer(f"{path}.experts", experts.num_experts,
-                        {kind: tuple(getattr(experts, kind).shape[1:]) for kind in EXPERT_PARAMS})
+                        {kind: tuple(getattr(experts, kind).shape[1:]) for kind in EXPERT_PARAMS}, held)
     store.fill(plan.model_dir, model.ignored_weight)
     caches = attach_caches(blocks, store, plan, device)  # they set each layer's layout
     if plan.target == "disk":
@@ -146,17 +153,21 @@ def attach_caches(blocks: list[tuple[str, SparseMoE]], store: ExpertStore, plan:
     settings on one loaded model)."""
     prefetcher = ThreadPoolExecutor(1, thread_name_prefix="expert-prefetch") if plan.prefetch else None
     paths = [f"{path}.experts" for path, _ in blocks]
-    computes = [_slot_compute(store, path, moe.experts.activation, _resident_biases(moe.experts), device, plan.quant)
+    computes = [_slot_compute(store, path, served(moe).activation, _resident_biases(served(moe)), device, plan.quant)
                 for path, (_, moe) in zip(paths, blocks)]  # these set each layer's form, which sizes its slots
     caches = []
     for path, (_, moe), slot_compute, pool in zip(paths, blocks, computes, plan.pools(store, paths, device)):
         cache = ExpertCache(path, store, pool.capacity, plan.policy, device, prefetcher, pool)
-        moe.experts = OffloadedExperts(cache, moe.experts.activation, _resident_biases(moe.experts),
-                                       slot_compute(cache))
+        offloaded = OffloadedExperts(cache, served(moe).activation, _resident_biases(served(moe)),
+                                     slot_compute(cache))
+        if isinstance(moe.experts, ExpertParallelExperts):
+            moe.experts.local = offloaded
+        else:
+            moe.experts = offloaded
         caches.append(cache)
     if prefetcher is not None:
         for (_, moe), (_, following) in zip(blocks, blocks[1:]):
-            moe.experts.prefetch = _prefetch_for(following)
+            served(moe).prefetch = _prefetch_for(following)
     return caches
 
 
@@ -201,6 +212,11 @@ def _slot_compute(store: ExpertStore, path: str, activation: Activation,
     return grouped
 
 
+def served(moe: SparseMoE) -> Experts:
+    """The experts module this process serves `moe`'s experts with: under expert parallelism its own experts'."""
+    return moe.experts.local if isinstance(moe.experts, ExpertParallelExperts) else moe.experts
+
+
 def _resident_biases(experts: Experts) -> tuple[torch.Tensor, torch.Tensor] | None:
     if isinstance(experts, OffloadedExperts):
         return experts.biases
@@ -208,9 +224,13 @@ def _resident_biases(experts: Experts) -> tuple[torch.Tensor, torch.Tensor] | No
 
 
 def _prefetch_for(following: SparseMoE) -> Callable[[torch.Tensor], None]:
-    """Guess `following`'s experts from an input (its router applied to it) and have its cache load them."""
-    cache = following.experts.cache
+    """Guess `following`'s experts from an input (its router applied to it) and have its cache load them (those
+    this rank holds, under expert parallelism)."""
+    cache = served(following).cache
+    spread = following.experts if isinstance(following.experts, ExpertParallelExperts) else None
 
     def prefetch(x: torch.Tensor) -> None:
-        cache.prefetch(torch.unique(following.route(x)[1]).tolist())
+        ids = following.route(x)[1]
+        ids = torch.unique(ids if spread is None else spread.local_ids(ids)).tolist()
+        cache.prefetch([e for e in ids if e >= 0])
     return prefetch

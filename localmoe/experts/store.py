@@ -21,6 +21,10 @@ notes each expert's format tensors (AWQ's qweight, qzeros and scales, an fp8 wei
 rows of a tensor stacking them all), and `packed_expert` reads them by offset and combines them into the expert's w13
 and w2 QuantizedWeights, the checkpoint's own integers, which its form lays out (experts/quantized.py,
 checkpoint_form). A host store does that once for every expert at set_form.
+
+Under expert parallelism (distributed/expert_parallel.py) a rank's store holds its own experts alone: a layer added
+with `held` (the checkpoint's expert ids this rank serves) numbers them 0..len(held)-1 in that order, and the
+checkpoint's tensors of other experts are neither read nor noted.
 """
 
 from __future__ import annotations
@@ -76,8 +80,9 @@ class _Piece:
 
 @dataclass
 class _Layer:
-    num_experts: int
+    num_experts: int  # experts the store holds for the layer
     shapes: dict[str, tuple[int, ...]]  # "w13"/"w2" -> one expert's shape in the checkpoint
+    held: list[int]  # the checkpoint's id of each expert held (all of them but under expert parallelism)
     form: ExpertForm  # how the layer's compute keeps each expert (see set_form)
     host: dict[str, torch.Tensor] = field(default_factory=dict)  # host target: stacked copies, in `form`
     pieces: list[list[_Piece]] = field(default_factory=list)  # disk target or a quantized checkpoint: per expert
@@ -97,13 +102,17 @@ class ExpertStore:
         self._files: dict[Path, int] = {}  # disk target: descriptors, open for the store's lifetime
         self.file: ExpertFile | None = None  # disk target: the experts laid out for serving (lay_out_on_disk)
 
-    def add_layer(self, path: str, num_experts: int, shapes: dict[str, tuple[int, ...]]) -> None:
-        layer = _Layer(num_experts, shapes, plain_form(shapes, self.dtype))
+    def add_layer(self, path: str, num_experts: int, shapes: dict[str, tuple[int, ...]],
+                  held: list[int] | None = None) -> None:
+        """`held`: the checkpoint's ids of the experts to hold, as experts 0, 1, ... of the layer; None: all
+        `num_experts` of them."""
+        held = list(range(num_experts)) if held is None else list(held)
+        layer = _Layer(len(held), shapes, held, plain_form(shapes, self.dtype))
         if self.target == "host" and self.checkpoint is None:
-            layer.host = {kind: torch.empty(num_experts, *shape, dtype=self.dtype, pin_memory=self.pin_memory)
+            layer.host = {kind: torch.empty(len(held), *shape, dtype=self.dtype, pin_memory=self.pin_memory)
                           for kind, shape in shapes.items()}
         else:
-            layer.pieces = [[] for _ in range(num_experts)]
+            layer.pieces = [[] for _ in held]
         self.layers[path] = layer
 
     def owns(self, param: str) -> bool:
@@ -111,20 +120,32 @@ class ExpertStore:
         path, _, kind = param.rpartition(".")
         return path in self.layers and kind in self.layers[path].shapes
 
+    def holds(self, param: str, where: object) -> bool:
+        """Does a mapped checkpoint tensor (`param`, `where` as in map_weight) fill an expert this store holds?"""
+        if not self.owns(param):
+            return False
+        index = where[0] if isinstance(where, tuple) else where
+        return index is None or index == slice(None) or index in self.layers[param.rpartition(".")[0]].held
+
     def add(self, param: str, value: torch.Tensor, where: object, name: str, source: TensorLocation) -> None:
-        """Take one mapped checkpoint tensor for an offloaded parameter. `where` is as in map_weight: an expert
+        """Take one mapped checkpoint tensor for a held expert (`holds`). `where` is as in map_weight: an expert
         index, (expert, rows...), or for a tensor stacking every expert along dimension 0, None or
         (slice(None), rows...)."""
         path, _, kind = param.rpartition(".")
         layer = self.layers[path]
-        if self.target == "host" and self.checkpoint is None:
-            dest = layer.host[kind] if where is None else layer.host[kind][where]
-            dest.copy_(value)
-            return
-        index = where[0] if isinstance(where, tuple) else where
+        index, rows = (where[0], where[1:]) if isinstance(where, tuple) else (where, ())
         stacked = index is None or index == slice(None)
-        for expert in range(layer.num_experts) if stacked else [index]:
-            layer.pieces[expert].append(_Piece(name, source.rows(expert, 1) if stacked else source, stacked))
+        if self.target == "host" and self.checkpoint is None:
+            if stacked:
+                layer.host[kind][(slice(None), *rows)].copy_(value[layer.held])
+            else:
+                layer.host[kind][(layer.held.index(index), *rows)].copy_(value)
+            return
+        if not stacked:
+            layer.pieces[layer.held.index(index)].append(_Piece(name, source, False))
+            return
+        for expert, row in enumerate(layer.held):
+            layer.pieces[expert].append(_Piece(name, source.rows(row, 1), True))
 
     def fill(self, model_dir: Path, ignored: Callable[[str], bool]) -> None:
         """Take every checkpoint tensor that fills an expert of the layers added (`ignored`: names the model
@@ -134,9 +155,9 @@ class ExpertStore:
             if ignored(name):
                 continue
             stand_in = location.stand_in()
-            mapped = [m for m in self.weight_map(self._weight_of(name, stand_in), stand_in) if self.owns(m[0])]
+            mapped = [m for m in self.weight_map(self._weight_of(name, stand_in), stand_in) if self.holds(m[0], m[2])]
             if mapped and self.target == "host" and self.checkpoint is None:
-                mapped = [m for m in self.weight_map(name, self._pread(location)) if self.owns(m[0])]
+                mapped = [m for m in self.weight_map(name, self._pread(location)) if self.holds(m[0], m[2])]
             for param, value, where in mapped:
                 self.add(param, value, where, name, location)
 
@@ -194,7 +215,7 @@ class ExpertStore:
                           for p in pieces})
         key = ExpertFile.key({
             "version": 2, "dtype": str(self.dtype),
-            "layers": [[path, layer.num_experts, layer.shapes, layer.form.name,
+            "layers": [[path, layer.held, layer.shapes, layer.form.name,
                         {kind: [shape, str(dtype)] for kind, (shape, dtype) in layer.form.tensors.items()}]
                        for path, layer in self.layers.items()],
             "sources": [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in sources]})

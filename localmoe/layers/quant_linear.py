@@ -62,6 +62,9 @@ def quantize_linears(model: nn.Module, quantizer: Quantizer) -> int:
                 param = f"{path}.{name}.weight" if path else f"{name}.weight"
                 weight = quantizer.weight_for(param, child.weight.data)
                 if weight is not None:
-                    setattr(parent, name, QuantLinear.of(child, weight))
+                    quantized = QuantLinear.of(child, weight)
+                    # what others hooked on the layer (tensor parallelism's gather of the head's logits) stays on it
+                    quantized._forward_hooks.update(child._forward_hooks)
+                    setattr(parent, name, quantized)
                     replaced += 1
     return replaced

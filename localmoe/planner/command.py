@@ -80,7 +80,7 @@ def layout_rows(layout: ParallelPlan, max_model_len: int) -> list[tuple[str, str
     n = layout.tensor_parallel_size
     experts = (f"{layout.experts_per_rank} whole experts per MoE layer" if layout.expert_parallel
                else "1/{n} of every expert".format(n=n))
-    return [
+    rows = [
         ("Layout", f"tensor_parallel_size {n}" + (", expert parallel (EP size = TP size)" if layout.expert_parallel
                                                   else "")),
         *_memory_rows(layout, experts, max_model_len),
@@ -90,6 +90,11 @@ def layout_rows(layout: ParallelPlan, max_model_len: int) -> list[tuple[str, str
                                     f"gather {_bytes(layout.gather_bytes_per_sampled_token)} per rank per sampled "
                                     "token"),
     ]
+    if layout.experts_cached_per_rank is not None:
+        rows.append(("  expert cache per rank", f"{layout.experts_cached_per_rank} of its {layout.experts_per_rank} "
+                                                "experts per MoE layer (--expert-cache-size; the others offloaded, "
+                                                "each rank's store holding its own)"))
+    return rows
 
 
 def _data_parallel_rows(layout: ParallelPlan, max_model_len: int) -> list[tuple[str, str]]:

@@ -21,6 +21,10 @@ Data parallelism with expert parallelism: each MoE layer all-gathers a token's D
 (K weights and K ids, float32: 8K bytes), and reduce-scatters the N ranks' rows, N D b bytes a token; a ring sends
 N - 1 times the first and (N-1)/N of the second over each link. The ranks pad to the step's busiest rank, so a
 step's bytes follow its most tokens; these figures are per token of a balanced step.
+
+Where a rank cannot hold its whole experts beside the rest of its weights and one max_model_len sequence, tensor
+and expert parallelism compose with offloading: `experts_cached_per_rank` is how many of its own experts per MoE
+layer a rank's expert cache holds in what is left (--expert-cache-size), the others kept in its store.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class ParallelPlan:
     link_bytes_per_token: int  # what a ring sends over each rank's link, every collective of a token
     all_gather_bytes_per_token: int = 0  # data-parallel expert parallelism: every MoE layer's
     reduce_scatter_bytes_per_token: int = 0
+    experts_cached_per_rank: int | None = None  # EP that does not fit: a rank's expert cache, experts per layer
 
 
 def _kv_heads_per_rank(num_kv_heads: int, world: int) -> int:
@@ -90,6 +95,11 @@ def plan_parallel(shape: ModelShape, params: ParamCounts, per_param: WeightBytes
     rank_shape = replace(shape, attention=rank_attention)
     kv_per_token = kv_elements_per_token(rank_shape) * kv_bytes + kv_rows_per_token(rank_shape) * kv_scale_bytes
     budget = max(0, usable_bytes - weights)
+    fits = weights + kv_per_token * max_model_len <= usable_bytes
+    cached = None
+    if expert_parallel and not data_parallel and not fits and params.num_moe_layers:
+        room = usable_bytes - per_param.of_non_expert(rank) - kv_per_token * max_model_len
+        cached = min(experts_per_rank, max(0, room // (per_param.expert * params.num_moe_layers)))
     reduces = 2 * shape.num_layers + 1 if world > 1 else 0
     reduce_bytes = reduces * shape.hidden_size * activation_bytes
     if a.qk_norm == "full" and world > 1:
@@ -105,7 +115,7 @@ def plan_parallel(shape: ModelShape, params: ParamCounts, per_param: WeightBytes
         experts_per_rank=experts_per_rank if expert_parallel else (moe.num_experts if moe else 0),
         kv_bytes_per_token_per_rank=kv_per_token, kv_budget_bytes_per_rank=budget,
         max_concurrent_tokens=budget // kv_per_token if kv_per_token else 0,
-        fits=weights + kv_per_token * max_model_len <= usable_bytes,
+        fits=fits, experts_cached_per_rank=cached,
         all_reduces_per_token=reduces, all_reduce_bytes_per_token=reduce_bytes,
         gather_bytes_per_sampled_token=-(-shape.vocab_size // world) * activation_bytes if world > 1 else 0,
         link_bytes_per_token=reduce_bytes * 2 * (n - 1) // n + (n - 1) * gathered + scattered * (n - 1) // n,

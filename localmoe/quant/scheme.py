@@ -24,7 +24,7 @@ from typing import Protocol
 
 import torch
 
-from localmoe.quant.weight import QuantizedWeight, quantize, quantize_fp8
+from localmoe.quant.weight import QuantizedWeight, Span, quantize, quantize_fp8
 
 LOAD_TIME = ("int8", "int4", "experts_int8", "fp8")
 # vLLM's names for quantized checkpoints (quant/formats.py READERS checks each against the checkpoint)
@@ -59,13 +59,20 @@ class QuantScheme:
             return self.group_size
         return next((g for g in range(self.group_size - 16, 0, -16) if columns % g == 0), None)
 
-    def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
+    def quantize(self, weight: torch.Tensor, columns: int | None = None, span: Span | None = None) -> QuantizedWeight:
+        """`weight` quantized in the groups a row of `columns` (default: its own) takes; `span`: their ranges where
+        they reach past `weight`'s columns (quant/weight.py)."""
+        group = self.group_for(columns or weight.shape[-1])
         if self.float8:
-            return quantize_fp8(weight, self.group_for(weight.shape[-1]))
-        return quantize(weight, self.bits, self.group_for(weight.shape[-1]), self.symmetric)
+            return quantize_fp8(weight, group, span)
+        return quantize(weight, self.bits, group, self.symmetric, span)
+
+    def for_param(self, param: str) -> "QuantScheme":
+        """The scheme that quantizes `param`: the head's under int4."""
+        return self.for_head() if param == "lm_head.weight" else self
 
     def weight_for(self, param: str, dense: torch.Tensor) -> QuantizedWeight:
-        return (self.for_head() if param == "lm_head.weight" else self).quantize(dense)
+        return self.for_param(param).quantize(dense)
 
 
 INT8 = QuantScheme("int8", 8, None, True)

@@ -119,22 +119,34 @@ def assemble(shape: torch.Size, pieces: list[tuple[object, QuantizedWeight]]) ->
     return first.like(packed, scales, zeros) if bool(covered.all()) else None
 
 
-def quantize(weight: torch.Tensor, bits: int, group_size: int | None = None,
-             symmetric: bool = True) -> QuantizedWeight:
+Span = tuple[torch.Tensor, torch.Tensor]  # each group's (min, max) [..., N, K / group_size]
+
+
+def group_span(weight: torch.Tensor, group_size: int | None = None) -> Span:
+    """The (min, max) of each row's groups of `group_size` columns (None: the whole row), in float32."""
+    k = weight.shape[-1]
+    w = weight.detach().float().unflatten(-1, (k // (group_size or k), group_size or k))
+    return w.amin(dim=-1), w.amax(dim=-1)
+
+
+def quantize(weight: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = True,
+             span: Span | None = None) -> QuantizedWeight:
     """Round-to-nearest quantization of weight [..., N, K] per row and group of `group_size` columns (None: the
     whole row). Symmetric: z = 2^(bits-1) and s = max |w| / (2^(bits-1) - 1); asymmetric: the group's range
-    [min, max] (always including 0) over all 2^bits levels, z rounded to an integer."""
+    [min, max] (always including 0) over all 2^bits levels, z rounded to an integer. `span`: each group's range
+    where the groups reach past these columns (a tensor-parallel shard of whole rows), else `weight`'s own."""
     k = weight.shape[-1]
     group_size = group_size or k
     if k % group_size:
         raise ValueError(f"a row of {k} columns does not split into groups of {group_size}")
     w = weight.detach().float().unflatten(-1, (k // group_size, group_size))
+    low, high = span if span is not None else group_span(weight, group_size)
     top = 2 ** bits - 1
     if symmetric:
         zeros = torch.full(w.shape[:-1], 2.0 ** (bits - 1))
-        scales = w.abs().amax(dim=-1) / (2 ** (bits - 1) - 1)
+        scales = torch.maximum(-low, high) / (2 ** (bits - 1) - 1)
     else:
-        low, high = w.amin(dim=-1).clamp(max=0), w.amax(dim=-1).clamp(min=0)
+        low, high = low.clamp(max=0), high.clamp(min=0)
         scales = (high - low) / top
         zeros = torch.round(-low / scales.clamp(min=torch.finfo(torch.float32).tiny))
     scales = scales.clamp(min=torch.finfo(torch.float32).tiny)  # an all-zero group: any scale gives zeros
@@ -145,15 +157,16 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int | None = None,
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
 
 
-def quantize_fp8(weight: torch.Tensor, group_size: int | None = None) -> QuantizedWeight:
+def quantize_fp8(weight: torch.Tensor, group_size: int | None = None, span: Span | None = None) -> QuantizedWeight:
     """weight [..., N, K] as float8 e4m3 with a scale per row and group of `group_size` columns (None: the whole
     row): s = max |w| / 448, the values rounded to the nearest e4m3 number (what vLLM's dynamic fp8 does per tensor,
-    here per row: a row's outliers no longer coarsen every other row)."""
+    here per row: a row's outliers no longer coarsen every other row). `span` as in quantize."""
     k = weight.shape[-1]
     group_size = group_size or k
     if k % group_size:
         raise ValueError(f"a row of {k} columns does not split into groups of {group_size}")
     w = weight.detach().float().unflatten(-1, (k // group_size, group_size))
-    scales = (w.abs().amax(dim=-1) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    low, high = span if span is not None else group_span(weight, group_size)
+    scales = (torch.maximum(-low, high) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
     values = (w / scales[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return QuantizedWeight.of_float8(values.flatten(-2), scales)
