@@ -48,13 +48,11 @@ from torch import nn
 
 from localmoe.config import ConfigError, EngineConfig
 from localmoe.distributed.collectives import CollectiveStats, counted
-from localmoe.distributed.dp_expert_parallel import DataParallelExperts, ExpertGroup, join_step
-from localmoe.distributed.expert_parallel import apply_ep
+from localmoe.distributed.dp_expert_parallel import ExpertGroup, join_step
 from localmoe.distributed.layout import expert_placement, refuse_unfit_layout
 from localmoe.distributed.executor import Executor
 from localmoe.distributed.mp_executor import MultiprocExecutor
-from localmoe.distributed.sharded_quantization import ShardedScheme
-from localmoe.distributed.tensor_parallel import apply_tp
+from localmoe.distributed.shard_model import shard_model
 from localmoe.engine.cuda_graphs import DecodeGraphs, capture_decode_graphs
 from localmoe.engine.memory_profile import peak_step_bytes
 from localmoe.engine.scheduler import ScheduledBatch
@@ -177,24 +175,7 @@ class ModelRunner:
             log.info("LoRA is enabled: the fused decoder and CUDA graphs are off, experts run on the grouped path")
         # the checkpoint's own integers, or a quantization asked for at load
         quant = self.model.quantized_checkpoint or config.quant_scheme
-        if config.tensor_parallel_size > 1:
-            if self.model.quantized_checkpoint is not None:
-                raise ConfigError("tensor_parallel_size: a quantized checkpoint is not split across ranks yet; "
-                                  "serve its unquantized original with --quantization")
-            key = "enable_expert_parallel" if placement is not None else "tensor_parallel_size"
-            try:
-                row_parallel = apply_tp(self.model, split_experts=placement is None)
-                if placement is not None:
-                    apply_ep(self.model, placement, self.device)
-            except ValueError as error:
-                raise ConfigError(f"{key}: {error}") from None
-            if quant is not None:  # each rank's shard quantized as one process quantizes the whole
-                quant = ShardedScheme.of(quant, row_parallel)
-        elif self.expert_group is not None:
-            try:
-                apply_ep(self.model, placement, self.device, partial(DataParallelExperts, group=self.expert_group))
-            except ValueError as error:
-                raise ConfigError(f"enable_expert_parallel: {error}") from None
+        quant = shard_model(self.model, config, placement, self.device, self.expert_group, quant)
         self.dtype = resolve_dtype(config.dtype, self.hf_config, self.device)
         self.max_model_len = context_length(config, self.hf_config)
         self.kv_dtype = cache_dtype(config.kv_cache_dtype, self.dtype)
