@@ -21,10 +21,10 @@ from localmoe import LLM, SamplingParams
 from localmoe.models.builtin import SHIPPED_DIR
 
 def configs(model: Path) -> dict[str, dict | None]:
-    ngram = {"method": "ngram", "prompt_lookup_min": 1}
+    ngram = {"method": "ngram"}
     return {"none": None,
-            "ngram k=4 n=1..4": ngram | {"num_speculative_tokens": 4, "prompt_lookup_max": 4},
-            "ngram k=8 n=1..4": ngram | {"num_speculative_tokens": 8, "prompt_lookup_max": 4},
+            "ngram k=4 n=1..4": ngram | {"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 1},
+            "ngram k=2 n=2..3": ngram | {"num_speculative_tokens": 2, "prompt_lookup_max": 3, "prompt_lookup_min": 2},
             "draft_model=itself k=3": {"model": str(model), "num_speculative_tokens": 3}}
 
 
