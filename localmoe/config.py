@@ -237,11 +237,15 @@ class EngineConfig:
         return self.enable_expert_parallel and self.data_parallel_size > 1
 
     @property
+    def model_ranks(self) -> int:
+        """The processes one model is spread over: the data-parallel ranks under expert parallelism over them, else
+        the tensor-parallel ones."""
+        return self.data_parallel_size if self.data_expert_parallel else self.tensor_parallel_size
+
+    @property
     def expert_parallel_size(self) -> int:
         """The ranks the routed experts are spread over (1: none)."""
-        if not self.enable_expert_parallel:
-            return 1
-        return self.data_parallel_size if self.data_expert_parallel else self.tensor_parallel_size
+        return self.model_ranks if self.enable_expert_parallel else 1
 
     def _expert_parallel_refusals(self) -> list[tuple[bool, str, str]]:
         balanced = self.expert_placement == "balanced"

@@ -37,7 +37,7 @@ def layout_plan(config: EngineConfig, hf_config: dict, device: torch.device, usa
 
 def refuse_unfit_layout(config: EngineConfig, hf_config: dict, device: torch.device, max_model_len: int) -> None:
     """Raise ConfigError, with the planner's numbers, where the ranks cannot hold their weights and KV cache."""
-    world = config.data_parallel_size if config.data_expert_parallel else config.tensor_parallel_size
+    world = config.model_ranks
     if device.type == "cuda":
         usable, where = int(torch.cuda.get_device_properties(device).total_memory
                             * config.gpu_memory_utilization), "gpu_memory_utilization of each device"

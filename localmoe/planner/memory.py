@@ -108,8 +108,8 @@ def plan_memory(shape: ModelShape, device: Device, dtype: str = "bf16", max_mode
     """Where `shape` fits on `device`: KV budget, parallel degree, or the size of an expert cache; with
     `tensor_parallel_size` > 1, memory per rank and collective bytes per token of that layout (`expert_parallel`:
     routed experts spread whole; over `data_parallel_size` replicas where that is > 1). `quantization_config`: the
-    checkpoint's (config.json), whose own bits and groups its weights keep; `held`: bytes per parameter of a checkpoint that says them tensor by tensor (a GGUF file),
-    from its counts and the dtype's bytes."""
+    checkpoint's (config.json), whose own bits and groups its weights keep; `held`: bytes per parameter of a
+    checkpoint that says them tensor by tensor (a GGUF file), from its counts and the dtype's bytes."""
     if dtype not in BYTES_PER_PARAM:
         raise PlanError(f"unknown dtype {dtype!r}; use one of {', '.join(BYTES_PER_PARAM)} (8 and 4 bits: "
                         "--quantization)")

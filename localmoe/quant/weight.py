@@ -122,11 +122,22 @@ def assemble(shape: torch.Size, pieces: list[tuple[object, QuantizedWeight]]) ->
 Span = tuple[torch.Tensor, torch.Tensor]  # each group's (min, max) [..., N, K / group_size]
 
 
+def _grouped(weight: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """weight [..., N, K] in float32 as [..., N, K / g, g], g = `group_size` (None: the whole row)."""
+    k = weight.shape[-1]
+    group_size = group_size or k
+    if k % group_size:
+        raise ValueError(f"a row of {k} columns does not split into groups of {group_size}")
+    return weight.detach().float().unflatten(-1, (k // group_size, group_size))
+
+
+def _span(grouped: torch.Tensor) -> Span:
+    return grouped.amin(dim=-1), grouped.amax(dim=-1)
+
+
 def group_span(weight: torch.Tensor, group_size: int | None = None) -> Span:
     """The (min, max) of each row's groups of `group_size` columns (None: the whole row), in float32."""
-    k = weight.shape[-1]
-    w = weight.detach().float().unflatten(-1, (k // (group_size or k), group_size or k))
-    return w.amin(dim=-1), w.amax(dim=-1)
+    return _span(_grouped(weight, group_size))
 
 
 def quantize(weight: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = True,
@@ -135,12 +146,8 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int | None = None, sym
     whole row). Symmetric: z = 2^(bits-1) and s = max |w| / (2^(bits-1) - 1); asymmetric: the group's range
     [min, max] (always including 0) over all 2^bits levels, z rounded to an integer. `span`: each group's range
     where the groups reach past these columns (a tensor-parallel shard of whole rows), else `weight`'s own."""
-    k = weight.shape[-1]
-    group_size = group_size or k
-    if k % group_size:
-        raise ValueError(f"a row of {k} columns does not split into groups of {group_size}")
-    w = weight.detach().float().unflatten(-1, (k // group_size, group_size))
-    low, high = span if span is not None else group_span(weight, group_size)
+    w = _grouped(weight, group_size)
+    low, high = span if span is not None else _span(w)
     top = 2 ** bits - 1
     if symmetric:
         zeros = torch.full(w.shape[:-1], 2.0 ** (bits - 1))
@@ -161,12 +168,8 @@ def quantize_fp8(weight: torch.Tensor, group_size: int | None = None, span: Span
     """weight [..., N, K] as float8 e4m3 with a scale per row and group of `group_size` columns (None: the whole
     row): s = max |w| / 448, the values rounded to the nearest e4m3 number (what vLLM's dynamic fp8 does per tensor,
     here per row: a row's outliers no longer coarsen every other row). `span` as in quantize."""
-    k = weight.shape[-1]
-    group_size = group_size or k
-    if k % group_size:
-        raise ValueError(f"a row of {k} columns does not split into groups of {group_size}")
-    w = weight.detach().float().unflatten(-1, (k // group_size, group_size))
-    low, high = span if span is not None else group_span(weight, group_size)
+    w = _grouped(weight, group_size)
+    low, high = span if span is not None else _span(w)
     scales = (torch.maximum(-low, high) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
     values = (w / scales[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return QuantizedWeight.of_float8(values.flatten(-2), scales)

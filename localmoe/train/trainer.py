@@ -106,7 +106,6 @@ def load_model(directory: Path):
     """A checkpoint to train further, in float32 (autocast gives the bf16 matmuls), with the router losses on."""
     from transformers import MixtralForCausalLM
 
-    torch.manual_seed(0)
     return MixtralForCausalLM.from_pretrained(directory, dtype=torch.float32, output_router_logits=True)
 
 
