@@ -295,6 +295,15 @@ def train(
     repeat_fraction: Annotated[float, typer.Option(
         min=0.0, max=1.0, help="Share of training windows that repeat a passage, teaching the model to quote "
                                "its context.")] = TrainConfig.repeat_fraction,
+    copy_fraction: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Share of training windows that repeat a passage of random tokens, where only "
+                               "copying predicts anything.")] = TrainConfig.copy_fraction,
+    induction_weight: Annotated[float, typer.Option(
+        min=0.0, help="Weight of the loss that teaches head 0 of layers 0 and 1 an induction circuit "
+                      "(previous-token and copying attention); 0 leaves the heads free.")] = TrainConfig.induction_weight,
+    freeze_moe: Annotated[bool, typer.Option(
+        help="Train attention, norms, embeddings and head only, keeping the MoE blocks (routers and experts) as "
+             "they are.")] = TrainConfig.freeze_moe,
 ) -> None:
     """Train the built-in MoE on public-domain English and write a Hugging Face checkpoint."""
     if not (corpus / "train.txt").exists():
@@ -303,7 +312,8 @@ def train(
                       intermediate_size=intermediate_size, num_layers=num_layers, num_heads=num_heads,
                       num_kv_heads=num_kv_heads, num_experts=num_experts, top_k=top_k, vocab_size=vocab_size,
                       context=context, batch_size=batch_size, lr=lr, eval_every=eval_every, seed=seed,
-                      warmup_steps=warmup_steps, init_from=init_from, repeat_fraction=repeat_fraction)
+                      warmup_steps=warmup_steps, init_from=init_from, repeat_fraction=repeat_fraction,
+                      copy_fraction=copy_fraction, induction_weight=induction_weight, freeze_moe=freeze_moe)
     report = run_training(cfg)
     typer.echo(f"held-out perplexity {report['heldout_perplexity']:.2f} after {steps} steps "
                f"({report['wall_seconds']:.0f} s); expert imbalance per layer {report['expert_imbalance']}; "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from checkpoints import reference_model
 from localmoe import LLM, SamplingParams
 from localmoe.train.corpus import extract_austen, join_documents
+from localmoe.train.induction import copy_sources
 from localmoe.train.trainer import TrainConfig, repeated_window, train
 
 
@@ -80,3 +82,55 @@ def test_the_second_stage_continues_the_checkpoint_and_learns_to_copy(trained, c
     # Its first loss is the trained model's on repeated passages, well below a fresh model's ln(400) ~ 6.
     assert again["loss_curve"][0] < report["loss_curve"][0] - 1
     assert sum(again["loss_curve"][-5:]) / 5 < sum(again["loss_curve"][:5]) / 5 - 0.2
+
+
+def test_copy_sources_point_after_the_latest_earlier_occurrence():
+    ids = torch.tensor([[5, 6, 5, 7, 5, 6]])
+    assert copy_sources(ids).tolist() == [[-1, -1, 1, -1, 3, 2]]
+
+
+@pytest.fixture(scope="module")
+def supervised(trained, tmp_path_factory):
+    """The second stage on repeated random tokens, with the induction circuit taught (its MoE blocks frozen) and
+    without."""
+    first, report = trained
+    runs = {}
+    for weight in (0.0, 1.0):
+        out = tmp_path_factory.mktemp(f"induction{weight}")
+        cfg = TrainConfig(corpus_dir=Path(report["config"]["corpus_dir"]), out_dir=out, context=64, batch_size=8,
+                          steps=40, lr=5e-3, warmup_steps=5, eval_every=40, eval_windows=8, init_from=first,
+                          copy_fraction=0.75, induction_weight=weight, freeze_moe=bool(weight))
+        runs[weight] = out, train(cfg)
+    return runs
+
+
+def previous_token_attention(directory: Path, ids: torch.Tensor) -> float:
+    """Head 0 of layer 0's mean attention on the previous position."""
+    from transformers import MixtralForCausalLM
+
+    model = MixtralForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        attention = model(ids, output_attentions=True).attentions[0][:, 0]
+    rows = torch.arange(1, ids.shape[1])
+    return attention[:, rows, rows - 1].mean().item()
+
+
+def test_the_induction_heads_are_taught_only_when_asked(supervised):
+    (plain_dir, plain), (taught_dir, taught) = supervised[0.0], supervised[1.0]
+    curve = taught["induction_attention_curve"]
+    assert len(curve) <= 40 and sum(curve[-5:]) / 5 > sum(curve[:5]) / 5 + 0.05
+    assert "induction_attention_curve" not in plain
+    ids = torch.randint(10, 400, (4, 48), generator=torch.Generator().manual_seed(0))
+    assert previous_token_attention(taught_dir, ids) > previous_token_attention(plain_dir, ids) + 0.1
+    assert all(math.isfinite(run["heldout_repeat_loss"]) for run in (plain, taught))
+
+
+def test_a_frozen_moe_block_keeps_its_weights(trained, supervised):
+    from safetensors.torch import load_file
+
+    first = load_file(trained[0] / "model.safetensors")
+    for weight, moved in ((1.0, False), (0.0, True)):
+        after = load_file(supervised[weight][0] / "model.safetensors")
+        moe = [name for name in first if ".block_sparse_moe." in name]  # the checkpoint names of the mlp blocks
+        assert moe and any(not torch.equal(first[n], after[n]) for n in moe) == moved
+        assert any(not torch.equal(first[n], after[n]) for n in first if "self_attn" in n)

@@ -4,9 +4,13 @@ The model is transformers' Mixtral (training may use any PyTorch code; serving n
 its Switch-style load-balancing loss; the result is a standard Hugging Face checkpoint directory
 that LocalMoE serves through its own forward pass.
 
-A second stage continues from a checkpoint (`init_from`, keeping its tokenizer) with a share of windows that
-repeat a passage (`repeat_fraction`): a model trained only on running text, with a short context, never learns
-to copy what its prompt already holds, and quoting, editing and code are what prompt-lookup speculation serves.
+A second stage continues from a checkpoint (`init_from`, keeping its tokenizer) on windows of which a share repeat
+a passage: `repeat_fraction` of them passages of the corpus, `copy_fraction` passages of random tokens, where only
+copying predicts anything. A model trained only on running text, with a short context, never learns to copy what
+its prompt already holds, and quoting, editing and code are what prompt-lookup speculation serves. Repeats alone
+leave it on the plateau before the copying circuit forms, so `induction_weight` teaches that circuit's heads
+directly (train/induction.py), and `freeze_moe` keeps the MoE blocks (routers and experts) as they are while the
+attention learns.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from tokenizers import Tokenizer
 from localmoe.models.builtin import save_tokenizer
 from localmoe.train.corpus import read_documents
 from localmoe.train.evaluate import write_heldout_sample
+from localmoe.train.induction import InductionLoss
 from localmoe.train.tokenizer import train_tokenizer
 
 
@@ -52,6 +57,9 @@ class TrainConfig:
     seed: int = 0
     init_from: Path | None = None
     repeat_fraction: float = 0.0
+    copy_fraction: float = 0.0
+    induction_weight: float = 0.0
+    freeze_moe: bool = False
 
 
 def encode_documents(tokenizer: Tokenizer, documents: list[str]) -> torch.Tensor:
@@ -72,12 +80,24 @@ def repeated_window(tokens: torch.Tensor, separator: list[int], context: int, g:
     return unit.repeat(context // len(unit) + 1)[:context]
 
 
-def training_batch(tokens: torch.Tensor, separator: list[int], cfg: TrainConfig, g: torch.Generator) -> torch.Tensor:
-    """Windows of running text, `repeat_fraction` of them replaced by repeated passages."""
+def training_batch(tokens: torch.Tensor, separator: list[int], cfg: TrainConfig,
+                   g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows of running text, `repeat_fraction` of them replaced by repeated passages of the corpus and
+    `copy_fraction` by repeated passages of random tokens (drawn from those the corpus holds); and which repeat."""
     offsets = torch.randint(0, len(tokens) - cfg.context - 1, (cfg.batch_size,), generator=g)
-    repeats = torch.rand(cfg.batch_size, generator=g) < cfg.repeat_fraction
-    return torch.stack([repeated_window(tokens, separator, cfg.context, g) if repeat else tokens[o:o + cfg.context]
-                        for o, repeat in zip(offsets.tolist(), repeats.tolist())]).long()
+    kinds = torch.rand(cfg.batch_size, generator=g)
+    alphabet = tokens.unique() if cfg.copy_fraction else tokens
+
+    def window(offset: int, kind: float) -> torch.Tensor:
+        if kind < cfg.copy_fraction:
+            random = alphabet[torch.randint(0, len(alphabet), (cfg.context,), generator=g)]
+            return repeated_window(random, separator, cfg.context, g)
+        if kind < cfg.copy_fraction + cfg.repeat_fraction:
+            return repeated_window(tokens, separator, cfg.context, g)
+        return tokens[offset:offset + cfg.context]
+
+    windows = torch.stack([window(o, k) for o, k in zip(offsets.tolist(), kinds.tolist())]).long()
+    return windows, kinds < cfg.copy_fraction + cfg.repeat_fraction
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -97,25 +117,33 @@ def build_model(cfg: TrainConfig, vocab_size: int):
         num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.top_k, max_position_embeddings=cfg.context * 4,
         rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
         pad_token_id=2, output_router_logits=True, router_aux_loss_coef=cfg.aux_loss_coef,
-        initializer_range=0.02)
+        initializer_range=0.02, attn_implementation=attention(cfg))
     torch.manual_seed(cfg.seed)
     return MixtralForCausalLM(config)
 
 
-def load_model(directory: Path):
+def load_model(directory: Path, cfg: TrainConfig):
     """A checkpoint to train further, in float32 (autocast gives the bf16 matmuls), with the router losses on."""
     from transformers import MixtralForCausalLM
 
-    return MixtralForCausalLM.from_pretrained(directory, dtype=torch.float32, output_router_logits=True)
+    return MixtralForCausalLM.from_pretrained(directory, dtype=torch.float32, output_router_logits=True,
+                                              attn_implementation=attention(cfg))
+
+
+def attention(cfg: TrainConfig) -> str:
+    """Supervising heads needs their attention weights, which only the eager implementation returns."""
+    return "eager" if cfg.induction_weight else "sdpa"
 
 
 @torch.no_grad()
 def evaluate(model, tokens: torch.Tensor, cfg: TrainConfig) -> dict:
-    """Held-out perplexity over non-overlapping windows, and per-layer expert load imbalance."""
+    """Held-out perplexity over non-overlapping windows, per-layer expert load imbalance, and the loss on a second
+    reading of each window's first half (the first half again after it): near zero once the model quotes."""
     model.eval()
     windows = tokens[: (len(tokens) // cfg.context) * cfg.context].view(-1, cfg.context)[: cfg.eval_windows].long()
     nll, count = 0.0, 0
-    per_layer = torch.zeros(cfg.num_layers, cfg.num_experts)
+    config = model.config  # a continued checkpoint's shape, not the options'
+    per_layer = torch.zeros(config.num_hidden_layers, config.num_local_experts)
     for batch in windows.split(cfg.batch_size):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(batch, labels=batch, output_router_logits=True)
@@ -123,12 +151,17 @@ def evaluate(model, tokens: torch.Tensor, cfg: TrainConfig) -> dict:
         nll += (out.loss.item() - cfg.aux_loss_coef * out.aux_loss.item()) * n
         count += n
         for layer, logits in enumerate(out.router_logits):
-            chosen = logits.float().topk(cfg.top_k, dim=-1).indices.flatten()
-            per_layer[layer] += torch.bincount(chosen, minlength=cfg.num_experts).float()
+            chosen = logits.float().topk(config.num_experts_per_tok, dim=-1).indices.flatten()
+            per_layer[layer] += torch.bincount(chosen, minlength=config.num_local_experts).float()
+    half = cfg.context // 2
+    reread = windows[:, :half].repeat(1, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = torch.cat([model(batch).logits[:, half - 1:-1].float() for batch in reread.split(cfg.batch_size)])
+    repeat_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), reread[:, half:].flatten()).item()
     model.train()
     imbalance = (per_layer.max(dim=1).values / per_layer.mean(dim=1)).tolist()
     return {"heldout_loss": nll / count, "heldout_perplexity": math.exp(nll / count),
-            "expert_imbalance": [round(x, 3) for x in imbalance]}
+            "expert_imbalance": [round(x, 3) for x in imbalance], "heldout_repeat_loss": repeat_loss}
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -141,28 +174,38 @@ def train(cfg: TrainConfig) -> dict:
     else:
         tokenizer = Tokenizer.from_file(str(cfg.init_from / "tokenizer.json"))
         save_tokenizer(tokenizer, cfg.out_dir)
-        model = load_model(cfg.init_from)
+        model = load_model(cfg.init_from, cfg)
     train_tokens = encode_documents(tokenizer, train_docs)
     heldout_tokens = encode_documents(tokenizer, read_documents(cfg.corpus_dir / "heldout.txt"))
     separator = tokenizer.encode("\n\n").ids
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    if cfg.freeze_moe:
+        for layer in model.model.layers:
+            layer.mlp.requires_grad_(False)
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trained if p.dim() >= 2 and "embed" not in n]
+    no_decay = [p for n, p in trained if not (p.dim() >= 2 and "embed" not in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     g = torch.Generator().manual_seed(cfg.seed)
-    curve, evals = [], []
+    induction = InductionLoss(model) if cfg.induction_weight else None
+    curve, evals, attended = [], [], []
     start = time.monotonic()
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
     with Progress(*columns) as progress:
         task = progress.add_task("training", total=cfg.steps)
         for step in range(cfg.steps):
-            batch = training_batch(train_tokens, separator, cfg, g)
+            batch, repeats = training_batch(train_tokens, separator, cfg, g)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg)
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                out = model(batch, labels=batch)
+                out = model(batch, labels=batch, output_attentions=bool(induction))
+            loss = out.loss
+            if induction and repeats.any():
+                terms = induction(batch, out.attentions, repeats)
+                loss = loss + cfg.induction_weight * (terms["previous_token"] + terms["induction"] + terms["copied"])
+                attended.append(round(terms["induction_attention"].item(), 4))
             optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
+            loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             curve.append(round(out.loss.item(), 4))
@@ -179,6 +222,7 @@ def train(cfg: TrainConfig) -> dict:
         "train_tokens": len(train_tokens), "heldout_tokens": len(heldout_tokens),
         "wall_seconds": round(seconds, 1), "tokens_per_second": round(cfg.steps * cfg.batch_size * cfg.context / seconds),
         "loss_curve": curve, "evals": evals, **evals[-1],
+        **({"induction_attention_curve": attended} if attended else {}),
     }
     (cfg.out_dir / "training.json").write_text(json.dumps(report, indent=1))
     write_heldout_sample(cfg.corpus_dir, cfg.out_dir)
