@@ -35,7 +35,7 @@ def copy_sources(ids: torch.Tensor) -> torch.Tensor:
 
 
 class InductionLoss:
-    """Reads the attention of the two heads and the induction head's output (a hook on its layer's o_proj) from a
+    """Reads the supervised heads' attention and the induction heads' output (a hook on their layer's o_proj) from a
     forward pass run with output_attentions (eager attention), and scores them against the batch's tokens."""
 
     def __init__(self, model) -> None:
@@ -73,7 +73,7 @@ class InductionLoss:
 
     def _read_out(self, hidden: torch.Tensor) -> torch.Tensor:
         """The final norm and head applied with their weights held fixed: the copying term trains the heads that
-        copy, not the head every prediction goes through (training it too tripled the held-out perplexity)."""
+        copy, not the head every prediction goes through."""
         norm = self.model.model.norm
         scaled = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
         return F.linear(scaled * norm.weight.detach().float(), self.model.lm_head.weight.detach().float())
