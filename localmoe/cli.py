@@ -299,8 +299,9 @@ def train(
         min=0.0, max=1.0, help="Share of training windows that repeat a passage of random tokens, where only "
                                "copying predicts anything.")] = TrainConfig.copy_fraction,
     induction_weight: Annotated[float, typer.Option(
-        min=0.0, help="Weight of the loss that teaches head 0 of layers 0 and 1 an induction circuit "
-                      "(previous-token and copying attention); 0 leaves the heads free.")] = TrainConfig.induction_weight,
+        min=0.0, help="Weight of the loss that teaches an induction circuit in the repeated windows: head 0 of "
+                      "layer 0 attends to the previous token, heads 0-3 of layer 1 to the copy source and predict "
+                      "it; 0 leaves the heads free.")] = TrainConfig.induction_weight,
     freeze_moe: Annotated[bool, typer.Option(
         help="Train attention, norms, embeddings and head only, keeping the MoE blocks (routers and experts) as "
              "they are.")] = TrainConfig.freeze_moe,

@@ -80,13 +80,13 @@ def repeated_window(tokens: torch.Tensor, separator: list[int], context: int, g:
     return unit.repeat(context // len(unit) + 1)[:context]
 
 
-def training_batch(tokens: torch.Tensor, separator: list[int], cfg: TrainConfig,
+def training_batch(tokens: torch.Tensor, alphabet: torch.Tensor, separator: list[int], cfg: TrainConfig,
                    g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Windows of running text, `repeat_fraction` of them replaced by repeated passages of the corpus and
-    `copy_fraction` by repeated passages of random tokens (drawn from those the corpus holds); and which repeat."""
+    `copy_fraction` by repeated passages of random tokens drawn from `alphabet` (the tokens the corpus holds); and
+    which repeat."""
     offsets = torch.randint(0, len(tokens) - cfg.context - 1, (cfg.batch_size,), generator=g)
     kinds = torch.rand(cfg.batch_size, generator=g)
-    alphabet = tokens.unique() if cfg.copy_fraction else tokens
 
     def window(offset: int, kind: float) -> torch.Tensor:
         if kind < cfg.copy_fraction:
@@ -178,6 +178,7 @@ def train(cfg: TrainConfig) -> dict:
     train_tokens = encode_documents(tokenizer, train_docs)
     heldout_tokens = encode_documents(tokenizer, read_documents(cfg.corpus_dir / "heldout.txt"))
     separator = tokenizer.encode("\n\n").ids
+    alphabet = train_tokens.unique()  # what random passages draw from: once, not per batch
     if cfg.freeze_moe:
         for layer in model.model.layers:
             layer.mlp.requires_grad_(False)
@@ -194,7 +195,7 @@ def train(cfg: TrainConfig) -> dict:
     with Progress(*columns) as progress:
         task = progress.add_task("training", total=cfg.steps)
         for step in range(cfg.steps):
-            batch, repeats = training_batch(train_tokens, separator, cfg, g)
+            batch, repeats = training_batch(train_tokens, alphabet, separator, cfg, g)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg)
             with torch.autocast("cpu", dtype=torch.bfloat16):
