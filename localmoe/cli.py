@@ -307,14 +307,17 @@ def train(
              "they are.")] = TrainConfig.freeze_moe,
 ) -> None:
     """Train the built-in MoE on public-domain English and write a Hugging Face checkpoint."""
+    try:
+        cfg = TrainConfig(corpus_dir=corpus, out_dir=out, steps=steps, hidden_size=hidden_size,
+                          intermediate_size=intermediate_size, num_layers=num_layers, num_heads=num_heads,
+                          num_kv_heads=num_kv_heads, num_experts=num_experts, top_k=top_k, vocab_size=vocab_size,
+                          context=context, batch_size=batch_size, lr=lr, eval_every=eval_every, seed=seed,
+                          warmup_steps=warmup_steps, init_from=init_from, repeat_fraction=repeat_fraction,
+                          copy_fraction=copy_fraction, induction_weight=induction_weight, freeze_moe=freeze_moe)
+    except ValueError as e:
+        raise fail(str(e), EXIT_CONFIG) from None
     if not (corpus / "train.txt").exists():
         typer.echo(summary(build_corpus(corpus)))
-    cfg = TrainConfig(corpus_dir=corpus, out_dir=out, steps=steps, hidden_size=hidden_size,
-                      intermediate_size=intermediate_size, num_layers=num_layers, num_heads=num_heads,
-                      num_kv_heads=num_kv_heads, num_experts=num_experts, top_k=top_k, vocab_size=vocab_size,
-                      context=context, batch_size=batch_size, lr=lr, eval_every=eval_every, seed=seed,
-                      warmup_steps=warmup_steps, init_from=init_from, repeat_fraction=repeat_fraction,
-                      copy_fraction=copy_fraction, induction_weight=induction_weight, freeze_moe=freeze_moe)
     report = run_training(cfg)
     typer.echo(f"held-out perplexity {report['heldout_perplexity']:.2f} after {steps} steps "
                f"({report['wall_seconds']:.0f} s); expert imbalance per layer {report['expert_imbalance']}; "

@@ -134,3 +134,16 @@ def test_a_frozen_moe_block_keeps_its_weights(trained, supervised):
         moe = [name for name in first if ".block_sparse_moe." in name]  # the checkpoint names of the mlp blocks
         assert moe and any(not torch.equal(first[n], after[n]) for n in moe) == moved
         assert any(not torch.equal(first[n], after[n]) for n in first if "self_attn" in n)
+
+
+def test_the_shares_of_repeated_windows_cannot_pass_one(tmp_path):
+    from typer.testing import CliRunner
+
+    from localmoe.cli import app
+
+    with pytest.raises(ValueError, match="at most 1 together"):
+        TrainConfig(corpus_dir=tmp_path, out_dir=tmp_path, copy_fraction=0.75, repeat_fraction=0.5)
+    result = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "out"), "--corpus", str(tmp_path / "corpus"),
+                                      "--copy-fraction", "0.75", "--repeat-fraction", "0.5"])
+    assert result.exit_code == 2 and "at most 1 together" in result.output
+    assert not (tmp_path / "corpus").exists() and not (tmp_path / "out").exists()

@@ -61,6 +61,11 @@ class TrainConfig:
     induction_weight: float = 0.0
     freeze_moe: bool = False
 
+    def __post_init__(self) -> None:
+        if self.copy_fraction + self.repeat_fraction > 1:
+            raise ValueError(f"copy_fraction + repeat_fraction is {self.copy_fraction + self.repeat_fraction:g}: "
+                             "they are shares of the same windows, so at most 1 together")
+
 
 def encode_documents(tokenizer: Tokenizer, documents: list[str]) -> torch.Tensor:
     """One token stream; each document ends with </s> so the model learns where texts end."""
