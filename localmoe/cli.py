@@ -298,6 +298,8 @@ def train(
     copy_fraction: Annotated[float, typer.Option(
         min=0.0, max=1.0, help="Share of training windows that repeat a passage of random tokens, where only "
                                "copying predicts anything.")] = TrainConfig.copy_fraction,
+    max_passage: Annotated[int, typer.Option(
+        min=16, help="Longest repeated passage in tokens (at most half the context).")] = TrainConfig.max_passage,
     induction_weight: Annotated[float, typer.Option(
         min=0.0, help="Weight of the loss that teaches an induction circuit in the repeated windows: head 0 of "
                       "layer 0 attends to the previous token, heads 0-3 of layer 1 to the copy source and predict "
@@ -313,7 +315,8 @@ def train(
                           num_kv_heads=num_kv_heads, num_experts=num_experts, top_k=top_k, vocab_size=vocab_size,
                           context=context, batch_size=batch_size, lr=lr, eval_every=eval_every, seed=seed,
                           warmup_steps=warmup_steps, init_from=init_from, repeat_fraction=repeat_fraction,
-                          copy_fraction=copy_fraction, induction_weight=induction_weight, freeze_moe=freeze_moe)
+                          copy_fraction=copy_fraction, max_passage=max_passage, induction_weight=induction_weight,
+                          freeze_moe=freeze_moe)
     except ValueError as e:
         raise fail(str(e), EXIT_CONFIG) from None
     if not (corpus / "train.txt").exists():

@@ -9,7 +9,7 @@ of its first). So the circuit is taught directly, on heads of the first two laye
 passage:
 
 - head 0 of layer 0 attends to the previous position;
-- heads 0-3 of layer 1 attend to the position after the current token's latest earlier occurrence;
+- heads 0-3 of layer 1 attend to the position after the current token's counterpart one period back;
 - those heads' own output, read by the model's final norm and head (held fixed), predicts the next token there.
   With one head its 32 dimensions copied a 4,096-token vocabulary poorly: its attention reached 0.8 on the right
   position while its loss stayed near the unigram's. Four heads give the copy 128.
@@ -26,12 +26,13 @@ PREVIOUS_TOKEN = (0, 0)  # (layer, head)
 INDUCTION = (1, 4)  # (layer, heads 0..n-1)
 
 
-def copy_sources(ids: torch.Tensor) -> torch.Tensor:
-    """For each position, the position after the latest earlier occurrence of its token, or -1 where none."""
-    length = ids.shape[1]
-    earlier = (ids[:, :, None] == ids[:, None, :]) & torch.ones(length, length, dtype=torch.bool).tril(-1)
-    latest = torch.where(earlier, torch.arange(length), -1).max(dim=-1).values
-    return torch.where(latest >= 0, latest + 1, -1)
+def copy_sources(periods: torch.Tensor, length: int) -> torch.Tensor:
+    """For each position of windows repeating with `periods`, the position after its counterpart one period back
+    (the token to copy next), or -1 in a window's first period. The period, not the token's latest earlier
+    occurrence: in a passage of text a common word recurs within the passage, and the copy must follow the passage."""
+    positions = torch.arange(length)
+    sources = positions - periods[:, None] + 1
+    return torch.where((periods[:, None] > 0) & (positions >= periods[:, None]), sources, -1)
 
 
 class InductionLoss:
@@ -49,13 +50,15 @@ class InductionLoss:
     def _keep_input(self, module, args) -> None:
         self.heads_input = args[0]
 
-    def __call__(self, ids: torch.Tensor, attentions: tuple[torch.Tensor, ...], rows: torch.Tensor) -> dict:
-        """The three terms, and the induction heads' mean attention on their targets, over the windows `rows`."""
+    def __call__(self, ids: torch.Tensor, attentions: tuple[torch.Tensor, ...], periods: torch.Tensor) -> dict:
+        """The three terms, and the induction heads' mean attention on their targets, over the windows that repeat
+        (a period above 0)."""
+        rows = periods > 0
         ids, length = ids[rows], ids.shape[1]
         layer, head = PREVIOUS_TOKEN
         after = torch.arange(1, length)
         previous = attentions[layer][rows, head].float()[:, after, after - 1]
-        sources = copy_sources(ids)
+        sources = copy_sources(periods[rows], length)
         copies = sources >= 0
         layer, heads = INDUCTION
         targets = sources.clamp_min(0)[:, None, :, None].expand(-1, heads, -1, 1)

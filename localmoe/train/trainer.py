@@ -60,6 +60,7 @@ class TrainConfig:
     copy_fraction: float = 0.0
     induction_weight: float = 0.0
     freeze_moe: bool = False
+    max_passage: int = 256  # longest repeated passage, in tokens
 
     def __post_init__(self) -> None:
         if self.copy_fraction + self.repeat_fraction > 1:
@@ -76,33 +77,40 @@ def encode_documents(tokenizer: Tokenizer, documents: list[str]) -> torch.Tensor
     return torch.tensor(ids, dtype=torch.int32)
 
 
-def repeated_window(tokens: torch.Tensor, separator: list[int], context: int, g: torch.Generator) -> torch.Tensor:
-    """A passage of 16 to context/2 tokens, then the separator, over and over until the window is full: every
-    copy after the first is predictable from the context alone."""
-    length = int(torch.randint(16, context // 2 - len(separator), (1,), generator=g))
+def repeated_window(tokens: torch.Tensor, filler: torch.Tensor, separator: list[int], cfg: TrainConfig,
+                    g: torch.Generator) -> tuple[torch.Tensor, int]:
+    """A passage of 16 to `max_passage` tokens (at most half the window), then a separator, over and over until the
+    window is full, and the period it repeats with: every copy after the first is predictable from the context
+    alone. The separator is drawn per window: none, the corpus's, or one to three `filler` tokens, so the copy
+    cannot lean on one anchor token to find where a passage starts again."""
+    kind = int(torch.randint(0, 3, (1,), generator=g))
+    between = [torch.tensor([], dtype=tokens.dtype), torch.tensor(separator, dtype=tokens.dtype),
+               filler[torch.randint(0, len(filler), (int(torch.randint(1, 4, (1,), generator=g)),), generator=g)]][kind]
+    longest = min(cfg.max_passage, cfg.context // 2 - len(between))
+    length = int(torch.randint(16, longest + 1, (1,), generator=g))
     start = int(torch.randint(0, len(tokens) - length, (1,), generator=g))
-    unit = torch.cat([tokens[start:start + length], torch.tensor(separator, dtype=tokens.dtype)])
-    return unit.repeat(context // len(unit) + 1)[:context]
+    unit = torch.cat([tokens[start:start + length], between.to(tokens.dtype)])
+    return unit.repeat(cfg.context // len(unit) + 1)[:cfg.context], len(unit)
 
 
 def training_batch(tokens: torch.Tensor, alphabet: torch.Tensor, separator: list[int], cfg: TrainConfig,
                    g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Windows of running text, `repeat_fraction` of them replaced by repeated passages of the corpus and
     `copy_fraction` by repeated passages of random tokens drawn from `alphabet` (the tokens the corpus holds); and
-    which repeat."""
+    the period each window repeats with (0 for running text)."""
     offsets = torch.randint(0, len(tokens) - cfg.context - 1, (cfg.batch_size,), generator=g)
     kinds = torch.rand(cfg.batch_size, generator=g)
 
-    def window(offset: int, kind: float) -> torch.Tensor:
+    def window(offset: int, kind: float) -> tuple[torch.Tensor, int]:
         if kind < cfg.copy_fraction:
             random = alphabet[torch.randint(0, len(alphabet), (cfg.context,), generator=g)]
-            return repeated_window(random, separator, cfg.context, g)
+            return repeated_window(random, alphabet, separator, cfg, g)
         if kind < cfg.copy_fraction + cfg.repeat_fraction:
-            return repeated_window(tokens, separator, cfg.context, g)
-        return tokens[offset:offset + cfg.context]
+            return repeated_window(tokens, alphabet, separator, cfg, g)
+        return tokens[offset:offset + cfg.context], 0
 
-    windows = torch.stack([window(o, k) for o, k in zip(offsets.tolist(), kinds.tolist())]).long()
-    return windows, kinds < cfg.copy_fraction + cfg.repeat_fraction
+    windows, periods = zip(*(window(o, k) for o, k in zip(offsets.tolist(), kinds.tolist())))
+    return torch.stack(windows).long(), torch.tensor(periods)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -200,14 +208,14 @@ def train(cfg: TrainConfig) -> dict:
     with Progress(*columns) as progress:
         task = progress.add_task("training", total=cfg.steps)
         for step in range(cfg.steps):
-            batch, repeats = training_batch(train_tokens, alphabet, separator, cfg, g)
+            batch, periods = training_batch(train_tokens, alphabet, separator, cfg, g)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg)
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 out = model(batch, labels=batch, output_attentions=bool(induction))
             loss = out.loss
-            if induction and repeats.any():
-                terms = induction(batch, out.attentions, repeats)
+            if induction and periods.any():
+                terms = induction(batch, out.attentions, periods)
                 loss = loss + cfg.induction_weight * (terms["previous_token"] + terms["induction"] + terms["copied"])
                 attended.append(round(terms["induction_attention"].item(), 4))
             optimizer.zero_grad(set_to_none=True)
