@@ -301,9 +301,13 @@ def train(
     max_passage: Annotated[int, typer.Option(
         min=16, help="Longest repeated passage in tokens (at most half the context).")] = TrainConfig.max_passage,
     induction_weight: Annotated[float, typer.Option(
-        min=0.0, help="Weight of the loss that teaches an induction circuit in the repeated windows: head 0 of "
-                      "layer 0 attends to the previous token, heads 0-3 of layer 1 to the copy source and predict "
-                      "it; 0 leaves the heads free.")] = TrainConfig.induction_weight,
+        min=0.0, help="Weight of the loss that teaches an induction circuit in the repeated windows: heads 0 and 2 "
+                      "of layer 0 attend to the two tokens before, heads 0-3 of layer 1 to the copy source and "
+                      "predict it; 0 leaves the heads free.")] = TrainConfig.induction_weight,
+    add_heads: Annotated[int, typer.Option(
+        min=0, help="Widen each attention layer of the --init-from model by this many heads (their output starting "
+                    "at zero) and train those alone, leaving every other weight as it was; --induction-weight then "
+                    "teaches the new heads.")] = TrainConfig.add_heads,
     freeze_moe: Annotated[bool, typer.Option(
         help="Train attention, norms, embeddings and head only, keeping the MoE blocks (routers and experts) as "
              "they are.")] = TrainConfig.freeze_moe,
@@ -316,7 +320,7 @@ def train(
                           context=context, batch_size=batch_size, lr=lr, eval_every=eval_every, seed=seed,
                           warmup_steps=warmup_steps, init_from=init_from, repeat_fraction=repeat_fraction,
                           copy_fraction=copy_fraction, max_passage=max_passage, induction_weight=induction_weight,
-                          freeze_moe=freeze_moe)
+                          add_heads=add_heads, freeze_moe=freeze_moe)
     except ValueError as e:
         raise fail(str(e), EXIT_CONFIG) from None
     if not (corpus / "train.txt").exists():

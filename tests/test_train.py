@@ -154,3 +154,63 @@ def test_the_shares_of_repeated_windows_cannot_pass_one(tmp_path):
                                       "--copy-fraction", "0.75", "--repeat-fraction", "0.5"])
     assert result.exit_code == 2 and "at most 1 together" in result.output
     assert not (tmp_path / "corpus").exists() and not (tmp_path / "out").exists()
+
+
+def test_added_heads_leave_the_model_as_it_was(trained):
+    from transformers import MixtralForCausalLM
+
+    from localmoe.train.widen import add_heads
+
+    model = MixtralForCausalLM.from_pretrained(trained[0], dtype=torch.float32)
+    widened = add_heads(model, 4)
+    assert (widened.config.num_attention_heads, widened.config.num_key_value_heads) == (8, 4)
+    ids = torch.randint(0, 400, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, widened(ids).logits)
+    with pytest.raises(ValueError, match="whole groups of 2"):
+        add_heads(model, 3)
+
+
+@pytest.fixture(scope="module")
+def widened(trained, tmp_path_factory):
+    """The second stage through the CLI, teaching four added heads."""
+    from typer.testing import CliRunner
+
+    from localmoe.cli import app
+
+    first, report = trained
+    out = tmp_path_factory.mktemp("widened")
+    result = CliRunner().invoke(app, [
+        "train", "--out", str(out), "--corpus", report["config"]["corpus_dir"], "--init-from", str(first),
+        "--steps", "30", "--context", "64", "--batch-size", "8", "--lr", "5e-3", "--warmup-steps", "5",
+        "--eval-every", "30", "--copy-fraction", "0.75", "--induction-weight", "1", "--add-heads", "4"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_only_the_added_heads_are_trained(trained, widened):
+    from safetensors.torch import load_file
+
+    first, after = load_file(trained[0] / "model.safetensors"), load_file(widened / "model.safetensors")
+    config = json.loads((widened / "config.json").read_text())
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (8, 4, 16)
+    for name, old in first.items():
+        new = after[name]
+        if name.endswith("o_proj.weight"):
+            assert torch.equal(new[:, :old.shape[1]], old) and new[:, old.shape[1]:].abs().sum() > 0
+        elif name.split(".")[-2] in ("q_proj", "k_proj", "v_proj"):  # four heads to eight, two KV heads to four
+            assert torch.equal(new[:old.shape[0]], old) and new.shape[0] == 2 * old.shape[0]
+        else:
+            assert torch.equal(new, old), name
+    curve = json.loads((widened / "training.json").read_text())["induction_attention_curve"]
+    assert sum(curve[-5:]) > 1.5 * sum(curve[:5])
+
+
+def test_a_widened_checkpoint_is_served_as_transformers_runs_it(widened):
+    ref = reference_model(widened)
+    ids = [5, 17, 33, 5, 17, 60, 71, 5]
+    expected = ref.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                            pad_token_id=0)[0, len(ids):].tolist()
+    llm = LLM(model=str(widened), dtype="float32", kv_cache_memory=32 * 2**20)
+    got = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    assert got[0].outputs[0].token_ids == expected

@@ -8,13 +8,15 @@ of steps (1,000 steps of repeated random tokens left the built-in model's loss o
 of its first). So the circuit is taught directly, on heads of the first two layers, in the windows that repeat a
 passage:
 
-- head 0 of layer 0 attends to the previous position;
+- head 0 of layer 0 attends to the previous position, head 2 (another KV head) to the one before, so that the
+  copy can match two tokens, not one common word;
 - heads 0-3 of layer 1 attend to the position after the current token's counterpart one period back;
 - those heads' own output, read by the model's final norm and head (held fixed), predicts the next token there.
   With one head its 32 dimensions copied a 4,096-token vocabulary poorly: its attention reached 0.8 on the right
   position while its loss stayed near the unigram's. Four heads give the copy 128.
 
-Each is a cross-entropy term added to the language-model loss; the rest of the model learns around them.
+Each is a cross-entropy term added to the language-model loss; the rest of the model learns around them. In a model
+widened with new heads (train/widen.py) the heads are counted from the first new one.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-PREVIOUS_TOKEN = (0, 0)  # (layer, head)
+PREVIOUS_TOKENS = ((0, 0, 1), (0, 2, 2))  # (layer, head, distance): the token before, and the one before that
 INDUCTION = (1, 4)  # (layer, heads 0..n-1)
 
 
@@ -39,8 +41,10 @@ class InductionLoss:
     """Reads the supervised heads' attention and the induction heads' output (a hook on their layer's o_proj) from a
     forward pass run with output_attentions (eager attention), and scores them against the batch's tokens."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, first_head: int = 0) -> None:
+        """`first_head`: the heads taught are counted from it (the first added head, in a widened model)."""
         self.model = model
+        self.first = first_head
         attention = model.model.layers[INDUCTION[0]].self_attn
         self.o_proj = attention.o_proj
         self.head_dim = attention.head_dim
@@ -55,21 +59,22 @@ class InductionLoss:
         (a period above 0)."""
         rows = periods > 0
         ids, length = ids[rows], ids.shape[1]
-        layer, head = PREVIOUS_TOKEN
-        after = torch.arange(1, length)
-        previous = attentions[layer][rows, head].float()[:, after, after - 1]
+        previous = []
+        for layer, head, distance in PREVIOUS_TOKENS:
+            after = torch.arange(distance, length)
+            previous.append(attentions[layer][rows, self.first + head].float()[:, after, after - distance])
         sources = copy_sources(periods[rows], length)
         copies = sources >= 0
         layer, heads = INDUCTION
         targets = sources.clamp_min(0)[:, None, :, None].expand(-1, heads, -1, 1)
-        weight = attentions[layer][rows, :heads].float().gather(-1, targets)[..., 0]
+        weight = attentions[layer][rows, self.first:self.first + heads].float().gather(-1, targets)[..., 0]
         count = copies.sum().clamp_min(1) * heads
         # the induction heads' contribution to the residual stream, read as the model reads its last layer's
-        cols = slice(0, heads * self.head_dim)
+        cols = slice(self.first * self.head_dim, (self.first + heads) * self.head_dim)
         own = self.heads_input[rows][..., cols].float() @ self.o_proj.weight[:, cols].float().T
         logits = self._read_out(own)[:, :-1]
         copied = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
-        return {"previous_token": -previous.clamp_min(1e-6).log().mean(),
+        return {"previous_token": sum(-attention.clamp_min(1e-6).log().mean() for attention in previous),
                 "induction": -(weight.clamp_min(1e-6).log() * copies[:, None]).sum() / count,
                 "copied": (copied * copies[:, :-1].flatten()).sum() / copies[:, :-1].sum().clamp_min(1),
                 "induction_attention": (weight * copies[:, None]).sum() / count}

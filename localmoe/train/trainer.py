@@ -30,6 +30,7 @@ from localmoe.train.corpus import read_documents
 from localmoe.train.evaluate import write_heldout_sample
 from localmoe.train.induction import InductionLoss
 from localmoe.train.tokenizer import train_tokenizer
+from localmoe.train.widen import add_heads, new_head_masks
 
 
 @dataclass(frozen=True)
@@ -61,11 +62,14 @@ class TrainConfig:
     induction_weight: float = 0.0
     freeze_moe: bool = False
     max_passage: int = 256  # longest repeated passage, in tokens
+    add_heads: int = 0  # new attention heads per layer, trained alone (train/widen.py)
 
     def __post_init__(self) -> None:
         if self.copy_fraction + self.repeat_fraction > 1:
             raise ValueError(f"copy_fraction + repeat_fraction is {self.copy_fraction + self.repeat_fraction:g}: "
                              "they are shares of the same windows, so at most 1 together")
+        if self.add_heads and self.init_from is None:
+            raise ValueError("add_heads widens a trained model: it needs init_from")
 
 
 def encode_documents(tokenizer: Tokenizer, documents: list[str]) -> torch.Tensor:
@@ -143,6 +147,17 @@ def load_model(directory: Path, cfg: TrainConfig):
                                               attn_implementation=attention(cfg))
 
 
+def train_new_heads_only(model, old_heads: int):
+    """Freeze all but the attention projections, and mask their gradients to the heads added after `old_heads`:
+    with no gradient and no weight decay, AdamW leaves every old weight exactly as it was."""
+    masks = new_head_masks(model, old_heads)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in masks)
+        if name in masks:
+            p.register_hook(lambda grad, mask=masks[name]: grad * mask)
+    return model
+
+
 def attention(cfg: TrainConfig) -> str:
     """Supervising heads needs their attention weights, which only the eager implementation returns."""
     return "eager" if cfg.induction_weight else "sdpa"
@@ -192,16 +207,20 @@ def train(cfg: TrainConfig) -> dict:
     heldout_tokens = encode_documents(tokenizer, read_documents(cfg.corpus_dir / "heldout.txt"))
     separator = tokenizer.encode("\n\n").ids
     alphabet = train_tokens.unique()  # what random passages draw from: once, not per batch
-    if cfg.freeze_moe:
+    first_new_head = model.config.num_attention_heads
+    if cfg.add_heads:
+        model = train_new_heads_only(add_heads(model, cfg.add_heads), first_new_head)
+    elif cfg.freeze_moe:
         for layer in model.model.layers:
             layer.mlp.requires_grad_(False)
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in trained if p.dim() >= 2 and "embed" not in n]
     no_decay = [p for n, p in trained if not (p.dim() >= 2 and "embed" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+    weight_decay = 0.0 if cfg.add_heads else cfg.weight_decay  # decay would move the old heads' masked weights
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     g = torch.Generator().manual_seed(cfg.seed)
-    induction = InductionLoss(model) if cfg.induction_weight else None
+    induction = InductionLoss(model, first_new_head if cfg.add_heads else 0) if cfg.induction_weight else None
     curve, evals, attended = [], [], []
     start = time.monotonic()
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
