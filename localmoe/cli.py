@@ -302,8 +302,11 @@ def train(
         min=16, help="Longest repeated passage in tokens (at most half the context).")] = TrainConfig.max_passage,
     induction_weight: Annotated[float, typer.Option(
         min=0.0, help="Weight of the loss that teaches an induction circuit in the repeated windows: heads 0 and 2 "
-                      "of layer 0 attend to the two tokens before, heads 0-3 of layer 1 to the copy source and "
-                      "predict it; 0 leaves the heads free.")] = TrainConfig.induction_weight,
+                      "of the layer before --induction-layer attend to the two tokens before, heads 0-3 of that "
+                      "layer to the copy source and predict it; 0 leaves the heads free.")] = TrainConfig.induction_weight,
+    induction_layer: Annotated[int, typer.Option(
+        min=1, help="The layer whose heads --induction-weight teaches to copy; the previous-token heads are taught "
+                    "in the layer before it.")] = TrainConfig.induction_layer,
     add_heads: Annotated[int, typer.Option(
         min=0, help="Widen each attention layer of the --init-from model by this many heads (their output starting "
                     "at zero) and train those alone, leaving every other weight as it was; --induction-weight then "
@@ -320,7 +323,7 @@ def train(
                           context=context, batch_size=batch_size, lr=lr, eval_every=eval_every, seed=seed,
                           warmup_steps=warmup_steps, init_from=init_from, repeat_fraction=repeat_fraction,
                           copy_fraction=copy_fraction, max_passage=max_passage, induction_weight=induction_weight,
-                          add_heads=add_heads, freeze_moe=freeze_moe)
+                          induction_layer=induction_layer, add_heads=add_heads, freeze_moe=freeze_moe)
     except ValueError as e:
         raise fail(str(e), EXIT_CONFIG) from None
     if not (corpus / "train.txt").exists():

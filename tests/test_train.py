@@ -214,3 +214,10 @@ def test_a_widened_checkpoint_is_served_as_transformers_runs_it(widened):
     llm = LLM(model=str(widened), dtype="float32", kv_cache_memory=32 * 2**20)
     got = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
     assert got[0].outputs[0].token_ids == expected
+
+
+def test_the_copying_heads_need_a_layer_before_them(tmp_path):
+    with pytest.raises(ValueError, match="a layer before theirs"):
+        TrainConfig(corpus_dir=tmp_path, out_dir=tmp_path, induction_layer=0)
+    with pytest.raises(ValueError, match="needs init_from"):
+        TrainConfig(corpus_dir=tmp_path, out_dir=tmp_path, add_heads=4)

@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-PREVIOUS_TOKENS = ((0, 0, 1), (0, 2, 2))  # (layer, head, distance): the token before, and the one before that
-INDUCTION = (1, 4)  # (layer, heads 0..n-1)
+PREVIOUS_TOKENS = ((0, 1), (2, 2))  # (head, distance) in the layer before the copy: the token before, and the one before that
+INDUCTION_HEADS = 4
 
 
 def copy_sources(periods: torch.Tensor, length: int) -> torch.Tensor:
@@ -41,11 +41,12 @@ class InductionLoss:
     """Reads the supervised heads' attention and the induction heads' output (a hook on their layer's o_proj) from a
     forward pass run with output_attentions (eager attention), and scores them against the batch's tokens."""
 
-    def __init__(self, model, first_head: int = 0) -> None:
-        """`first_head`: the heads taught are counted from it (the first added head, in a widened model)."""
+    def __init__(self, model, first_head: int = 0, layer: int = 1) -> None:
+        """`first_head`: the heads taught are counted from it (the first added head, in a widened model); `layer`: the
+        layer whose heads copy (the previous-token heads are taught in the one before)."""
         self.model = model
-        self.first = first_head
-        attention = model.model.layers[INDUCTION[0]].self_attn
+        self.first, self.layer = first_head, layer
+        attention = model.model.layers[layer].self_attn
         self.o_proj = attention.o_proj
         self.head_dim = attention.head_dim
         self.heads_input: torch.Tensor | None = None
@@ -60,14 +61,14 @@ class InductionLoss:
         rows = periods > 0
         ids, length = ids[rows], ids.shape[1]
         previous = []
-        for layer, head, distance in PREVIOUS_TOKENS:
+        for head, distance in PREVIOUS_TOKENS:
             after = torch.arange(distance, length)
-            previous.append(attentions[layer][rows, self.first + head].float()[:, after, after - distance])
+            previous.append(attentions[self.layer - 1][rows, self.first + head].float()[:, after, after - distance])
         sources = copy_sources(periods[rows], length)
         copies = sources >= 0
-        layer, heads = INDUCTION
+        heads = INDUCTION_HEADS
         targets = sources.clamp_min(0)[:, None, :, None].expand(-1, heads, -1, 1)
-        weight = attentions[layer][rows, self.first:self.first + heads].float().gather(-1, targets)[..., 0]
+        weight = attentions[self.layer][rows, self.first:self.first + heads].float().gather(-1, targets)[..., 0]
         count = copies.sum().clamp_min(1) * heads
         # the induction heads' contribution to the residual stream, read as the model reads its last layer's
         cols = slice(self.first * self.head_dim, (self.first + heads) * self.head_dim)

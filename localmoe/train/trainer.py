@@ -60,6 +60,7 @@ class TrainConfig:
     repeat_fraction: float = 0.0
     copy_fraction: float = 0.0
     induction_weight: float = 0.0
+    induction_layer: int = 1  # the layer whose heads are taught to copy; the previous-token heads are the layer before
     freeze_moe: bool = False
     max_passage: int = 256  # longest repeated passage, in tokens
     add_heads: int = 0  # new attention heads per layer, trained alone (train/widen.py)
@@ -68,6 +69,8 @@ class TrainConfig:
         if self.copy_fraction + self.repeat_fraction > 1:
             raise ValueError(f"copy_fraction + repeat_fraction is {self.copy_fraction + self.repeat_fraction:g}: "
                              "they are shares of the same windows, so at most 1 together")
+        if not 1 <= self.induction_layer:
+            raise ValueError(f"induction_layer is {self.induction_layer}: the copying heads need a layer before theirs")
         if self.add_heads and self.init_from is None:
             raise ValueError("add_heads widens a trained model: it needs init_from")
 
@@ -220,7 +223,8 @@ def train(cfg: TrainConfig) -> dict:
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     g = torch.Generator().manual_seed(cfg.seed)
-    induction = InductionLoss(model, first_new_head if cfg.add_heads else 0) if cfg.induction_weight else None
+    first_taught = first_new_head if cfg.add_heads else 0
+    induction = InductionLoss(model, first_taught, cfg.induction_layer) if cfg.induction_weight else None
     curve, evals, attended = [], [], []
     start = time.monotonic()
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
