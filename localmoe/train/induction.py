@@ -50,10 +50,17 @@ class InductionLoss:
         self.o_proj = attention.o_proj
         self.head_dim = attention.head_dim
         self.heads_input: torch.Tensor | None = None
+        self.final_scale: torch.Tensor | None = None
         self.o_proj.register_forward_pre_hook(self._keep_input)
+        model.model.norm.register_forward_pre_hook(self._keep_final_scale)
 
     def _keep_input(self, module, args) -> None:
         self.heads_input = args[0]
+
+    def _keep_final_scale(self, module, args) -> None:
+        """The final norm's divisor for the whole residual stream at each position (no gradient through it)."""
+        hidden = args[0].detach().float()
+        self.final_scale = torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
 
     def __call__(self, ids: torch.Tensor, attentions: tuple[torch.Tensor, ...], periods: torch.Tensor) -> dict:
         """The three terms, and the induction heads' mean attention on their targets, over the windows that repeat
@@ -73,16 +80,19 @@ class InductionLoss:
         # the induction heads' contribution to the residual stream, read as the model reads its last layer's
         cols = slice(self.first * self.head_dim, (self.first + heads) * self.head_dim)
         own = self.heads_input[rows][..., cols].float() @ self.o_proj.weight[:, cols].float().T
-        logits = self._read_out(own)[:, :-1]
+        logits = self._read_out(own, self.final_scale[rows])[:, :-1]
         copied = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
         return {"previous_token": sum(-attention.clamp_min(1e-6).log().mean() for attention in previous),
                 "induction": -(weight.clamp_min(1e-6).log() * copies[:, None]).sum() / count,
                 "copied": (copied * copies[:, :-1].flatten()).sum() / copies[:, :-1].sum().clamp_min(1),
                 "induction_attention": (weight * copies[:, None]).sum() / count}
 
-    def _read_out(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The final norm and head applied with their weights held fixed: the copying term trains the heads that
-        copy, not the head every prediction goes through."""
+    def _read_out(self, own: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """What the heads' output adds to the model's logits: scaled by the final norm's divisor for the whole
+        residual stream, then the norm's weight and the head, all held fixed. The copying term trains the heads
+        that copy, not the head every prediction goes through; and it rewards writing loud enough to be heard over
+        the rest of the stream (normalised on its own, the heads' output could predict the token while adding
+        nothing to the model's logits: taught that way, heads that attended to the copy source at 0.96 did not
+        copy)."""
         norm = self.model.model.norm
-        scaled = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-        return F.linear(scaled * norm.weight.detach().float(), self.model.lm_head.weight.detach().float())
+        return F.linear(own * scale * norm.weight.detach().float(), self.model.lm_head.weight.detach().float())
