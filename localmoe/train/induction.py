@@ -5,13 +5,14 @@ a head that attends to the previous token, and a head in a later layer that atte
 token's last earlier occurrence and copies it. Trained on running text alone, a model this small (and this short a
 training run) never forms one; on repeated passages it sits on the plateau that precedes that circuit for thousands
 of steps (1,000 steps of repeated random tokens left the built-in model's loss on a passage's second reading at that
-of its first). So the circuit is taught directly, on heads of the first two layers, in the windows that repeat a
-passage:
+of its first). So the circuit is taught directly, in the windows that repeat a passage, on heads of layer L (1 by
+default) and the layer before it:
 
-- head 0 of layer 0 attends to the previous position, head 2 (another KV head) to the one before, so that the
+- head 0 of layer L-1 attends to the previous position, head 2 (another KV head) to the one before, so that the
   copy can match two tokens, not one common word;
-- heads 0-3 of layer 1 attend to the position after the current token's counterpart one period back;
-- those heads' own output, read by the model's final norm and head (held fixed), predicts the next token there.
+- heads 0-3 of layer L attend to the position after the current token's counterpart one period back;
+- those heads' own output, as it adds to the model's logits (scaled by the final norm's divisor for the whole
+  residual stream, then the final norm's weight and the head, all held fixed), predicts the next token there.
   With one head its 32 dimensions copied a 4,096-token vocabulary poorly: its attention reached 0.8 on the right
   position while its loss stayed near the unigram's. Four heads give the copy 128.
 

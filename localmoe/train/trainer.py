@@ -69,7 +69,7 @@ class TrainConfig:
         if self.copy_fraction + self.repeat_fraction > 1:
             raise ValueError(f"copy_fraction + repeat_fraction is {self.copy_fraction + self.repeat_fraction:g}: "
                              "they are shares of the same windows, so at most 1 together")
-        if not 1 <= self.induction_layer:
+        if self.induction_layer < 1:
             raise ValueError(f"induction_layer is {self.induction_layer}: the copying heads need a layer before theirs")
         if self.add_heads and self.init_from is None:
             raise ValueError("add_heads widens a trained model: it needs init_from")

@@ -1,10 +1,12 @@
 """Room to learn a new skill without unlearning the old: attention heads added to a trained model.
 
 Teaching a trained model to copy by retraining its own heads cost it its text (the heads it rewired carried the
-language model). Added heads cost it nothing: each layer gains `count` query heads and half as many KV heads (the
+language model). Added heads start at no cost: each layer gains `count` query heads and half as many KV heads (the
 grouping of queries to keys stays the same), their output projection starting at zero, so the widened model's
-function is the trained one's exactly. Training then moves only the new heads (`new_head_masks`), and the old
-weights stay byte-equal. The result is an ordinary checkpoint: more heads, `head_dim` written out.
+function is the trained one's exactly. Training then moves only the new heads (`new_head_masks`) and the old
+weights stay byte-equal, though what the new heads learn to write can still cost the text (on the built-in model,
+heads taught to copy raised the perplexity: README). The result is an ordinary checkpoint: more heads, `head_dim`
+written out.
 """
 
 from __future__ import annotations
